@@ -1,0 +1,29 @@
+"""Exceptions that the CLI turns into one line on stderr and a non-zero exit."""
+
+
+class TlpipeError(Exception):
+    """A failure the user can act on (runtime problem): exit code 1."""
+
+    exit_code = 1
+
+
+class UsageError(TlpipeError):
+    """The user asked for something invalid (unknown base, bad option): exit code 2."""
+
+    exit_code = 2
+
+
+class WeightsUnavailable(TlpipeError):
+    """Weights could not be loaded or downloaded."""
+
+
+class DataError(TlpipeError):
+    """The data source is missing, empty or unusable."""
+
+
+class FeaturesFileError(TlpipeError):
+    """A features file is missing, malformed, stale or incompatible."""
+
+
+class LockedError(TlpipeError):
+    """Another process is writing the same output."""

@@ -1,0 +1,364 @@
+"""Stage one: run a frozen base once over every split and cache pooled features in HDF5.
+
+Reader → model → writer:
+  * reader: a thread pool decodes/resizes whole batches ahead of the model (Pillow
+    releases the GIL), keeping at most ``prefetch`` batches in memory;
+  * model: one compiled forward pass on fixed-size uint8 batches (no retracing);
+  * writer: appends each batch to a hidden temporary HDF5 file in row chunks, and
+    after each batch records a checkpoint (rows done) in a small JSON sidecar, so a
+    killed run resumes from the last completed batch.  On completion the file gets
+    its provenance attributes and is renamed to the final path.
+
+An exclusive lock (``.<name>.lock``) stops two runs writing the same output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from pipeline import __version__
+from pipeline.backbones import get_backbone
+from pipeline.data import Item, Source, open_source
+from pipeline.errors import DataError, LockedError, TlpipeError
+from pipeline.features import SCHEMA_VERSION, extraction_fingerprint, read_attrs
+from pipeline.images import DecodeError, decode_image, resize_array
+from pipeline.util import atomic_write_text, progress_bar
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractConfig:
+    """Everything ``extract`` needs; the CLI and DVC fill it from options / params."""
+
+    base: str
+    data: str = "tfds:cats_vs_dogs"
+    split: str = "80/10/10"
+    weights: str = "imagenet"
+    out: Path | None = None  # default: <cache_dir>/features/<base>.h5
+    cache_dir: Path = Path("cache")
+    input_size: int | None = None  # default: the base's own
+    pooling: str = "avg"
+    batch_size: int = 32
+    workers: int = 0  # decode threads; 0 = one per CPU core
+    limit: int | None = None  # cap images per split (quick runs)
+    resume: bool = True
+    force: bool = False
+    tfds_data_dir: str | None = None
+    progress: bool = True
+    mixed_precision: str = "auto"  # auto (on for GPUs) | on | off
+
+    def output_path(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        name = self.base.strip().lower().replace("-", "_")
+        return Path(self.cache_dir) / "features" / f"{name}.h5"
+
+
+@dataclass
+class _State:
+    """Checkpoint of a run in progress (stored as JSON beside the partial file)."""
+
+    fingerprint: str
+    batch_size: int
+    next_index: dict[str, int] = field(default_factory=dict)  # next item index per split
+    rows: dict[str, int] = field(default_factory=dict)  # rows written per split
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0  # extraction time of earlier attempts
+
+
+def hidden_sibling(path: Path, suffix: str) -> Path:
+    """``dir/.name<suffix>``: where partial files, checkpoints and locks live."""
+    return path.with_name(f".{path.name}{suffix}")
+
+
+def extract(cfg: ExtractConfig) -> Path:
+    """Extract features for every split of ``cfg.data`` with ``cfg.base``; return the HDF5 path."""
+    from pipeline.weights import parse_weights
+
+    backbone = get_backbone(cfg.base)
+    if cfg.batch_size < 1:
+        raise TlpipeError("--batch-size must be at least 1")
+    weights = parse_weights(cfg.weights, backbone)
+    size = cfg.input_size or backbone.input_size
+    source = open_source(cfg.data, cfg.split, cfg.tfds_data_dir, cfg.limit)
+    if not source.splits:
+        raise DataError(f"no images in {cfg.data}")
+    out = cfg.output_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(hidden_sibling(out, ".lock")), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LockedError(f"another tlpipe extract is writing {out} (lock {hidden_sibling(out, '.lock')})") from None
+    try:
+        return _extract_locked(cfg, backbone, weights, size, source, out)
+    finally:
+        lock.release()
+
+
+def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> Path:
+    import keras
+
+    from pipeline.model import Forward, accelerator, build_extractor
+    from pipeline.weights import build_with_weights
+
+    mixed = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and accelerator() is not None)
+    previous_policy = keras.mixed_precision.global_policy().name
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        base_model, winfo = build_with_weights(backbone, weights, size, cfg.pooling)
+        model = build_extractor(backbone, base_model, size)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    dim = int(model.output_shape[-1])
+    preprocessing = f"keras.applications.{backbone.module}.preprocess_input"
+    fingerprint = extraction_fingerprint(
+        base=backbone.name, weights=winfo.label if winfo.kind != "file" else "file",
+        weights_sha256=winfo.sha256, input_size=size, pooling=cfg.pooling,
+        preprocessing=preprocessing, source_fingerprint=source.fingerprint,
+        split=source.split_spec, version=__version__,
+    )
+
+    if out.exists() and not cfg.force:
+        try:
+            if read_attrs(out).get("fingerprint") == fingerprint:
+                log.info("%s is up to date (same fingerprint); use --force to extract again", out)
+                return out
+        except Exception:
+            pass
+
+    partial = hidden_sibling(out, ".partial")
+    ckpt = hidden_sibling(out, ".progress.json")
+    state = _load_state(ckpt, partial, fingerprint, cfg.batch_size) if cfg.resume else None
+    if state is None:
+        for p in (partial, ckpt):
+            p.unlink(missing_ok=True)
+        state = _State(fingerprint=fingerprint, batch_size=cfg.batch_size)
+    else:
+        done = sum(state.next_index.values())
+        log.info("resuming %s: %d inputs already done", out, done)
+
+    forward = Forward(model, cfg.batch_size)
+    workers = cfg.workers or max(1, os.cpu_count() or 1)
+    total = sum(source.counts.values())
+    already = sum(state.next_index.get(s, 0) for s in source.splits)
+    t0 = time.perf_counter()
+    images = 0
+    bar = progress_bar(total=total, initial=already, desc=f"extract {backbone.name}",
+                       enabled=cfg.progress)
+    try:
+        with h5py.File(partial, "a") as h5, ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+            for split in source.splits:
+                start = state.next_index.get(split, 0)
+                if start >= source.counts[split]:
+                    continue
+                group = h5.require_group(split)
+                rows = state.rows.get(split, 0)
+                dsets = _open_datasets(group, dim, rows)
+                bar.set_postfix_str(split)
+                for index, batch, ids, labels, skipped in _read_batches(
+                    source, split, start, cfg.batch_size, size, pool, prefetch=2 * workers + 2
+                ):
+                    if len(ids):
+                        feats = forward(batch[: len(ids)])
+                        _append(dsets, feats, np.asarray(labels, dtype=np.int64), ids)
+                        rows += len(ids)
+                    state.skipped.extend({"split": split, "id": i, "reason": r} for i, r in skipped)
+                    for i, r in skipped:
+                        log.warning("skipped %s: %s", i, r)
+                    h5.flush()
+                    state.next_index[split] = index
+                    state.rows[split] = rows
+                    _save_state(ckpt, state, time.perf_counter() - t0)
+                    images += len(ids) + len(skipped)
+                    bar.update(len(ids) + len(skipped))
+            elapsed = state.seconds + (time.perf_counter() - t0)
+            counts = {s: int(h5[s]["features"].shape[0]) for s in source.splits if s in h5}
+            if sum(counts.values()) == 0:
+                raise DataError(
+                    f"every input was skipped ({len(state.skipped)} files could not be decoded); "
+                    f"first: {state.skipped[0]['id']}: {state.skipped[0]['reason']}" if state.skipped
+                    else f"no images in {cfg.data}"
+                )
+            attrs = {
+                "schema_version": SCHEMA_VERSION,
+                "base": backbone.name,
+                "base_requested": cfg.base,
+                "constructor": f"keras.applications.{backbone.constructor}",
+                "constructor_kwargs": json.dumps(backbone.kwargs),
+                "weights": winfo.label,
+                "weights_sha256": winfo.sha256,
+                "input_size": size,
+                "pooling": cfg.pooling,
+                "preprocessing": preprocessing,
+                "feature_size": dim,
+                "data_source": source.spec,
+                "data_kind": source.kind,
+                "split_spec": source.split_spec,
+                "source_fingerprint": source.fingerprint,
+                "fingerprint": fingerprint,
+                "class_names": json.dumps(source.class_names),
+                "num_classes": len(source.class_names),
+                "splits": json.dumps(list(counts)),
+                "counts": json.dumps(counts),
+                "skipped_count": len(state.skipped),
+                "skipped": json.dumps(state.skipped),
+                "limit": cfg.limit or 0,
+                "batch_size": cfg.batch_size,
+                "mixed_precision": bool(mixed),
+                "extract_seconds": round(elapsed, 3),
+                "images_per_second": round(sum(counts.values()) / elapsed, 2) if elapsed > 0 else 0.0,
+                "tlpipe_version": __version__,
+                "keras_version": keras.__version__,
+                "keras_backend": keras.backend.backend(),
+                "tensorflow_version": _tf_version(),
+                "h5py_version": h5py.__version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            for key, value in attrs.items():
+                h5.attrs[key] = value
+    finally:
+        bar.close()
+    skipped_path = out.with_name(out.stem + ".skipped.json")
+    atomic_write_text(skipped_path, json.dumps(state.skipped, indent=1) + "\n")
+    os.replace(partial, out)
+    ckpt.unlink(missing_ok=True)
+    rate = images / (time.perf_counter() - t0) if images else 0.0
+    log.info("wrote %s: %s rows, %d skipped, %.1f images/s", out,
+             json.dumps(counts), len(state.skipped), rate)
+    return out
+
+
+def _tf_version() -> str:
+    try:
+        import tensorflow as tf
+
+        return tf.__version__
+    except Exception:  # pragma: no cover - e.g. KERAS_BACKEND=jax without TF
+        return ""
+
+
+def _open_datasets(group: h5py.Group, dim: int, rows: int) -> dict[str, h5py.Dataset]:
+    """Create the split's datasets, or truncate them to the checkpointed row count."""
+    if "features" not in group:
+        chunk_rows = max(1, min(1024, (1 << 20) // (4 * dim)))  # ~1 MiB row chunks: fast sequential reads
+        group.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype="float32",
+                             chunks=(chunk_rows, dim))
+        group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(4096,))
+        group.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(),
+                             chunks=(4096,))
+    dsets = {k: group[k] for k in ("features", "labels", "ids")}
+    for d in dsets.values():
+        if d.shape[0] < rows:
+            raise TlpipeError("checkpoint is ahead of the partial file")
+        d.resize(rows, axis=0)
+    return dsets
+
+
+def _append(dsets: dict[str, h5py.Dataset], feats: np.ndarray, labels: np.ndarray, ids: list[str]) -> None:
+    n0 = dsets["features"].shape[0]
+    n1 = n0 + feats.shape[0]
+    for key, value in (("features", feats), ("labels", labels), ("ids", np.asarray(ids, dtype=object))):
+        dsets[key].resize(n1, axis=0)
+        dsets[key][n0:n1] = value
+
+
+def _save_state(path: Path, state: _State, seconds_this_run: float) -> None:
+    data = asdict(state)
+    data["seconds"] = state.seconds + seconds_this_run
+    atomic_write_text(path, json.dumps(data))
+
+
+def _load_state(ckpt: Path, partial: Path, fingerprint: str, batch_size: int) -> _State | None:
+    """A checkpoint to resume from, or None (absent, other settings, or unreadable)."""
+    if not (ckpt.exists() and partial.exists()):
+        return None
+    try:
+        data = json.loads(ckpt.read_text())
+        state = _State(**data)
+    except Exception as exc:
+        log.warning("ignoring unreadable checkpoint %s (%s); starting over", ckpt, exc)
+        return None
+    if state.fingerprint != fingerprint or state.batch_size != batch_size:
+        log.warning("checkpoint %s was made with other settings; starting over", ckpt)
+        return None
+    try:
+        with h5py.File(partial, "r") as h5:
+            for split, rows in state.rows.items():
+                if rows and (split not in h5 or h5[split]["features"].shape[0] < rows):
+                    raise ValueError(f"{split} has fewer rows than the checkpoint")
+    except Exception as exc:
+        log.warning("partial file %s is unusable (%s); starting over", partial, exc)
+        return None
+    return state
+
+
+def _decode_one(item: Item, size: int) -> np.ndarray:
+    if item.path is not None:
+        return decode_image(item.path, size)
+    if item.array is None:
+        raise DecodeError("no image data")
+    try:
+        return resize_array(item.array, size)
+    except Exception as exc:
+        raise DecodeError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _decode_batch(items: list[Item], size: int):
+    """Decode a batch into one uint8 array; failed inputs are returned with their reason."""
+    batch = np.empty((len(items), size, size, 3), dtype=np.uint8)
+    ids, labels, skipped = [], [], []
+    for item in items:
+        try:
+            batch[len(ids)] = _decode_one(item, size)
+        except DecodeError as exc:
+            skipped.append((item.id, str(exc)))
+            continue
+        ids.append(item.id)
+        labels.append(item.label)
+    return batch, ids, labels, skipped
+
+
+def _read_batches(source: Source, split: str, start: int, batch_size: int, size: int,
+                  pool: ThreadPoolExecutor, prefetch: int) -> Iterator[tuple[int, np.ndarray, list, list, list]]:
+    """Yield ``(next_index, batch, ids, labels, skipped)`` in order, decoding ahead in ``pool``."""
+    items = source.iter_items(split, start)
+    pending: deque = deque()
+    index = start
+
+    def submit() -> bool:
+        nonlocal index
+        chunk = []
+        for item in items:
+            chunk.append(item)
+            if len(chunk) == batch_size:
+                break
+        if not chunk:
+            return False
+        index += len(chunk)
+        pending.append((index, pool.submit(_decode_batch, chunk, size)))
+        return True
+
+    while len(pending) < prefetch and submit():
+        pass
+    while pending:
+        next_index, fut = pending.popleft()
+        batch, ids, labels, skipped = fut.result()
+        submit()
+        yield next_index, batch, ids, labels, skipped

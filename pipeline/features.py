@@ -1,0 +1,219 @@
+"""Reading, validating and fusing cached feature files (the contract between the stages).
+
+Layout of a features file (schema 1)::
+
+    /<split>/features  float32 [N, D]     split in train, val, test
+    /<split>/labels    int64   [N]
+    /<split>/ids       str     [N]        relative file path or tfds id
+    attrs: base, weights, weights_sha256, input_size, pooling, preprocessing,
+           data_source, split_spec, class_names (JSON), counts (JSON), skipped (JSON),
+           fingerprint, source_fingerprint, versions, timings ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import FeaturesFileError, UsageError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+REQUIRED_ATTRS = ("schema_version", "base", "weights", "input_size", "pooling", "data_source",
+                  "split_spec", "class_names", "fingerprint", "source_fingerprint", "feature_size")
+JSON_ATTRS = ("class_names", "counts", "skipped", "splits", "constructor_kwargs")
+
+
+def extraction_fingerprint(**fields: Any) -> str:
+    """sha256 over everything that determines the features (base, weights, data, split...)."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resolve_features_path(name: str | Path, cache_dir: str | Path = "cache") -> Path:
+    """A path as given, or a bare name (``resnet50`` / ``resnet50.h5``) in ``<cache>/features/``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    folder = Path(cache_dir) / "features"
+    candidates = [folder / path.name, folder / f"{path.name}.h5"]
+    for cand in candidates:
+        if cand.is_file():
+            return cand
+    have = sorted(p.name for p in folder.glob("*.h5")) if folder.is_dir() else []
+    hint = f"; available in {folder}: {', '.join(have)}" if have else f" (nothing in {folder}; run 'tlpipe extract' first)"
+    raise FeaturesFileError(f"features file not found: {name}{hint}")
+
+
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    """File attributes with JSON attributes decoded."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            attrs = {k: _plain(v) for k, v in h5.attrs.items()}
+    except OSError as exc:
+        raise FeaturesFileError(f"{path} is not a readable HDF5 file ({exc})") from None
+    for key in JSON_ATTRS:
+        if isinstance(attrs.get(key), str):
+            try:
+                attrs[key] = json.loads(attrs[key])
+            except ValueError:
+                pass
+    return attrs
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+@dataclass
+class Split:
+    """One split in memory."""
+
+    X: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+
+
+@dataclass
+class FeatureSet:
+    """A validated features file (or several fused) loaded in memory."""
+
+    paths: list[Path]
+    attrs: dict[str, Any]
+    splits: dict[str, Split]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs["class_names"])
+
+    @property
+    def base(self) -> str:
+        return str(self.attrs["base"])
+
+    @property
+    def name(self) -> str:
+        """Name used for head folders: the file stems, joined by '+' when fused."""
+        return "+".join(p.stem for p in self.paths)
+
+
+def load_features(path: str | Path, need: tuple[str, ...] = ("train", "val")) -> FeatureSet:
+    """Load and validate a features file; one clear ``FeaturesFileError`` if anything is off."""
+    import h5py
+
+    path = Path(path)
+    attrs = read_attrs(path)
+    missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+    if missing:
+        raise FeaturesFileError(f"{path} is not a tlpipe features file (missing attributes: {', '.join(missing)})")
+    if int(attrs["schema_version"]) != SCHEMA_VERSION:
+        raise FeaturesFileError(
+            f"{path} has schema version {attrs['schema_version']}, this tlpipe reads {SCHEMA_VERSION}: extract again")
+    classes = attrs["class_names"]
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise FeaturesFileError(f"{path} has bad class_names attribute: {classes!r}")
+    dim = int(attrs["feature_size"])
+    splits: dict[str, Split] = {}
+    with h5py.File(path, "r") as h5:
+        for name in ("train", "val", "test"):
+            if name not in h5:
+                continue
+            group = h5[name]
+            for key in ("features", "labels", "ids"):
+                if key not in group:
+                    raise FeaturesFileError(f"{path}: split '{name}' has no '{key}' dataset")
+            X = group["features"][...]
+            y = group["labels"][...]
+            ids = group["ids"].asstr()[...]
+            if X.ndim != 2 or X.shape[1] != dim:
+                raise FeaturesFileError(f"{path}: {name}/features has shape {X.shape}, expected [N, {dim}]")
+            if not (len(X) == len(y) == len(ids)):
+                raise FeaturesFileError(f"{path}: {name} has {len(X)} features, {len(y)} labels, {len(ids)} ids")
+            if X.dtype != np.float32:
+                raise FeaturesFileError(f"{path}: {name}/features is {X.dtype}, expected float32")
+            if len(y) and (y.min() < 0 or y.max() >= len(classes)):
+                raise FeaturesFileError(f"{path}: {name}/labels outside 0..{len(classes) - 1}")
+            if not np.isfinite(X).all():
+                raise FeaturesFileError(f"{path}: {name}/features contains NaN or infinity")
+            splits[name] = Split(X, y.astype(np.int64), ids)
+    for name in need:
+        if name not in splits or len(splits[name].y) == 0:
+            raise FeaturesFileError(f"{path} has no '{name}' rows (splits present: {', '.join(splits) or 'none'})")
+    return FeatureSet([path], attrs, splits)
+
+
+def fuse(sets: list[FeatureSet]) -> FeatureSet:
+    """Concatenate features of several bases, rows matched by id.
+
+    Refused unless every file comes from the same data source, split and classes.
+    """
+    if len(sets) == 1:
+        return sets[0]
+    first = sets[0]
+    for other in sets[1:]:
+        for key in ("source_fingerprint", "split_spec", "class_names"):
+            if other.attrs.get(key) != first.attrs.get(key):
+                raise FeaturesFileError(
+                    f"cannot fuse {first.paths[0]} and {other.paths[0]}: different {key.replace('_', ' ')} "
+                    f"({first.attrs.get('data_source')} vs {other.attrs.get('data_source')})")
+    splits: dict[str, Split] = {}
+    for name in first.splits:
+        if not all(name in s.splits for s in sets):
+            continue
+        common = set(first.splits[name].ids)
+        for s in sets[1:]:
+            common &= set(s.splits[name].ids)
+        dropped = max(len(s.splits[name].ids) for s in sets) - len(common)
+        if dropped:
+            log.warning("fusion: %d %s rows are missing from some files and are left out", dropped, name)
+        order = [i for i in first.splits[name].ids if i in common]
+        parts, y = [], None
+        for s in sets:
+            pos = {v: k for k, v in enumerate(s.splits[name].ids)}
+            idx = np.fromiter((pos[i] for i in order), dtype=np.int64, count=len(order))
+            parts.append(s.splits[name].X[idx])
+            labels = s.splits[name].y[idx]
+            if y is not None and not np.array_equal(y, labels):
+                raise FeaturesFileError("cannot fuse: the same ids carry different labels")
+            y = labels
+        splits[name] = Split(np.concatenate(parts, axis=1), y, np.asarray(order, dtype=object))
+    attrs = dict(first.attrs)
+    attrs["base"] = "+".join(s.base for s in sets)
+    attrs["feature_size"] = sum(int(s.attrs["feature_size"]) for s in sets)
+    attrs["fused_from"] = [str(s.paths[0]) for s in sets]
+    return FeatureSet([p for s in sets for p in s.paths], attrs, splits)
+
+
+def staleness(path: str | Path) -> tuple[bool, str]:
+    """Re-list the file's data source and compare with what was extracted."""
+    from pipeline.data import open_source
+
+    attrs = read_attrs(path)
+    source = attrs.get("data_source", "")
+    if attrs.get("data_kind") == "tfds":
+        name = source.split(":")[1] if source.count(":") >= 1 else source
+        spec = f"tfds:{name}"
+    else:
+        spec = source
+    split = attrs.get("split_spec", "80/10/10")
+    try:
+        current = open_source(spec, "80/10/10" if split == "as-given" else split,
+                              limit=int(attrs.get("limit") or 0) or None)
+    except (UsageError, Exception) as exc:  # noqa: BLE001 - any failure means we cannot confirm
+        return True, f"cannot re-read the data source {spec}: {exc}"
+    if current.fingerprint != attrs.get("source_fingerprint"):
+        return True, f"the images under {spec} changed since extraction (files added, removed or resized)"
+    return False, "inputs unchanged"

@@ -1,0 +1,96 @@
+"""Decode any image file (or array) into an RGB uint8 array of a fixed square size.
+
+Pillow handles JPEG (with reduced-size DCT decoding via ``draft``), PNG (8- and
+16-bit), GIF (first frame), BMP, WebP and TIFF; EXIF orientation is honoured,
+CMYK / grayscale / palette / alpha images become RGB (alpha composited on white).
+Failures raise ``DecodeError`` with a short reason.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+# Allow big photos (panoramas, scans) but still refuse decompression bombs.
+Image.MAX_IMAGE_PIXELS = 250_000_000
+
+
+class DecodeError(Exception):
+    """The input is not a decodable image."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I") and arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode in {"RGBA", "LA", "PA"} or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(source: str | Path | bytes, size: int) -> np.ndarray:
+    """Decode a file path or encoded bytes to ``uint8[size, size, 3]``."""
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise DecodeError("empty file")
+            fh = io.BytesIO(source)
+        else:
+            path = Path(source)
+            if path.stat().st_size == 0:
+                raise DecodeError("empty file")
+            fh = open(path, "rb")
+        with fh, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fh)
+            if img.format == "JPEG":
+                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is much smaller.
+                img.draft("RGB", (size, size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            arr = np.asarray(img, dtype=np.uint8)
+    except DecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise DecodeError("not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(f"too large: {exc}") from None
+    except OSError as exc:
+        msg = str(exc) or type(exc).__name__
+        if "truncated" in msg.lower():
+            msg = "truncated image"
+        raise DecodeError(msg) from None
+    except (ValueError, SyntaxError, MemoryError, Image.UnidentifiedImageError) as exc:
+        raise DecodeError(f"{type(exc).__name__}: {exc}") from None
+    if arr.shape != (size, size, 3):  # pragma: no cover - defensive
+        raise DecodeError(f"unexpected decoded shape {arr.shape}")
+    return arr
+
+
+def resize_array(array: np.ndarray, size: int) -> np.ndarray:
+    """Resize an already decoded HxW[xC] uint8 array to ``uint8[size, size, 3]``."""
+    arr = np.asarray(array)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    img = _to_rgb(Image.fromarray(arr))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(img, dtype=np.uint8)
