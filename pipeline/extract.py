@@ -121,10 +121,17 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
     previous_policy = keras.mixed_precision.global_policy().name
     if mixed:
         keras.mixed_precision.set_global_policy("mixed_float16")
+    # Keras draws unseeded initializer seeds from Python's `random`: seed it while building so
+    # that --weights none gives the same random base in every run (a resumed run must match).
+    import random
+
+    rng_state = random.getstate()
+    random.seed(0)
     try:
         base_model, winfo = build_with_weights(backbone, weights, size, cfg.pooling)
         model = build_extractor(backbone, base_model, size)
     finally:
+        random.setstate(rng_state)
         keras.mixed_precision.set_global_policy(previous_policy)
     dim = int(model.output_shape[-1])
     preprocessing = f"keras.applications.{backbone.module}.preprocess_input"
