@@ -63,4 +63,4 @@ def setup_logging(verbose: int = 0) -> None:
 
 def quiet_tensorflow() -> None:
     """Keep TensorFlow's start-up banners off stderr (set before TF is imported)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

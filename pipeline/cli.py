@@ -1,0 +1,213 @@
+"""The ``tlpipe`` command line: parse options, call one stage function, print the result.
+
+User mistakes end in one line on stderr with exit code 2 (usage) or 1 (runtime);
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import TlpipeError
+from pipeline.util import quiet_tensorflow, setup_logging
+
+log = logging.getLogger("tlpipe")
+
+
+class _Group(click.Group):
+    """Turns library exceptions into one line and an exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except TlpipeError as exc:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            click.echo(f"tlpipe: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("tlpipe: interrupted; run the same command again to resume", err=True)
+            ctx.exit(130)
+        except Exception as exc:  # noqa: BLE001 - anything unexpected still ends in one line
+            if (ctx.obj or {}).get("debug"):
+                raise
+            text = str(exc).strip().splitlines()
+            click.echo(f"tlpipe: error: {type(exc).__name__}: {text[0] if text else ''} "
+                       "(run with --debug for the traceback)", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tlpipe")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
+    """tlpipe: cache frozen ImageNet-base features once (extract), fit many heads on them (fit-head)."""
+    quiet_tensorflow()
+    setup_logging(-1 if quiet else verbose)
+    ctx.obj = {"debug": debug or verbose >= 2, "quiet": quiet}
+
+
+@cli.command("bases")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bases_cmd(as_json: bool) -> None:
+    """List the bases: name, aliases, input size, feature size, ImageNet weights cached?"""
+    from pipeline.backbones import BACKBONES
+    from pipeline.weights import cached_weights_path, keras_cache_dir
+
+    rows = [{"name": b.name, "aliases": list(b.aliases), "input_size": b.input_size,
+             "feature_size": b.feature_size, "constructor": f"keras.applications.{b.constructor}",
+             "weights_cached": cached_weights_path(b) is not None, "weights_file": b.weights_file}
+            for b in BACKBONES.values()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'name':22s} {'input':>5s} {'features':>8s}  cached  aliases")
+    for r in rows:
+        click.echo(f"{r['name']:22s} {r['input_size']:5d} {r['feature_size']:8d}  "
+                   f"{'yes' if r['weights_cached'] else 'no':6s}  {', '.join(r['aliases'])}")
+    click.echo(f"\nImageNet weights cache: {keras_cache_dir()} (override with KERAS_HOME)")
+
+
+@cli.command("extract")
+@click.option("--base", required=True, help="Base name or alias (see 'tlpipe bases'), e.g. vgg16, googlenet.")
+@click.option("--data", default="tfds:cats_vs_dogs", show_default=True,
+              help="tfds:NAME, or a folder with one subfolder per class (or train/ val/ test/ subfolders).")
+@click.option("--split", default="80/10/10", show_default=True,
+              help="train/val/test percentages (ignored when the folder has train/ val/ subfolders).")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="imagenet (Keras download + cache), none, a .h5/.weights.h5 file, or a folder holding one.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output HDF5 file [default: CACHE/features/BASE.h5].")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
+@click.option("--input-size", type=click.IntRange(0), default=0,
+              help="Square input size (0: the base's own default).")
+@click.option("--pooling", type=click.Choice(["avg", "max"]), default="avg", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=0, help="Decode threads [default: one per core].")
+@click.option("--limit", type=click.IntRange(0), default=0, help="At most this many images per split (0: all).")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue an interrupted run from its last completed batch.")
+@click.option("--force", is_flag=True, help="Extract again even if the output is up to date.")
+@click.option("--tfds-data-dir", default=None, help="tensorflow-datasets data folder.")
+@click.option("--mixed-precision", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="float16 compute (auto: on GPUs only); features are stored as float32.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def extract_cmd(base, data, split, weights, out, cache_dir, input_size, pooling, batch_size, workers, limit,
+                resume, force, tfds_data_dir, mixed_precision, progress) -> None:
+    """Stage one: run the frozen base once over every split, cache pooled features in HDF5."""
+    from pipeline.extract import ExtractConfig, extract
+    from pipeline.features import read_attrs
+
+    path = extract(ExtractConfig(
+        base=base, data=data, split=split, weights=weights, out=out, cache_dir=cache_dir,
+        input_size=input_size or None, pooling=pooling, batch_size=batch_size, workers=workers, limit=limit or None,
+        resume=resume, force=force, tfds_data_dir=tfds_data_dir, mixed_precision=mixed_precision,
+        progress=progress))
+    a = read_attrs(path)
+    click.echo(f"{path}: {a['base']} ({a['feature_size']} features), rows {json.dumps(a['counts'])}, "
+               f"skipped {a['skipped_count']}, {a['images_per_second']} images/s")
+
+
+@cli.command("info")
+@click.argument("file")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the attributes as JSON.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Re-list the data source and report whether the file is stale.")
+def info_cmd(file, cache_dir, as_json, check) -> None:
+    """Show a features file: provenance, rows per split, skipped inputs, staleness."""
+    from pipeline.features import load_features, resolve_features_path, staleness
+
+    path = resolve_features_path(file, cache_dir)
+    fs = load_features(path, need=())
+    attrs = dict(fs.attrs)
+    stale, why = staleness(path) if check else (None, "not checked")
+    attrs["stale"], attrs["stale_reason"] = stale, why
+    if as_json:
+        click.echo(json.dumps(attrs, indent=2, default=str))
+        return
+    click.echo(str(path))
+    for key in ("base", "weights", "weights_sha256", "input_size", "pooling", "preprocessing", "feature_size",
+                "data_source", "split_spec", "class_names", "counts", "skipped_count", "images_per_second",
+                "extract_seconds", "tlpipe_version", "keras_version", "keras_backend", "tensorflow_version",
+                "created", "fingerprint"):
+        if key in attrs:
+            click.echo(f"  {key:20s} {attrs[key]}")
+    for s in attrs.get("skipped") or []:
+        click.echo(f"  skipped: {s['split']}/{s['id']}: {s['reason']}")
+    if check:
+        click.echo(f"  {'status':20s} {'STALE: ' + why if stale else 'up to date (' + why + ')'}")
+
+
+@cli.command("fit-head")
+@click.option("--features", "features", multiple=True, required=True,
+              help="Features file (path or bare name in CACHE/features). Repeat to fuse several bases.")
+@click.option("--head", default="logistic", show_default=True, help="logistic, dense, svm or knn.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder [default: CACHE/heads/FEATURES-HEAD].")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=50, show_default=True, help="Dense: most epochs.")
+@click.option("--patience", type=click.IntRange(1), default=5, show_default=True,
+              help="Dense: early-stopping patience on validation loss.")
+@click.option("--hidden", type=click.IntRange(1), default=256, show_default=True, help="Dense: hidden units.")
+@click.option("--dropout", type=click.FloatRange(0, 0.95), default=0.5, show_default=True)
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True)
+def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden, dropout, class_weight) -> None:
+    """Stage two: fit a head on cached features; write the head, metrics.json and history.csv."""
+    from pipeline.fit_head import FitConfig, fit_head, summary
+    from pipeline.heads import HeadParams, get_head
+
+    get_head(head)
+    params = HeadParams(seed=seed, epochs=epochs, patience=patience, hidden=hidden, dropout=dropout,
+                        class_weight=None if class_weight == "none" else class_weight)
+    path = fit_head(FitConfig(features=list(features), head=head, out=out, cache_dir=cache_dir, params=params))
+    click.echo(summary(path))
+
+
+@cli.command("report")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
+def report_cmd(cache_dir) -> None:
+    """Compare every fitted head: CACHE/report.md, report.json and plots/comparison.csv."""
+    from pipeline.report import ReportConfig, report
+
+    path = report(ReportConfig(cache_dir=cache_dir))
+    click.echo(path.read_text())
+
+
+@cli.command("manifest")
+@click.option("--data", default="tfds:cats_vs_dogs", show_default=True)
+@click.option("--split", default="80/10/10", show_default=True)
+@click.option("--tfds-data-dir", default=None)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("cache/manifest.json"), show_default=True)
+def manifest_cmd(data, split, tfds_data_dir, out) -> None:
+    """List the data source (classes, images per split, fingerprint) into a JSON manifest.
+
+    DVC runs this on every 'dvc repro'; extraction reruns only when the manifest changes.
+    """
+    from pipeline.data import open_source
+    from pipeline.util import write_json
+
+    src = open_source(data, split, tfds_data_dir)
+    write_json(out, src.manifest())
+    click.echo(f"{out}: {src.spec}, classes {len(src.class_names)}, images {json.dumps(src.counts)}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="tlpipe")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Stage two: fit a head on cached features and evaluate it on every split.
+
+Writes ``cache/heads/<features>-<head>/``:
+  model/                     the fitted head: head.joblib | head.keras, and head.json (what, on what)
+  metrics.json               accuracy, balanced accuracy, log loss, ROC AUC per split,
+                             fit seconds, chance and untrained-head baselines
+  evaluation.json            confusion matrices and per-class precision / recall
+  history.csv                per epoch (dense) or per grid value (C, k) train/val accuracy and loss
+  predictions.csv            val/test predictions (for DVC confusion-matrix plots)
+  roc.csv                    ROC curve of the validation split (binary tasks)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.features import FeatureSet, fuse, load_features, resolve_features_path
+from pipeline.heads import HeadParams, get_head
+from pipeline.util import write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitConfig:
+    """Everything ``fit_head`` needs."""
+
+    features: list[str | Path]  # one file, or several to fuse (rows matched by id)
+    head: str = "logistic"
+    out: Path | None = None  # default: <cache_dir>/heads/<features>-<head>
+    cache_dir: Path = Path("cache")
+    params: HeadParams = field(default_factory=HeadParams)
+
+    def output_dir(self, fs: FeatureSet) -> Path:
+        if self.out:
+            return Path(self.out)
+        return Path(self.cache_dir) / "heads" / f"{fs.name}-{self.head}"
+
+
+def load_feature_sets(names: list[str | Path], cache_dir: str | Path) -> FeatureSet:
+    """Resolve, validate and (when several) fuse feature files."""
+    if not names:
+        from pipeline.errors import UsageError
+
+        raise UsageError("give at least one --features FILE")
+    sets = [load_features(resolve_features_path(n, cache_dir)) for n in names]
+    return fuse(sets)
+
+
+def evaluate(proba: np.ndarray, y: np.ndarray, n_classes: int) -> dict[str, Any]:
+    """Scalar metrics of probabilities ``proba`` against labels ``y``."""
+    from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
+
+    pred = proba.argmax(1)
+    out: dict[str, Any] = {
+        "n": int(len(y)),
+        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(y) else float("nan"),
+        "log_loss": float(log_loss(y, np.clip(proba, 1e-7, 1), labels=np.arange(n_classes))) if len(y) else float("nan"),
+    }
+    present = np.unique(y)
+    try:
+        if n_classes == 2 and len(present) == 2:
+            out["roc_auc"] = float(roc_auc_score(y, proba[:, 1]))
+        elif len(present) == n_classes and n_classes > 2:
+            p = proba / np.clip(proba.sum(1, keepdims=True), 1e-12, None)
+            out["roc_auc"] = float(roc_auc_score(y, p, multi_class="ovr", labels=np.arange(n_classes)))
+    except ValueError:
+        pass
+    return out
+
+
+def per_class(proba: np.ndarray, y: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Confusion matrix (rows: actual) and per-class precision / recall / support."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    k = len(class_names)
+    pred = proba.argmax(1)
+    cm = confusion_matrix(y, pred, labels=np.arange(k))
+    prec, rec, f1, sup = precision_recall_fscore_support(y, pred, labels=np.arange(k), zero_division=0)
+    return {
+        "confusion_matrix": cm.tolist(),
+        "per_class": {c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
+                          "support": int(sup[i])} for i, c in enumerate(class_names)},
+    }
+
+
+def untrained_baseline(X_train: np.ndarray, X: np.ndarray, y: np.ndarray, n_classes: int, seed: int) -> dict:
+    """The tutorials' "initial accuracy": a randomly initialised linear head, before training."""
+    rng = np.random.default_rng(seed)
+    mu, sd = X_train.mean(0), X_train.std(0) + 1e-6
+    limit = np.sqrt(6.0 / (X.shape[1] + n_classes))  # Glorot uniform, as Keras initialises Dense
+    W = rng.uniform(-limit, limit, size=(X.shape[1], n_classes))
+    logits = ((X - mu) / sd) @ W
+    logits -= logits.max(1, keepdims=True)
+    proba = np.exp(logits)
+    proba /= proba.sum(1, keepdims=True)
+    return evaluate(proba, y, n_classes)
+
+
+def fit_head(cfg: FitConfig) -> Path:
+    """Fit ``cfg.head`` on the cached features; write the head folder and return it."""
+    head_cls = get_head(cfg.head)
+    fs = load_feature_sets(list(cfg.features), cfg.cache_dir)
+    classes = fs.class_names
+    k = len(classes)
+    train, val = fs.splits["train"], fs.splits["val"]
+    present = np.unique(train.y)
+    if len(present) < 2:
+        from pipeline.errors import FeaturesFileError
+
+        raise FeaturesFileError(f"the train split of {fs.name} has a single class; need at least two")
+    out = cfg.output_dir(fs)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    head = head_cls(k, cfg.params)
+    t0 = time.perf_counter()
+    history = head.fit((train.X, train.y), (val.X, val.y))
+    fit_seconds = time.perf_counter() - t0
+
+    metrics: dict[str, Any] = {
+        "base": fs.base,
+        "head": head.name,
+        "features": [str(p) for p in fs.paths],
+        "classes": classes,
+        "chosen": head.chosen,
+        "fit_seconds": round(fit_seconds, 3),
+        "feature_size": int(train.X.shape[1]),
+        "extract_images_per_second": fs.attrs.get("images_per_second"),
+    }
+    evaluation: dict[str, Any] = {"classes": classes}
+    pred_rows: list[dict[str, Any]] = []
+    roc_rows: list[dict[str, Any]] = []
+    for name, split in fs.splits.items():
+        proba = head.predict_proba(split.X)
+        metrics[name] = evaluate(proba, split.y, k)
+        evaluation[name] = per_class(proba, split.y, classes)
+        if name != "train":
+            pred_rows += [{"split": name, "id": i, "actual": classes[a], "predicted": classes[p],
+                           "probability": round(float(pr.max()), 6)}
+                          for i, a, p, pr in zip(split.ids, split.y, proba.argmax(1), proba)]
+        if name == "val" and k == 2 and len(np.unique(split.y)) == 2:
+            from sklearn.metrics import roc_curve
+
+            fpr, tpr, thr = roc_curve(split.y, proba[:, 1])
+            roc_rows = [{"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))}
+                        for a, b, c in zip(fpr, tpr, thr)]
+    metrics["chance"] = {name: float(np.bincount(s.y, minlength=k).max() / max(1, len(s.y)))
+                         for name, s in fs.splits.items()}
+    metrics["untrained"] = {name: untrained_baseline(train.X, s.X, s.y, k, cfg.params.seed)
+                            for name, s in fs.splits.items() if name != "train"}
+
+    (tmp / "model").mkdir()
+    head.save(tmp / "model")
+    write_json(tmp / "model" / "head.json", {
+        "head": head.name, "description": head.description, "classes": classes, "base": fs.base,
+        "features": [str(p) for p in fs.paths], "feature_size": int(train.X.shape[1]),
+        "fingerprints": _fingerprints(fs), "params": asdict(cfg.params),
+        "chosen": head.chosen, "tlpipe_version": __version__,
+    })
+    write_json(tmp / "metrics.json", metrics)
+    write_json(tmp / "evaluation.json", evaluation)
+    _write_csv(tmp / "history.csv", history,
+               ["step", "param", "train_accuracy", "val_accuracy", "train_loss", "val_loss"])
+    _write_csv(tmp / "predictions.csv", pred_rows, ["split", "id", "actual", "predicted", "probability"])
+    _write_csv(tmp / "roc.csv", roc_rows, ["fpr", "tpr", "threshold"])
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("%s head on %s: val accuracy %.4f, fit %.2f s -> %s", head.name, fs.name,
+             metrics["val"]["accuracy"], fit_seconds, out)
+    return out
+
+
+def _fingerprints(fs: FeatureSet) -> list[str]:
+    from pipeline.features import read_attrs
+
+    return [str(read_attrs(p).get("fingerprint", "")) for p in fs.paths]
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def summary(out: Path) -> str:
+    """A few lines for the terminal."""
+    m = json.loads((Path(out) / "metrics.json").read_text())
+    lines = [f"{m['head']} head on {m['base']} ({m['feature_size']} features), fit in {m['fit_seconds']:.2f} s"]
+    for split in ("train", "val", "test"):
+        if split in m:
+            s = m[split]
+            auc = f"  roc_auc {s['roc_auc']:.4f}" if "roc_auc" in s else ""
+            lines.append(f"  {split:5s} n={s['n']:<6d} accuracy {s['accuracy']:.4f}  log_loss {s['log_loss']:.4f}{auc}")
+    lines.append(f"  chance (val) {m['chance'].get('val', float('nan')):.4f}   "
+                 f"untrained head (val) {m['untrained'].get('val', {}).get('accuracy', float('nan')):.4f}")
+    if m.get("chosen"):
+        lines.append("  chosen: " + ", ".join(f"{k}={v}" for k, v in m["chosen"].items()))
+    lines.append(f"  -> {out}")
+    return "\n".join(lines)
