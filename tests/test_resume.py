@@ -1,0 +1,149 @@
+"""Fault injection: SIGKILL an extraction at random points, resume, compare bit for bit.
+
+One uninterrupted run (in this process) is the reference.  A second run of the same
+settings is started in a subprocess and killed (SIGKILL) several times: once as soon as
+its partial file appears (before or around the first checkpoint), then at seeded random
+delays after a fresh checkpoint was written.  Every restart must resume from the last
+checkpoint; the final file must hold exactly the reference datasets, and nothing may ever
+sit at the final path while a run is unfinished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import assert_same_datasets, extract_cmd, make_folder, read_datasets, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+SEED = 20240611
+SETTINGS = dict(base="mobilenet_0.25", weights="none", input_size=32, batch_size=2, progress=False,
+                workers=2)
+
+
+def _ckpt_state(ckpt: Path) -> tuple[int, int]:
+    """(inputs done, rows written) recorded in a checkpoint; (0, 0) if absent."""
+    if not ckpt.exists():
+        return 0, 0
+    data = json.loads(ckpt.read_text())
+    return sum(data["next_index"].values()), sum(data["rows"].values())
+
+
+def _stat_id(path: Path):
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _wait(pred, proc: subprocess.Popen, timeout: float = 120.0) -> bool:
+    """Poll ``pred`` until true; False if the process ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        if proc.poll() is not None:
+            return pred()
+        time.sleep(0.005)
+    raise AssertionError("extraction subprocess made no progress in time")
+
+
+def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, caplog):
+    from pipeline.extract import ExtractConfig, extract
+
+    data = make_folder(tmp_path / "data", classes=("ant", "bee", "cow"), per_class=140)
+    ref = extract(ExtractConfig(data=str(data), out=tmp_path / "ref" / "f.h5", **SETTINGS))
+    ref_data = read_datasets(ref)
+    assert sum(len(v) for k, v in ref_data.items() if k.endswith("/labels")) == 420
+
+    out = tmp_path / "run" / "f.h5"
+    partial = out.with_name(".f.h5.partial")
+    ckpt = out.with_name(".f.h5.progress.json")
+    cfg = dict(data=str(data), out=str(out), **SETTINGS)
+    rng = random.Random(SEED)
+    history = []  # (kill point, inputs done after the kill, resumed?)
+    for attempt in range(4):
+        before = _stat_id(ckpt)
+        done_before, _ = _ckpt_state(ckpt)
+        log = tmp_path / f"attempt{attempt}.log"
+        with open(log, "w") as err:
+            proc = subprocess.Popen(extract_cmd(**cfg), env=subprocess_env(), stdout=subprocess.DEVNULL,
+                                    stderr=err)
+            try:
+                if attempt == 0:
+                    # As soon as the partial file exists: before (or just at) the first checkpoint.
+                    alive = _wait(partial.exists, proc)
+                    point = "partial file appeared"
+                else:
+                    alive = _wait(lambda: _stat_id(ckpt) not in (None, before), proc)
+                    delay = rng.uniform(0.05, 0.7)
+                    time.sleep(delay)
+                    point = f"{delay:.2f}s after a new checkpoint"
+                still_running = proc.poll() is None
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        text = log.read_text()
+        assert alive and still_running, f"attempt {attempt} finished before the kill:\n{text[-2000:]}"
+        assert proc.returncode == -signal.SIGKILL
+        # Killed: never anything at the final path; the partial is the hidden sibling.
+        assert not out.exists(), "a partial file sits at the final output path"
+        assert not out.with_name("f.skipped.json").exists()
+        done_after, rows_after = _ckpt_state(ckpt)
+        if attempt and done_before:
+            assert "resuming" in text, f"attempt {attempt} did not resume:\n{text[-2000:]}"
+            assert done_after >= done_before
+        if ckpt.exists():
+            with h5py.File(partial, "r") as h5:  # the partial holds at least the checkpointed rows
+                have = sum(h5[s]["features"].shape[0] for s in ("train", "val", "test") if s in h5)
+            assert have >= rows_after
+        history.append((point, done_after, attempt and done_before and "resuming" in text))
+    done, _ = _ckpt_state(ckpt)
+    assert 0 < done < 420, history  # killed part-way, with progress to resume from
+    assert len({h[1] for h in history}) >= 3, history  # the kills landed at different points
+
+    # Keep the killed state for the --no-resume check below.
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for p in (partial, ckpt):
+        shutil.copy2(p, saved / p.name)
+
+    caplog.set_level(logging.INFO, logger="pipeline.extract")
+    caplog.clear()
+    final = extract(ExtractConfig(**{**cfg, "out": out}))
+    assert final == out
+    assert f"{done} inputs already done" in caplog.text
+    assert_same_datasets(ref, out)
+    assert not partial.exists() and not ckpt.exists()
+    assert json.loads(out.with_name("f.skipped.json").read_text()) == []
+    with h5py.File(out, "r") as h5, h5py.File(ref, "r") as h5ref:
+        for key in ("fingerprint", "counts", "class_names", "skipped"):
+            assert h5.attrs[key] == h5ref.attrs[key], key
+
+    # --no-resume starts over: tamper with the saved partial; resume=False must ignore it.
+    out.unlink()
+    for name in (partial.name, ckpt.name):
+        shutil.copy2(saved / name, out.parent / name)
+    with h5py.File(partial, "a") as h5:
+        split = next(s for s in ("train", "val", "test") if s in h5 and h5[s]["features"].shape[0])
+        h5[split]["features"][0] = np.full(h5[split]["features"].shape[1], 1e6, dtype=np.float32)
+    caplog.clear()
+    extract(ExtractConfig(**{**cfg, "out": out, "resume": False}))
+    assert "already done" not in caplog.text
+    assert_same_datasets(ref, out)
+    print("kill points:", history)
