@@ -108,6 +108,22 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def _rel_id(path: Path, root: Path) -> str:
+    """The item id: the path relative to ``root``, always valid UTF-8 (HDF5 strings, hashes).
+
+    A file name that is not UTF-8 (undecodable bytes) gets them as ``\\xNN`` escapes."""
+    rel = str(path.relative_to(root))
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _file_size(path: Path) -> int:
+    """Size for the fingerprint; -1 when unreadable (e.g. a dangling link: skipped at decode)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
 def _list_images(folder: Path) -> list[Path]:
     files = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -139,7 +155,7 @@ def _open_folder(root: Path, split: str, limit: int | None) -> Source:
     digest.update(json.dumps({"classes": class_names, "split": spec_used}).encode())
     for s in SPLITS:
         for it in items.get(s, []):
-            size = it.path.stat().st_size if it.path else 0
+            size = _file_size(it.path) if it.path else 0
             digest.update(f"{s}\t{it.id}\t{it.label}\t{size}\n".encode())
     return Source(
         spec=str(root.resolve()), kind="folder", class_names=class_names, split_spec=spec_used,
@@ -186,7 +202,7 @@ def _presplit(root: Path, split_dirs: dict[str, Path]) -> tuple[dict[str, list[I
         if missing and split != "train":
             log.warning("classes with no %s images: %s", split, ", ".join(missing))
         items[split] = [
-            Item(str(p.relative_to(root)), index[c], p)
+            Item(_rel_id(p, root), index[c], p)
             for c, files in sorted(classes.items()) for p in files
         ]
         if not items[split]:
@@ -210,7 +226,7 @@ def _split_by_hash(root: Path, class_dirs: list[Path],
     items: dict[str, list[Item]] = {s: [] for s in SPLITS}
     for label, cname in enumerate(class_names):
         files = listed[cname]
-        rel = [str(p.relative_to(root)) for p in files]
+        rel = [_rel_id(p, root) for p in files]
         order = sorted(range(len(files)), key=lambda i: hashlib.sha1(rel[i].encode()).hexdigest())
         n = len(files)
         n_train = int(round(n * shares[0] / 100))

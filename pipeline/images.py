@@ -9,7 +9,6 @@ Failures raise ``DecodeError`` with a short reason.
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return img
     if mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I") and arr.max(initial=0) > 255 else 255.0
+        # I;16 is 16-bit by definition; plain I (32-bit) is 16-bit data when above 255.
+        top = 65535.0 if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255) else 255.0
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     if mode in {"RGBA", "LA", "PA"} or (mode == "P" and "transparency" in img.info):
@@ -53,9 +53,13 @@ def decode_image(source: str | Path | bytes, size: int) -> np.ndarray:
             if path.stat().st_size == 0:
                 raise DecodeError("empty file")
             fh = open(path, "rb")
-        with fh, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with fh:
             img = Image.open(fh)
+            # Explicit check: Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS, and a
+            # warnings filter is process-global (not safe in the decode threads).
+            if img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                raise DecodeError(f"too large: {img.width}x{img.height} pixels "
+                                  f"(limit {Image.MAX_IMAGE_PIXELS:,}; possible decompression bomb)")
             if img.format == "JPEG":
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is much smaller.
                 img.draft("RGB", (size, size))
@@ -76,7 +80,7 @@ def decode_image(source: str | Path | bytes, size: int) -> np.ndarray:
         if "truncated" in msg.lower():
             msg = "truncated image"
         raise DecodeError(msg) from None
-    except (ValueError, SyntaxError, MemoryError, Image.UnidentifiedImageError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any other decoder failure (EOFError, struct.error, ...)
         raise DecodeError(f"{type(exc).__name__}: {exc}") from None
     if arr.shape != (size, size, 3):  # pragma: no cover - defensive
         raise DecodeError(f"unexpected decoded shape {arr.shape}")
