@@ -112,9 +112,22 @@ class FeatureSet:
 
 def load_features(path: str | Path, need: tuple[str, ...] = ("train", "val")) -> FeatureSet:
     """Load and validate a features file; one clear ``FeaturesFileError`` if anything is off."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeaturesFileError(f"features file not found: {path}")
+    try:
+        return _load_features(path, need)
+    except FeaturesFileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed attributes or datasets of any kind
+        raise FeaturesFileError(
+            f"{path} is not a valid tlpipe features file ({type(exc).__name__}: {exc}); extract again"
+        ) from None
+
+
+def _load_features(path: Path, need: tuple[str, ...]) -> FeatureSet:
     import h5py
 
-    path = Path(path)
     attrs = read_attrs(path)
     missing = [k for k in REQUIRED_ATTRS if k not in attrs]
     if missing:
@@ -123,9 +136,14 @@ def load_features(path: str | Path, need: tuple[str, ...] = ("train", "val")) ->
         raise FeaturesFileError(
             f"{path} has schema version {attrs['schema_version']}, this tlpipe reads {SCHEMA_VERSION}: extract again")
     classes = attrs["class_names"]
-    if not isinstance(classes, list) or len(classes) < 2:
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
         raise FeaturesFileError(f"{path} has bad class_names attribute: {classes!r}")
+    if "num_classes" in attrs and int(attrs["num_classes"]) != len(classes):
+        raise FeaturesFileError(f"{path}: num_classes {attrs['num_classes']} but {len(classes)} class names")
     dim = int(attrs["feature_size"])
+    if dim < 1:
+        raise FeaturesFileError(f"{path} has bad feature_size attribute: {attrs['feature_size']!r}")
+    counts = attrs.get("counts") if isinstance(attrs.get("counts"), dict) else {}
     splits: dict[str, Split] = {}
     with h5py.File(path, "r") as h5:
         for name in ("train", "val", "test"):
@@ -135,6 +153,10 @@ def load_features(path: str | Path, need: tuple[str, ...] = ("train", "val")) ->
             for key in ("features", "labels", "ids"):
                 if key not in group:
                     raise FeaturesFileError(f"{path}: split '{name}' has no '{key}' dataset")
+            if h5py.check_string_dtype(group["ids"].dtype) is None:
+                raise FeaturesFileError(f"{path}: {name}/ids is {group['ids'].dtype}, expected strings")
+            if group["labels"].dtype.kind not in "iu":
+                raise FeaturesFileError(f"{path}: {name}/labels is {group['labels'].dtype}, expected integers")
             X = group["features"][...]
             y = group["labels"][...]
             ids = group["ids"].asstr()[...]
@@ -148,6 +170,8 @@ def load_features(path: str | Path, need: tuple[str, ...] = ("train", "val")) ->
                 raise FeaturesFileError(f"{path}: {name}/labels outside 0..{len(classes) - 1}")
             if not np.isfinite(X).all():
                 raise FeaturesFileError(f"{path}: {name}/features contains NaN or infinity")
+            if name in counts and int(counts[name]) != len(y):
+                raise FeaturesFileError(f"{path}: {name} has {len(y)} rows but the counts attribute says {counts[name]}")
             splits[name] = Split(X, y.astype(np.int64), ids)
     for name in need:
         if name not in splits or len(splits[name].y) == 0:
