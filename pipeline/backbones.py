@@ -54,8 +54,6 @@ def _module(name: str):
     return importlib.import_module(f"keras.applications.{name}")
 
 
-_ENB = "https://storage.googleapis.com/keras-applications/"  # noqa: F841 (documentation only)
-
 # name, module, constructor, input size, feature size, weights file, extra
 _ROWS: list[Backbone] = [
     Backbone("vgg16", "vgg16", "VGG16", 224, 512,
@@ -126,10 +124,10 @@ _ROWS: list[Backbone] = [
         ]
     ],
     *[
-        Backbone(f"convnext_{v}", "convnext", f"ConvNeXt{v.capitalize()}", 224, feat,
+        Backbone(f"convnext_{v}", "convnext", f"ConvNeXt{ctor}", 224, feat,
                  f"convnext_{v}_notop.h5", aliases=(f"convnext{v}",))
-        for v, feat in [("tiny", 768), ("small", 768), ("base", 1024),
-                        ("large", 1536), ("xlarge", 2048)]
+        for v, ctor, feat in [("tiny", "Tiny", 768), ("small", "Small", 768), ("base", "Base", 1024),
+                              ("large", "Large", 1536), ("xlarge", "XLarge", 2048)]
     ],
 ]
 

@@ -297,6 +297,10 @@ def _open_tfds(name: str, split: str, data_dir: str | None, limit: int | None) -
             counts[s] = int(info.splits[text].num_examples)
         except Exception:
             counts[s] = 0
+        if counts[s] <= 0:  # split sizes unknown to the metadata (e.g. under tfds mocks): ask the data
+            ds = builder.as_dataset(split=text, shuffle_files=False)
+            n = int(ds.cardinality())
+            counts[s] = n if n >= 0 else sum(1 for _ in ds)
         if limit:
             counts[s] = min(counts[s], limit)
     counts = {s: c for s, c in counts.items() if c > 0}

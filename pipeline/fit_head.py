@@ -66,7 +66,7 @@ def evaluate(proba: np.ndarray, y: np.ndarray, n_classes: int) -> dict[str, Any]
         "n": int(len(y)),
         "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(y) else float("nan"),
-        "log_loss": float(log_loss(y, np.clip(proba, 1e-7, 1), labels=np.arange(n_classes))) if len(y) else float("nan"),
+        "log_loss": float(log_loss(y, proba, labels=np.arange(n_classes))) if len(y) else float("nan"),
     }
     present = np.unique(y)
     try:

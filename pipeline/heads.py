@@ -46,7 +46,7 @@ def _val_score(proba: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     from sklearn.metrics import log_loss
 
     acc = float((proba.argmax(1) == y).mean())
-    ll = float(log_loss(y, np.clip(proba, 1e-7, 1), labels=np.arange(proba.shape[1])))
+    ll = float(log_loss(y, proba, labels=np.arange(proba.shape[1])))
     return acc, -ll
 
 
@@ -57,7 +57,7 @@ def _history_row(step: int, param: float, model_proba: Callable, train, val) -> 
     for name, (X, y) in (("train", train), ("val", val)):
         p = model_proba(X)
         row[f"{name}_accuracy"] = float((p.argmax(1) == y).mean())
-        row[f"{name}_loss"] = float(log_loss(y, np.clip(p, 1e-7, 1), labels=np.arange(p.shape[1])))
+        row[f"{name}_loss"] = float(log_loss(y, p, labels=np.arange(p.shape[1])))
     return row
 
 
