@@ -204,6 +204,64 @@ def manifest_cmd(data, split, tfds_data_dir, out) -> None:
     click.echo(f"{out}: {src.spec}, classes {len(src.class_names)}, images {json.dumps(src.counts)}")
 
 
+@cli.command("export")
+@click.option("--head", "head_dir", type=click.Path(path_type=Path), required=True,
+              help="A fitted head folder (CACHE/heads/FEATURES-HEAD).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output .keras file.")
+@click.option("--base", default=None, help="Base name; must match the head's [default: the head's base].")
+@click.option("--weights", default=None,
+              help="imagenet, none, a weights file or a folder [default: as recorded in the features file].")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
+def export_cmd(head_dir, out, base, weights, cache_dir) -> None:
+    """One Keras model: uint8 image (any size) in, class probabilities [N, K] out."""
+    from pipeline.export import ExportConfig, export_model
+
+    path = export_model(ExportConfig(head=head_dir, out=out, base=base, weights=weights, cache_dir=cache_dir))
+    click.echo(f"{path}: exported {head_dir} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+@cli.command("predict")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--model", "model_path", type=click.Path(path_type=Path), required=True,
+              help="A model written by 'tlpipe export'.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write here instead of stdout.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+def predict_cmd(images, model_path, fmt, out, batch_size) -> None:
+    """Class and probability for each image file (folders are searched); unreadable files are listed."""
+    from pipeline.predict import format_result, predict
+
+    result = predict(model_path, list(images), batch_size=batch_size)
+    text = format_result(result, fmt)
+    if out:
+        from pipeline.util import atomic_write_text
+
+        atomic_write_text(out, text)
+        click.echo(f"{out}: {len(result.rows)} predicted, {len(result.failed)} unreadable")
+    else:
+        click.echo(text, nl=False)
+    for f in result.failed:
+        click.echo(f"tlpipe: warning: unreadable {f['path']}: {f['reason']}", err=True)
+
+
+@cli.command("learning-curve")
+@click.option("--features", "features", multiple=True, required=True, help="Features file (repeat to fuse).")
+@click.option("--head", default="logistic", show_default=True, help="logistic, dense, svm or knn.")
+@click.option("--sizes", default="50,100,500,1000,all", show_default=True,
+              help="Training-set sizes (capped at the train split's size).")
+@click.option("--seeds", type=click.IntRange(1), default=3, show_default=True, help="Subsamples per size.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output CSV [default: CACHE/learning_curves/FEATURES-HEAD.csv]; a JSON summary goes beside it.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
+def learning_curve_cmd(features, head, sizes, seeds, out, cache_dir) -> None:
+    """Validation accuracy against the number of training images (stratified subsamples)."""
+    from pipeline.learning_curve import CurveConfig, format_summary, learning_curve
+
+    path = learning_curve(CurveConfig(features=list(features), head=head, sizes=sizes, seeds=seeds, out=out,
+                                      cache_dir=cache_dir))
+    click.echo(format_summary(path))
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="tlpipe")

@@ -1,0 +1,330 @@
+"""Export a fitted head and its base as one Keras model: image in, class probabilities out.
+
+The exported ``.keras`` file holds, in one graph::
+
+    uint8[N, H, W, 3] (any size) -> Resizing (bilinear, to the base's input size)
+      -> BasePreprocess (the base's own preprocess_input) -> frozen base + pooling
+      -> head -> Probabilities: float32[N, K] (K = number of classes, also for two classes)
+
+Heads: ``dense`` reuses the saved Keras head; ``logistic`` folds the StandardScaler into
+one Dense layer + softmax (equal to scikit-learn's ``predict_proba`` up to float32
+rounding); ``svm`` and ``knn`` become the custom layers ``CalibratedLinearSVC`` and
+``KnnProba`` that reproduce scikit-learn's ``predict_proba``.
+
+Class names and provenance live in the config of the last layer (named
+``probabilities``, class ``tlpipe>Probabilities``), so the single file is
+self-describing: ``read_metadata(model)`` returns them.  Base, input size, pooling and
+weights default to what the head's features file recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from pipeline.errors import FeaturesFileError, UsageError
+
+log = logging.getLogger(__name__)
+
+OUTPUT_LAYER = "probabilities"
+
+
+@keras.saving.register_keras_serializable(package="tlpipe")
+class Probabilities(keras.layers.Layer):
+    """Final layer: ``[N, 1]`` sigmoid output becomes ``[N, 2]``; carries class names and metadata."""
+
+    def __init__(self, class_names: list[str], metadata: dict[str, Any] | None = None, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.class_names = list(class_names)
+        self.metadata = dict(metadata or {})
+
+    def call(self, inputs):
+        x = keras.ops.cast(inputs, "float32")
+        if x.shape[-1] == 1 and len(self.class_names) == 2:
+            x = keras.ops.concatenate([1.0 - x, x], axis=-1)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], len(self.class_names))
+
+    def get_config(self):
+        return {**super().get_config(), "class_names": self.class_names, "metadata": self.metadata}
+
+
+@keras.saving.register_keras_serializable(package="tlpipe")
+class CalibratedLinearSVC(keras.layers.Layer):
+    """scikit-learn ``CalibratedClassifierCV(LinearSVC, method="sigmoid")`` after a StandardScaler.
+
+    Per fold f and calibrated column c: ``d = x @ W + b`` (scaler folded in),
+    ``p = sigmoid(-(a * d + b'))``; binary folds give ``[1 - p, p]``, multi-class folds
+    are normalised (uniform where every column is 0); folds are averaged; columns are
+    scattered to the K classes through ``class_index``.
+    """
+
+    def __init__(self, n_features: int, n_folds: int, n_columns: int, n_classes: int, binary: bool,
+                 class_index: list[int], **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.n_features, self.n_folds, self.n_columns = int(n_features), int(n_folds), int(n_columns)
+        self.n_classes, self.binary, self.class_index = int(n_classes), bool(binary), list(class_index)
+        m = self.n_folds * self.n_columns
+        self.kernel = self.add_weight(shape=(self.n_features, m), initializer="zeros", trainable=False,
+                                      name="kernel", dtype="float64")
+        self.bias = self.add_weight(shape=(m,), initializer="zeros", trainable=False, name="bias", dtype="float64")
+        self.slope = self.add_weight(shape=(m,), initializer="zeros", trainable=False, name="slope", dtype="float64")
+        self.offset = self.add_weight(shape=(m,), initializer="zeros", trainable=False, name="offset",
+                                      dtype="float64")
+
+    def call(self, inputs):
+        ops = keras.ops
+        x = ops.cast(inputs, "float64")
+        d = ops.matmul(x, self.kernel) + self.bias
+        p = ops.sigmoid(-(self.slope * d + self.offset))
+        p = ops.reshape(p, (-1, self.n_folds, self.n_columns))
+        if self.binary:
+            p = ops.concatenate([1.0 - p, p], axis=-1)
+        else:
+            s = ops.sum(p, axis=-1, keepdims=True)
+            p = ops.where(s > 0, p / ops.where(s > 0, s, 1.0), 1.0 / self.n_columns)
+        p = ops.mean(p, axis=1)  # [N, C'] over the classes the folds saw
+        scatter = np.zeros((p.shape[-1], self.n_classes), dtype="float64")
+        for j, k in enumerate(self.class_index):
+            scatter[j, k] = 1.0
+        return ops.cast(ops.matmul(p, ops.convert_to_tensor(scatter)), "float32")
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.n_classes)
+
+    def get_config(self):
+        return {**super().get_config(), "n_features": self.n_features, "n_folds": self.n_folds,
+                "n_columns": self.n_columns, "n_classes": self.n_classes, "binary": self.binary,
+                "class_index": self.class_index}
+
+
+@keras.saving.register_keras_serializable(package="tlpipe")
+class KnnProba(keras.layers.Layer):
+    """scikit-learn ``Normalizer + KNeighborsClassifier(weights="distance", euclidean)``.
+
+    Holds the L2-normalised training features; computes in float64 so exact duplicates
+    (distance 0) are found as in scikit-learn, where they take all the weight.
+    """
+
+    def __init__(self, n_train: int, n_features: int, n_classes: int, k: int, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.n_train, self.n_features, self.n_classes, self.k = int(n_train), int(n_features), int(n_classes), int(k)
+        self.points = self.add_weight(shape=(self.n_train, self.n_features), initializer="zeros", trainable=False,
+                                      name="points", dtype="float64")
+        self.onehot = self.add_weight(shape=(self.n_train, self.n_classes), initializer="zeros", trainable=False,
+                                      name="onehot", dtype="float64")
+
+    def call(self, inputs):
+        ops = keras.ops
+        x = ops.cast(inputs, "float64")
+        norm = ops.sqrt(ops.sum(x * x, axis=-1, keepdims=True))
+        x = x / ops.where(norm > 0, norm, 1.0)
+        sq = (ops.sum(x * x, axis=-1, keepdims=True) - 2.0 * ops.matmul(x, ops.transpose(self.points))
+              + ops.sum(self.points * self.points, axis=-1)[None, :])
+        dist = ops.sqrt(ops.maximum(sq, 0.0))
+        neg, idx = ops.top_k(-dist, k=self.k)
+        d = -neg
+        exact = ops.any(d == 0.0, axis=-1, keepdims=True)
+        w = ops.where(exact, ops.cast(d == 0.0, "float64"), 1.0 / ops.where(d == 0.0, 1.0, d))
+        votes = ops.take(self.onehot, idx, axis=0)  # [N, k, K]
+        proba = ops.sum(votes * w[..., None], axis=1)
+        proba = proba / ops.sum(proba, axis=-1, keepdims=True)
+        return ops.cast(proba, "float32")
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.n_classes)
+
+    def get_config(self):
+        return {**super().get_config(), "n_train": self.n_train, "n_features": self.n_features,
+                "n_classes": self.n_classes, "k": self.k}
+
+
+EXPORTABLE_HEADS = ("logistic", "dense", "svm", "knn")
+
+
+@dataclass
+class ExportConfig:
+    """Everything ``export_model`` needs."""
+
+    head: Path  # a fitted head folder (cache/heads/<features>-<head>)
+    out: Path
+    base: str | None = None  # must match the head's base when given
+    weights: str | None = None  # default: what the features file recorded
+    cache_dir: Path = Path("cache")
+
+
+def _head_info(folder: Path) -> tuple[Path, dict[str, Any]]:
+    folder = Path(folder)
+    model_dir = folder / "model" if (folder / "model" / "head.json").is_file() else folder
+    meta = model_dir / "head.json"
+    if not meta.is_file():
+        raise UsageError(f"{folder} is not a fitted head folder (no head.json); run 'tlpipe fit-head' first")
+    return model_dir, json.loads(meta.read_text())
+
+
+def _features_attrs(info: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
+    from pipeline.features import read_attrs, resolve_features_path
+
+    paths = info.get("features") or []
+    if len(paths) != 1:
+        raise UsageError(f"export supports heads fitted on one features file; this head fuses {len(paths)} "
+                         f"({', '.join(map(str, paths))}): a fused head needs several bases in one model")
+    try:
+        path = resolve_features_path(paths[0], cache_dir)
+    except FeaturesFileError as exc:
+        raise FeaturesFileError(f"the head's features file is needed for export (base, input size, "
+                                f"pooling, weights): {exc}") from None
+    return read_attrs(path)
+
+
+def _logistic_layers(model, n_classes: int, dim: int):
+    """Fold StandardScaler into the logistic regression: Dense(K) + softmax."""
+    scaler, lr = model.steps[0][1], model.steps[-1][1]
+    mean = scaler.mean_ if scaler.mean_ is not None else np.zeros(dim)
+    scale = scaler.scale_ if scaler.scale_ is not None else np.ones(dim)
+    coef, icpt = np.asarray(lr.coef_, np.float64), np.asarray(lr.intercept_, np.float64)
+    classes = [int(c) for c in lr.classes_]
+    W = np.zeros((dim, n_classes))
+    b = np.full(n_classes, -1e4)  # classes absent from train: probability 0
+    if coef.shape[0] == 1:  # binary: softmax([0, z]) == [1 - sigmoid(z), sigmoid(z)]
+        pairs = [(classes[0], np.zeros(dim), 0.0), (classes[1], coef[0], icpt[0])]
+    else:
+        pairs = [(c, coef[i], icpt[i]) for i, c in enumerate(classes)]
+    for c, w, bias in pairs:
+        W[:, c] = w / scale
+        b[c] = bias - float(np.dot(mean / scale, w))
+    dense = keras.layers.Dense(n_classes, activation="softmax", name="logistic")
+    dense.build((None, dim))
+    dense.set_weights([W.astype("float32"), b.astype("float32")])
+    return dense
+
+
+def _svm_layer(model, n_classes: int, dim: int):
+    scaler, cal = model.steps[0][1], model.steps[-1][1]
+    mean, scale = scaler.mean_, scaler.scale_
+    kernels, biases, slopes, offsets = [], [], [], []
+    for cc in cal.calibrated_classifiers_:
+        if cc.method != "sigmoid":
+            raise UsageError(f"export of the svm head supports sigmoid calibration, not {cc.method}")
+        coef, icpt = np.atleast_2d(cc.estimator.coef_), np.atleast_1d(cc.estimator.intercept_)
+        if list(cc.estimator.classes_) != list(cal.classes_):
+            raise UsageError("export of the svm head: a calibration fold saw fewer classes than the head; "
+                             "refit with more training images per class")
+        for j in range(coef.shape[0]):
+            kernels.append(coef[j] / scale)
+            biases.append(icpt[j] - float(np.dot(mean / scale, coef[j])))
+            slopes.append(cc.calibrators[j].a_)
+            offsets.append(cc.calibrators[j].b_)
+    n_folds = len(cal.calibrated_classifiers_)
+    n_columns = len(kernels) // n_folds
+    binary = len(cal.classes_) == 2
+    layer = CalibratedLinearSVC(dim, n_folds, n_columns, n_classes, binary, [int(c) for c in cal.classes_],
+                                name="svm")
+    layer.set_weights([np.stack(kernels, 1), np.array(biases), np.array(slopes, dtype=np.float64).ravel(),
+                       np.array(offsets, dtype=np.float64).ravel()])
+    return layer
+
+
+def _knn_layer(model, n_classes: int, dim: int):
+    knn = model.steps[-1][1]
+    X = np.asarray(knn._fit_X, np.float64)
+    y = np.asarray(knn.classes_)[np.asarray(knn._y)]
+    layer = KnnProba(len(X), dim, n_classes, int(knn.n_neighbors), name="knn")
+    layer.set_weights([X, np.eye(n_classes)[y.astype(int)]])
+    return layer
+
+
+def build_export_model(head_dir: str | Path, base: str | None = None, weights: str | None = None,
+                       cache_dir: str | Path = "cache"):
+    """Build (not save) the image -> probabilities model for a fitted head."""
+    from pipeline.backbones import get_backbone
+    from pipeline.heads import load_head
+    from pipeline.model import BasePreprocess
+    from pipeline.weights import build_with_weights, parse_weights, sha256_file
+
+    model_dir, info = _head_info(Path(head_dir))
+    name = info["head"]
+    if name not in EXPORTABLE_HEADS:
+        raise UsageError(f"export supports the heads {', '.join(EXPORTABLE_HEADS)}, not '{name}'")
+    attrs = _features_attrs(info, Path(cache_dir))
+    backbone = get_backbone(attrs["base"])
+    if base is not None and get_backbone(base).name != backbone.name:
+        raise UsageError(f"--base {base} does not match the head, which was fitted on {backbone.name} features")
+    size, pooling = int(attrs["input_size"]), str(attrs.get("pooling", "avg"))
+    recorded = str(attrs.get("weights", "imagenet"))
+    spec = weights if weights is not None else recorded
+    resolved = parse_weights(spec, backbone)
+    want_sha = str(attrs.get("weights_sha256") or "")
+    if isinstance(resolved, Path) and want_sha and sha256_file(resolved) != want_sha:
+        raise UsageError(f"weights {resolved} differ from the ones the features were extracted with "
+                         f"(sha256 {want_sha[:12]}...); the head would see different features")
+    if (resolved is None) != (recorded == "none"):
+        raise UsageError(f"--weights {spec} does not match the features file, extracted with weights {recorded}")
+
+    classes = list(info["classes"])
+    k, dim = len(classes), int(info["feature_size"])
+    head = load_head(model_dir)
+
+    rng_state = random.getstate()
+    random.seed(0)  # as extract: --weights none gives the same random base
+    try:
+        base_model, winfo = build_with_weights(backbone, resolved, size, pooling)
+    finally:
+        random.setstate(rng_state)
+    if int(base_model.output_shape[-1]) != dim:
+        raise UsageError(f"the base gives {base_model.output_shape[-1]} features but the head expects {dim}")
+
+    inputs = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
+    x = keras.layers.Resizing(size, size, interpolation="bilinear", name="resize")(inputs)
+    x = BasePreprocess(backbone.name, name="preprocess")(x)
+    x = base_model(x, training=False)
+    if name == "dense":
+        x = head.model(x, training=False)
+    elif name == "logistic":
+        x = _logistic_layers(head.model, k, dim)(x)
+    elif name == "svm":
+        x = _svm_layer(head.model, k, dim)(x)
+    else:
+        x = _knn_layer(head.model, k, dim)(x)
+    metadata = {"base": backbone.name, "input_size": size, "pooling": pooling, "weights": winfo.label,
+                "weights_sha256": winfo.sha256, "head": name, "head_dir": str(head_dir),
+                "features": info.get("features"), "fingerprints": info.get("fingerprints")}
+    outputs = Probabilities(classes, metadata, name=OUTPUT_LAYER)(x)
+    model = keras.Model(inputs, outputs, name=f"tlpipe_{backbone.name}_{name}".replace(".", "_"))
+    model.trainable = False
+    return model
+
+
+def export_model(cfg: ExportConfig) -> Path:
+    """Build the exported model and save it to ``cfg.out`` (a ``.keras`` file)."""
+    out = Path(cfg.out)
+    if out.suffix != ".keras":
+        raise UsageError(f"--out must end in .keras (the Keras 3 model format), not {out.name}")
+    model = build_export_model(cfg.head, cfg.base, cfg.weights, cfg.cache_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.keras")
+    model.save(tmp)
+    tmp.replace(out)
+    log.info("exported %s -> %s", cfg.head, out)
+    return out
+
+
+def read_metadata(model) -> dict[str, Any]:
+    """Class names and provenance stored in an exported model's last layer."""
+    try:
+        layer = model.get_layer(OUTPUT_LAYER)
+    except ValueError:
+        raise UsageError("not a tlpipe exported model (no 'probabilities' layer); use 'tlpipe export'") from None
+    return {**layer.metadata, "class_names": list(layer.class_names)}

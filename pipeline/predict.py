@@ -1,0 +1,139 @@
+"""Classify image files with a model written by ``tlpipe export``.
+
+Images are decoded with ``pipeline.images.decode_image`` at the base's input size (the
+same decode and resize as extraction, so the exported model reproduces the head's
+predictions on cached features); the model's own Resizing layer is then the identity.
+Unreadable files are reported with their reason and do not stop the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import DataError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictResult:
+    """Predictions (one dict per image) and failures (path, reason)."""
+
+    class_names: list[str]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+
+def list_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Files as given; folders expanded (recursively) to their image files, sorted."""
+    from pipeline.images import IMAGE_EXTENSIONS
+
+    out: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            out += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            out.append(path)  # missing files are reported as failures
+    return out
+
+
+def load_exported(path: str | Path):
+    """Load an exported model; return ``(model, metadata)``."""
+    import keras
+
+    import pipeline.export  # noqa: F401 - registers the custom layers
+    import pipeline.model  # noqa: F401
+    from pipeline.export import read_metadata
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"model file not found: {path} (make one with 'tlpipe export')")
+    try:
+        model = keras.saving.load_model(path)
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"could not load {path} as a Keras model: {str(exc).strip().splitlines()[0]}") from None
+    return model, read_metadata(model)
+
+
+def predict(model_path: str | Path, inputs: list[str | Path], batch_size: int = 32,
+            workers: int = 0) -> PredictResult:
+    """Predict every image; raise ``DataError`` only when none could be predicted."""
+    from pipeline.images import DecodeError, decode_image
+
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    files = list_inputs(inputs)
+    if not files:
+        raise UsageError("no images given (pass image files or folders)")
+    model, meta = load_exported(model_path)
+    size = int(meta["input_size"])
+    result = PredictResult(class_names=meta["class_names"])
+
+    def decode(path: Path):
+        try:
+            return decode_image(path, size), None
+        except DecodeError as exc:
+            return None, str(exc)
+        except OSError as exc:
+            return None, exc.strerror or type(exc).__name__
+
+    with ThreadPoolExecutor(workers or max(1, min(4, os.cpu_count() or 1))) as pool:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            good, arrays = [], []
+            for path, (arr, why) in zip(chunk, pool.map(decode, chunk)):
+                if arr is None:
+                    result.failed.append({"path": str(path), "reason": why})
+                else:
+                    good.append(path)
+                    arrays.append(arr)
+            if not arrays:
+                continue
+            proba = np.asarray(model.predict_on_batch(np.stack(arrays)), dtype=np.float64)
+            for path, p in zip(good, proba):
+                k = int(p.argmax())
+                result.rows.append({"path": str(path), "class": result.class_names[k],
+                                    "probability": float(p[k]),
+                                    "probabilities": {c: float(v) for c, v in zip(result.class_names, p)}})
+    if not result.rows:
+        reasons = "; ".join(f"{f['path']}: {f['reason']}" for f in result.failed[:5])
+        raise DataError(f"no image could be predicted ({len(result.failed)} unreadable: {reasons})")
+    return result
+
+
+def format_result(result: PredictResult, fmt: str) -> str:
+    """``table`` (for people), ``csv`` (one row per image, failures with an error column) or ``json``."""
+    if fmt == "json":
+        return json.dumps({"classes": result.class_names, "predictions": result.rows,
+                           "failed": result.failed}, indent=2) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        cols = ["path", "class", "probability", *[f"p_{c}" for c in result.class_names], "error"]
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(cols)
+        for r in result.rows:
+            w.writerow([r["path"], r["class"], f"{r['probability']:.6f}",
+                        *[f"{r['probabilities'][c]:.6f}" for c in result.class_names], ""])
+        for f in result.failed:
+            w.writerow([f["path"], "", "", *[""] * len(result.class_names), f["reason"]])
+        return buf.getvalue()
+    if fmt != "table":
+        raise UsageError(f"unknown format '{fmt}': table, csv or json")
+    width = max([len(r["path"]) for r in result.rows + result.failed] + [4])
+    lines = [f"{'path':{width}s}  {'class':15s} probability"]
+    lines += [f"{r['path']:{width}s}  {r['class']:15s} {r['probability']:.4f}" for r in result.rows]
+    if result.failed:
+        lines.append(f"\nunreadable ({len(result.failed)}):")
+        lines += [f"  {f['path']}: {f['reason']}" for f in result.failed]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,200 @@
+"""Export (image -> probabilities Keras model) and predict, on tiny synthetic data; acceptance on ../shared."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cli import cli
+from pipeline.extract import ExtractConfig, extract
+from pipeline.fit_head import FitConfig, fit_head
+from pipeline.heads import HeadParams, load_head
+from pipeline.images import decode_image
+
+COLOURS = {"red": (210, 40, 40), "green": (40, 190, 60), "blue": (40, 60, 210)}
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def _colour_folder(root: Path, classes=COLOURS, per_class: int = 14) -> Path:
+    rng = np.random.default_rng(1)
+    for name, rgb in classes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            h, w = 29 + 3 * i, 37 + 5 * (i % 4)
+            arr = np.clip(np.array(rgb) + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / name / f"{name}_{i:03d}{'.png' if i % 2 else '.jpg'}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    root = _colour_folder(tmp_path_factory.mktemp("data") / "colours")
+    cache = tmp_path_factory.mktemp("cache")
+    out = extract(ExtractConfig(base="vgg16", data=str(root), weights="none", input_size=32,
+                                batch_size=8, cache_dir=cache, progress=False))
+    return root, cache, out
+
+
+@pytest.fixture(scope="module")
+def two_colours(tmp_path_factory):
+    root = _colour_folder(tmp_path_factory.mktemp("data2") / "two",
+                          {k: v for k, v in COLOURS.items() if k != "green"}, per_class=12)
+    cache = tmp_path_factory.mktemp("cache2")
+    out = extract(ExtractConfig(base="vgg16", data=str(root), weights="none", input_size=32,
+                                batch_size=8, cache_dir=cache, progress=False))
+    return root, cache, out
+
+
+def _val(root: Path, features: Path):
+    with h5py.File(features, "r") as h5:
+        X = h5["val"]["features"][...]
+        ids = list(h5["val"]["ids"].asstr()[...])
+    images = np.stack([decode_image(root / i, 32) for i in ids])
+    return X, ids, images
+
+
+def _export_and_compare(data, head, tmp_path):
+    import keras
+
+    root, cache, features = data
+    folder = fit_head(FitConfig(features=[str(features)], head=head, cache_dir=cache, out=tmp_path / head,
+                                params=HeadParams(epochs=30, patience=5, k_grid=(1, 5))))
+    out = tmp_path / f"{head}.keras"
+    r = CliRunner().invoke(cli, ["export", "--head", str(folder), "--out", str(out), "--weights", "none",
+                                 "--cache-dir", str(cache)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    model = keras.saving.load_model(out)
+    X, ids, images = _val(root, features)
+    expected = load_head(folder).predict_proba(X)
+    got = np.asarray(model.predict(images, verbose=0))
+    k = len(json.loads((folder / "model" / "head.json").read_text())["classes"])
+    assert got.shape == (len(ids), k)
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.999
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    return model, out, folder
+
+
+@pytest.mark.parametrize("head", ["logistic", "dense", "svm", "knn"])
+def test_export_round_trip_matches_cached_head(colours, head, tmp_path):
+    model, out, folder = _export_and_compare(colours, head, tmp_path)
+    layer = model.get_layer("probabilities")
+    assert layer.class_names == ["blue", "green", "red"] and layer.metadata["base"] == "vgg16"
+    # any image size and a uint8 input: the Resizing layer inside the model handles it
+    big = np.random.default_rng(0).integers(0, 255, (2, 57, 41, 3), dtype=np.uint8)
+    p = np.asarray(model.predict(big, verbose=0))
+    assert p.shape == (2, 3)
+    np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["logistic", "dense"])
+def test_export_binary_gives_two_columns(two_colours, head, tmp_path):
+    model, _, _ = _export_and_compare(two_colours, head, tmp_path)
+    assert model.output_shape[-1] == 2
+
+
+def test_export_errors(colours, tmp_path):
+    root, cache, features = colours
+    folder = fit_head(FitConfig(features=[str(features)], head="logistic", cache_dir=cache, out=tmp_path / "h"))
+    run = CliRunner().invoke
+    r = run(cli, ["export", "--head", str(folder), "--out", str(tmp_path / "m.keras"), "--base", "resnet50",
+                  "--cache-dir", str(cache)])
+    assert r.exit_code == 2 and "does not match the head" in r.output and "vgg16" in r.output
+    r = run(cli, ["export", "--head", str(tmp_path), "--out", str(tmp_path / "m.keras")])
+    assert r.exit_code == 2 and "not a fitted head folder" in r.output
+    r = run(cli, ["export", "--head", str(folder), "--out", str(tmp_path / "m.h5"), "--cache-dir", str(cache)])
+    assert r.exit_code == 2 and ".keras" in r.output
+    r = run(cli, ["export", "--head", str(folder), "--out", str(tmp_path / "m.keras"), "--weights", "imagenet",
+                  "--cache-dir", str(cache)])
+    assert r.exit_code == 2 and "does not match the features file" in r.output
+
+
+def test_predict_cli_reports_broken_files(colours, tmp_path):
+    root, cache, features = colours
+    folder = fit_head(FitConfig(features=[str(features)], head="logistic", cache_dir=cache, out=tmp_path / "h"))
+    model = tmp_path / "m.keras"
+    assert CliRunner().invoke(cli, ["export", "--head", str(folder), "--out", str(model),
+                                    "--cache-dir", str(cache)]).exit_code == 0
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for name in ("red", "blue"):
+        src = sorted((root / name).iterdir())[0]
+        (imgs / f"{name}{src.suffix}").write_bytes(src.read_bytes())
+    (imgs / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    missing = tmp_path / "missing.png"
+
+    r = CliRunner().invoke(cli, ["predict", "--model", str(model), str(imgs), str(missing), "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    by = {Path(row["path"]).name: row for row in rows}
+    assert by["red.jpg"]["class"] == "red" and by["blue.jpg"]["class"] == "blue"
+    assert float(by["red.jpg"]["probability"]) > 0.5
+    assert by["broken.jpg"]["error"] and by["missing.png"]["error"]
+    assert "unreadable" in r.stderr
+
+    out = tmp_path / "p.json"
+    r = CliRunner().invoke(cli, ["predict", "--model", str(model), str(imgs), "--format", "json", "--out", str(out)])
+    assert r.exit_code == 0
+    data = json.loads(out.read_text())
+    assert data["classes"] == ["blue", "green", "red"] and len(data["predictions"]) == 2
+    assert data["failed"][0]["path"].endswith("broken.jpg") and data["failed"][0]["reason"]
+    p = data["predictions"][0]
+    assert abs(sum(p["probabilities"].values()) - 1) < 1e-5
+
+    r = CliRunner().invoke(cli, ["predict", "--model", str(model), str(imgs)])
+    assert r.exit_code == 0 and "unreadable (1)" in r.stdout
+
+    r = CliRunner().invoke(cli, ["predict", "--model", str(model), str(imgs / "broken.jpg")])
+    assert r.exit_code == 1 and "no image could be predicted" in r.output
+    r = CliRunner().invoke(cli, ["predict", "--model", str(tmp_path / "nope.keras"), str(imgs)])
+    assert r.exit_code == 2 and "model file not found" in r.output
+
+
+# ----------------------------------------------------------------------------- acceptance (real data)
+
+WEIGHTS = SHARED / "weights" / "mobilenet_0.75_224_imagenet_notop.weights.h5"
+CATS_DOGS = SHARED / "data" / "cats_vs_dogs_small"
+
+
+@pytest.mark.acceptance
+@pytest.mark.slow
+@pytest.mark.skipif(not (WEIGHTS.is_file() and CATS_DOGS.is_dir()), reason="../shared data and weights absent")
+def test_acceptance_mobilenet_export_agrees(tmp_path):
+    """MobileNet-0.75, real weights, cats vs dogs: best head >= 0.99 val accuracy; the exported
+    model reproduces the head's predictions from the images (>= 99.9 %, probabilities within 1e-3)."""
+    from pipeline.predict import predict
+
+    cache = tmp_path / "cache"
+    features = extract(ExtractConfig(base="mobilenet_0.75", data=str(CATS_DOGS), weights=str(WEIGHTS.parent),
+                                     cache_dir=cache, progress=False))
+    accuracy = {}
+    for head in ("logistic", "svm", "dense"):
+        folder = fit_head(FitConfig(features=[str(features)], head=head, cache_dir=cache))
+        accuracy[head] = json.loads((folder / "metrics.json").read_text())["val"]["accuracy"]
+    print("val accuracy per head:", accuracy)
+    best = max(accuracy, key=accuracy.get)
+    assert accuracy[best] >= 0.99, accuracy
+
+    folder = cache / "heads" / f"mobilenet_0.75-{best}"
+    model = tmp_path / "model.keras"
+    assert CliRunner().invoke(cli, ["export", "--head", str(folder), "--out", str(model), "--cache-dir",
+                                    str(cache)], catch_exceptions=False).exit_code == 0
+    with h5py.File(features, "r") as h5:
+        X = h5["val"]["features"][...]
+        ids = list(h5["val"]["ids"].asstr()[...])
+    expected = load_head(folder).predict_proba(X)
+    result = predict(model, [CATS_DOGS / i for i in ids], batch_size=64)
+    assert not result.failed
+    got = np.array([[r["probabilities"][c] for c in result.class_names] for r in result.rows])
+    same = float((got.argmax(1) == expected.argmax(1)).mean())
+    diff = float(np.abs(got - expected).max())
+    within = float((np.abs(got - expected).max(1) <= 1e-3).mean())
+    print(f"export agreement ({best}): same class {same:.4%}, max |dp| {diff:.2e}, within 1e-3 {within:.4%}")
+    assert same >= 0.999 and within >= 0.999
