@@ -51,7 +51,8 @@ class ExtractConfig:
     input_size: int | None = None  # default: the base's own
     pooling: str = "avg"
     batch_size: int = 32
-    workers: int = 0  # decode threads; 0 = one per CPU core
+    workers: int = 0  # decode threads; 0 = auto (see default_workers)
+    prefetch: int = 0  # batches decoded ahead; 0 = 2 * workers + 2
     limit: int | None = None  # cap images per split (quick runs)
     resume: bool = True
     force: bool = False
@@ -76,6 +77,22 @@ class _State:
     rows: dict[str, int] = field(default_factory=dict)  # rows written per split
     skipped: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0  # extraction time of earlier attempts
+
+
+def default_workers() -> int:
+    """Decode threads when ``workers=0``.
+
+    With the model on an accelerator, decoding is the bottleneck: one thread per core.
+    With the model on the CPU, the forward pass needs the cores and decoding costs ~10x
+    less per image, so a quarter of the cores (at least one) keeps the model fed without
+    stealing CPU from it (measured in benchmarks/bench_extract.py).
+    """
+    from pipeline.model import accelerator
+
+    cores = os.cpu_count() or 1
+    if accelerator() is not None:
+        return max(1, cores)
+    return max(1, cores // 4)
 
 
 def hidden_sibling(path: Path, suffix: str) -> Path:
@@ -162,39 +179,42 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
         log.info("resuming %s: %d inputs already done", out, done)
 
     forward = Forward(model, cfg.batch_size)
-    workers = cfg.workers or max(1, os.cpu_count() or 1)
+    workers = cfg.workers or default_workers()
+    prefetch = cfg.prefetch or 2 * workers + 2
     total = sum(source.counts.values())
     already = sum(state.next_index.get(s, 0) for s in source.splits)
-    t0 = time.perf_counter()
+    segments = [(s, state.next_index.get(s, 0)) for s in source.splits
+                if state.next_index.get(s, 0) < source.counts[s]]
     images = 0
     bar = progress_bar(total=total, initial=already, desc=f"extract {backbone.name}",
                        enabled=cfg.progress)
     try:
         with h5py.File(partial, "a") as h5, ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-            for split in source.splits:
-                start = state.next_index.get(split, 0)
-                if start >= source.counts[split]:
-                    continue
-                group = h5.require_group(split)
-                rows = state.rows.get(split, 0)
-                dsets = _open_datasets(group, dim, rows)
-                bar.set_postfix_str(split)
-                for index, batch, ids, labels, skipped in _read_batches(
-                    source, split, start, cfg.batch_size, size, pool, prefetch=2 * workers + 2
-                ):
-                    if len(ids):
-                        feats = forward(batch[: len(ids)])
-                        _append(dsets, feats, np.asarray(labels, dtype=np.int64), ids)
-                        rows += len(ids)
-                    state.skipped.extend({"split": split, "id": i, "reason": r} for i, r in skipped)
-                    for i, r in skipped:
-                        log.warning("skipped %s: %s", i, r)
-                    h5.flush()
-                    state.next_index[split] = index
-                    state.rows[split] = rows
-                    _save_state(ckpt, state, time.perf_counter() - t0)
-                    images += len(ids) + len(skipped)
-                    bar.update(len(ids) + len(skipped))
+            # Start decoding before the forward pass is compiled, so the first batches are
+            # ready when it is; one reader spans every split (no refill bubble between splits).
+            reader = _BatchReader(source, segments, cfg.batch_size, size, pool, prefetch)
+            forward.warmup(size)
+            t0 = time.perf_counter()  # extraction time: decode + forward + write, after compile
+            dsets, rows, current = None, 0, None
+            for split, index, batch, ids, labels, skipped in reader:
+                if split != current:
+                    current = split
+                    rows = state.rows.get(split, 0)
+                    dsets = _open_datasets(h5.require_group(split), dim, rows)
+                    bar.set_postfix_str(split)
+                if len(ids):
+                    feats = forward(batch[: len(ids)])
+                    _append(dsets, feats, np.asarray(labels, dtype=np.int64), ids)
+                    rows += len(ids)
+                state.skipped.extend({"split": split, "id": i, "reason": r} for i, r in skipped)
+                for i, r in skipped:
+                    log.warning("skipped %s: %s", i, r)
+                h5.flush()
+                state.next_index[split] = index
+                state.rows[split] = rows
+                _save_state(ckpt, state, time.perf_counter() - t0)
+                images += len(ids) + len(skipped)
+                bar.update(len(ids) + len(skipped))
             elapsed = state.seconds + (time.perf_counter() - t0)
             counts = {s: int(h5[s]["features"].shape[0]) for s in source.splits if s in h5}
             if sum(counts.values()) == 0:
@@ -342,30 +362,49 @@ def _decode_batch(items: list[Item], size: int):
     return batch, ids, labels, skipped
 
 
-def _read_batches(source: Source, split: str, start: int, batch_size: int, size: int,
-                  pool: ThreadPoolExecutor, prefetch: int) -> Iterator[tuple[int, np.ndarray, list, list, list]]:
-    """Yield ``(next_index, batch, ids, labels, skipped)`` in order, decoding ahead in ``pool``."""
-    items = source.iter_items(split, start)
-    pending: deque = deque()
-    index = start
+class _BatchReader:
+    """Decode batches ahead in ``pool``; iterate ``(split, next_index, batch, ids, labels, skipped)``.
 
-    def submit() -> bool:
-        nonlocal index
-        chunk = []
-        for item in items:
-            chunk.append(item)
-            if len(chunk) == batch_size:
-                break
-        if not chunk:
+    Batch boundaries are fixed (``batch_size`` items from each segment's start, the last one
+    short), whatever the number of threads, so features and checkpoints are deterministic.
+    At most ``prefetch`` batches are decoded or in flight at any time (flat memory).
+    Work is submitted on construction, so decoding overlaps whatever the caller does next.
+    """
+
+    def __init__(self, source: Source, segments: list[tuple[str, int]], batch_size: int, size: int,
+                 pool: ThreadPoolExecutor, prefetch: int):
+        self._chunks = self._iter_chunks(source, segments, batch_size)
+        self._size = size
+        self._pool = pool
+        self._pending: deque = deque()
+        while len(self._pending) < max(1, prefetch) and self._submit():
+            pass
+
+    @staticmethod
+    def _iter_chunks(source: Source, segments, batch_size: int):
+        for split, start in segments:
+            index = start
+            chunk: list[Item] = []
+            for item in source.iter_items(split, start):
+                chunk.append(item)
+                if len(chunk) == batch_size:
+                    index += len(chunk)
+                    yield split, index, chunk
+                    chunk = []
+            if chunk:
+                yield split, index + len(chunk), chunk
+
+    def _submit(self) -> bool:
+        nxt = next(self._chunks, None)
+        if nxt is None:
             return False
-        index += len(chunk)
-        pending.append((index, pool.submit(_decode_batch, chunk, size)))
+        split, index, chunk = nxt
+        self._pending.append((split, index, self._pool.submit(_decode_batch, chunk, self._size)))
         return True
 
-    while len(pending) < prefetch and submit():
-        pass
-    while pending:
-        next_index, fut = pending.popleft()
-        batch, ids, labels, skipped = fut.result()
-        submit()
-        yield next_index, batch, ids, labels, skipped
+    def __iter__(self) -> Iterator[tuple[str, int, np.ndarray, list, list, list]]:
+        while self._pending:
+            split, index, fut = self._pending.popleft()
+            batch, ids, labels, skipped = fut.result()
+            self._submit()
+            yield split, index, batch, ids, labels, skipped

@@ -82,6 +82,10 @@ class Forward:
         self.batch_size = batch_size
         self._pad: np.ndarray | None = None
 
+    def warmup(self, input_size: int) -> None:
+        """Trace and compile the forward pass once (on a zero batch) before real data arrives."""
+        self(np.zeros((self.batch_size, input_size, input_size, 3), dtype=np.uint8))
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         n = batch.shape[0]
         if n != self.batch_size:

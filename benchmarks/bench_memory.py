@@ -1,0 +1,112 @@
+"""Peak memory of extraction vs number of images: 1x and 10x images, each in a fresh process.
+
+Synthetic JPEGs (random smooth colour images, 180x180) are written to a temporary
+folder (class subfolders, hash split), then ``tlpipe extract`` runs over N and 10*N of
+them, each in its own subprocess, which reports its peak RSS
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and its RSS just before extracting
+(after importing TensorFlow/Keras).  Flat memory means peak(10x) / peak(1x) <= 1.1.
+
+    python benchmarks/bench_memory.py                     # N=200, mobilenet_0.25 at 96 px, --weights none
+    python benchmarks/bench_memory.py --n 300 --base mobilenet_0.75 --size 224 --weights ../shared/weights
+
+Needs no shared data (weights ``none`` by default: memory does not depend on the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, load, machine_line  # noqa: E402
+
+CHILD = r"""
+import json, os, resource, sys, time
+sys.path.insert(0, {repo!r})
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from pathlib import Path
+import keras, h5py, numpy  # import everything the run needs before the baseline reading
+from pipeline.extract import ExtractConfig, extract
+def rss_mb():
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+before = rss_mb()
+t = time.perf_counter()
+extract(ExtractConfig(base={base!r}, data={data!r}, weights={weights!r}, out=Path({out!r}),
+                      input_size={size!r}, batch_size={batch!r}, force=True, resume=False, progress=False))
+print(json.dumps({{"rss_before_mb": before,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "seconds": time.perf_counter() - t}}))
+"""
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        cls = "a" if i % 2 == 0 else "b"
+        d = folder / cls
+        d.mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((180, 180), Image.Resampling.BICUBIC)
+        img.save(d / f"{i:06d}.jpg", quality=90)
+
+
+def run_child(args, data: Path, out: Path) -> dict:
+    code = CHILD.format(repo=str(REPO), base=args.base, data=str(data), weights=args.weights,
+                        out=str(out), size=args.size, batch=args.batch_size)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"extraction subprocess failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=200, help="images in the 1x run (10x run: 10*n)")
+    ap.add_argument("--factor", type=int, default=10)
+    ap.add_argument("--base", default="mobilenet_0.25")
+    ap.add_argument("--size", type=int, default=96, help="input size (small: quick run)")
+    ap.add_argument("--weights", default="none")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    print(machine_line())
+    tmp = Path(tempfile.mkdtemp(prefix="tlpipe-bench-memory-"))
+    results = {}
+    try:
+        for mult in (1, args.factor):
+            n = args.n * mult
+            data = tmp / f"x{mult}"
+            make_images(data, n)
+            res = run_child(args, data, tmp / f"x{mult}.h5")
+            res["images"] = n
+            results[f"x{mult}"] = res
+            print(f"{n:6d} images: peak RSS {res['peak_rss_mb']:7.1f} MiB (RSS before extract "
+                  f"{res['rss_before_mb']:.1f} MiB, growth {res['peak_rss_mb'] - res['rss_before_mb']:.1f} MiB), "
+                  f"{res['seconds']:.1f} s  {load()}", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    one, many = results["x1"], results[f"x{args.factor}"]
+    ratio = many["peak_rss_mb"] / one["peak_rss_mb"]
+    print(f"peak RSS {args.factor}x / 1x = {ratio:.3f} (target <= 1.1)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "ratio": ratio, "args": vars(args)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
