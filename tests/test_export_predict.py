@@ -20,6 +20,7 @@ from pipeline.heads import HeadParams, load_head
 from pipeline.images import decode_image
 
 COLOURS = {"red": (210, 40, 40), "green": (40, 190, 60), "blue": (40, 60, 210)}
+BASE = "vgg16"  # random vgg16 at 32 px gives learnable features (mobilenet_0.25 collapses them: k-NN ties)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
@@ -38,7 +39,7 @@ def _colour_folder(root: Path, classes=COLOURS, per_class: int = 14) -> Path:
 def colours(tmp_path_factory):
     root = _colour_folder(tmp_path_factory.mktemp("data") / "colours")
     cache = tmp_path_factory.mktemp("cache")
-    out = extract(ExtractConfig(base="vgg16", data=str(root), weights="none", input_size=32,
+    out = extract(ExtractConfig(base=BASE, data=str(root), weights="none", input_size=32,
                                 batch_size=8, cache_dir=cache, progress=False))
     return root, cache, out
 
@@ -48,7 +49,7 @@ def two_colours(tmp_path_factory):
     root = _colour_folder(tmp_path_factory.mktemp("data2") / "two",
                           {k: v for k, v in COLOURS.items() if k != "green"}, per_class=12)
     cache = tmp_path_factory.mktemp("cache2")
-    out = extract(ExtractConfig(base="vgg16", data=str(root), weights="none", input_size=32,
+    out = extract(ExtractConfig(base=BASE, data=str(root), weights="none", input_size=32,
                                 batch_size=8, cache_dir=cache, progress=False))
     return root, cache, out
 
@@ -86,7 +87,7 @@ def _export_and_compare(data, head, tmp_path):
 def test_export_round_trip_matches_cached_head(colours, head, tmp_path):
     model, out, folder = _export_and_compare(colours, head, tmp_path)
     layer = model.get_layer("probabilities")
-    assert layer.class_names == ["blue", "green", "red"] and layer.metadata["base"] == "vgg16"
+    assert layer.class_names == ["blue", "green", "red"] and layer.metadata["base"] == BASE
     # any image size and a uint8 input: the Resizing layer inside the model handles it
     big = np.random.default_rng(0).integers(0, 255, (2, 57, 41, 3), dtype=np.uint8)
     p = np.asarray(model.predict(big, verbose=0))
@@ -106,7 +107,7 @@ def test_export_errors(colours, tmp_path):
     run = CliRunner().invoke
     r = run(cli, ["export", "--head", str(folder), "--out", str(tmp_path / "m.keras"), "--base", "resnet50",
                   "--cache-dir", str(cache)])
-    assert r.exit_code == 2 and "does not match the head" in r.output and "vgg16" in r.output
+    assert r.exit_code == 2 and "does not match the head" in r.output and BASE in r.output
     r = run(cli, ["export", "--head", str(tmp_path), "--out", str(tmp_path / "m.keras")])
     assert r.exit_code == 2 and "not a fitted head folder" in r.output
     r = run(cli, ["export", "--head", str(folder), "--out", str(tmp_path / "m.h5"), "--cache-dir", str(cache)])
@@ -180,7 +181,6 @@ def test_acceptance_mobilenet_export_agrees(tmp_path):
         accuracy[head] = json.loads((folder / "metrics.json").read_text())["val"]["accuracy"]
     print("val accuracy per head:", accuracy)
     best = max(accuracy, key=accuracy.get)
-    assert accuracy[best] >= 0.99, accuracy
 
     folder = cache / "heads" / f"mobilenet_0.75-{best}"
     model = tmp_path / "model.keras"
@@ -198,3 +198,4 @@ def test_acceptance_mobilenet_export_agrees(tmp_path):
     within = float((np.abs(got - expected).max(1) <= 1e-3).mean())
     print(f"export agreement ({best}): same class {same:.4%}, max |dp| {diff:.2e}, within 1e-3 {within:.4%}")
     assert same >= 0.999 and within >= 0.999
+    assert accuracy[best] >= 0.99, accuracy  # last, so the export agreement is checked either way
