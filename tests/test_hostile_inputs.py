@@ -191,6 +191,7 @@ def test_odd_modes_become_rgb(tmp_path):
     assert out[..., 2].min() > 200 and out[..., :2].max() < 60
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_huge_jpeg_decodes_quickly_and_bombs_are_refused(tmp_path, monkeypatch):
     import time
 
@@ -231,6 +232,7 @@ def test_corrupted_bytes_only_ever_raise_decode_error(fmt):
 # ----------------------------------------------------------------------------- extraction
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_extraction_keeps_every_decodable_image_and_lists_the_rest(tmp_path):
     from pipeline.extract import ExtractConfig, extract
     from pipeline.features import load_features, read_attrs

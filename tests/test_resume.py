@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import signal
@@ -27,7 +28,7 @@ from conftest import assert_same_datasets, extract_cmd, make_folder, read_datase
 
 pytestmark = pytest.mark.slow
 
-SEED = 20240611
+SEED = int(os.environ.get("TLPIPE_TEST_KILL_SEED", "20240611"))
 SETTINGS = dict(base="mobilenet_0.25", weights="none", input_size=32, batch_size=2, progress=False,
                 workers=2)
 
@@ -64,9 +65,15 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, caplog)
     from pipeline.extract import ExtractConfig, extract
 
     data = make_folder(tmp_path / "data", classes=("ant", "bee", "cow"), per_class=140)
+    # A few undecodable files: the skipped list must survive the kills too.
+    (data / "ant" / "ant_0050_bad.jpg").write_text("not an image")
+    (data / "bee" / "bee_0100_empty.png").write_bytes(b"")
+    (data / "cow" / "cow_0007_trunc.png").write_bytes((data / "cow" / "cow_0007.png").read_bytes()[:60])
     ref = extract(ExtractConfig(data=str(data), out=tmp_path / "ref" / "f.h5", **SETTINGS))
     ref_data = read_datasets(ref)
     assert sum(len(v) for k, v in ref_data.items() if k.endswith("/labels")) == 420
+    ref_skipped = json.loads((tmp_path / "ref" / "f.skipped.json").read_text())
+    assert len(ref_skipped) == 3
 
     out = tmp_path / "run" / "f.h5"
     partial = out.with_name(".f.h5.partial")
@@ -114,7 +121,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, caplog)
             assert have >= rows_after
         history.append((point, done_after, attempt and done_before and "resuming" in text))
     done, _ = _ckpt_state(ckpt)
-    assert 0 < done < 420, history  # killed part-way, with progress to resume from
+    assert 0 < done < 423, history  # killed part-way, with progress to resume from
     assert len({h[1] for h in history}) >= 3, history  # the kills landed at different points
 
     # Keep the killed state for the --no-resume check below.
@@ -130,7 +137,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, caplog)
     assert f"{done} inputs already done" in caplog.text
     assert_same_datasets(ref, out)
     assert not partial.exists() and not ckpt.exists()
-    assert json.loads(out.with_name("f.skipped.json").read_text()) == []
+    assert json.loads(out.with_name("f.skipped.json").read_text()) == ref_skipped
     with h5py.File(out, "r") as h5, h5py.File(ref, "r") as h5ref:
         for key in ("fingerprint", "counts", "class_names", "skipped"):
             assert h5.attrs[key] == h5ref.attrs[key], key
@@ -147,3 +154,114 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, caplog)
     assert "already done" not in caplog.text
     assert_same_datasets(ref, out)
     print("kill points:", history)
+
+
+# ----------------------------------------------------------------------------- in-process crashes
+
+
+class Crash(Exception):
+    """Stands in for a crash right after a checkpoint was written."""
+
+
+@pytest.fixture(scope="module")
+def small_ref(tmp_path_factory):
+    from pipeline.extract import ExtractConfig, extract
+
+    tmp = tmp_path_factory.mktemp("resume_small")
+    data = make_folder(tmp / "data", classes=("ant", "bee"), per_class=20)
+    (data / "bee" / "bee_bad.jpg").write_text("not an image")
+    ref = extract(ExtractConfig(data=str(data), out=tmp / "ref.h5", **{**SETTINGS, "batch_size": 4}))
+    return data, ref
+
+
+def _crash_after(monkeypatch, saves: int) -> None:
+    import pipeline.extract as ex
+
+    original = ex._save_state
+    count = {"n": 0}
+
+    def save(*args, **kwargs):
+        original(*args, **kwargs)
+        count["n"] += 1
+        if count["n"] >= saves:
+            raise Crash
+
+    monkeypatch.setattr(ex, "_save_state", save)
+
+
+def _crashed_run(monkeypatch, data, out, saves=3, **kw):
+    from pipeline.extract import ExtractConfig, extract
+
+    with monkeypatch.context() as m:
+        _crash_after(m, saves)
+        with pytest.raises(Crash):
+            extract(ExtractConfig(data=str(data), out=out, **{**SETTINGS, "batch_size": 4, **kw}))
+    assert not out.exists()
+    ckpt = out.with_name(f".{out.name}.progress.json")
+    assert _ckpt_state(ckpt)[0] == 4 * saves
+    return ckpt, out.with_name(f".{out.name}.partial")
+
+
+def _finish(data, out, caplog, **kw) -> str:
+    from pipeline.extract import ExtractConfig, extract
+
+    caplog.set_level(logging.INFO, logger="pipeline.extract")
+    caplog.clear()
+    assert extract(ExtractConfig(data=str(data), out=out, **{**SETTINGS, "batch_size": 4, **kw})) == out
+    return caplog.text
+
+
+def test_crash_then_resume_in_process(small_ref, tmp_path, monkeypatch, caplog):
+    data, ref = small_ref
+    out = tmp_path / "f.h5"
+    ckpt, partial = _crashed_run(monkeypatch, data, out)
+    assert "resuming" in _finish(data, out, caplog) and "12 inputs already done" in caplog.text
+    assert_same_datasets(ref, out)
+    assert read_datasets(out).keys() == read_datasets(ref).keys()
+    assert json.loads(out.with_name("f.skipped.json").read_text()) == json.loads(
+        ref.with_name("ref.skipped.json").read_text())
+    assert not ckpt.exists() and not partial.exists()
+
+
+@pytest.mark.parametrize("spoil, message", [
+    ("batch_size", "other settings; starting over"),
+    ("garbage checkpoint", "unreadable checkpoint"),
+    ("truncated partial", "unusable"),
+    ("checkpoint ahead", "unusable"),
+    ("no partial", None),
+])
+def test_unusable_checkpoints_start_over(small_ref, tmp_path, monkeypatch, caplog, spoil, message):
+    data, ref = small_ref
+    out = tmp_path / "f.h5"
+    ckpt, partial = _crashed_run(monkeypatch, data, out)
+    kw = {}
+    if spoil == "batch_size":
+        kw["batch_size"] = 5
+    elif spoil == "garbage checkpoint":
+        ckpt.write_text("{not json")
+    elif spoil == "truncated partial":
+        partial.write_bytes(partial.read_bytes()[:1000])
+    elif spoil == "checkpoint ahead":
+        state = json.loads(ckpt.read_text())
+        state["rows"] = {k: v + 100 for k, v in state["rows"].items()}
+        ckpt.write_text(json.dumps(state))
+    elif spoil == "no partial":
+        partial.unlink()
+    text = _finish(data, out, caplog, **kw)
+    assert "already done" not in text
+    if message:
+        assert message in text
+    assert_same_datasets(ref, out)
+    assert not ckpt.exists() and not partial.exists()
+
+
+def test_changed_settings_do_not_resume_a_checkpoint(small_ref, tmp_path, monkeypatch, caplog):
+    from pipeline.extract import ExtractConfig, extract
+
+    data, _ = small_ref
+    out = tmp_path / "f.h5"
+    _crashed_run(monkeypatch, data, out, input_size=48)
+    text = _finish(data, out, caplog)  # input size 32 now
+    assert "already done" not in text and "other settings" in text
+    fresh = extract(ExtractConfig(data=str(data), out=tmp_path / "fresh.h5", **{**SETTINGS, "batch_size": 4}))
+    assert_same_datasets(fresh, out)
