@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default="mobilenet_0.75")
     ap.add_argument("--batch-size", type=int, default=None, help="default: ExtractConfig's")
     ap.add_argument("--workers", type=int, default=None, help="decode threads (default: ExtractConfig's)")
+    ap.add_argument("--decode-nice", type=int, default=None, help="niceness of decode threads (default: auto)")
+    ap.add_argument("--prefetch", type=int, default=0, help="batches decoded ahead (0: auto)")
     ap.add_argument("--repeats", type=int, default=3, help="pairs of measurements")
     ap.add_argument("--limit", type=int, default=None, help="images per split (quick runs)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -102,15 +104,17 @@ def main(argv=None) -> int:
     def pipeline():
         cfg = ExtractConfig(base=args.base, data=str(data), weights=args.weights, out=out_path,
                             batch_size=batch_size, workers=workers, limit=args.limit,
+                            decode_nice=args.decode_nice, prefetch=args.prefetch,
                             resume=False, force=True, progress=False)
         c0, t0 = cpu_seconds(), time.perf_counter()
         extract(cfg)
         wall = time.perf_counter() - t0
         with h5py.File(out_path, "r") as h5:
             loop = float(h5.attrs["extract_seconds"])
+            timing = json.loads(h5.attrs.get("timing", "{}"))
             feats = np.concatenate([h5[s]["features"][:] for s in json.loads(h5.attrs["splits"])])
         return {"img_s": n_images / loop, "img_s_whole_call": n_images / wall, "wall": wall,
-                "loop": loop, "cpu_ms": 1000 * (cpu_seconds() - c0) / n_images, "load": load()}, feats
+                "loop": loop, "timing": timing, "cpu_ms": 1000 * (cpu_seconds() - c0) / n_images, "load": load()}, feats
 
     runs = {"raw": [], "pipeline": []}
     identical = None
@@ -120,8 +124,14 @@ def main(argv=None) -> int:
             for side in order:
                 res, outs = raw() if side == "raw" else pipeline()
                 runs[side].append(res)
-                extra = (f" (whole call incl. model build {res['img_s_whole_call']:6.1f} img/s)"
-                         if side == "pipeline" else "")
+                extra = ""
+                if side == "pipeline":
+                    tm = res["timing"]
+                    extra = (f" (whole call incl. model build {res['img_s_whole_call']:6.1f} img/s; loop "
+                             f"{tm.get('seconds', 0):.1f}s = forward {tm.get('forward', 0):.1f}s "
+                             f"[{n_images / max(tm.get('forward', 0), 1e-9):.1f} img/s] + decode wait "
+                             f"{tm.get('decode_wait', 0):.1f}s + write {tm.get('write', 0):.1f}s; "
+                             f"workers {tm.get('workers')}, nice {tm.get('decode_nice')})")
                 print(f"  [{r + 1}/{args.repeats}] {side:8s} {res['img_s']:6.1f} img/s{extra}  "
                       f"cpu {res['cpu_ms']:.2f} ms/img  {res['load']}", flush=True)
                 if side == "raw":
