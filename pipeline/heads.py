@@ -275,7 +275,7 @@ class DenseHead(Head):
     def load(cls, folder):
         import keras
 
-        model = keras.saving.load_model(Path(folder) / cls.file)
+        model = keras.saving.load_model(Path(folder) / cls.file, compile=False)  # inference only
         units = model.output_shape[-1]
         head = cls(2 if units == 1 else units, HeadParams())
         head.model = model

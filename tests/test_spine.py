@@ -208,3 +208,14 @@ def test_cli_bases_info_and_report(colour_features, tmp_path):
     report = json.loads((cache / "report.json").read_text())
     assert report["rows"][0]["head"] == "logistic"
     assert (cache / "plots" / "comparison.csv").read_text().startswith("model,features,base,head")
+
+
+def test_dense_head_is_seeded_and_reproducible(colour_features, tmp_path):
+    root, cache, out = colour_features
+    runs = []
+    for i in range(2):
+        folder = fit_head(FitConfig(features=[out], head="dense", out=tmp_path / f"d{i}",
+                                    params=HeadParams(seed=7, epochs=4, patience=4)))
+        m = json.loads((folder / "metrics.json").read_text())
+        runs.append((m["val"]["log_loss"], m["train"]["log_loss"], (folder / "history.csv").read_text()))
+    assert runs[0] == runs[1]
