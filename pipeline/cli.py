@@ -47,7 +47,7 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tlpipe")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="More logging and tracebacks on errors (-vv: debug logging).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.pass_context
@@ -55,7 +55,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     """tlpipe: cache frozen ImageNet-base features once (extract), fit many heads on them (fit-head)."""
     quiet_tensorflow()
     setup_logging(-1 if quiet else verbose)
-    ctx.obj = {"debug": debug or verbose >= 2, "quiet": quiet}
+    ctx.obj = {"debug": debug or verbose >= 1, "quiet": quiet}
 
 
 @cli.command("bases")
