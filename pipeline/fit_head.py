@@ -5,7 +5,8 @@ Writes ``cache/heads/<features>-<head>/``:
   metrics.json               accuracy, balanced accuracy, log loss, ROC AUC per split,
                              fit seconds, chance and untrained-head baselines
   evaluation.json            confusion matrices and per-class precision / recall
-  history.csv                per epoch (dense) or per grid value (C, k) train/val accuracy and loss
+  history.csv                per epoch (dense) or per grid value (C, k): train/val accuracy and loss
+                             (train columns of the grid heads on a fixed sample of <= 2,000 rows)
   predictions.csv            val/test predictions (for DVC confusion-matrix plots)
   roc.csv                    ROC curve of the validation split (binary tasks)
 """

@@ -34,7 +34,7 @@ class HeadParams:
     hidden: int = 256
     dropout: float = 0.5
     learning_rate: float = 1e-3
-    batch_size: int = 64
+    batch_size: int = 256
     epochs: int = 50
     patience: int = 5
     class_weight: str | None = None  # None or "balanced"
@@ -91,6 +91,7 @@ class _SklearnHead(Head):
 
     file = "head.joblib"
     grid_name = "C"
+    param_name = "C"  # parameter of the pipeline's final estimator that the grid sets
 
     def make(self, value):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -99,15 +100,36 @@ class _SklearnHead(Head):
         return self.params.c_grid
 
     def fit(self, train, val):
+        """Fit the preprocessing once, then the final estimator for each grid value (ascending,
+        warm-started where the estimator supports it); keep the best on validation."""
+        import copy
+
+        from sklearn.pipeline import Pipeline
+
+        grid = sorted(self.grid())
+        template = self.make(grid[0])
+        prep = Pipeline(template.steps[:-1]).fit(train[0], train[1]) if len(template.steps) > 1 else None
+        Xt = prep.transform(train[0]) if prep is not None else train[0]
+        Xv = prep.transform(val[0]) if prep is not None else val[0]
+        estimator = template.steps[-1][1]
+        if "warm_start" in estimator.get_params():
+            estimator.set_params(warm_start=True)
+        # history's train columns are scored on a fixed sample (k-NN on every train row is quadratic)
+        rng = np.random.default_rng(self.params.seed)
+        sample = np.sort(rng.choice(len(Xt), size=min(len(Xt), 2000), replace=False))
+        train_sample = (Xt[sample], train[1][sample])
         history, best, best_score = [], None, None
-        for step, value in enumerate(self.grid()):
-            model = self.make(value).fit(*train)
-            history.append(_history_row(step, value, model.predict_proba, train, val))
-            score = _val_score(model.predict_proba(val[0]), val[1])
+        for step, value in enumerate(grid):
+            estimator.set_params(**{self.param_name: value})
+            estimator.fit(Xt, train[1])
+            history.append(_history_row(step, value, estimator.predict_proba, train_sample, (Xv, val[1])))
+            score = _val_score(estimator.predict_proba(Xv), val[1])
             if best_score is None or score > best_score:
-                best, best_score = (value, model), score
+                best, best_score = (value, copy.deepcopy(estimator)), score
+        best[1].set_params(**({"warm_start": False} if "warm_start" in best[1].get_params() else {}))
         self.chosen = {self.grid_name: best[0]}
-        self.model = best[1]
+        fitted_prep = prep.steps if prep is not None else []
+        self.model = Pipeline(fitted_prep + [(template.steps[-1][0], best[1])])
         log.info("%s: chose %s=%s on validation (accuracy %.4f)", self.name, self.grid_name, best[0], best_score[0])
         return history
 
@@ -149,7 +171,7 @@ class LogisticHead(_SklearnHead):
         from sklearn.preprocessing import StandardScaler
 
         cw = self.params.class_weight
-        return make_pipeline(StandardScaler(), LogisticRegression(C=value, max_iter=300, class_weight=cw,
+        return make_pipeline(StandardScaler(), LogisticRegression(C=value, max_iter=500, class_weight=cw,
                                                                   random_state=self.params.seed))
 
 
@@ -158,6 +180,7 @@ class SvmHead(_SklearnHead):
 
     name = "svm"
     description = "linear SVM with calibrated probabilities, C chosen on validation"
+    param_name = "estimator__C"
 
     def make(self, value):
         from sklearn.calibration import CalibratedClassifierCV
@@ -176,6 +199,7 @@ class KnnHead(_SklearnHead):
     name = "knn"
     description = "cosine k-NN, k chosen on validation"
     grid_name = "k"
+    param_name = "n_neighbors"
 
     def grid(self):
         return self.params.k_grid
@@ -214,7 +238,7 @@ class DenseHead(Head):
         scale = 1.0 / scale if np.isfinite(scale) and scale > 0 else 1.0
         norm = keras.layers.Normalization(name="normalize")
         if train_X is not None:
-            norm.adapt(np.asarray(train_X, dtype=np.float64) * scale)
+            norm.adapt(np.asarray(train_X, dtype=np.float32) * np.float32(scale))
         binary = self.n_classes == 2
         inputs = keras.Input(shape=(dim,), name="features")
         x = keras.layers.Rescaling(scale, name="rescale")(inputs)
@@ -227,7 +251,8 @@ class DenseHead(Head):
         model = keras.Model(inputs, outputs, name="dense_head")
         model.compile(optimizer=keras.optimizers.Adam(self.params.learning_rate),
                       loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
-                      metrics=["accuracy"], jit_compile=False)
+                      metrics=["accuracy"], jit_compile=False,
+                      steps_per_execution=16)  # fewer Python round trips per epoch: 2-3x faster on CPU
         return model
 
     def fit(self, train, val):
