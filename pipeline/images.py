@@ -1,8 +1,10 @@
 """Decode any image file (or array) into an RGB uint8 array of a fixed square size.
 
-Pillow handles JPEG (with reduced-size DCT decoding via ``draft``), PNG (8- and
+Pillow decodes JPEG (with reduced-size DCT decoding via ``draft``), PNG (8- and
 16-bit), GIF (first frame), BMP, WebP and TIFF; EXIF orientation is honoured,
 CMYK / grayscale / palette / alpha images become RGB (alpha composited on white).
+OpenCV resizes (bilinear to enlarge, pixel-area averaging to shrink): ~8x cheaper than
+Pillow's resampling, which matters because decoding shares the CPU with the model.
 Failures raise ``DecodeError`` with a short reason.
 """
 
@@ -11,8 +13,11 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+cv2.setNumThreads(1)  # parallelism comes from tlpipe's decode threads; keep OpenCV off the model's cores
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -41,6 +46,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _resize(img: Image.Image, size: int) -> np.ndarray:
+    """RGB image -> ``uint8[size, size, 3]``: INTER_AREA when shrinking both sides, else bilinear."""
+    arr = np.asarray(img, dtype=np.uint8)
+    h, w = arr.shape[:2]
+    if (h, w) == (size, size):
+        return arr
+    interpolation = cv2.INTER_AREA if h >= size and w >= size else cv2.INTER_LINEAR
+    return cv2.resize(arr, (size, size), interpolation=interpolation)
+
+
 def decode_image(source: str | Path | bytes, size: int) -> np.ndarray:
     """Decode a file path or encoded bytes to ``uint8[size, size, 3]``."""
     try:
@@ -65,10 +80,7 @@ def decode_image(source: str | Path | bytes, size: int) -> np.ndarray:
                 img.draft("RGB", (size, size))
             img.load()
             img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-            arr = np.asarray(img, dtype=np.uint8)
+            arr = _resize(_to_rgb(img), size)
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -94,7 +106,4 @@ def resize_array(array: np.ndarray, size: int) -> np.ndarray:
         arr = arr[..., 0]
     if arr.dtype != np.uint8:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
-    img = _to_rgb(Image.fromarray(arr))
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return np.asarray(img, dtype=np.uint8)
+    return _resize(_to_rgb(Image.fromarray(arr)), size)
