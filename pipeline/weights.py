@@ -61,14 +61,22 @@ def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
 def find_weights_in_dir(folder: Path, backbone: Backbone) -> Path | None:
     """A no-top weights file for ``backbone`` in ``folder``: Keras' cache name, or
     ``<name>*notop*.h5`` / ``<name>*no_top*.h5`` (e.g. ``mobilenet_0.75_224_imagenet_notop.weights.h5``)."""
+    from pipeline.backbones import BACKBONES
+
     exact = folder / backbone.weights_file
     if exact.is_file():
         return exact
-    names = (backbone.name, *backbone.aliases)
+    every = sorted(((n, b.name) for b in BACKBONES.values() for n in (b.name, *b.aliases)),
+                   key=lambda pair: -len(pair[0]))
+
+    def owner(filename: str) -> str | None:
+        """The base whose longest name or alias prefixes the file name (mobilenet_0.75_... is not mobilenet's)."""
+        low = filename.lower()
+        return next((base for n, base in every if low.startswith(n + "_")), None)
+
     hits = sorted(
         p for p in folder.iterdir()
-        if p.is_file() and p.name.endswith(".h5")
-        and any(p.name.lower().startswith(n + "_") for n in names)
+        if p.is_file() and p.name.endswith(".h5") and owner(p.name) == backbone.name
         and ("notop" in p.name.lower() or "no_top" in p.name.lower())
     )
     return hits[0] if hits else None
