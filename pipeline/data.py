@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.errors import DataError, UsageError
+from pipeline.errors import DataError, DataNotFound, UsageError
 from pipeline.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,10 @@ def parse_split(spec: str) -> tuple[float, float, float]:
         raise UsageError(f"--split must look like 80/10/10, not '{spec}'") from None
     if len(parts) == 2:
         parts.append(0.0)
-    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 100) > 1e-6 or parts[0] <= 0:
+    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 100) > 1e-6:
         raise UsageError(f"--split must be train/val[/test] percentages summing to 100, not '{spec}'")
+    if parts[0] <= 0:
+        raise UsageError(f"--split needs a training share above 0, not '{spec}'")
     if parts[1] <= 0:
         raise UsageError(f"--split needs a validation share (heads are tuned on it), not '{spec}'")
     return parts[0], parts[1], parts[2]
@@ -138,7 +140,7 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 def _open_folder(root: Path, split: str, limit: int | None) -> Source:
     if not root.exists():
-        raise DataError(f"data folder not found: {root} (use --data PATH or --data tfds:NAME)")
+        raise DataNotFound(f"data folder not found: {root} (use --data PATH or --data tfds:NAME)")
     if not root.is_dir():
         raise DataError(f"--data must be a folder of class subfolders, not a file: {root}")
     subdirs = _class_dirs(root)
@@ -276,7 +278,7 @@ def _open_tfds(name: str, split: str, data_dir: str | None, limit: int | None) -
     except Exception as exc:
         where = data_dir or "~/tensorflow_datasets"
         raise DataError(
-            f"could not download or prepare tfds:{name} ({str(exc).splitlines()[0][:200]}): "
+            f"could not download or prepare tfds:{name} ({_short(exc)}): "
             f"prepare it once on a machine with network into {where} (or --tfds-data-dir DIR), "
             "or use --data PATH with a local image folder"
         ) from exc
@@ -332,3 +334,9 @@ def _iter_tfds(state: dict[str, Any], split: str, start: int) -> Iterator[Item]:
             tid = tid.decode()
         yield Item(str(tid) if tid is not None else f"{split}/{i}", int(ex[state["label_key"]]),
                    array=ex[state["image_key"]])
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    """First line of an exception, shortened at a word boundary."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"

@@ -27,3 +27,11 @@ class FeaturesFileError(TlpipeError):
 
 class LockedError(TlpipeError):
     """Another process is writing the same output."""
+
+
+class DataNotFound(UsageError, DataError):
+    """A --data path that does not exist (a usage error: exit code 2)."""
+
+
+class FeaturesNotFound(UsageError, FeaturesFileError):
+    """A --features file that does not exist (a usage error: exit code 2)."""

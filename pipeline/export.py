@@ -326,5 +326,8 @@ def read_metadata(model) -> dict[str, Any]:
     try:
         layer = model.get_layer(OUTPUT_LAYER)
     except ValueError:
-        raise UsageError("not a tlpipe exported model (no 'probabilities' layer); use 'tlpipe export'") from None
+        layer = None
+    if layer is None or not hasattr(layer, "metadata") or not hasattr(layer, "class_names"):
+        raise UsageError("not a model written by 'tlpipe export' (a head's model/head.keras is not one): "
+                         "run 'tlpipe export --head DIR --out model.keras' first")
     return {**layer.metadata, "class_names": list(layer.class_names)}

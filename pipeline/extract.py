@@ -258,7 +258,7 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
                       "workers": workers, "prefetch": prefetch, "decode_nice": nice}
             counts = {s: int(h5[s]["features"].shape[0]) for s in source.splits if s in h5}
             if sum(counts.values()) == 0:
-                raise DataError(
+                raise _NothingExtracted(
                     f"every input was skipped ({len(state.skipped)} files could not be decoded); "
                     f"first: {state.skipped[0]['id']}: {state.skipped[0]['reason']}" if state.skipped
                     else f"no images in {cfg.data}"
@@ -301,6 +301,10 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
             }
             for key, value in attrs.items():
                 h5.attrs[key] = value
+    except _NothingExtracted:
+        for p in (partial, ckpt):  # nothing to resume: leave no hidden leftovers
+            p.unlink(missing_ok=True)
+        raise
     finally:
         bar.close()
     skipped_path = out.with_name(out.stem + ".skipped.json")
@@ -311,6 +315,10 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
     log.info("wrote %s: %s rows, %d skipped, %.1f images/s", out,
              json.dumps(counts), len(state.skipped), rate)
     return out
+
+
+class _NothingExtracted(DataError):
+    """Every input of the run was skipped."""
 
 
 def _tf_version() -> str:

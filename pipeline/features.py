@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import FeaturesFileError, UsageError
+from pipeline.errors import FeaturesFileError, FeaturesNotFound, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def resolve_features_path(name: str | Path, cache_dir: str | Path = "cache") -> 
             return cand
     have = sorted(p.name for p in folder.glob("*.h5")) if folder.is_dir() else []
     hint = f"; available in {folder}: {', '.join(have)}" if have else f" (nothing in {folder}; run 'tlpipe extract' first)"
-    raise FeaturesFileError(f"features file not found: {name}{hint}")
+    raise FeaturesNotFound(f"features file not found: {name}{hint}")
 
 
 def read_attrs(path: str | Path) -> dict[str, Any]:
@@ -114,7 +114,7 @@ def load_features(path: str | Path, need: tuple[str, ...] = ("train", "val")) ->
     """Load and validate a features file; one clear ``FeaturesFileError`` if anything is off."""
     path = Path(path)
     if not path.is_file():
-        raise FeaturesFileError(f"features file not found: {path}")
+        raise FeaturesNotFound(f"features file not found: {path}")
     try:
         return _load_features(path, need)
     except FeaturesFileError:
@@ -190,9 +190,15 @@ def fuse(sets: list[FeatureSet]) -> FeatureSet:
     for other in sets[1:]:
         for key in ("source_fingerprint", "split_spec", "class_names"):
             if other.attrs.get(key) != first.attrs.get(key):
+                if key == "source_fingerprint" and other.attrs.get("data_source") == first.attrs.get("data_source"):
+                    why = (f"the same source {first.attrs.get('data_source')} listed differently "
+                           f"(--limit {first.attrs.get('limit') or 'none'} vs {other.attrs.get('limit') or 'none'}, "
+                           "or images added/removed between the extractions)")
+                else:
+                    why = f"{first.attrs.get(key) if key != 'source_fingerprint' else first.attrs.get('data_source')} vs " \
+                          f"{other.attrs.get(key) if key != 'source_fingerprint' else other.attrs.get('data_source')}"
                 raise FeaturesFileError(
-                    f"cannot fuse {first.paths[0]} and {other.paths[0]}: different {key.replace('_', ' ')} "
-                    f"({first.attrs.get('data_source')} vs {other.attrs.get('data_source')})")
+                    f"cannot fuse {first.paths[0]} and {other.paths[0]}: different {key.replace('_', ' ')}: {why}")
     splits: dict[str, Split] = {}
     for name in first.splits:
         if not all(name in s.splits for s in sets):

@@ -18,7 +18,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,7 @@ def untrained_baseline(X_train: np.ndarray, X: np.ndarray, y: np.ndarray, n_clas
 def fit_head(cfg: FitConfig) -> Path:
     """Fit ``cfg.head`` on the cached features; write the head folder and return it."""
     head_cls = get_head(cfg.head)
+    cfg = replace(cfg, head=head_cls.name)  # canonical (lower-case) name for folders and reports
     fs = load_feature_sets(list(cfg.features), cfg.cache_dir)
     classes = fs.class_names
     k = len(classes)

@@ -374,7 +374,7 @@ def test_presplit_with_both_val_and_validation(tmp_path):
     ("eighty", "must look like 80/10/10"),
     ("80/30", "summing to 100"),
     ("100/0", "needs a validation share"),
-    ("0/50/50", "summing to 100"),
+    ("0/50/50", "training share above 0"),
 ])
 def test_bad_split_specs(tmp_path, spec, match):
     make_folder(tmp_path / "d", per_class=3)

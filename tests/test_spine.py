@@ -140,7 +140,7 @@ def test_cli_unknown_base_lists_choices():
 
 def test_cli_missing_features_file(tmp_path):
     r = _run(["fit-head", "--features", "resnet50.h5", "--cache-dir", str(tmp_path)])
-    assert r.exit_code == 1
+    assert r.exit_code == 2  # a missing input path is a usage error
     assert "features file not found: resnet50.h5" in r.output
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
 
@@ -219,3 +219,41 @@ def test_dense_head_is_seeded_and_reproducible(colour_features, tmp_path):
         m = json.loads((folder / "metrics.json").read_text())
         runs.append((m["val"]["log_loss"], m["train"]["log_loss"], (folder / "history.csv").read_text()))
     assert runs[0] == runs[1]
+
+
+def test_weights_dir_picks_the_base_own_file_not_a_longer_name(tmp_path):
+    """mobilenet must not take mobilenet_0.75's file (prefix match), and vice versa."""
+    from pipeline.backbones import get_backbone
+    from pipeline.errors import WeightsUnavailable
+    from pipeline.weights import find_weights_in_dir, parse_weights
+
+    (tmp_path / "mobilenet_0.75_224_imagenet_notop.weights.h5").write_bytes(b"x")
+    assert find_weights_in_dir(tmp_path, get_backbone("mobilenet")) is None
+    assert find_weights_in_dir(tmp_path, get_backbone("mobilenet_0.75")).name.startswith("mobilenet_0.75_")
+    with pytest.raises(WeightsUnavailable, match="no weights for mobilenet in"):
+        parse_weights(str(tmp_path), get_backbone("mobilenet"))
+    (tmp_path / "mobilenet_1_0_224_tf_no_top.h5").write_bytes(b"x")  # Keras' own cache name wins
+    assert find_weights_in_dir(tmp_path, get_backbone("mobilenet")).name == "mobilenet_1_0_224_tf_no_top.h5"
+
+
+def test_report_marks_heads_fitted_on_changed_features(colour_features, tmp_path):
+    root, cache, out = colour_features
+    heads = tmp_path / "cache"
+    folder = fit_head(FitConfig(features=[out], head="LOGISTIC", out=heads / "heads" / "vgg16-logistic"))
+    meta = json.loads((folder / "model" / "head.json").read_text())
+    assert meta["head"] == "logistic"
+    r = _run(["report", "--cache-dir", str(heads)])
+    assert r.exit_code == 0 and "| ok |" in r.output and str(root.resolve()) in r.output
+    meta["fingerprints"] = ["an older extraction"]
+    (folder / "model" / "head.json").write_text(json.dumps(meta))
+    r = _run(["report", "--cache-dir", str(heads)])
+    assert r.exit_code == 0 and "| stale |" in r.output and "**Stale:** vgg16-logistic" in r.output
+
+
+def test_predict_refuses_a_model_that_tlpipe_did_not_export(colour_features, tmp_path):
+    root, cache, out = colour_features
+    folder = fit_head(FitConfig(features=[out], head="dense", out=tmp_path / "dense",
+                                params=HeadParams(epochs=1)))
+    r = _run(["predict", "--model", str(folder / "model" / "head.keras"), str(root / "red")])
+    assert r.exit_code == 2
+    assert "not a model written by 'tlpipe export'" in r.output and "AttributeError" not in r.output
