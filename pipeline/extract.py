@@ -157,10 +157,16 @@ def extract(cfg: ExtractConfig) -> Path:
 
 
 def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> Path:
+    from pipeline.weights import build_with_weights, known_weights
+
+    known = known_weights(backbone, weights)  # identity of the weights without building the model
+    if known is not None and not cfg.force:
+        if _up_to_date(out, _fingerprint(backbone, *known, size, cfg.pooling, source)):
+            return out  # nothing to do: not even TensorFlow is imported
+
     import keras
 
     from pipeline.model import Forward, accelerator, build_extractor
-    from pipeline.weights import build_with_weights
 
     mixed = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and accelerator() is not None)
     previous_policy = keras.mixed_precision.global_policy().name
@@ -180,20 +186,9 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
         keras.mixed_precision.set_global_policy(previous_policy)
     dim = int(model.output_shape[-1])
     preprocessing = f"keras.applications.{backbone.module}.preprocess_input"
-    fingerprint = extraction_fingerprint(
-        base=backbone.name, weights=winfo.label if winfo.kind != "file" else "file",
-        weights_sha256=winfo.sha256, input_size=size, pooling=cfg.pooling,
-        preprocessing=preprocessing, source_fingerprint=source.fingerprint,
-        split=source.split_spec, version=__version__,
-    )
-
-    if out.exists() and not cfg.force:
-        try:
-            if read_attrs(out).get("fingerprint") == fingerprint:
-                log.info("%s is up to date (same fingerprint); use --force to extract again", out)
-                return out
-        except Exception:
-            pass
+    fingerprint = _fingerprint(backbone, winfo.kind, winfo.sha256, size, cfg.pooling, source)
+    if known is None and not cfg.force and _up_to_date(out, fingerprint):  # ImageNet weights just fetched
+        return out
 
     partial = hidden_sibling(out, ".partial")
     ckpt = hidden_sibling(out, ".progress.json")
@@ -315,6 +310,27 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
     log.info("wrote %s: %s rows, %d skipped, %.1f images/s", out,
              json.dumps(counts), len(state.skipped), rate)
     return out
+
+
+def _fingerprint(backbone, weights_kind: str, weights_sha256: str, size: int, pooling: str,
+                 source: Source) -> str:
+    """What determines the features: base, weights, input size, pooling, preprocessing, data."""
+    return extraction_fingerprint(
+        base=backbone.name, weights=weights_kind, weights_sha256=weights_sha256, input_size=size,
+        pooling=pooling, preprocessing=f"keras.applications.{backbone.module}.preprocess_input",
+        source_fingerprint=source.fingerprint, split=source.split_spec, version=__version__,
+    )
+
+
+def _up_to_date(out: Path, fingerprint: str) -> bool:
+    """True (and says so) when ``out`` already holds features with this fingerprint."""
+    try:
+        if out.exists() and read_attrs(out).get("fingerprint") == fingerprint:
+            log.info("%s is up to date (same fingerprint); use --force to extract again", out)
+            return True
+    except Exception:  # noqa: BLE001 - an unreadable file is simply not up to date
+        pass
+    return False
 
 
 class _NothingExtracted(DataError):

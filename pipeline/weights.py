@@ -8,6 +8,7 @@ error naming the file Keras wanted, where to put it, and ``--weights PATH``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -49,13 +50,30 @@ def cached_weights_path(backbone: Backbone) -> Path | None:
     return path if path.is_file() and path.stat().st_size > 0 else None
 
 
-def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
-    """Hex sha256 of a file."""
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file (memoised on path, size and mtime: weights files are large)."""
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(bufsize):
+        while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def known_weights(backbone: Backbone, weights: str | Path | None) -> tuple[str, str] | None:
+    """``(kind, sha256)`` of parsed weights as ``build_with_weights`` will record them, when that
+    is known without building the model (None: ImageNet weights not cached yet)."""
+    if weights is None:
+        return "none", ""
+    if isinstance(weights, Path):
+        return "file", sha256_file(weights)
+    cached = cached_weights_path(backbone)
+    return ("imagenet", sha256_file(cached)) if cached is not None else None
 
 
 def find_weights_in_dir(folder: Path, backbone: Backbone) -> Path | None:
