@@ -153,7 +153,7 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
 @cli.command("fit-head")
 @click.option("--features", "features", multiple=True, required=True,
               help="Features file (path or bare name in CACHE/features). Repeat to fuse several bases.")
-@click.option("--head", default="logistic", show_default=True, help="logistic, dense, svm or knn.")
+@click.option("--head", default="logistic", show_default=True, help="logistic, dense, svm, rbf-svm or knn.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: CACHE/heads/FEATURES-HEAD].")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
@@ -246,7 +246,7 @@ def predict_cmd(images, model_path, fmt, out, batch_size) -> None:
 
 @cli.command("learning-curve")
 @click.option("--features", "features", multiple=True, required=True, help="Features file (repeat to fuse).")
-@click.option("--head", default="logistic", show_default=True, help="logistic, dense, svm or knn.")
+@click.option("--head", default="logistic", show_default=True, help="logistic, dense, svm, rbf-svm or knn.")
 @click.option("--sizes", default="50,100,500,1000,all", show_default=True,
               help="Training-set sizes (capped at the train split's size).")
 @click.option("--seeds", type=click.IntRange(1), default=3, show_default=True, help="Subsamples per size.")

@@ -6,10 +6,17 @@ The exported ``.keras`` file holds, in one graph::
       -> BasePreprocess (the base's own preprocess_input) -> frozen base + pooling
       -> head -> Probabilities: float32[N, K] (K = number of classes, also for two classes)
 
+A head fitted on fused features (several ``--features`` files: other bases, or the same
+base at other input sizes) becomes one branch per file, concatenated in the head's order.
+Branches at the same input size share one image input; a model whose branches need
+several sizes takes one input per size, named ``image_<size>``, so that each branch sees
+the image resized exactly as at extraction (``tlpipe predict`` feeds them).
+
 Heads: ``dense`` reuses the saved Keras head; ``logistic`` folds the StandardScaler into
 one Dense layer + softmax (equal to scikit-learn's ``predict_proba`` up to float32
-rounding); ``svm`` and ``knn`` become the custom layers ``CalibratedLinearSVC`` and
-``KnnProba`` that reproduce scikit-learn's ``predict_proba``.
+rounding); ``svm``, ``rbf-svm`` and ``knn`` become the custom layers
+``CalibratedLinearSVC``, ``CalibratedRbfSVC`` and ``KnnProba`` that reproduce
+scikit-learn's ``predict_proba``.
 
 Class names and provenance live in the config of the last layer (named
 ``probabilities``, class ``tlpipe>Probabilities``), so the single file is
@@ -22,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +67,24 @@ class Probabilities(keras.layers.Layer):
         return {**super().get_config(), "class_names": self.class_names, "metadata": self.metadata}
 
 
+def _calibrated_proba(d, slope, offset, n_folds: int, n_columns: int, binary: bool, class_index: list[int],
+                      n_classes: int):
+    """scikit-learn's sigmoid calibration of decision values ``d`` [N, folds * columns]."""
+    ops = keras.ops
+    p = ops.sigmoid(-(slope * d + offset))
+    p = ops.reshape(p, (-1, n_folds, n_columns))
+    if binary:
+        p = ops.concatenate([1.0 - p, p], axis=-1)
+    else:
+        s = ops.sum(p, axis=-1, keepdims=True)
+        p = ops.where(s > 0, p / ops.where(s > 0, s, 1.0), 1.0 / n_columns)
+    p = ops.mean(p, axis=1)  # [N, C'] over the classes the folds saw
+    scatter = np.zeros((p.shape[-1], n_classes), dtype="float64")
+    for j, k in enumerate(class_index):
+        scatter[j, k] = 1.0
+    return ops.cast(ops.matmul(p, ops.convert_to_tensor(scatter)), "float32")
+
+
 @keras.saving.register_keras_serializable(package="tlpipe")
 class CalibratedLinearSVC(keras.layers.Layer):
     """scikit-learn ``CalibratedClassifierCV(LinearSVC, method="sigmoid")`` after a StandardScaler.
@@ -84,21 +110,10 @@ class CalibratedLinearSVC(keras.layers.Layer):
                                       dtype="float64")
 
     def call(self, inputs):
-        ops = keras.ops
-        x = ops.cast(inputs, "float64")
-        d = ops.matmul(x, self.kernel) + self.bias
-        p = ops.sigmoid(-(self.slope * d + self.offset))
-        p = ops.reshape(p, (-1, self.n_folds, self.n_columns))
-        if self.binary:
-            p = ops.concatenate([1.0 - p, p], axis=-1)
-        else:
-            s = ops.sum(p, axis=-1, keepdims=True)
-            p = ops.where(s > 0, p / ops.where(s > 0, s, 1.0), 1.0 / self.n_columns)
-        p = ops.mean(p, axis=1)  # [N, C'] over the classes the folds saw
-        scatter = np.zeros((p.shape[-1], self.n_classes), dtype="float64")
-        for j, k in enumerate(self.class_index):
-            scatter[j, k] = 1.0
-        return ops.cast(ops.matmul(p, ops.convert_to_tensor(scatter)), "float32")
+        x = keras.ops.cast(inputs, "float64")
+        d = keras.ops.matmul(x, self.kernel) + self.bias
+        return _calibrated_proba(d, self.slope, self.offset, self.n_folds, self.n_columns, self.binary,
+                                 self.class_index, self.n_classes)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.n_classes)
@@ -106,6 +121,74 @@ class CalibratedLinearSVC(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "n_features": self.n_features, "n_folds": self.n_folds,
                 "n_columns": self.n_columns, "n_classes": self.n_classes, "binary": self.binary,
+                "class_index": self.class_index}
+
+
+@keras.saving.register_keras_serializable(package="tlpipe")
+class CalibratedRbfSVC(keras.layers.Layer):
+    """scikit-learn ``CalibratedClassifierCV(SVC(kernel="rbf"), method="sigmoid", ensemble=False)``
+    after a StandardScaler.
+
+    ``k = exp(-gamma * |z - sv|^2)`` with ``z`` the standardised input; one decision value
+    per class pair, ``k @ pair_coef + pair_bias`` (libsvm's one-vs-one); two classes use it
+    as is, more classes turn the pairs into scikit-learn's one-vs-rest votes + confidences;
+    then the sigmoid calibration, as ``CalibratedLinearSVC``.  Computed in float64.
+    """
+
+    def __init__(self, n_features: int, n_support: int, n_classes: int, classes_seen: int, gamma: float,
+                 class_index: list[int], **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.n_features, self.n_support, self.n_classes = int(n_features), int(n_support), int(n_classes)
+        self.classes_seen, self.gamma, self.class_index = int(classes_seen), float(gamma), list(class_index)
+        c = self.classes_seen
+        self.n_pairs = 1 if c == 2 else c * (c - 1) // 2
+        self.n_columns = 1 if c == 2 else c
+
+        def weight(name, shape):
+            return self.add_weight(shape=shape, initializer="zeros", trainable=False, name=name, dtype="float64")
+
+        self.mean, self.scale = weight("mean", (self.n_features,)), weight("scale", (self.n_features,))
+        self.support = weight("support", (self.n_support, self.n_features))
+        self.pair_coef = weight("pair_coef", (self.n_support, self.n_pairs))
+        self.pair_bias = weight("pair_bias", (self.n_pairs,))
+        self.slope, self.offset = weight("slope", (self.n_columns,)), weight("offset", (self.n_columns,))
+
+    def call(self, inputs):
+        ops = keras.ops
+        z = (ops.cast(inputs, "float64") - self.mean) / self.scale
+        sq = (ops.sum(z * z, axis=-1, keepdims=True) - 2.0 * ops.matmul(z, ops.transpose(self.support))
+              + ops.sum(self.support * self.support, axis=-1)[None, :])
+        k = ops.exp(-self.gamma * ops.maximum(sq, 0.0))
+        d = ops.matmul(k, self.pair_coef) + self.pair_bias  # [N, pairs]
+        if self.classes_seen > 2:
+            d = self._ovr(d)
+        return _calibrated_proba(d, self.slope, self.offset, 1, self.n_columns, self.classes_seen == 2,
+                                 self.class_index, self.n_classes)
+
+    def _ovr(self, d):
+        """scikit-learn's ``_ovr_decision_function(d < 0, -d, C)``: votes + confidences / (3 (|c| + 1))."""
+        ops = keras.ops
+        c = self.classes_seen
+        plus, minus = np.zeros((self.n_pairs, c)), np.zeros((self.n_pairs, c))
+        p = 0
+        for i in range(c):
+            for j in range(i + 1, c):
+                plus[p, i], minus[p, j] = 1.0, 1.0
+                p += 1
+        plus, minus = ops.convert_to_tensor(plus), ops.convert_to_tensor(minus)
+        win = ops.cast(d >= 0, "float64")  # libsvm: d >= 0 votes for the first class of the pair
+        lose = 1.0 - win
+        votes = ops.matmul(win, plus) + ops.matmul(lose, minus)
+        conf = ops.matmul(d, plus) - ops.matmul(d, minus)
+        return votes + conf / (3.0 * (ops.abs(conf) + 1.0))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.n_classes)
+
+    def get_config(self):
+        return {**super().get_config(), "n_features": self.n_features, "n_support": self.n_support,
+                "n_classes": self.n_classes, "classes_seen": self.classes_seen, "gamma": self.gamma,
                 "class_index": self.class_index}
 
 
@@ -151,7 +234,7 @@ class KnnProba(keras.layers.Layer):
                 "n_classes": self.n_classes, "k": self.k}
 
 
-EXPORTABLE_HEADS = ("logistic", "dense", "svm", "knn")
+EXPORTABLE_HEADS = ("logistic", "dense", "svm", "rbf-svm", "knn")
 
 
 @dataclass
@@ -174,19 +257,22 @@ def _head_info(folder: Path) -> tuple[Path, dict[str, Any]]:
     return model_dir, json.loads(meta.read_text())
 
 
-def _features_attrs(info: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
+def _features_attrs(info: dict[str, Any], cache_dir: Path) -> list[dict[str, Any]]:
+    """The attributes of every features file the head was fitted on, in the head's order."""
     from pipeline.features import read_attrs, resolve_features_path
 
     paths = info.get("features") or []
-    if len(paths) != 1:
-        raise UsageError(f"export supports heads fitted on one features file; this head fuses {len(paths)} "
-                         f"({', '.join(map(str, paths))}): a fused head needs several bases in one model")
-    try:
-        path = resolve_features_path(paths[0], cache_dir)
-    except FeaturesFileError as exc:
-        raise FeaturesFileError(f"the head's features file is needed for export (base, input size, "
-                                f"pooling, weights): {exc}") from None
-    return read_attrs(path)
+    if not paths:
+        raise UsageError("the head records no features file; refit it with 'tlpipe fit-head'")
+    out = []
+    for path in paths:
+        try:
+            resolved = resolve_features_path(path, cache_dir)
+        except FeaturesFileError as exc:
+            raise FeaturesFileError(f"the head's features files are needed for export (base, input size, "
+                                    f"pooling, weights): {exc}") from None
+        out.append(read_attrs(resolved))
+    return out
 
 
 def _logistic_layers(model, n_classes: int, dim: int):
@@ -237,6 +323,43 @@ def _svm_layer(model, n_classes: int, dim: int):
     return layer
 
 
+def _rbf_svm_layer(model, n_classes: int, dim: int):
+    scaler, cal = model.steps[0][1], model.steps[-1][1]
+    if len(cal.calibrated_classifiers_) != 1:
+        raise UsageError("export of the rbf-svm head expects one calibrated SVM (ensemble=False)")
+    cc = cal.calibrated_classifiers_[0]
+    svc = cc.estimator
+    if cc.method != "sigmoid" or svc.kernel != "rbf":
+        raise UsageError(f"export of the rbf-svm head supports an RBF kernel with sigmoid calibration, "
+                         f"not {svc.kernel} / {cc.method}")
+    if list(svc.classes_) != list(cal.classes_):
+        raise UsageError("export of the rbf-svm head: the SVM saw fewer classes than the head")
+    sv = np.asarray(svc.support_vectors_, np.float64)
+    dual, icpt = np.asarray(svc.dual_coef_, np.float64), np.asarray(svc.intercept_, np.float64)
+    c = len(svc.classes_)
+    if c == 2:  # scikit-learn's public dual_coef_/intercept_ already give d > 0 for classes_[1]
+        pair_coef, pair_bias = dual.T, icpt
+    else:  # libsvm one-vs-one: pair (i, j) uses class i's vectors with row j-1, class j's with row i
+        starts = np.concatenate([[0], np.cumsum(svc.n_support_)])
+        pair_coef = np.zeros((len(sv), c * (c - 1) // 2))
+        p = 0
+        for i in range(c):
+            for j in range(i + 1, c):
+                pair_coef[starts[i]:starts[i + 1], p] = dual[j - 1, starts[i]:starts[i + 1]]
+                pair_coef[starts[j]:starts[j + 1], p] = dual[i, starts[j]:starts[j + 1]]
+                p += 1
+        pair_bias = icpt
+    gamma = float(svc._gamma)
+    layer = CalibratedRbfSVC(dim, len(sv), n_classes, c, gamma, [int(k) for k in cal.classes_], name="rbf_svm")
+    mean = scaler.mean_ if scaler.mean_ is not None else np.zeros(dim)
+    scale = scaler.scale_ if scaler.scale_ is not None else np.ones(dim)
+    layer.set_weights([np.asarray(mean, np.float64), np.asarray(scale, np.float64), sv, pair_coef,
+                       np.asarray(pair_bias, np.float64),
+                       np.array([cal_.a_ for cal_ in cc.calibrators], np.float64).ravel(),
+                       np.array([cal_.b_ for cal_ in cc.calibrators], np.float64).ravel()])
+    return layer
+
+
 def _knn_layer(model, n_classes: int, dim: int):
     knn = model.steps[-1][1]
     X = np.asarray(knn._fit_X, np.float64)
@@ -246,63 +369,106 @@ def _knn_layer(model, n_classes: int, dim: int):
     return layer
 
 
-def build_export_model(head_dir: str | Path, base: str | None = None, weights: str | None = None,
-                       cache_dir: str | Path = "cache"):
-    """Build (not save) the image -> probabilities model for a fitted head."""
+@dataclass
+class _Branch:
+    base: str
+    size: int
+    pooling: str
+    model: Any
+    weights: Any  # WeightsInfo
+
+
+def _build_branch(attrs: dict[str, Any], weights: str | None, index: int, fused: bool) -> _Branch:
+    """The frozen base (with the weights the features were extracted with) for one features file."""
     from pipeline.backbones import get_backbone
-    from pipeline.heads import load_head
-    from pipeline.model import BasePreprocess
     from pipeline.weights import build_with_weights, parse_weights, sha256_file
 
-    model_dir, info = _head_info(Path(head_dir))
-    name = info["head"]
-    if name not in EXPORTABLE_HEADS:
-        raise UsageError(f"export supports the heads {', '.join(EXPORTABLE_HEADS)}, not '{name}'")
-    attrs = _features_attrs(info, Path(cache_dir))
     backbone = get_backbone(attrs["base"])
-    if base is not None and get_backbone(base).name != backbone.name:
-        raise UsageError(f"--base {base} does not match the head, which was fitted on {backbone.name} features")
     size, pooling = int(attrs["input_size"]), str(attrs.get("pooling", "avg"))
     recorded = str(attrs.get("weights", "imagenet"))
     spec = weights if weights is not None else recorded
     resolved = parse_weights(spec, backbone)
     want_sha = str(attrs.get("weights_sha256") or "")
     if isinstance(resolved, Path) and want_sha and sha256_file(resolved) != want_sha:
-        raise UsageError(f"weights {resolved} differ from the ones the features were extracted with "
-                         f"(sha256 {want_sha[:12]}...); the head would see different features")
+        raise UsageError(f"weights {resolved} differ from the ones the {backbone.name} features were extracted "
+                         f"with (sha256 {want_sha[:12]}...); the head would see different features")
     if (resolved is None) != (recorded == "none"):
         raise UsageError(f"--weights {spec} does not match the features file, extracted with weights {recorded}")
+    rng_state = random.getstate()
+    random.seed(0)  # as extract: --weights none gives the same random base
+    try:
+        model, winfo = build_with_weights(backbone, resolved, size, pooling)
+    finally:
+        random.setstate(rng_state)
+    if int(model.output_shape[-1]) != int(attrs["feature_size"]):
+        raise UsageError(f"{backbone.name} gives {model.output_shape[-1]} features but its features file has "
+                         f"{attrs['feature_size']}")
+    if fused:
+        model.name = f"branch{index}_{model.name}"
+    return _Branch(backbone.name, size, pooling, model, winfo)
+
+
+def build_export_model(head_dir: str | Path, base: str | None = None, weights: str | None = None,
+                       cache_dir: str | Path = "cache"):
+    """Build (not save) the image -> probabilities model for a fitted head.
+
+    One features file: one ``image`` input.  Fused features: one branch per file; one input
+    per distinct input size (``image`` if they all share one, else ``image_<size>``).
+    """
+    from pipeline.backbones import get_backbone
+    from pipeline.heads import load_head
+    from pipeline.model import BasePreprocess
+
+    model_dir, info = _head_info(Path(head_dir))
+    name = info["head"]
+    if name not in EXPORTABLE_HEADS:
+        raise UsageError(f"export supports the heads {', '.join(EXPORTABLE_HEADS)}, not '{name}'")
+    all_attrs = _features_attrs(info, Path(cache_dir))
+    fused = len(all_attrs) > 1
+    head_bases = [get_backbone(a["base"]).name for a in all_attrs]
+    if base is not None and get_backbone(base).name not in head_bases:
+        raise UsageError(f"--base {base} does not match the head, which was fitted on "
+                         f"{' + '.join(head_bases)} features")
 
     classes = list(info["classes"])
     k, dim = len(classes), int(info["feature_size"])
     head = load_head(model_dir)
+    branches = [_build_branch(a, weights, i, fused) for i, a in enumerate(all_attrs)]
+    if sum(int(b.model.output_shape[-1]) for b in branches) != dim:
+        raise UsageError(f"the bases give {sum(int(b.model.output_shape[-1]) for b in branches)} features "
+                         f"but the head expects {dim}")
 
-    rng_state = random.getstate()
-    random.seed(0)  # as extract: --weights none gives the same random base
-    try:
-        base_model, winfo = build_with_weights(backbone, resolved, size, pooling)
-    finally:
-        random.setstate(rng_state)
-    if int(base_model.output_shape[-1]) != dim:
-        raise UsageError(f"the base gives {base_model.output_shape[-1]} features but the head expects {dim}")
-
-    inputs = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
-    x = keras.layers.Resizing(size, size, interpolation="bilinear", name="resize")(inputs)
-    x = BasePreprocess(backbone.name, name="preprocess")(x)
-    x = base_model(x, training=False)
+    sizes = sorted({b.size for b in branches}, key=[b.size for b in branches].index)
+    inputs = {s: keras.Input(shape=(None, None, 3), dtype="uint8",
+                             name="image" if len(sizes) == 1 else f"image_{s}") for s in sizes}
+    pooled = []
+    for i, b in enumerate(branches):
+        suffix = f"_{i}" if fused else ""
+        x = keras.layers.Resizing(b.size, b.size, interpolation="bilinear", name=f"resize{suffix}")(inputs[b.size])
+        x = BasePreprocess(b.base, name=f"preprocess{suffix}")(x)
+        pooled.append(b.model(x, training=False))
+    x = keras.layers.Concatenate(name="fuse")(pooled) if fused else pooled[0]
     if name == "dense":
         x = head.model(x, training=False)
     elif name == "logistic":
         x = _logistic_layers(head.model, k, dim)(x)
     elif name == "svm":
         x = _svm_layer(head.model, k, dim)(x)
+    elif name == "rbf-svm":
+        x = _rbf_svm_layer(head.model, k, dim)(x)
     else:
         x = _knn_layer(head.model, k, dim)(x)
-    metadata = {"base": backbone.name, "input_size": size, "pooling": pooling, "weights": winfo.label,
-                "weights_sha256": winfo.sha256, "head": name, "head_dir": str(head_dir),
+    first = branches[0]
+    metadata = {"base": " + ".join(b.base for b in branches), "input_size": first.size, "input_sizes": sizes,
+                "pooling": first.pooling, "weights": first.weights.label, "weights_sha256": first.weights.sha256,
+                "branches": [{"base": b.base, "input_size": b.size, "pooling": b.pooling,
+                              "weights": b.weights.label, "weights_sha256": b.weights.sha256} for b in branches],
+                "head": name, "head_dir": str(head_dir),
                 "features": info.get("features"), "fingerprints": info.get("fingerprints")}
     outputs = Probabilities(classes, metadata, name=OUTPUT_LAYER)(x)
-    model = keras.Model(inputs, outputs, name=f"tlpipe_{backbone.name}_{name}".replace(".", "_"))
+    model_name = "_".join(["tlpipe", *dict.fromkeys(b.base for b in branches), name])
+    model = keras.Model(list(inputs.values()) if len(sizes) > 1 else inputs[sizes[0]], outputs,
+                        name=re.sub(r"[^A-Za-z0-9_]", "_", model_name))
     model.trainable = False
     return model
 

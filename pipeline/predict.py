@@ -3,6 +3,7 @@
 Images are decoded with ``pipeline.images.decode_image`` at the base's input size (the
 same decode and resize as extraction, so the exported model reproduces the head's
 predictions on cached features); the model's own Resizing layer is then the identity.
+A model fused from bases at several input sizes gets the image decoded at each size.
 Unreadable files are reported with their reason and do not stop the run.
 """
 
@@ -77,12 +78,13 @@ def predict(model_path: str | Path, inputs: list[str | Path], batch_size: int = 
     if not files:
         raise UsageError("no images given (pass image files or folders)")
     model, meta = load_exported(model_path)
-    size = int(meta["input_size"])
+    # one input per input size (fused bases at several sizes): each sees the image resized as at extraction
+    sizes = [int(s) for s in meta.get("input_sizes") or [meta["input_size"]]]
     result = PredictResult(class_names=meta["class_names"])
 
     def decode(path: Path):
         try:
-            return decode_image(path, size), None
+            return [decode_image(path, size) for size in sizes], None
         except DecodeError as exc:
             return None, str(exc)
         except OSError as exc:
@@ -100,7 +102,8 @@ def predict(model_path: str | Path, inputs: list[str | Path], batch_size: int = 
                     arrays.append(arr)
             if not arrays:
                 continue
-            proba = np.asarray(model.predict_on_batch(np.stack(arrays)), dtype=np.float64)
+            batch = [np.stack([a[i] for a in arrays]) for i in range(len(sizes))]
+            proba = np.asarray(model.predict_on_batch(batch if len(sizes) > 1 else batch[0]), dtype=np.float64)
             for path, p in zip(good, proba):
                 k = int(p.argmax())
                 result.rows.append({"path": str(path), "class": result.class_names[k],

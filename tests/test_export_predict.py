@@ -83,7 +83,7 @@ def _export_and_compare(data, head, tmp_path):
     return model, out, folder
 
 
-@pytest.mark.parametrize("head", ["logistic", "dense", "svm", "knn"])
+@pytest.mark.parametrize("head", ["logistic", "dense", "svm", "rbf-svm", "knn"])
 def test_export_round_trip_matches_cached_head(colours, head, tmp_path):
     model, out, folder = _export_and_compare(colours, head, tmp_path)
     layer = model.get_layer("probabilities")
@@ -95,10 +95,61 @@ def test_export_round_trip_matches_cached_head(colours, head, tmp_path):
     np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
 
 
-@pytest.mark.parametrize("head", ["logistic", "dense"])
+@pytest.mark.parametrize("head", ["logistic", "dense", "rbf-svm"])
 def test_export_binary_gives_two_columns(two_colours, head, tmp_path):
     model, _, _ = _export_and_compare(two_colours, head, tmp_path)
     assert model.output_shape[-1] == 2
+
+
+def test_rbf_svm_export_layer_matches_sklearn_decisions(colours):
+    """The one-vs-one to one-vs-rest rewrite inside CalibratedRbfSVC is scikit-learn's, not just close."""
+    from pipeline.export import _rbf_svm_layer
+
+    root, cache, features = colours
+    with h5py.File(features, "r") as h5:
+        X, y = h5["train"]["features"][...], h5["train"]["labels"][...]
+    head = load_head(fit_head(FitConfig(features=[str(features)], head="rbf-svm", cache_dir=cache,
+                                        out=Path(cache) / "rbf3")))
+    layer = _rbf_svm_layer(head.model, 3, X.shape[1])
+    probe = np.concatenate([X, X[:5] * 1.7, X[:5][::-1] * 0.3])
+    np.testing.assert_allclose(np.asarray(layer(probe)), head.predict_proba(probe), atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["rbf-svm", "logistic"])
+def test_export_fused_sizes_and_bases(colours, head, tmp_path):
+    """A head on fused features exports as one model: one branch per features file, one image input
+    per input size; 'tlpipe predict' feeds each input and matches the head on the cached features."""
+    import keras
+
+    from pipeline.predict import predict
+
+    root, cache, f32 = colours
+    f40 = extract(ExtractConfig(base=BASE, data=str(root), weights="none", input_size=40, batch_size=8,
+                                cache_dir=cache, out=Path(cache) / "features" / f"{BASE}_40.h5", progress=False))
+    f32b = extract(ExtractConfig(base="mobilenet_0.25", data=str(root), weights="none", input_size=32, batch_size=8,
+                                 cache_dir=cache, progress=False))
+    for files, inputs in (([f32, f40], ["image_32", "image_40"]), ([f32, f32b], ["image"])):
+        folder = fit_head(FitConfig(features=[str(f) for f in files], head=head, cache_dir=cache,
+                                    out=tmp_path / f"{head}-{len(inputs)}", params=HeadParams(k_grid=(1, 5))))
+        out = tmp_path / f"fused{len(inputs)}.keras"
+        r = CliRunner().invoke(cli, ["export", "--head", str(folder), "--out", str(out), "--weights", "none",
+                                     "--cache-dir", str(cache)], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        model = keras.saving.load_model(out)
+        assert [t.name for t in model.inputs] == inputs
+        Xs = []
+        for f in files:
+            with h5py.File(f, "r") as h5:
+                Xs.append(h5["val"]["features"][...])
+                ids = list(h5["val"]["ids"].asstr()[...])
+        expected = load_head(folder).predict_proba(np.concatenate(Xs, 1))
+        result = predict(out, [root / i for i in ids])
+        got = np.array([[row["probabilities"][c] for c in result.class_names] for row in result.rows])
+        assert (got.argmax(1) == expected.argmax(1)).all()
+        np.testing.assert_allclose(got, expected, atol=1e-3)
+    r = CliRunner().invoke(cli, ["export", "--head", str(folder), "--out", str(tmp_path / "x.keras"),
+                                 "--base", "resnet50", "--weights", "none", "--cache-dir", str(cache)])
+    assert r.exit_code == 2 and "vgg16 + mobilenet_0.25" in r.output
 
 
 def test_export_errors(colours, tmp_path):

@@ -85,7 +85,7 @@ def test_split_is_deterministic_and_stable(colour_features, tmp_path):
             np.testing.assert_array_equal(a[split]["features"][...], b[split]["features"][...])
 
 
-@pytest.mark.parametrize("head", ["logistic", "dense"])
+@pytest.mark.parametrize("head", ["logistic", "dense", "svm", "rbf-svm", "knn"])
 def test_heads_learn_a_learnable_task(colour_features, head, tmp_path):
     root, cache, out = colour_features
     folder = fit_head(FitConfig(features=["vgg16.h5"], head=head, cache_dir=cache, out=tmp_path / head,
