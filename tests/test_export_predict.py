@@ -219,35 +219,41 @@ CATS_DOGS = SHARED / "data" / "cats_vs_dogs_small"
 @pytest.mark.slow
 @pytest.mark.skipif(not (WEIGHTS.is_file() and CATS_DOGS.is_dir()), reason="../shared data and weights absent")
 def test_acceptance_mobilenet_export_agrees(tmp_path):
-    """MobileNet-0.75, real weights, cats vs dogs: best head >= 0.99 val accuracy; the exported
-    model reproduces the head's predictions from the images (>= 99.9 %, probabilities within 1e-3)."""
+    """MobileNet-0.75, real weights, cats vs dogs: the best head reaches >= 0.99 val accuracy; the
+    exported model reproduces the head's predictions from the images (>= 99.9 %, within 1e-3).
+
+    The best head fuses the base's features at two input sizes (256 and 288: the 180 px photos
+    upscaled) and fits an RBF-kernel SVM; measured: rbf-svm 0.992, svm 0.987, logistic 0.985."""
     from pipeline.predict import predict
 
     cache = tmp_path / "cache"
-    features = extract(ExtractConfig(base="mobilenet_0.75", data=str(CATS_DOGS), weights=str(WEIGHTS.parent),
-                                     cache_dir=cache, progress=False))
-    accuracy = {}
-    for head in ("logistic", "svm", "dense"):
-        folder = fit_head(FitConfig(features=[str(features)], head=head, cache_dir=cache))
-        accuracy[head] = json.loads((folder / "metrics.json").read_text())["val"]["accuracy"]
+    files = [extract(ExtractConfig(base="mobilenet_0.75", data=str(CATS_DOGS), weights=str(WEIGHTS.parent),
+                                   input_size=size, out=cache / "features" / f"mobilenet_0.75_{size}.h5",
+                                   cache_dir=cache, progress=False)) for size in (256, 288)]
+    accuracy, folders = {}, {}
+    for head in ("logistic", "svm", "rbf-svm"):
+        folders[head] = fit_head(FitConfig(features=[str(f) for f in files], head=head, cache_dir=cache))
+        accuracy[head] = json.loads((folders[head] / "metrics.json").read_text())["val"]["accuracy"]
     print("val accuracy per head:", accuracy)
     best = max(accuracy, key=accuracy.get)
+    assert accuracy[best] >= 0.99, accuracy
 
-    folder = cache / "heads" / f"mobilenet_0.75-{best}"
+    folder = folders[best]
     model = tmp_path / "model.keras"
     assert CliRunner().invoke(cli, ["export", "--head", str(folder), "--out", str(model), "--cache-dir",
                                     str(cache)], catch_exceptions=False).exit_code == 0
-    with h5py.File(features, "r") as h5:
-        X = h5["val"]["features"][...]
-        ids = list(h5["val"]["ids"].asstr()[...])
-    expected = load_head(folder).predict_proba(X)
+    Xs = []
+    for f in files:
+        with h5py.File(f, "r") as h5:
+            Xs.append(h5["val"]["features"][...])
+            ids = list(h5["val"]["ids"].asstr()[...])
+    expected = load_head(folder).predict_proba(np.concatenate(Xs, 1))
     result = predict(model, [CATS_DOGS / i for i in ids], batch_size=64)
     assert not result.failed
+    assert [Path(r["path"]).relative_to(CATS_DOGS).as_posix() for r in result.rows] == ids
     got = np.array([[r["probabilities"][c] for c in result.class_names] for r in result.rows])
     same = float((got.argmax(1) == expected.argmax(1)).mean())
     diff = float(np.abs(got - expected).max())
     within = float((np.abs(got - expected).max(1) <= 1e-3).mean())
     print(f"export agreement ({best}): same class {same:.4%}, max |dp| {diff:.2e}, within 1e-3 {within:.4%}")
     assert same >= 0.999 and within >= 0.999
-    if accuracy[best] < 0.99:  # measured 2025: logistic 0.985, svm 0.987, dense 0.98 -- the bar is not met yet
-        pytest.xfail(f"issue-5 bar: best head val accuracy {accuracy[best]:.4f} < 0.99 ({accuracy})")
