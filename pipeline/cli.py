@@ -152,7 +152,8 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
 
 @cli.command("fit-head")
 @click.option("--features", "features", multiple=True, required=True,
-              help="Features file (path or bare name in CACHE/features). Repeat to fuse several bases.")
+              help="Features file (path or bare name in CACHE/features). Repeat to fuse several files "
+                   "(other bases, or one base at other input sizes).")
 @click.option("--head", default="logistic", show_default=True, help="logistic, dense, svm, rbf-svm or knn.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: CACHE/heads/FEATURES-HEAD].")
@@ -208,12 +209,16 @@ def manifest_cmd(data, split, tfds_data_dir, out) -> None:
 @click.option("--head", "head_dir", type=click.Path(path_type=Path), required=True,
               help="A fitted head folder (CACHE/heads/FEATURES-HEAD).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output .keras file.")
-@click.option("--base", default=None, help="Base name; must match the head's [default: the head's base].")
+@click.option("--base", default=None,
+              help="Base name; must be the head's (one of them if fused) [default: the head's bases].")
 @click.option("--weights", default=None,
               help="imagenet, none, a weights file or a folder [default: as recorded in the features file].")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
 def export_cmd(head_dir, out, base, weights, cache_dir) -> None:
-    """One Keras model: uint8 image (any size) in, class probabilities [N, K] out."""
+    """One Keras model: uint8 image (any size) in, class probabilities [N, K] out.
+
+    A head on fused features gets one branch per features file, and one image input per
+    input size when the branches need several ('tlpipe predict' feeds them)."""
     from pipeline.export import ExportConfig, export_model
 
     path = export_model(ExportConfig(head=head_dir, out=out, base=base, weights=weights, cache_dir=cache_dir))
