@@ -62,6 +62,24 @@ def _val(root: Path, features: Path):
     return X, ids, images
 
 
+def _head_and_predict(folder: Path, files: list[Path], model: Path, root: Path, **kwargs):
+    """The head's probabilities on the cached val features (files fused in order) and what
+    'predict' gives from the val images with the exported model: (expected, got, ids, result)."""
+    from pipeline.predict import predict
+
+    Xs, ids = [], None
+    for f in files:
+        with h5py.File(f, "r") as h5:
+            Xs.append(h5["val"]["features"][...])
+            these = list(h5["val"]["ids"].asstr()[...])
+        assert ids is None or these == ids
+        ids = these
+    expected = load_head(folder).predict_proba(np.concatenate(Xs, 1))
+    result = predict(model, [root / i for i in ids], **kwargs)
+    got = np.array([[row["probabilities"][c] for c in result.class_names] for row in result.rows])
+    return expected, got, ids, result
+
+
 def _export_and_compare(data, head, tmp_path):
     import keras
 
@@ -121,8 +139,6 @@ def test_export_fused_sizes_and_bases(colours, head, tmp_path):
     per input size; 'tlpipe predict' feeds each input and matches the head on the cached features."""
     import keras
 
-    from pipeline.predict import predict
-
     root, cache, f32 = colours
     f40 = extract(ExtractConfig(base=BASE, data=str(root), weights="none", input_size=40, batch_size=8,
                                 cache_dir=cache, out=Path(cache) / "features" / f"{BASE}_40.h5", progress=False))
@@ -137,14 +153,7 @@ def test_export_fused_sizes_and_bases(colours, head, tmp_path):
         assert r.exit_code == 0, r.output
         model = keras.saving.load_model(out)
         assert [t.name for t in model.inputs] == inputs
-        Xs = []
-        for f in files:
-            with h5py.File(f, "r") as h5:
-                Xs.append(h5["val"]["features"][...])
-                ids = list(h5["val"]["ids"].asstr()[...])
-        expected = load_head(folder).predict_proba(np.concatenate(Xs, 1))
-        result = predict(out, [root / i for i in ids])
-        got = np.array([[row["probabilities"][c] for c in result.class_names] for row in result.rows])
+        expected, got, _, _ = _head_and_predict(folder, files, out, root)
         assert (got.argmax(1) == expected.argmax(1)).all()
         np.testing.assert_allclose(got, expected, atol=1e-3)
     r = CliRunner().invoke(cli, ["export", "--head", str(folder), "--out", str(tmp_path / "x.keras"),
@@ -224,8 +233,6 @@ def test_acceptance_mobilenet_export_agrees(tmp_path):
 
     The best head fuses the base's features at two input sizes (256 and 288: the 180 px photos
     upscaled) and fits an RBF-kernel SVM; measured: rbf-svm 0.992, svm 0.987, logistic 0.985."""
-    from pipeline.predict import predict
-
     cache = tmp_path / "cache"
     files = [extract(ExtractConfig(base="mobilenet_0.75", data=str(CATS_DOGS), weights=str(WEIGHTS.parent),
                                    input_size=size, out=cache / "features" / f"mobilenet_0.75_{size}.h5",
@@ -242,16 +249,9 @@ def test_acceptance_mobilenet_export_agrees(tmp_path):
     model = tmp_path / "model.keras"
     assert CliRunner().invoke(cli, ["export", "--head", str(folder), "--out", str(model), "--cache-dir",
                                     str(cache)], catch_exceptions=False).exit_code == 0
-    Xs = []
-    for f in files:
-        with h5py.File(f, "r") as h5:
-            Xs.append(h5["val"]["features"][...])
-            ids = list(h5["val"]["ids"].asstr()[...])
-    expected = load_head(folder).predict_proba(np.concatenate(Xs, 1))
-    result = predict(model, [CATS_DOGS / i for i in ids], batch_size=64)
+    expected, got, ids, result = _head_and_predict(folder, files, model, CATS_DOGS, batch_size=64)
     assert not result.failed
     assert [Path(r["path"]).relative_to(CATS_DOGS).as_posix() for r in result.rows] == ids
-    got = np.array([[r["probabilities"][c] for c in result.class_names] for r in result.rows])
     same = float((got.argmax(1) == expected.argmax(1)).mean())
     diff = float(np.abs(got - expected).max())
     within = float((np.abs(got - expected).max(1) <= 1e-3).mean())
