@@ -98,7 +98,9 @@ def bases_cmd(as_json: bool) -> None:
 @click.option("--limit", type=click.IntRange(0), default=0, help="At most this many images per split (0: all).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue an interrupted run from its last completed batch.")
-@click.option("--force", is_flag=True, help="Extract again even if the output is up to date.")
+@click.option("--force", is_flag=True,
+              help="Extract again even if up to date, and replace an --out file made from other settings "
+                   "(without it, such a file is never replaced).")
 @click.option("--tfds-data-dir", default=None, help="tensorflow-datasets data folder.")
 @click.option("--mixed-precision", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="float16 compute (auto: on GPUs only); features are stored as float32.")
@@ -165,7 +167,11 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
 @click.option("--hidden", type=click.IntRange(1), default=256, show_default=True, help="Dense: hidden units.")
 @click.option("--dropout", type=click.FloatRange(0, 0.95), default=0.5, show_default=True)
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True)
-def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden, dropout, class_weight) -> None:
+@click.option("--force", is_flag=True,
+              help="Replace an --out head folder fitted from other features or parameters "
+                   "(without it, such a folder is never replaced).")
+def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden, dropout, class_weight,
+                 force) -> None:
     """Stage two: fit a head on cached features; write the head, metrics.json and history.csv."""
     from pipeline.fit_head import FitConfig, fit_head, summary
     from pipeline.heads import HeadParams, get_head
@@ -173,7 +179,8 @@ def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden,
     get_head(head)
     params = HeadParams(seed=seed, epochs=epochs, patience=patience, hidden=hidden, dropout=dropout,
                         class_weight=None if class_weight == "none" else class_weight)
-    path = fit_head(FitConfig(features=list(features), head=head, out=out, cache_dir=cache_dir, params=params))
+    path = fit_head(FitConfig(features=list(features), head=head, out=out, cache_dir=cache_dir, params=params,
+                              force=force))
     click.echo(summary(path))
 
 

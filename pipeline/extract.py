@@ -160,9 +160,12 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
     from pipeline.weights import build_with_weights, known_weights
 
     known = known_weights(backbone, weights)  # identity of the weights without building the model
-    if known is not None and not cfg.force:
-        if _up_to_date(out, _fingerprint(backbone, *known, size, cfg.pooling, source)):
+    if known is not None:
+        fingerprint = _fingerprint(backbone, *known, size, cfg.pooling, source)
+        if not cfg.force and _up_to_date(out, fingerprint):
             return out  # nothing to do: not even TensorFlow is imported
+        # refuse before building anything when the run would replace a file made otherwise
+        _guard_existing(out, _settings(backbone, known[0], known[1], size, cfg, source, fingerprint), cfg.force)
 
     import keras
 
@@ -187,8 +190,11 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
     dim = int(model.output_shape[-1])
     preprocessing = f"keras.applications.{backbone.module}.preprocess_input"
     fingerprint = _fingerprint(backbone, winfo.kind, winfo.sha256, size, cfg.pooling, source)
-    if known is None and not cfg.force and _up_to_date(out, fingerprint):  # ImageNet weights just fetched
-        return out
+    if known is None:  # ImageNet weights just fetched: their identity is known only now
+        if not cfg.force and _up_to_date(out, fingerprint):
+            return out
+        _guard_existing(out, _settings(backbone, winfo.kind, winfo.sha256, size, cfg, source, fingerprint),
+                        cfg.force)
 
     partial = hidden_sibling(out, ".partial")
     ckpt = hidden_sibling(out, ".progress.json")
@@ -320,6 +326,52 @@ def _fingerprint(backbone, weights_kind: str, weights_sha256: str, size: int, po
         pooling=pooling, preprocessing=f"keras.applications.{backbone.module}.preprocess_input",
         source_fingerprint=source.fingerprint, split=source.split_spec, version=__version__,
     )
+
+
+def _settings(backbone, weights_kind: str, weights_sha256: str, size: int, cfg: ExtractConfig, source: Source,
+              fingerprint: str) -> dict:
+    """What a features file records about how it was made (compared with an existing file)."""
+    return {"base": backbone.name, "weights": weights_kind, "weights_sha256": weights_sha256,
+            "input_size": size, "pooling": cfg.pooling, "data_source": source.spec,
+            "split_spec": source.split_spec, "source_fingerprint": source.fingerprint,
+            "limit": cfg.limit or 0, "tlpipe_version": __version__, "fingerprint": fingerprint}
+
+
+_EXPLAIN = {"source_fingerprint": "the images listed", "weights_sha256": "weights file contents",
+            "split_spec": "split", "data_source": "data", "input_size": "input size",
+            "tlpipe_version": "tlpipe version"}
+
+
+def _guard_existing(out: Path, new: dict, force: bool) -> None:
+    """Refuse to replace an existing file made from other settings (unless --force, or DVC has it)."""
+    from pipeline.safety import check_replace
+
+    if not out.exists():
+        return
+    try:
+        old = read_attrs(out)
+    except Exception:  # noqa: BLE001 - not HDF5 at all
+        old = {}
+    if old.get("fingerprint") == new["fingerprint"]:
+        return  # same settings: re-extracting (--force) gives the same file
+    if "fingerprint" not in old:
+        changes = ["it is not a tlpipe features file"]
+    else:
+        changes = []
+        for key, value in new.items():
+            before = old.get(key, 0 if key == "limit" else None)
+            if key == "fingerprint" or str(before) == str(value):
+                continue
+            if key == "weights":
+                before = "file" if str(before) not in ("imagenet", "none") else before
+                if before == value:
+                    continue
+            if key in ("source_fingerprint", "weights_sha256"):
+                changes.append(f"{_EXPLAIN[key]} differ")
+            else:
+                changes.append(f"{_EXPLAIN.get(key, key)} {before} -> {value}")
+        changes = changes or ["fingerprint differs"]
+    check_replace(out, "features", changes, force)
 
 
 def _up_to_date(out: Path, fingerprint: str) -> bool:

@@ -42,10 +42,11 @@ def resolve_features_path(name: str | Path, cache_dir: str | Path = "cache") -> 
     if path.is_file():
         return path
     folder = Path(cache_dir) / "features"
-    candidates = [folder / path.name, folder / f"{path.name}.h5"]
-    for cand in candidates:
-        if cand.is_file():
-            return cand
+    # bare names: the CLI's own folder first, then the DVC pipeline's (cache/dvc/features)
+    for where in (folder, Path(cache_dir) / "dvc" / "features"):
+        for cand in (where / path.name, where / f"{path.name}.h5"):
+            if cand.is_file():
+                return cand
     have = sorted(p.name for p in folder.glob("*.h5")) if folder.is_dir() else []
     hint = f"; available in {folder}: {', '.join(have)}" if have else f" (nothing in {folder}; run 'tlpipe extract' first)"
     raise FeaturesNotFound(f"features file not found: {name}{hint}")

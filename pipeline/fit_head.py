@@ -27,6 +27,7 @@ import numpy as np
 from pipeline import __version__
 from pipeline.features import FeatureSet, fuse, load_features, resolve_features_path
 from pipeline.heads import HeadParams, get_head
+from pipeline.safety import guard_head_folder, replace_dir
 from pipeline.util import write_json
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class FitConfig:
     out: Path | None = None  # default: <cache_dir>/heads/<features>-<head>
     cache_dir: Path = Path("cache")
     params: HeadParams = field(default_factory=HeadParams)
+    force: bool = False  # replace a head folder fitted from other features or parameters
 
     def output_dir(self, fs: FeatureSet) -> Path:
         if self.out:
@@ -123,6 +125,8 @@ def fit_head(cfg: FitConfig) -> Path:
 
         raise FeaturesFileError(f"the train split of {fs.name} has a single class; need at least two")
     out = cfg.output_dir(fs)
+    guard_head_folder(out, {"head": head_cls.name, "fingerprints": _fingerprints(fs),
+                            "params": asdict(cfg.params)}, cfg.force)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -178,9 +182,7 @@ def fit_head(cfg: FitConfig) -> Path:
                ["step", "param", "train_accuracy", "val_accuracy", "train_loss", "val_loss"])
     _write_csv(tmp / "predictions.csv", pred_rows, ["split", "id", "actual", "predicted", "probability"])
     _write_csv(tmp / "roc.csv", roc_rows, ["fpr", "tpr", "threshold"])
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_dir(tmp, out)  # the previous folder goes only once the new one is complete
     log.info("%s head on %s: val accuracy %.4f, fit %.2f s -> %s", head.name, fs.name,
              metrics["val"]["accuracy"], fit_seconds, out)
     return out

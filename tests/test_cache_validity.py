@@ -114,11 +114,17 @@ def test_extract_again_is_a_no_op_and_force_re_extracts(runs, caplog):
     assert read_attrs(copy)["fingerprint"] == attrs["fingerprint"]
 
 
-def test_changed_settings_re_extract_into_the_same_output(runs, caplog):
+def test_changed_settings_never_silently_replace_the_output(runs, caplog):
+    from pipeline.safety import OutputExists
+
     out = runs["tmp"] / "moving.h5"
     shutil.copy2(runs["ref"], out)
-    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+    before = out.read_bytes()
+    with pytest.raises(OutputExists, match=r"input size 32 -> 48.*--force"):
         _extract(data=str(runs["data"]), out=out, input_size=48)
+    assert out.read_bytes() == before
+    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+        _extract(data=str(runs["data"]), out=out, input_size=48, force=True)
     assert "up to date" not in caplog.text
     assert read_attrs(out)["fingerprint"] == read_attrs(runs["input_size"])["fingerprint"]
     assert read_attrs(out)["input_size"] == 48

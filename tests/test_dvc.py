@@ -43,10 +43,10 @@ def test_dvc_repro_then_nothing_to_do(tmp_path):
     first = _dvc("repro", cwd=work)
     assert first.returncode == 0, first.stdout + first.stderr
     for base in ("vgg16", "googlenet"):
-        assert (work / "cache/features" / f"{base}.h5").is_file()
+        assert (work / "cache/dvc/features" / f"{base}.h5").is_file()
         for head in ("logistic", "dense"):
-            assert (work / "cache/heads" / f"{base}-{head}" / "metrics.json").is_file()
-    assert "| vgg16 |" in (work / "cache/report.md").read_text()
+            assert (work / "cache/dvc/heads" / f"{base}-{head}" / "metrics.json").is_file()
+    assert "| vgg16 |" in (work / "cache/dvc/report.md").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in (work / "cache").rglob("*") if p.is_file()
               and p.name != "manifest.json"}
 
@@ -60,7 +60,7 @@ def test_dvc_repro_then_nothing_to_do(tmp_path):
 
     metrics = _dvc("metrics", "show", "--json", cwd=work)
     assert metrics.returncode == 0, metrics.stderr
-    assert "cache/heads/vgg16-logistic/metrics.json" in metrics.stdout and '"accuracy"' in metrics.stdout
+    assert "cache/dvc/heads/vgg16-logistic/metrics.json" in metrics.stdout and '"accuracy"' in metrics.stdout
 
     # a param of stage two only: extraction is not redone, heads are
     params["fit_head"]["seed"] = 1
@@ -69,4 +69,4 @@ def test_dvc_repro_then_nothing_to_do(tmp_path):
     assert third.returncode == 0, third.stderr
     assert "Running stage 'extract" not in third.stdout
     assert "Running stage 'fit_head@vgg16-logistic'" in third.stdout
-    assert json.loads((work / "cache/heads/vgg16-logistic/metrics.json").read_text())["head"] == "logistic"
+    assert json.loads((work / "cache/dvc/heads/vgg16-logistic/metrics.json").read_text())["head"] == "logistic"

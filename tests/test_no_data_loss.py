@@ -1,0 +1,198 @@
+"""Nothing a user made is lost: hand-run commands refuse to replace outputs made otherwise, and a
+failed or interrupted ``dvc repro`` / ``dvc exp run`` leaves every features file and head intact."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import make_folder
+from pipeline.cli import cli
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--weights", "none", "--input-size", "32", "--batch-size", "8", "--no-progress"]
+
+
+def _run(args, cwd=None):
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def _digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (features files and head folders)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+
+
+def test_hand_run_extract_never_replaces_a_file_made_otherwise(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=8)
+    out = tmp_path / "cache" / "features" / "mobilenet_0.25.h5"
+    first = _run(["extract", "--base", "mobilenet_0.25", "--data", str(data), "--cache-dir",
+                  str(tmp_path / "cache"), *TINY])
+    assert first.exit_code == 0, first.output
+    made = out.read_bytes()
+
+    # the issue's case: a --weights none --limit run on top of a real-weights file
+    again = _run(["extract", "--base", "mobilenet_0.25", "--data", str(data), "--cache-dir",
+                  str(tmp_path / "cache"), *TINY, "--limit", "4"])
+    assert again.exit_code == 2
+    lines = again.output.strip().splitlines()
+    assert len(lines) == 1 and "limit 0 -> 4" in lines[0] and "--force" in lines[0] and "--out" in lines[0]
+    assert out.read_bytes() == made
+    assert not list(out.parent.glob(".*partial*"))
+
+    # the same settings again: up to date, nothing touched
+    same = _run(["extract", "--base", "mobilenet_0.25", "--data", str(data), "--cache-dir",
+                 str(tmp_path / "cache"), *TINY])
+    assert same.exit_code == 0 and out.read_bytes() == made
+
+    forced = _run(["extract", "--base", "mobilenet_0.25", "--data", str(data), "--cache-dir",
+                   str(tmp_path / "cache"), *TINY, "--limit", "4", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert out.read_bytes() != made
+
+    # a file that is not a features file at all is never overwritten
+    precious = tmp_path / "notes.h5"
+    precious.write_text("my own notes")
+    other = _run(["extract", "--base", "mobilenet_0.25", "--data", str(data), "--out", str(precious), *TINY])
+    assert other.exit_code == 2 and "not a tlpipe features file" in other.output
+    assert precious.read_text() == "my own notes"
+
+
+def test_hand_run_fit_head_never_replaces_a_head_fitted_otherwise(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=8)
+    cache = tmp_path / "cache"
+    assert _run(["extract", "--base", "mobilenet_0.25", "--data", str(data), "--cache-dir", str(cache),
+                 *TINY]).exit_code == 0
+    head = cache / "heads" / "mobilenet_0.25-dense"
+    fit = ["fit-head", "--features", "mobilenet_0.25", "--head", "dense", "--cache-dir", str(cache),
+           "--epochs", "2"]
+    assert _run(fit).exit_code == 0
+    before = _digest(head)
+    refused = _run([*fit, "--hidden", "16"])
+    assert refused.exit_code == 2
+    assert "hidden 256 -> 16" in refused.output and "--force" in refused.output
+    assert _digest(head) == before
+    assert _run(fit).exit_code == 0  # same features and parameters: a refit is allowed
+    assert _run([*fit, "--hidden", "16", "--force"]).exit_code == 0
+    assert not list(head.parent.glob(".*"))  # no temporary or old folders left behind
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("do not delete")
+    other = _run([*fit, "--out", str(mine)])
+    assert other.exit_code == 2 and "not a tlpipe head folder" in other.output
+    assert (mine / "thesis.txt").read_text() == "do not delete"
+
+
+# ----------------------------------------------------------------------------- DVC
+
+
+def _dvc_env() -> dict[str, str]:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "DVC_NO_ANALYTICS": "1"}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _dvc(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=_dvc_env(), capture_output=True,
+                          text=True, timeout=600)
+
+
+def _tlpipe(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=_dvc_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A git + DVC project with the real dvc.yaml, one base (vgg16, random weights) and one head."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    data = make_folder(tmp_path / "images", per_class=12, size=(64, 48))
+    work = tmp_path / "proj"
+    work.mkdir()
+    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["source"] = str(data)
+    params["extract"].update(bases=["vgg16"], weights="none", input_size=32, batch_size=8)
+    params["fit_head"].update(heads=["logistic"], epochs=3, patience=2)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"]):
+        subprocess.run(cmd, cwd=work, check=True)
+    assert _dvc("init", "-q", cwd=work).returncode == 0
+    subprocess.run(["git", "add", "-A"], cwd=work, check=True)
+    subprocess.run(["git", "commit", "-qm", "init"], cwd=work, check=True)
+    return work, data, params
+
+
+def _snapshot(work: Path) -> dict[str, str]:
+    return {k: v for k, v in _digest(work / "cache").items() if not k.startswith("dvc/manifest")}
+
+
+@pytest.mark.slow
+def test_failed_or_interrupted_dvc_runs_keep_every_features_file_and_head(project):
+    work, data, params = project
+    # made by hand with the CLI's default paths, with other settings than params.yaml (input size 40)
+    assert _tlpipe("extract", "--base", "vgg16", "--data", str(data), "--weights", "none", "--input-size", "40",
+                   "--no-progress", cwd=work).returncode == 0
+    for head in ("logistic", "dense"):
+        r = _tlpipe("fit-head", "--features", "vgg16", "--head", head, "--epochs", "2", cwd=work)
+        assert r.returncode == 0, r.stderr
+    hand = _snapshot(work)
+
+    first = _dvc("repro", cwd=work)  # the pipeline owns cache/dvc/: nothing of the user's is touched
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (work / "cache/dvc/features/vgg16.h5").is_file() and (work / "cache/dvc/heads/vgg16-logistic").is_dir()
+    subprocess.run(["git", "add", "-A"], cwd=work, check=True)
+    subprocess.run(["git", "commit", "-qm", "pipeline"], cwd=work, check=True)
+    before = _snapshot(work)
+    assert {k: v for k, v in before.items() if k in hand} == hand
+
+    # the issue's case: an experiment that fails (here: a weights file that does not exist)
+    failed = _dvc("exp", "run", "-S", f"extract.weights={work / 'missing.weights.h5'}", cwd=work)
+    assert failed.returncode != 0
+    assert _snapshot(work) == before
+    assert sorted(p.name for p in (work / "cache/heads").iterdir()) == ["vgg16-dense", "vgg16-logistic"]
+
+    # Ctrl-C while stage one runs (slow settings so that it is still running)
+    params["extract"].update(input_size=160, batch_size=1)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=work, env=_dvc_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    partial = work / "cache/dvc/features/.vgg16.h5.progress.json"
+    deadline = time.monotonic() + 240
+    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "extraction finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert _snapshot(work) == before
+
+    # other settings that succeed: DVC's own outputs are replaced (their old versions are in its cache)
+    params["extract"].update(input_size=40, batch_size=8)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    ok = _dvc("repro", cwd=work)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    now = _snapshot(work)
+    assert now["dvc/features/vgg16.h5"] != before["dvc/features/vgg16.h5"]
+    assert {k: v for k, v in now.items() if k in hand} == hand
+
+    # a file the user put at a path DVC owns, not in DVC's cache, is not replaced by a stage either
+    assert _tlpipe("extract", "--base", "vgg16", "--data", str(data), "--weights", "none", "--input-size", "48",
+                   "--no-progress", "--out", "cache/dvc/features/vgg16.h5", "--force", cwd=work).returncode == 0
+    mine = (work / "cache/dvc/features/vgg16.h5").read_bytes()
+    refused = _dvc("repro", cwd=work)
+    assert refused.returncode != 0
+    assert "not in DVC's cache, so DVC stage extract@vgg16 will not replace it" in refused.stdout + refused.stderr
+    assert (work / "cache/dvc/features/vgg16.h5").read_bytes() == mine
