@@ -20,8 +20,21 @@ from pipeline.util import quiet_tensorflow, setup_logging
 log = logging.getLogger("tlpipe")
 
 
+_GLOBAL_FLAGS = {"--debug", "-q", "--quiet", "-v", "-vv", "-vvv", "--verbose"}
+
+
 class _Group(click.Group):
-    """Turns library exceptions into one line and an exit code."""
+    """Turns library exceptions into one line and an exit code; takes the global flags
+    (``--debug``, ``-v``, ``-q``) after the command too (``tlpipe extract ... --debug``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            head, tail = args[: args.index("--")], args[args.index("--"):]
+        else:
+            head, tail = args, []
+        flags = [a for a in head if a in _GLOBAL_FLAGS]
+        rest = [a for a in head if a not in _GLOBAL_FLAGS]
+        return super().parse_args(ctx, flags + rest + tail)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -52,8 +65,11 @@ class _Group(click.Group):
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
-    """tlpipe: cache frozen ImageNet-base features once (extract), fit many heads on them (fit-head)."""
-    quiet_tensorflow()
+    """tlpipe: cache frozen ImageNet-base features once (extract), fit many heads on them (fit-head).
+
+    --debug, -v and -q may also follow the command."""
+    if not verbose and not debug:
+        quiet_tensorflow()  # TensorFlow's start-up lines stay off stderr (-v shows them)
     setup_logging(-1 if quiet else verbose)
     ctx.obj = {"debug": debug or verbose >= 1, "quiet": quiet}
 
@@ -227,7 +243,11 @@ def export_cmd(head_dir, out, base, weights, cache_dir) -> None:
     A head on fused features gets one branch per features file, and one image input per
     input size when the branches need several ('tlpipe predict' feeds them)."""
     from pipeline.export import ExportConfig, export_model
+    from pipeline.features import head_status
 
+    status, why = head_status(head_dir)
+    if status in ("stale", "features missing"):
+        log.warning("%s is %s: %s; fit it again before exporting", head_dir, status, why)
     path = export_model(ExportConfig(head=head_dir, out=out, base=base, weights=weights, cache_dir=cache_dir))
     click.echo(f"{path}: exported {head_dir} ({path.stat().st_size / 1e6:.1f} MB)")
 

@@ -28,6 +28,7 @@ from pipeline.images import IMAGE_EXTENSIONS
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+DEFAULT_SPLIT = "80/10/10"
 _SPLIT_DIRS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 
 
@@ -85,8 +86,12 @@ def parse_split(spec: str) -> tuple[float, float, float]:
         raise UsageError(f"--split must look like 80/10/10, not '{spec}'") from None
     if len(parts) == 2:
         parts.append(0.0)
-    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 100) > 1e-6:
-        raise UsageError(f"--split must be train/val[/test] percentages summing to 100, not '{spec}'")
+    if len(parts) != 3:
+        raise UsageError(f"--split must be two or three percentages (train/val[/test]), not '{spec}'")
+    if any(p < 0 for p in parts):
+        raise UsageError(f"--split percentages cannot be negative: '{spec}'")
+    if abs(sum(parts) - 100) > 1e-6:
+        raise UsageError(f"--split percentages must sum to 100, not {sum(parts):g}: '{spec}'")
     if parts[0] <= 0:
         raise UsageError(f"--split needs a training share above 0, not '{spec}'")
     if parts[1] <= 0:
@@ -142,17 +147,21 @@ def _open_folder(root: Path, split: str, limit: int | None) -> Source:
     if not root.exists():
         raise DataNotFound(f"data folder not found: {root} (use --data PATH or --data tfds:NAME)")
     if not root.is_dir():
-        raise DataError(f"--data must be a folder of class subfolders, not a file: {root}")
+        raise DataNotFound(f"--data must be a folder of class subfolders, not a file: {root}")
     subdirs = _class_dirs(root)
     split_dirs = {p.name.lower(): p for p in subdirs if p.name.lower() in _SPLIT_DIRS}
     if "train" in split_dirs:
         items, class_names, spec_used = _presplit(root, split_dirs)
+        if str(split).strip() not in ("", DEFAULT_SPLIT, spec_used):
+            log.warning("--split %s is not used: %s has train/ and val/ subfolders, which are used as given",
+                        split, root)
     else:
         items, class_names = _split_by_hash(root, subdirs, parse_split(split))
         spec_used = split
     if limit:
         items = {s: _take_balanced(v, limit) for s, v in items.items()}
     counts = {s: len(items.get(s, [])) for s in SPLITS if items.get(s)}
+    _warn_small_splits(counts, root)
     digest = hashlib.sha256()
     digest.update(json.dumps({"classes": class_names, "split": spec_used}).encode())
     for s in SPLITS:
@@ -163,6 +172,17 @@ def _open_folder(root: Path, split: str, limit: int | None) -> Source:
         spec=str(root.resolve()), kind="folder", class_names=class_names, split_spec=spec_used,
         counts=counts, fingerprint=digest.hexdigest(), _items=items,
     )
+
+
+SMALL_SPLIT = 50  # fewer evaluation images than this and accuracy moves in steps of over 2 points
+
+
+def _warn_small_splits(counts: dict[str, int], root: Path) -> None:
+    for split in ("val", "test"):
+        n = counts.get(split, 0)
+        if 0 < n < SMALL_SPLIT:
+            log.warning("the %s split of %s has only %d images: its accuracy moves in steps of %.1f points "
+                        "(give it a larger share with --split)", split, root, n, 100 / n)
 
 
 def _take_balanced(items: list[Item], limit: int) -> list[Item]:
@@ -273,6 +293,8 @@ def _open_tfds(name: str, split: str, data_dir: str | None, limit: int | None) -
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as exc:
         raise UsageError(f"unknown tfds dataset '{name}': {str(exc).splitlines()[0]}") from exc
+    if not _tfds_is_prepared(builder):
+        _check_download_hosts(builder, name, data_dir)
     try:
         builder.download_and_prepare()
     except Exception as exc:
@@ -316,6 +338,37 @@ def _open_tfds(name: str, split: str, data_dir: str | None, limit: int | None) -
         _tfds={"builder": builder, "splits": split_strings, "image_key": image_key,
                "label_key": label_key, "counts": counts},
     )
+
+
+def _tfds_is_prepared(builder) -> bool:
+    """True when the data is on disk (or ``tfds.testing.mock_data`` fakes it: nothing to download)."""
+    method = getattr(type(builder), "download_and_prepare", None)
+    if str(getattr(method, "__module__", "")).startswith("tensorflow_datasets.testing"):
+        return True
+    try:
+        return bool(builder.is_prepared())
+    except Exception:  # noqa: BLE001 - older tfds: let download_and_prepare decide
+        return True
+
+
+OFFLINE_HINT = ("use local images instead: tlpipe ... --data PATH (a folder of class subfolders), or with DVC: "
+                "dvc exp run -S data.source=PATH; the ImageNet weights come next and need the network too "
+                "(--weights PATH, or -S extract.weights=PATH; see 'tlpipe bases')")
+
+
+def _check_download_hosts(builder, name: str, data_dir: str | None) -> None:
+    """Fail in seconds, not after minutes of retries, when the dataset's download host is unreachable."""
+    from pipeline.util import unreachable
+
+    try:
+        urls = list(builder.url_infos or {})
+    except Exception:  # noqa: BLE001 - no recorded URLs (manual downloads): nothing to probe
+        urls = []
+    for url in urls[:3]:
+        why = unreachable(url)
+        if why:
+            where = data_dir or "~/tensorflow_datasets"
+            raise DataError(f"tfds:{name} is not prepared in {where} and cannot be downloaded ({why}): {OFFLINE_HINT}")
 
 
 def _iter_tfds(state: dict[str, Any], split: str, start: int) -> Iterator[Item]:

@@ -240,11 +240,50 @@ def staleness(path: str | Path) -> tuple[bool, str]:
     else:
         spec = source
     split = attrs.get("split_spec", "80/10/10")
+    data_log = logging.getLogger("pipeline.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)  # the listing's own warnings were given at extraction
     try:
         current = open_source(spec, "80/10/10" if split == "as-given" else split,
                               limit=int(attrs.get("limit") or 0) or None)
     except (UsageError, Exception) as exc:  # noqa: BLE001 - any failure means we cannot confirm
         return True, f"cannot re-read the data source {spec}: {exc}"
+    finally:
+        data_log.setLevel(level)
     if current.fingerprint != attrs.get("source_fingerprint"):
         return True, f"the images under {spec} changed since extraction (files added, removed or resized)"
     return False, "inputs unchanged"
+
+
+def warn_if_stale(paths: list[Path]) -> list[str]:
+    """Log a warning for each features file whose image folder changed since extraction (folder
+    sources only: re-listing a tfds dataset is not cheap); return the warnings."""
+    out = []
+    for path in paths:
+        try:
+            if read_attrs(path).get("data_kind") != "folder":
+                continue
+        except FeaturesFileError:
+            continue
+        stale, why = staleness(path)
+        if stale:
+            out.append(f"{path} is stale: {why}; extract again with --force to refresh it")
+            log.warning(out[-1])
+    return out
+
+
+def head_status(head_dir: str | Path) -> tuple[str, str]:
+    """("ok" | "stale" | "features missing" | "unknown", why) for a fitted head folder: compares the
+    fingerprints recorded at fit time with its features files as they are now."""
+    meta_path = Path(head_dir) / "model" / "head.json"
+    if not meta_path.is_file():
+        return "unknown", "no model/head.json"
+    meta = json.loads(meta_path.read_text())
+    for path, fingerprint in zip(meta.get("features", []), meta.get("fingerprints", [])):
+        try:
+            attrs = read_attrs(path)
+        except Exception:  # noqa: BLE001 - a missing or unreadable file
+            return "features missing", f"{path} is missing or unreadable"
+        if attrs.get("fingerprint") != fingerprint:
+            return "stale", f"{path} was extracted again (other settings or data) after this head was fitted"
+    return "ok", "features unchanged since the fit"

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__
-from pipeline.features import FeatureSet, fuse, load_features, resolve_features_path
+from pipeline.features import FeatureSet, fuse, load_features, resolve_features_path, warn_if_stale
 from pipeline.heads import HeadParams, get_head
 from pipeline.safety import guard_head_folder, replace_dir
 from pipeline.util import write_json
@@ -116,6 +116,7 @@ def fit_head(cfg: FitConfig) -> Path:
     head_cls = get_head(cfg.head)
     cfg = replace(cfg, head=head_cls.name)  # canonical (lower-case) name for folders and reports
     fs = load_feature_sets(list(cfg.features), cfg.cache_dir)
+    warn_if_stale(fs.paths)
     classes = fs.class_names
     k = len(classes)
     train, val = fs.splits["train"], fs.splits["val"]

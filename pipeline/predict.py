@@ -43,23 +43,38 @@ def list_inputs(inputs: list[str | Path]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            out += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise UsageError(f"no image files in folder {path} (searched its subfolders for "
+                                 f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+            out += found
+        elif not path.exists() and not path.is_symlink():
+            raise UsageError(f"no such file or folder: {path}")
         else:
-            out.append(path)  # missing files are reported as failures
+            out.append(path)  # files that cannot be decoded are reported as failures
     return out
+
+
+def check_model_path(path: str | Path) -> Path:
+    """The model file, checked before anything slow is imported (one line for a wrong path)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"--model {path} is a folder, not a model file: give the .keras file that "
+                         "'tlpipe export' wrote")
+    if not path.is_file():
+        raise UsageError(f"model file not found: {path} (make one with 'tlpipe export')")
+    return path
 
 
 def load_exported(path: str | Path):
     """Load an exported model; return ``(model, metadata)``."""
+    path = check_model_path(path)
     import keras
 
     import pipeline.export  # noqa: F401 - registers the custom layers
     import pipeline.model  # noqa: F401
     from pipeline.export import read_metadata
 
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"model file not found: {path} (make one with 'tlpipe export')")
     try:
         model = keras.saving.load_model(path)
     except Exception as exc:  # noqa: BLE001
@@ -74,6 +89,7 @@ def predict(model_path: str | Path, inputs: list[str | Path], batch_size: int = 
 
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    check_model_path(model_path)
     files = list_inputs(inputs)
     if not files:
         raise UsageError("no images given (pass image files or folders)")

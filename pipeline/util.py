@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.util
 import json
 import logging
 import os
@@ -61,9 +64,69 @@ def setup_logging(verbose: int = 0) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
                         force=True)
     for noisy in ("absl", "tensorflow", "h5py", "filelock", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        # their warnings (e.g. tfds' "folder has no dataset_info.json") are noise to users: -v shows them
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose >= 1 else logging.ERROR)
+
+
+@contextlib.contextmanager
+def _stderr_fd_silenced():
+    """Point file descriptor 2 at /dev/null (C++ code writes there directly), then restore it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Silences stderr while ``tensorflow`` is imported: absl and oneDNN print their start-up lines
+    there from C++ during the import, whatever ``TF_CPP_MIN_LOG_LEVEL`` says."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # once: the real finders locate the package
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            exec_module = spec.loader.exec_module
+
+            def quiet_exec(module):
+                with _stderr_fd_silenced():
+                    exec_module(module)
+
+            spec.loader.exec_module = quiet_exec
+        return spec
 
 
 def quiet_tensorflow() -> None:
-    """Keep TensorFlow's start-up banners off stderr (set before TF is imported)."""
+    """Keep TensorFlow's start-up lines off stderr: the log level for later messages, and a silent
+    import (installed before TensorFlow is imported; ``-v`` leaves both alone)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
+def unreachable(url: str, timeout: float = 3.0) -> str | None:
+    """Why ``url``'s host cannot be reached (a TCP connect within ``timeout`` s), or None if it can.
+
+    Lets a download fail in seconds with one line, where the downloaders retry for minutes."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    if not u.hostname:
+        return None
+    try:
+        socket.create_connection((u.hostname, u.port or (80 if u.scheme == "http" else 443)), timeout=timeout).close()
+    except socket.gaierror:
+        return f"{u.hostname}: name lookup failed"
+    except (socket.timeout, TimeoutError):
+        return f"{u.hostname}: connection timed out"
+    except OSError as exc:
+        return f"{u.hostname}: {exc.strerror or exc}"
+    return None

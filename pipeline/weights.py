@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.backbones import Backbone
+from pipeline.util import unreachable
 from pipeline.errors import UsageError, WeightsUnavailable
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,10 @@ def _recording_get_file(record: dict[str, Any]) -> Iterator[None]:
         record["fname"] = fname
         record["origin"] = origin
         record["cache_subdir"] = kwargs.get("cache_subdir", "datasets")
+        if fname and origin and not (keras_cache_dir() / fname).exists():
+            why = unreachable(origin)  # fail now, not after Keras' own download attempt
+            if why:
+                raise WeightsUnavailable(why)
         result = original(fname, origin, *args, **kwargs)
         record["path"] = result
         return result
@@ -190,7 +195,7 @@ def build_with_weights(
         raise WeightsUnavailable(
             f"ImageNet weights for {backbone.name} are not cached and could not be downloaded "
             f"({_first_line(exc)}): put {fname} in {target.parent}/ or pass --weights PATH "
-            "(or --weights none)"
+            "(or --weights none; with DVC: dvc exp run -S extract.weights=PATH)"
         ) from exc
     path = record.get("path") or ""
     digest = sha256_file(path) if path and os.path.isfile(path) else ""

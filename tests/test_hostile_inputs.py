@@ -372,7 +372,8 @@ def test_presplit_with_both_val_and_validation(tmp_path):
 
 @pytest.mark.parametrize("spec, match", [
     ("eighty", "must look like 80/10/10"),
-    ("80/30", "summing to 100"),
+    ("80/30", "must sum to 100, not 110"),
+    ("-10/60/50", "cannot be negative"),
     ("100/0", "needs a validation share"),
     ("0/50/50", "training share above 0"),
 ])

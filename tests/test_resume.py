@@ -94,10 +94,14 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, caplog)
                     alive = _wait(partial.exists, proc)
                     point = "partial file appeared"
                 else:
-                    alive = _wait(lambda: _stat_id(ckpt) not in (None, before), proc)
-                    delay = rng.uniform(0.05, 0.7)
+                    # a random amount of progress past the last kill (not a wall-clock delay, which a
+                    # fast or idle machine can outrun to the end), then a short random delay
+                    target = min(400, done_before + rng.randint(8, 90))
+                    alive = _wait(lambda: _stat_id(ckpt) not in (None, before)
+                                  and _ckpt_state(ckpt)[0] >= target, proc)
+                    delay = rng.uniform(0.0, 0.03)
                     time.sleep(delay)
-                    point = f"{delay:.2f}s after a new checkpoint"
+                    point = f"{delay:.2f}s after {target} inputs"
                 still_running = proc.poll() is None
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=60)
