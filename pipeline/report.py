@@ -109,7 +109,9 @@ def _row(head_dir: Path) -> dict[str, Any]:
     new = "splits" in e
     name = head_dir.name
     status, attrs_data, attrs_weights = _head_status(head_dir)
-    if status != "ok":
+    if status == "unknown":
+        log.warning("%s: no model/head.json; cannot tell whether its features changed since", name)
+    elif status != "ok":
         log.warning("%s: %s (fitted on features that have changed or gone since); fit it again", name, status)
     head = e.get("head") or m.get("head") or name.rsplit("-", 1)[-1]
     if new:
