@@ -138,14 +138,17 @@ def grid_figure(grid: list[dict[str, str]], path: Path, title: str = "", chosen:
 
 
 def confusion_figure(evaluation: dict[str, Any], path: Path, title: str = "") -> Path | None:
-    """Confusion matrices (rows: true class, columns: predicted) of val and test, counts in cells,
+    """Confusion matrices (rows: true class, columns: predicted) of val and test (else of every
+    split but train), counts in cells,
     colour by the share of the true class so that small classes stay readable."""
     import numpy as np
 
     classes = [str(c) for c in evaluation.get("classes") or []]
     splits = evaluation.get("splits") or {}
-    panels = [(name, splits[name]) for name in ("val", "test")
-              if isinstance(splits.get(name), dict) and splits[name].get("confusion_matrix")]
+    drawable = {name: s for name, s in splits.items() if isinstance(s, dict) and s.get("confusion_matrix")}
+    panels = [(name, drawable[name]) for name in ("val", "test") if name in drawable]
+    if not panels:  # e.g. 'tlpipe evaluate' on a folder without splits: its one entry
+        panels = [(name, s) for name, s in drawable.items() if name != "train"]
     if not panels:
         return None
     k = len(np.asarray(panels[0][1]["confusion_matrix"]))
