@@ -213,7 +213,7 @@ def to_markdown(rows: list[dict[str, Any]], pipeline_known: bool = False) -> str
     if random:
         out.append(f"**Random weights:** {', '.join(random)} ran on a base with random weights "
                    "(`--weights none`); their accuracies say nothing about the base with real weights.\n")
-    stale = [f"{r['features']}-{r['head']}" for r in rows if r["status"] != "ok"]
+    stale = [f"{r['features']}-{r['head']}" for r in rows if r["status"] in ("stale", "features missing")]
     if stale:
         out.append(f"**Stale:** {', '.join(stale)} (features changed since the fit; run fit-head again).\n")
     if pipeline_known:
