@@ -84,6 +84,8 @@ def test_dvc_plots_show_draws_offline(tmp_path):
     assert grid["hconcat"][0]["encoding"]["x"]["scale"]["type"] == "log"
     assert len(grid["data"]["values"]) == 6
     assert "cache/heads/vgg16-dense/figures/curves.png" in data
+    comparison = data["cache/plots/comparison.csv"][0]["content"]
+    assert comparison["encoding"]["x"]["scale"] == {"zero": False} and comparison["mark"]["type"] == "point"
     assert "cache/heads/vgg16-logistic/figures/grid.png" in data and "cache/plots/comparison.png" in data
 
     html = _dvc("plots", "show", "-o", "out", cwd=work)
