@@ -185,9 +185,11 @@ def confusion_figure(evaluation: dict[str, Any], path: Path, title: str = "") ->
 
 def write_head_figures(head_dir: str | Path) -> list[Path]:
     """Draw ``figures/curves.png``, ``grid.png`` and ``confusion.png`` of a head folder from its
-    history.csv, grid.csv and evaluation.json; return the files written (missing inputs skipped)."""
+    history.csv, grid.csv and evaluation.json; return the files written (missing inputs skipped; the
+    folder is made even when empty, since dvc.yaml lists it as an output)."""
     head_dir = Path(head_dir)
     figures = head_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)  # always there: dvc.yaml lists it as an output
     evaluation: dict[str, Any] = {}
     eval_path = head_dir / "evaluation.json"
     if eval_path.is_file():

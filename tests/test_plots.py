@@ -38,7 +38,7 @@ def test_grid_head_gets_grid_plot(tmp_path, head):
 
 
 def test_missing_inputs_are_skipped(tmp_path):
-    assert write_head_figures(tmp_path / "empty") == []
+    assert write_head_figures(tmp_path / "empty") == [] and (tmp_path / "empty" / "figures").is_dir()
     folder = write_head(tmp_path / "x-logistic")
     (folder / "grid.csv").unlink()
     (folder / "evaluation.json").write_text("{not json")
