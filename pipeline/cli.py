@@ -276,6 +276,30 @@ def predict_cmd(images, model_path, fmt, out, batch_size) -> None:
         click.echo(f"tlpipe: warning: unreadable {f['path']}: {f['reason']}", err=True)
 
 
+@cli.command("evaluate")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), required=True,
+              help="A model written by 'tlpipe export'.")
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="A folder with one subfolder per class (named as the model's classes), "
+                   "or with train/ val/ test/ subfolders holding them.")
+@click.option("--split", default=None,
+              help="train, val or test, for a folder with split subfolders [default: test, else val].")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Also write metrics.json, evaluation.json, mistakes.csv and figures/confusion.png here.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+def evaluate_cmd(model_path, data, split, out, fmt, batch_size) -> None:
+    """Score a model on labelled images: accuracy, balanced accuracy, log loss, confusion matrix,
+    per-class precision and recall, and the mistakes (most confident first)."""
+    from pipeline.evaluate import EvaluateConfig, evaluate_model, format_result
+
+    res = evaluate_model(EvaluateConfig(model=model_path, data=data, split=split, out=out, batch_size=batch_size))
+    click.echo(format_result(res, fmt), nl=False)
+    if fmt == "json":
+        for f in res.failed:
+            click.echo(f"tlpipe: warning: unreadable {f['path']}: {f['reason']}", err=True)
+
+
 @cli.command("learning-curve")
 @click.option("--features", "features", multiple=True, required=True, help="Features file (repeat to fuse).")
 @click.option("--head", default="logistic", show_default=True, help="logistic, dense, svm, rbf-svm or knn.")

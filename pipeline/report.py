@@ -1,4 +1,11 @@
-"""Report stage: one comparison table of every fitted head (markdown + JSON + CSV for plots)."""
+"""Report stage: one comparison of every fitted head (markdown + JSON + CSV + PNG).
+
+Each row says which weights the base had (``imagenet``, a file, or ``none``: random, flagged),
+which data it saw (a numbered legend lists each data source once) and what tuned the head
+(``evaluation.json`` ``tuning.method``). Heads that the DVC pipeline made (``cache/dvc/heads``)
+are listed apart from heads fitted by hand (``cache/heads``). Head folders of the
+older layout (everything in ``metrics.json``) are still read.
+"""
 
 from __future__ import annotations
 
@@ -14,31 +21,206 @@ from pipeline.util import atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["features", "base", "head", "data", "n_train", "val_accuracy", "test_accuracy", "val_log_loss",
-           "val_roc_auc", "chance_val", "fit_seconds", "extract_images_per_second", "status"]
+COLUMNS = ["features", "base", "head", "weights", "data", "data_index", "n_train", "val_accuracy",
+           "test_accuracy", "val_log_loss", "val_roc_auc", "chance_val", "tuned_on", "fit_seconds",
+           "extract_images_per_second", "pipeline", "status"]
+OLD_TUNING = "val (older fit: C, k or epochs chosen on val, so val accuracy is optimistic)"
 
 
-def _head_status(head_dir: Path) -> tuple[str, str]:
-    """("ok" | "stale" | "features missing", data source) by comparing the fingerprints recorded
-    at fit time with the features files as they are now."""
+def _head_status(head_dir: Path) -> tuple[str, str, list[str]]:
+    """("ok" | "stale" | "features missing" | "unknown", data source, weights per features file),
+    comparing the fingerprints recorded at fit time with the features files as they are now."""
     from pipeline.features import read_attrs
 
     meta_path = head_dir / "model" / "head.json"
     if not meta_path.is_file():
-        return "unknown", ""
+        return "unknown", "", []
     meta = json.loads(meta_path.read_text())
-    status, data = "ok", ""
+    status, data, weights = "ok", "", []
     for path, fingerprint in zip(meta.get("features", []), meta.get("fingerprints", [])):
         try:
             attrs = read_attrs(path)
         except Exception:  # noqa: BLE001 - a missing or unreadable file
-            return "features missing", data
-        data = data or str(attrs.get("data_source", ""))
-        if attrs.get("limit"):
-            data += f" (limit {attrs['limit']})"
+            return "features missing", data, weights
+        if not data:
+            data = _data_label(attrs.get("data_source", ""), attrs.get("limit"))
+        weights.append(str(attrs.get("weights", "")))
         if attrs.get("fingerprint") != fingerprint:
             status = "stale"
-    return status, data
+    return status, data, weights
+
+
+def _data_label(source: Any, limit: Any) -> str:
+    text = str(source or "")
+    if text and limit:
+        text += f" (limit {limit})"
+    return text
+
+
+def weights_label(weights: Any) -> str:
+    """``imagenet``, ``none`` or ``file:NAME`` per features file, joined (duplicates once)."""
+    if isinstance(weights, str):
+        weights = [weights]
+    out: list[str] = []
+    for w in weights or []:
+        w = str(w)
+        if w and w not in ("imagenet", "none") and not w.startswith("file:"):
+            w = "file:" + Path(w).name
+        if w and w not in out:
+            out.append(w)
+    return ", ".join(out)
+
+
+def heads_folders(cache_dir: str | Path) -> list[tuple[Path, bool]]:
+    """``(folder, made by the DVC pipeline?)`` for a cache: ``<cache>/heads`` (hand-run commands)
+    and ``<cache>/dvc/heads`` (the pipeline's, see dvc.yaml); a cache folder named ``dvc`` is the
+    pipeline's own (the report stage runs with ``--cache-dir cache/dvc``)."""
+    cache = Path(cache_dir)
+    own = cache.resolve().name == "dvc"
+    return [(cache / "heads", own), (cache / "dvc" / "heads", True)]
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _row(head_dir: Path) -> dict[str, Any]:
+    """One row from a head folder, new layout (metrics.json + evaluation.json) or old."""
+    m = json.loads((head_dir / "metrics.json").read_text())
+    e: dict[str, Any] = {}
+    if (head_dir / "evaluation.json").is_file():
+        try:
+            e = json.loads((head_dir / "evaluation.json").read_text())
+        except ValueError:
+            log.warning("%s/evaluation.json is not JSON; reading metrics.json only", head_dir)
+    new = "splits" in e
+    name = head_dir.name
+    status, attrs_data, attrs_weights = _head_status(head_dir)
+    if status == "unknown":
+        log.warning("%s: no model/head.json; cannot tell whether its features changed since", name)
+    elif status != "ok":
+        log.warning("%s: %s (fitted on features that have changed or gone since); fit it again", name, status)
+    head = e.get("head") or m.get("head") or name.rsplit("-", 1)[-1]
+    if new:
+        tuning = e.get("tuning") or {}
+        tuned_on = str(tuning.get("method") or "")
+        if tuning.get("param") and tuning.get("chosen") is not None:
+            tuned_on += f" ({tuning['param']}={tuning['chosen']})"
+        if tuning.get("val_used_for_tuning"):
+            tuned_on += "; VAL USED FOR TUNING"
+        data = _data_label(e.get("data_source"), e.get("limit")) or attrs_data
+        weights = weights_label(e.get("weights")) or weights_label(attrs_weights)
+        splits = e.get("splits") or {}
+    else:
+        tuned_on, data, weights, splits = OLD_TUNING, attrs_data, weights_label(attrs_weights), m
+    return {
+        "features": name[: -len(head) - 1] if name.endswith("-" + head) else name,
+        "base": e.get("base") or m.get("base"),
+        "head": head,
+        "weights": weights,
+        "data": data,
+        "n_train": _get(splits, "train", "n"),
+        "val_accuracy": _get(m, "val", "accuracy"),
+        "test_accuracy": _get(m, "test", "accuracy"),
+        "val_log_loss": _get(m, "val", "log_loss"),
+        "val_roc_auc": _get(splits, "val", "roc_auc"),
+        "chance_val": _get(e if new else m, "chance", "val"),
+        "tuned_on": tuned_on,
+        "fit_seconds": m.get("fit_seconds", e.get("fit_seconds")),
+        "extract_images_per_second": e.get("extract_images_per_second", m.get("extract_images_per_second")),
+        "status": status,
+    }
+
+
+def collect(folders: Path | list[tuple[Path, bool]]) -> list[dict[str, Any]]:
+    """One row per ``<folder>/*/metrics.json``, best validation accuracy first; ``folders`` is one
+    heads folder or ``(folder, made by the pipeline?)`` pairs (``pipeline`` in each row)."""
+    if isinstance(folders, (str, Path)):
+        folders = [(Path(folders), False)]
+    rows = []
+    for heads_dir, made_by_pipeline in folders:
+        for path in sorted(Path(heads_dir).glob("*/metrics.json")):
+            try:
+                row = _row(path.parent)
+            except (ValueError, OSError) as exc:
+                log.warning("%s: unreadable (%s); left out of the report", path, exc)
+                continue
+            row["pipeline"] = made_by_pipeline
+            rows.append(row)
+    rows.sort(key=lambda r: (-(r["val_accuracy"] or 0), r["features"], r["head"]))
+    sources: list[str] = []
+    for r in rows:
+        if r["data"] and r["data"] not in sources:
+            sources.append(r["data"])
+        r["data_index"] = sources.index(r["data"]) + 1 if r["data"] else None
+    return rows
+
+
+def _fmt(value: Any, pct: bool = False) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{100 * value:.2f} %" if pct else f"{value:.3g}" if value < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def _is_random(row: dict[str, Any]) -> bool:
+    return "none" in str(row.get("weights") or "").split(", ")
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    head = ("| features | base | head | weights | data | val acc | test acc | val log loss | val ROC AUC | "
+            "chance | tuned on | fit s | extract img/s | train n | status |\n"
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|\n")
+    body = ""
+    for r in rows:
+        weights = r["weights"] or "?"
+        if _is_random(r):
+            weights = f"**{weights} (RANDOM)**"
+        body += (f"| {r['features']} | {r['base']} | {r['head']} | {weights} | "
+                 f"{'[' + str(r['data_index']) + ']' if r['data_index'] else '?'} | "
+                 f"{_fmt(r['val_accuracy'], True)} | {_fmt(r['test_accuracy'], True)} | "
+                 f"{_fmt(r['val_log_loss'])} | {_fmt(r['val_roc_auc'])} | {_fmt(r['chance_val'], True)} | "
+                 f"{r['tuned_on'] or '?'} | {_fmt(r['fit_seconds'])} | {_fmt(r['extract_images_per_second'])} | "
+                 f"{_fmt(r['n_train'])} | {r['status']} |\n")
+    return head + body
+
+
+def to_markdown(rows: list[dict[str, Any]], pipeline_known: bool = False) -> str:
+    """The comparison as markdown: data legend, warnings, then the pipeline's heads and the others."""
+    out = ["# tlpipe report\n",
+           "Heads, best validation accuracy first. *tuned on* says what chose C, k or the epochs; "
+           "val and test accuracies are honest only where it is not val.\n"]
+    sources = sorted({(r["data_index"], r["data"]) for r in rows if r["data_index"]})
+    if sources:
+        out.append("Data:\n\n" + "".join(f"{i}. `{d}`\n" for i, d in sources))
+    if len(sources) > 1:
+        out.append("**Warning:** these heads were fitted on different data; compare accuracies only "
+                   "between rows with the same data number.\n")
+    random = [f"{r['features']}-{r['head']}" for r in rows if _is_random(r)]
+    if random:
+        out.append(f"**Random weights:** {', '.join(random)} ran on a base with random weights "
+                   "(`--weights none`); their accuracies say nothing about the base with real weights.\n")
+    stale = [f"{r['features']}-{r['head']}" for r in rows if r["status"] in ("stale", "features missing")]
+    if stale:
+        out.append(f"**Stale:** {', '.join(stale)} (features changed since the fit; run fit-head again).\n")
+    if pipeline_known:
+        made = [r for r in rows if r["pipeline"]]
+        other = [r for r in rows if not r["pipeline"]]
+        out.append("## Made by the DVC pipeline (dvc repro: cache/dvc/heads)\n")
+        out.append(_table(made) if made else "None yet: run `dvc repro`.\n")
+        if other:
+            out.append("## Other heads (tlpipe fit-head by hand: cache/heads)\n")
+            out.append(_table(other))
+    else:
+        out.append(_table(rows))
+    return "\n".join(out)
 
 
 @dataclass
@@ -48,75 +230,23 @@ class ReportConfig:
     cache_dir: Path = Path("cache")
     out_md: Path | None = None  # default <cache>/report.md
     out_json: Path | None = None  # default <cache>/report.json
-    out_csv: Path | None = None  # default <cache>/plots/comparison.csv
-
-
-def collect(heads_dir: Path) -> list[dict[str, Any]]:
-    """One row per ``<heads_dir>/*/metrics.json``, best validation accuracy first."""
-    rows = []
-    for path in sorted(Path(heads_dir).glob("*/metrics.json")):
-        m = json.loads(path.read_text())
-        name = path.parent.name
-        status, data = _head_status(path.parent)
-        if status != "ok":
-            log.warning("%s: %s (fitted on features that have changed or gone since); fit it again", name, status)
-        rows.append({
-            "features": name[: -len(m["head"]) - 1] if name.endswith("-" + m["head"]) else name,
-            "base": m.get("base"),
-            "head": m.get("head"),
-            "val_accuracy": m.get("val", {}).get("accuracy"),
-            "test_accuracy": m.get("test", {}).get("accuracy"),
-            "val_log_loss": m.get("val", {}).get("log_loss"),
-            "val_roc_auc": m.get("val", {}).get("roc_auc"),
-            "chance_val": m.get("chance", {}).get("val"),
-            "fit_seconds": m.get("fit_seconds"),
-            "extract_images_per_second": m.get("extract_images_per_second"),
-            "n_train": m.get("train", {}).get("n"),
-            "data": data,
-            "status": status,
-        })
-    rows.sort(key=lambda r: (-(r["val_accuracy"] or 0), r["features"], r["head"]))
-    return rows
-
-
-def _fmt(value: Any, pct: bool = False) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{100 * value:.2f} %" if pct else f"{value:.3g}" if value < 100 else f"{value:.0f}"
-    return str(value)
-
-
-def to_markdown(rows: list[dict[str, Any]]) -> str:
-    """The comparison as a markdown table."""
-    head = ("| features | base | head | val acc | test acc | val log loss | val ROC AUC | chance | "
-            "fit s | extract img/s | train n | status |\n"
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
-    body = "".join(
-        f"| {r['features']} | {r['base']} | {r['head']} | {_fmt(r['val_accuracy'], True)} | "
-        f"{_fmt(r['test_accuracy'], True)} | {_fmt(r['val_log_loss'])} | {_fmt(r['val_roc_auc'])} | "
-        f"{_fmt(r['chance_val'], True)} | {_fmt(r['fit_seconds'])} | {_fmt(r['extract_images_per_second'])} | "
-        f"{_fmt(r['n_train'])} | {r['status']} |\n"
-        for r in rows)
-    sources = sorted({r["data"] for r in rows if r["data"]})
-    note = ("Data: " + "; ".join(f"`{d}`" for d in sources) + ".\n\n") if sources else ""
-    if len(sources) > 1:
-        note += "**Warning:** these heads were fitted on different data; their accuracies are not comparable.\n\n"
-    stale = [f"{r['features']}-{r['head']}" for r in rows if r["status"] != "ok"]
-    if stale:
-        note += f"**Stale:** {', '.join(stale)} (features changed since the fit; run fit-head again).\n\n"
-    return "# tlpipe report\n\nBases × heads, best validation accuracy first.\n\n" + note + head + body
+    out_csv: Path | None = None  # default <cache>/plots/comparison.csv (the PNG goes beside it)
 
 
 def report(cfg: ReportConfig) -> Path:
     """Write the comparison of every head under ``<cache>/heads``; return the markdown path."""
     cache = Path(cfg.cache_dir)
-    rows = collect(cache / "heads")
+    folders = heads_folders(cache)
+    rows = collect(folders)
     if not rows:
-        raise TlpipeError(f"no fitted heads under {cache / 'heads'}: run 'tlpipe fit-head' first")
+        raise TlpipeError(f"no fitted heads under {cache / 'heads'} or {cache / 'dvc' / 'heads'}: "
+                          "run 'tlpipe fit-head' or 'dvc repro' first")
     md = Path(cfg.out_md or cache / "report.md")
-    atomic_write_text(md, to_markdown(rows))
-    write_json(Path(cfg.out_json or cache / "report.json"), {"rows": rows})
+    both = any(r["pipeline"] for r in rows) and not all(r["pipeline"] for r in rows)
+    atomic_write_text(md, to_markdown(rows, pipeline_known=both))
+    sources = sorted({(r["data_index"], r["data"]) for r in rows if r["data_index"]})
+    write_json(Path(cfg.out_json or cache / "report.json"),
+               {"data_sources": {str(i): d for i, d in sources}, "rows": rows})
     out_csv = Path(cfg.out_csv or cache / "plots" / "comparison.csv")
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with open(out_csv, "w", newline="") as fh:
@@ -124,5 +254,11 @@ def report(cfg: ReportConfig) -> Path:
         writer.writeheader()
         for r in rows:
             writer.writerow({"model": f"{r['features']}-{r['head']}", **r})
+    try:
+        from pipeline.plots import write_comparison_figure
+
+        write_comparison_figure(rows, out_csv.with_suffix(".png"))
+    except ImportError as exc:  # matplotlib missing: the tables are still written
+        log.warning("no comparison.png (%s)", exc)
     log.info("report of %d heads -> %s", len(rows), md)
     return md

@@ -1,0 +1,94 @@
+"""The report: weights per row (random flagged), data sources once, tuned on, pipeline vs other heads."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.report import ReportConfig, collect, report, weights_label
+from tests.head_fixtures import write_head
+
+
+def _cache(tmp_path, pipeline: bool = False):
+    heads = tmp_path / "cache" / "heads"
+    made = tmp_path / "cache" / "dvc" / "heads" if pipeline else heads  # the DVC pipeline's folder
+    write_head(made / "vgg16-logistic", val=0.97, data="/data/cats")
+    write_head(made / "vgg16-dense", head="dense", val=0.985, data="/data/cats")
+    write_head(made / "resnet50-dense", base="resnet50", head="dense", val=0.59, weights="none",
+               data="/data/cats", limit=50)
+    write_head(heads / "m256+m288-rbf-svm", base="mobilenet_0.75", head="rbf-svm", val=0.992, data="/data/cats",
+               weights="file:mobilenet_0.75_224_imagenet_notop.weights.h5", features=["a.h5", "b.h5"])
+    return tmp_path / "cache"
+
+
+def test_rows_carry_weights_data_and_tuning(tmp_path):
+    rows = {f"{r['features']}-{r['head']}": r for r in collect(_cache(tmp_path) / "heads")}
+    assert rows["vgg16-logistic"]["weights"] == "imagenet"
+    assert rows["resnet50-dense"]["weights"] == "none"
+    assert rows["m256+m288-rbf-svm"]["weights"] == "file:mobilenet_0.75_224_imagenet_notop.weights.h5"
+    assert rows["m256+m288-rbf-svm"]["features"] == "m256+m288"
+    assert rows["vgg16-logistic"]["tuned_on"] == "5-fold stratified CV on train (C=1.0)"
+    assert rows["vgg16-dense"]["tuned_on"].startswith("early stopping on a 10% stratified slice of train")
+    assert rows["vgg16-logistic"]["val_accuracy"] == 0.97 and rows["vgg16-logistic"]["test_accuracy"] == 0.94
+    assert rows["vgg16-logistic"]["n_train"] == 160 and rows["vgg16-logistic"]["chance_val"] == 0.5
+    # two data sources (the limit makes another one), each numbered once
+    assert {r["data_index"] for r in rows.values()} == {1, 2}
+    assert rows["resnet50-dense"]["data"] == "/data/cats (limit 50)"
+
+
+def test_markdown_flags_random_weights_lists_sources_once_and_splits_pipeline(tmp_path, monkeypatch):
+    cache = _cache(tmp_path, pipeline=True)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["report", "--cache-dir", "cache"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    md = (cache / "report.md").read_text()
+    assert md.count("/data/cats`") == 1 and md.count("/data/cats (limit 50)`") == 1
+    assert "1. `" in md and "2. `" in md
+    assert "**none (RANDOM)**" in md and "**Random weights:** resnet50-dense" in md
+    made, other = md.split("## Made by the DVC pipeline")[1].split("## Other heads")
+    assert "| vgg16 | vgg16 | logistic |" in made and "| resnet50 | resnet50 | dense |" in made
+    assert "rbf-svm" not in made and "| m256+m288 | mobilenet_0.75 | rbf-svm |" in other
+    assert "5-fold stratified CV on train (C=1.0)" in md
+    data = json.loads((cache / "report.json").read_text())
+    assert data["data_sources"] == {"1": "/data/cats", "2": "/data/cats (limit 50)"}
+    assert {r["features"] + "-" + r["head"] for r in data["rows"] if r["pipeline"]} == {
+        "vgg16-logistic", "vgg16-dense", "resnet50-dense"}
+    assert (cache / "plots" / "comparison.csv").read_text().startswith("model,features,base,head,weights")
+    assert (cache / "plots" / "comparison.png").stat().st_size > 1000
+
+
+def test_without_params_one_table(tmp_path, monkeypatch):
+    cache = _cache(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    report(ReportConfig(cache_dir=cache))
+    md = (cache / "report.md").read_text()
+    assert "## Made by the DVC pipeline" not in md and "| vgg16 | vgg16 | logistic |" in md
+
+
+def test_the_report_stage_sees_only_the_pipeline_heads(tmp_path):
+    cache = _cache(tmp_path, pipeline=True)
+    report(ReportConfig(cache_dir=cache / "dvc"))  # as dvc.yaml's report stage runs it
+    data = json.loads((cache / "dvc" / "report.json").read_text())
+    assert len(data["rows"]) == 3 and all(r["pipeline"] for r in data["rows"])
+
+
+def test_weights_label():
+    assert weights_label(["imagenet", "imagenet"]) == "imagenet"
+    assert weights_label(["/w/mobilenet_notop.h5", "none"]) == "file:mobilenet_notop.h5, none"
+    assert weights_label(None) == ""
+
+
+def test_old_layout_is_still_read(tmp_path):
+    """A head folder from before evaluation.json had splits: everything in metrics.json."""
+    folder = tmp_path / "heads" / "vgg16-logistic"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({
+        "base": "vgg16", "head": "logistic", "val": {"n": 10, "accuracy": 0.9, "log_loss": 0.3, "roc_auc": 0.95},
+        "train": {"n": 80, "accuracy": 1.0}, "chance": {"val": 0.5}, "fit_seconds": 0.2}))
+    (folder / "evaluation.json").write_text(json.dumps({"classes": ["a", "b"], "val": {"confusion_matrix": []}}))
+    (row,) = collect(tmp_path / "heads")
+    assert row["head"] == "logistic" and row["val_accuracy"] == 0.9 and row["n_train"] == 80
+    assert row["val_roc_auc"] == 0.95 and row["chance_val"] == 0.5
+    assert row["tuned_on"].startswith("val (older fit")
