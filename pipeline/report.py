@@ -56,6 +56,11 @@ def collect(heads_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for path in sorted(Path(heads_dir).glob("*/metrics.json")):
         m = json.loads(path.read_text())
+        ev_path = path.parent / "evaluation.json"  # provenance and per-split details live there
+        ev = json.loads(ev_path.read_text()) if ev_path.is_file() else {}
+        m = {**ev, **ev.get("splits", {}), **m}
+        m["val"] = {**ev.get("splits", {}).get("val", {}), **m.get("val", {})}
+        m["test"] = {**ev.get("splits", {}).get("test", {}), **m.get("test", {})}
         name = path.parent.name
         status, data = _head_status(path.parent)
         if status != "ok":
