@@ -92,12 +92,15 @@ class Head:
         raise NotImplementedError
 
 
-def cv_folds(y: np.ndarray, wanted: int) -> int:
+def cv_folds(y: np.ndarray, wanted: int, min_per_class: int = 1) -> int:
     """Stratified folds possible on labels ``y``: ``wanted``, or fewer when the smallest class has
-    fewer rows; 0 when a class has a single row (no stratified CV possible)."""
+    fewer rows (each CV training part keeps at least ``min_per_class`` rows of every class);
+    0 when no stratified CV is possible."""
     smallest = int(np.bincount(y)[np.unique(y)].min())
-    n = min(int(wanted), smallest)
-    return n if n >= 2 else 0
+    for n in range(min(int(wanted), smallest), 1, -1):
+        if smallest - math.ceil(smallest / n) >= min_per_class:
+            return n
+    return 0
 
 
 class _SklearnHead(Head):
@@ -110,6 +113,7 @@ class _SklearnHead(Head):
     param_name = "C"  # parameter of the pipeline's final estimator that the grid sets
     default = 1.0  # used when train is too small for cross-validation
     train_scores = True  # GridSearchCV's in-fold train scores (knn: skipped, exact on its own rows)
+    min_per_class = 1  # rows of each class a CV training part needs (calibrated SVMs: 3 folds inside)
 
     def make(self, value):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -123,10 +127,12 @@ class _SklearnHead(Head):
     def fit(self, train, val=None):
         """Choose the grid value by cross-validation on train only; refit on all of train.
         ``val`` is ignored."""
+        import sklearn
         from sklearn.model_selection import GridSearchCV, StratifiedKFold
+        from sklearn.pipeline import Pipeline
 
         X, y = train
-        folds = cv_folds(y, self.folds_wanted())
+        folds = cv_folds(y, self.folds_wanted(), self.min_per_class)
         grid = self.grid(len(y), folds)
         template = self.make(grid[0])
         if not folds or len(grid) < 2:
@@ -142,16 +148,12 @@ class _SklearnHead(Head):
         # Speed: the preprocessing (standardisation, L2 normalisation) uses no labels, so it is
         # fitted once on all of train instead of once per fold and grid value (half the cost of a
         # logistic fit on 20,000 x 2,048 rows); only the final estimator is cross-validated.
-        from sklearn.pipeline import Pipeline
-
         prep = Pipeline(template.steps[:-1]).fit(X) if len(template.steps) > 1 else None
         Xp = prep.transform(X) if prep is not None else X
         cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=self.params.seed)
         search = GridSearchCV(template.steps[-1][1], {self.param_name: list(grid)},
                               scoring={"log_loss": "neg_log_loss", "accuracy": "accuracy"}, refit="log_loss",
                               cv=cv, n_jobs=1, return_train_score=self.train_scores, error_score="raise")
-        import sklearn
-
         if not np.isfinite(Xp).all():
             raise UsageError(f"{self.name}: the training features hold NaN or infinite values; extract them again")
         with sklearn.config_context(assume_finite=True):  # checked once above, not in each of ~20 fits
@@ -223,6 +225,7 @@ class SvmHead(_SklearnHead):
     name = "svm"
     description = "linear SVM with calibrated probabilities, C chosen by cross-validation on train"
     param_name = "estimator__C"
+    min_per_class = 3
 
     def make(self, value):
         from sklearn.calibration import CalibratedClassifierCV
@@ -249,6 +252,7 @@ class RbfSvmHead(_SklearnHead):
     name = "rbf-svm"
     description = "RBF-kernel SVM with calibrated probabilities, C chosen by cross-validation on train"
     param_name = "estimator__C"
+    min_per_class = 3
 
     def grid(self, n_train, folds):
         return tuple(sorted(self.params.rbf_c_grid))

@@ -210,3 +210,17 @@ def test_report_reads_the_new_head_folder(tmp_path):
     rows = collect(tmp_path / "heads")
     assert rows[0]["head"] == "knn" and rows[0]["base"] == "vgg16" and rows[0]["n_train"] == 90
     assert rows[0]["val_accuracy"] is not None and rows[0]["chance_val"] is not None
+
+
+def test_folds_leave_calibrated_svms_three_rows_per_class():
+    from pipeline.heads import cv_folds
+
+    assert cv_folds(np.array([0] * 30 + [1] * 3), 5) == 3
+    assert cv_folds(np.array([0] * 30 + [1] * 3), 5, min_per_class=3) == 0
+    assert cv_folds(np.array([0] * 30 + [1] * 4), 5, min_per_class=3) == 4
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 30 + [1] * 4)
+    X = (rng.normal(size=(34, 4)) + 3 * y[:, None]).astype(np.float32)
+    head = get_head("svm")(2, HeadParams())
+    head.fit((X, y))  # each CV training part keeps 3 rows of class 1 for the 3-fold calibration
+    assert head.tuning["method"] == "4-fold stratified CV on train"
