@@ -89,10 +89,12 @@ def main(argv=None) -> int:
             out = fit_head(FitConfig(features=[h5], head=head, out=tmp / head))
             wall = time.perf_counter() - t
             m = json.loads((Path(out) / "metrics.json").read_text())
+            t = json.loads((Path(out) / "evaluation.json").read_text())["tuning"]
+            chosen = f"{t['param']}={t['chosen']} ({t['method']})"
             results[head] = {"fit_seconds": m["fit_seconds"], "wall_seconds": round(wall, 2),
-                             "val_accuracy": m["val"]["accuracy"], "chosen": m.get("chosen"), "load": load()}
+                             "val_accuracy": m["val"]["accuracy"], "chosen": chosen, "load": load()}
             print(f"{head:9s} fit {m['fit_seconds']:6.2f} s  (whole fit_head call {wall:6.2f} s)  "
-                  f"val accuracy {m['val']['accuracy']:.4f}  chosen {m.get('chosen')}  {load()}", flush=True)
+                  f"val accuracy {m['val']['accuracy']:.4f}  chosen {chosen}  {load()}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:

@@ -179,7 +179,7 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--epochs", type=click.IntRange(1), default=50, show_default=True, help="Dense: most epochs.")
 @click.option("--patience", type=click.IntRange(1), default=5, show_default=True,
-              help="Dense: early-stopping patience on validation loss.")
+              help="Dense: early-stopping patience, on the loss of a 10% slice of train (never val).")
 @click.option("--hidden", type=click.IntRange(1), default=256, show_default=True, help="Dense: hidden units.")
 @click.option("--dropout", type=click.FloatRange(0, 0.95), default=0.5, show_default=True)
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True)
@@ -188,7 +188,12 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
                    "(without it, such a folder is never replaced).")
 def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden, dropout, class_weight,
                  force) -> None:
-    """Stage two: fit a head on cached features; write the head, metrics.json and history.csv."""
+    """Stage two: fit a head on cached features; write the head, metrics.json, evaluation.json and
+    history.csv (dense) or grid.csv (C, k).
+
+    C and k are chosen by stratified cross-validation on train, the dense head's epochs by early
+    stopping on a 10% slice of train: val and test are never used for tuning.
+    """
     from pipeline.fit_head import FitConfig, fit_head, summary
     from pipeline.heads import HeadParams, get_head
 

@@ -1,14 +1,18 @@
 """Stage two: fit a head on cached features and evaluate it on every split.
 
-Writes ``cache/heads/<features>-<head>/``:
+Hyper-parameters are chosen inside train only (see ``pipeline.heads``); val and test are
+scored, never used for tuning.  Writes ``cache/heads/<features>-<head>/``:
   model/                     the fitted head: head.joblib | head.keras, and head.json (what, on what)
-  metrics.json               accuracy, balanced accuracy, log loss, ROC AUC per split,
-                             fit seconds, chance and untrained-head baselines
-  evaluation.json            confusion matrices and per-class precision / recall
-  history.csv                per epoch (dense) or per grid value (C, k): train/val accuracy and loss
-                             (train columns of the grid heads on a fixed sample of <= 2,000 rows)
+  metrics.json               only the compared figures: val/test accuracy and log loss, fit seconds
+  evaluation.json            everything else: provenance (features, weights, data, limit), tuning
+                             (what chose which value, on which rows), per-split metrics with confusion
+                             matrices and per-class scores, chance and untrained-head baselines
+  history.csv                dense: one row per epoch (train, tune slice, val); header only otherwise
+  grid.csv                   grid heads: one row per C or k (CV and in-fold train scores); header
+                             only for dense
   predictions.csv            val/test predictions (for DVC confusion-matrix plots)
   roc.csv                    ROC curve of the validation split (binary tasks)
+  figures/                   PNGs: training curves or the C/k grid, confusion matrices
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__
-from pipeline.features import FeatureSet, fuse, load_features, resolve_features_path, warn_if_stale
-from pipeline.heads import HeadParams, get_head
+from pipeline.features import FeatureSet, fuse, load_features, read_attrs, resolve_features_path, warn_if_stale
+from pipeline.heads import GRID_COLUMNS, HISTORY_COLUMNS, HeadParams, get_head
 from pipeline.safety import guard_head_folder, replace_dir
 from pipeline.util import write_json
 
@@ -134,26 +138,15 @@ def fit_head(cfg: FitConfig) -> Path:
 
     head = head_cls(k, cfg.params)
     t0 = time.perf_counter()
-    history = head.fit((train.X, train.y), (val.X, val.y))
+    rows = head.fit((train.X, train.y), (val.X, val.y))  # val: scored per epoch by dense, chooses nothing
     fit_seconds = time.perf_counter() - t0
 
-    metrics: dict[str, Any] = {
-        "base": fs.base,
-        "head": head.name,
-        "features": [str(p) for p in fs.paths],
-        "classes": classes,
-        "chosen": head.chosen,
-        "fit_seconds": round(fit_seconds, 3),
-        "feature_size": int(train.X.shape[1]),
-        "extract_images_per_second": fs.attrs.get("images_per_second"),
-    }
-    evaluation: dict[str, Any] = {"classes": classes}
+    splits: dict[str, Any] = {}
     pred_rows: list[dict[str, Any]] = []
     roc_rows: list[dict[str, Any]] = []
     for name, split in fs.splits.items():
         proba = head.predict_proba(split.X)
-        metrics[name] = evaluate(proba, split.y, k)
-        evaluation[name] = per_class(proba, split.y, classes)
+        splits[name] = {**evaluate(proba, split.y, k), **per_class(proba, split.y, classes)}
         if name != "train":
             pred_rows += [{"split": name, "id": i, "actual": classes[a], "predicted": classes[p],
                            "probability": round(float(pr.max()), 6)}
@@ -164,10 +157,28 @@ def fit_head(cfg: FitConfig) -> Path:
             fpr, tpr, thr = roc_curve(split.y, proba[:, 1])
             roc_rows = [{"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))}
                         for a, b, c in zip(fpr, tpr, thr)]
-    metrics["chance"] = {name: float(np.bincount(s.y, minlength=k).max() / max(1, len(s.y)))
-                         for name, s in fs.splits.items()}
-    metrics["untrained"] = {name: untrained_baseline(train.X, s.X, s.y, k, cfg.params.seed)
-                            for name, s in fs.splits.items() if name != "train"}
+    metrics: dict[str, Any] = {name: {"accuracy": splits[name]["accuracy"], "log_loss": splits[name]["log_loss"]}
+                               for name in ("val", "test") if name in splits}
+    metrics["fit_seconds"] = round(fit_seconds, 3)
+    attrs = [read_attrs(p) for p in fs.paths]
+    evaluation: dict[str, Any] = {
+        "base": fs.base,
+        "head": head.name,
+        "features": [str(p) for p in fs.paths],
+        "weights": [str(a.get("weights", "")) for a in attrs],
+        "data_source": str(fs.attrs.get("data_source", "")),
+        "limit": int(fs.attrs.get("limit") or 0),
+        "classes": classes,
+        "feature_size": int(train.X.shape[1]),
+        "fit_seconds": round(fit_seconds, 3),
+        "extract_images_per_second": fs.attrs.get("images_per_second"),
+        "tuning": {**head.tuning, "val_used_for_tuning": False},
+        "splits": splits,
+        "chance": {name: float(np.bincount(s.y, minlength=k).max() / max(1, len(s.y)))
+                   for name, s in fs.splits.items()},
+        "untrained": {name: untrained_baseline(train.X, s.X, s.y, k, cfg.params.seed)
+                      for name, s in fs.splits.items() if name != "train"},
+    }
 
     (tmp / "model").mkdir()
     head.save(tmp / "model")
@@ -175,14 +186,19 @@ def fit_head(cfg: FitConfig) -> Path:
         "head": head.name, "description": head.description, "classes": classes, "base": fs.base,
         "features": [str(p) for p in fs.paths], "feature_size": int(train.X.shape[1]),
         "fingerprints": _fingerprints(fs), "params": asdict(cfg.params),
-        "chosen": head.chosen, "tlpipe_version": __version__,
+        "chosen": head.chosen, "tuning": evaluation["tuning"], "tlpipe_version": __version__,
     })
     write_json(tmp / "metrics.json", metrics)
     write_json(tmp / "evaluation.json", evaluation)
-    _write_csv(tmp / "history.csv", history,
-               ["step", "param", "train_accuracy", "val_accuracy", "train_loss", "val_loss"])
+    # both files always exist (DVC outputs); the one that does not apply to this head is header-only
+    dense = head.name == "dense"
+    _write_csv(tmp / "history.csv", rows if dense else [], HISTORY_COLUMNS)
+    _write_csv(tmp / "grid.csv", [] if dense else rows, GRID_COLUMNS)
     _write_csv(tmp / "predictions.csv", pred_rows, ["split", "id", "actual", "predicted", "probability"])
     _write_csv(tmp / "roc.csv", roc_rows, ["fpr", "tpr", "threshold"])
+    from pipeline.plots import write_head_figures
+
+    write_head_figures(tmp)  # figures/: curves or C/k grid, confusion matrices (PNG)
     replace_dir(tmp, out)  # the previous folder goes only once the new one is complete
     log.info("%s head on %s: val accuracy %.4f, fit %.2f s -> %s", head.name, fs.name,
              metrics["val"]["accuracy"], fit_seconds, out)
@@ -190,8 +206,6 @@ def fit_head(cfg: FitConfig) -> Path:
 
 
 def _fingerprints(fs: FeatureSet) -> list[str]:
-    from pipeline.features import read_attrs
-
     return [str(read_attrs(p).get("fingerprint", "")) for p in fs.paths]
 
 
@@ -203,17 +217,25 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> No
 
 
 def summary(out: Path) -> str:
-    """A few lines for the terminal."""
-    m = json.loads((Path(out) / "metrics.json").read_text())
-    lines = [f"{m['head']} head on {m['base']} ({m['feature_size']} features), fit in {m['fit_seconds']:.2f} s"]
+    """A few lines for the terminal: fit, what tuned what, and each split's scores."""
+    out = Path(out)
+    m = json.loads((out / "metrics.json").read_text())
+    ev = json.loads((out / "evaluation.json").read_text())
+    lines = [f"{ev['head']} head on {ev['base']} ({ev['feature_size']} features), fit in {m['fit_seconds']:.2f} s"]
+    t = ev.get("tuning") or {}
+    if t.get("chosen") is not None:
+        cv = f" (accuracy {t['cv_accuracy']:.4f}, log loss {t['cv_log_loss']:.4f})" if t.get("cv_accuracy") is not None else ""
+        what = f"best epoch {t['chosen']} of {t.get('epochs_run', '?')}" if t.get("param") == "epochs" \
+            else f"{t['param']}={t['chosen']}"
+        how = t["method"].replace("early stopping on", "chosen by early stopping on") if t.get("param") == "epochs" \
+            else f"chosen by {t['method']}"
+        lines.append(f"  {what} {how}{cv}; val and test not used for tuning")
     for split in ("train", "val", "test"):
-        if split in m:
-            s = m[split]
+        s = ev["splits"].get(split)
+        if s:
             auc = f"  roc_auc {s['roc_auc']:.4f}" if "roc_auc" in s else ""
             lines.append(f"  {split:5s} n={s['n']:<6d} accuracy {s['accuracy']:.4f}  log_loss {s['log_loss']:.4f}{auc}")
-    lines.append(f"  chance (val) {m['chance'].get('val', float('nan')):.4f}   "
-                 f"untrained head (val) {m['untrained'].get('val', {}).get('accuracy', float('nan')):.4f}")
-    if m.get("chosen"):
-        lines.append("  chosen: " + ", ".join(f"{k}={v}" for k, v in m["chosen"].items()))
+    lines.append(f"  chance (val) {ev['chance'].get('val', float('nan')):.4f}   "
+                 f"untrained head (val) {ev['untrained'].get('val', {}).get('accuracy', float('nan')):.4f}")
     lines.append(f"  -> {out}")
     return "\n".join(lines)

@@ -41,5 +41,5 @@ def test_calling_a_submodule_calls_its_main_function(tmp_path):
     from tests.head_fixtures import write_head
 
     write_head(tmp_path / "heads" / "vgg16-logistic")
-    md = report(report.ReportConfig(cache_dir=tmp_path, params=None))
+    md = report(report.ReportConfig(cache_dir=tmp_path))
     assert md == tmp_path / "report.md" and "| vgg16 | vgg16 | logistic |" in md.read_text()

@@ -69,4 +69,4 @@ def test_dvc_repro_then_nothing_to_do(tmp_path):
     assert third.returncode == 0, third.stderr
     assert "Running stage 'extract" not in third.stdout
     assert "Running stage 'fit_head@vgg16-logistic'" in third.stdout
-    assert json.loads((work / "cache/dvc/heads/vgg16-logistic/metrics.json").read_text())["head"] == "logistic"
+    assert json.loads((work / "cache/dvc/heads/vgg16-logistic/evaluation.json").read_text())["head"] == "logistic"

@@ -59,7 +59,7 @@ def test_dvc_plots_show_draws_offline(tmp_path):
     shutil.copytree(REPO / ".dvc" / "plots", work / ".dvc" / "plots")
     assert _dvc("config", "plots.html_template", "plots/offline.html", cwd=work).returncode == 0
     for head in ("logistic", "dense"):
-        folder = write_head(work / "cache" / "heads" / f"vgg16-{head}", head=head)
+        folder = write_head(work / "cache" / "dvc" / "heads" / f"vgg16-{head}", head=head)
         if head == "dense":  # the head folder has both files: the one that does not apply is header-only
             _write_csv(folder / "grid.csv", ["param", "value", "cv_accuracy", "cv_log_loss", "train_accuracy",
                                              "train_loss"], [])
@@ -70,23 +70,23 @@ def test_dvc_plots_show_draws_offline(tmp_path):
                    [["val", "a.png", "cat", "cat", 0.9], ["val", "b.png", "dog", "cat", 0.6]])
         _write_csv(folder / "roc.csv", ["fpr", "tpr", "threshold"], [[0, 0, 1], [0.5, 1, 0.5], [1, 1, 0]])
         assert write_head_figures(folder)
-    report(ReportConfig(cache_dir=work / "cache", params=work / "params.yaml"))
+    report(ReportConfig(cache_dir=work / "cache" / "dvc"))
 
     shown = _dvc("plots", "show", "--json", cwd=work)
     assert shown.returncode == 0, shown.stdout + shown.stderr
     shown = json.loads(shown.stdout)
     assert not shown.get("errors"), shown.get("errors")
     data = shown["data"]
-    curves = data["cache/heads/vgg16-dense/history.csv"][0]["content"]
+    curves = data["cache/dvc/heads/vgg16-dense/history.csv"][0]["content"]
     assert len(curves["hconcat"]) == 2  # accuracy and loss panels
     assert {"train_accuracy", "tune_accuracy", "val_accuracy"} <= set(curves["data"]["values"][0])
-    grid = data["cache/heads/vgg16-logistic/grid.csv"][0]["content"]
+    grid = data["cache/dvc/heads/vgg16-logistic/grid.csv"][0]["content"]
     assert grid["hconcat"][0]["encoding"]["x"]["scale"]["type"] == "log"
     assert len(grid["data"]["values"]) == 6
-    assert "cache/heads/vgg16-dense/figures/curves.png" in data
-    comparison = data["cache/plots/comparison.csv"][0]["content"]
+    assert "cache/dvc/heads/vgg16-dense/figures/curves.png" in data
+    comparison = data["cache/dvc/plots/comparison.csv"][0]["content"]
     assert comparison["encoding"]["x"]["scale"] == {"zero": False} and comparison["mark"]["type"] == "point"
-    assert "cache/heads/vgg16-logistic/figures/grid.png" in data and "cache/plots/comparison.png" in data
+    assert "cache/dvc/heads/vgg16-logistic/figures/grid.png" in data and "cache/dvc/plots/comparison.png" in data
 
     html = _dvc("plots", "show", "-o", "out", cwd=work)
     assert html.returncode == 0, html.stdout + html.stderr

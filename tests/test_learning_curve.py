@@ -92,3 +92,22 @@ def test_learning_curve_default_output(features, tmp_path):
     assert (cache / "learning_curves" / "syn-knn.json").is_file()
     r = CliRunner().invoke(cli, ["learning-curve", "--features", str(features), "--head", "forest"])
     assert r.exit_code == 2 and "unknown head" in r.output
+
+
+def test_learning_curve_never_gives_val_to_the_head(features, tmp_path, monkeypatch):
+    """The head tunes inside each training sample; the val split only scores it."""
+    from pipeline.heads import LogisticHead
+
+    seen = []
+    original = LogisticHead.fit
+
+    def spy(self, train, val=None):
+        seen.append(val)
+        return original(self, train)
+
+    monkeypatch.setattr(LogisticHead, "fit", spy)
+    r = CliRunner().invoke(cli, ["learning-curve", "--features", str(features), "--sizes", "30,all", "--seeds", "1",
+                                 "--out", str(tmp_path / "c.csv")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert seen == [None, None]
+    assert "never used for tuning" in json.loads((tmp_path / "c.json").read_text())["note"]

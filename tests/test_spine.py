@@ -91,18 +91,19 @@ def test_heads_learn_a_learnable_task(colour_features, head, tmp_path):
     folder = fit_head(FitConfig(features=["vgg16.h5"], head=head, cache_dir=cache, out=tmp_path / head,
                                 params=HeadParams(epochs=40, patience=8)))
     m = json.loads((folder / "metrics.json").read_text())
-    assert m["head"] == head and m["base"] == "vgg16"
-    assert m["chance"]["val"] < 0.5
-    assert m["train"]["accuracy"] >= 0.9
+    ev = json.loads((folder / "evaluation.json").read_text())
+    assert ev["head"] == head and ev["base"] == "vgg16" and ev["weights"] == ["none"]
+    assert ev["chance"]["val"] < 0.5
+    assert ev["splits"]["train"]["accuracy"] >= 0.9
     assert m["val"]["accuracy"] >= 0.8, m["val"]
     for split in ("train", "val", "test"):
-        assert {"accuracy", "balanced_accuracy", "log_loss", "roc_auc", "n"} <= set(m[split])
-    assert m["fit_seconds"] > 0 and "untrained" in m
-    hist = (folder / "history.csv").read_text().splitlines()
-    assert hist[0].startswith("step,param,train_accuracy,val_accuracy")
-    assert len(hist) >= 2
-    ev = json.loads((folder / "evaluation.json").read_text())
-    assert np.array(ev["val"]["confusion_matrix"]).shape == (3, 3)
+        assert {"accuracy", "balanced_accuracy", "log_loss", "roc_auc", "n"} <= set(ev["splits"][split])
+    assert m["fit_seconds"] > 0 and "untrained" in ev and ev["tuning"]["val_used_for_tuning"] is False
+    curve = "history.csv" if head == "dense" else "grid.csv"
+    lines = (folder / curve).read_text().splitlines()
+    assert lines[0].startswith("epoch,train_accuracy" if head == "dense" else "param,value,cv_accuracy")
+    assert len(lines) >= 2
+    assert np.array(ev["splits"]["val"]["confusion_matrix"]).shape == (3, 3)
     loaded = load_head(folder)
     with h5py.File(out, "r") as h5:
         X = h5["val"]["features"][...]
@@ -217,7 +218,9 @@ def test_dense_head_is_seeded_and_reproducible(colour_features, tmp_path):
         folder = fit_head(FitConfig(features=[out], head="dense", out=tmp_path / f"d{i}",
                                     params=HeadParams(seed=7, epochs=4, patience=4)))
         m = json.loads((folder / "metrics.json").read_text())
-        runs.append((m["val"]["log_loss"], m["train"]["log_loss"], (folder / "history.csv").read_text()))
+        ev = json.loads((folder / "evaluation.json").read_text())
+        runs.append((m["val"]["log_loss"], ev["splits"]["train"]["log_loss"], ev["tuning"]["chosen"],
+                     [line.rsplit(",", 1)[0] for line in (folder / "history.csv").read_text().splitlines()]))
     assert runs[0] == runs[1]
 
 
