@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,21 +51,26 @@ def list_inputs(inputs: list[str | Path]) -> list[Path]:
 
 
 def load_exported(path: str | Path):
-    """Load an exported model; return ``(model, metadata)``."""
+    """Load a ``.keras`` model written by ``tlpipe export``; return ``(model, metadata)``."""
     import keras
 
-    import pipeline.export  # noqa: F401 - registers the custom layers
+    import pipeline.export  # noqa: F401 - registers the custom layers (svm, rbf-svm, knn; old exports)
     import pipeline.model  # noqa: F401
-    from pipeline.export import read_metadata
+    from pipeline.export import METADATA_MEMBER, read_metadata
 
     path = Path(path)
+    if path.is_dir() or path.suffix == ".tflite":
+        raise UsageError(f"{path}: predict reads the .keras export; a SavedModel or TFLite export runs "
+                         f"without tlpipe (see README: Export)")
     if not path.is_file():
         raise UsageError(f"model file not found: {path} (make one with 'tlpipe export')")
     try:
         model = keras.saving.load_model(path)
     except Exception as exc:  # noqa: BLE001
         raise DataError(f"could not load {path} as a Keras model: {str(exc).strip().splitlines()[0]}") from None
-    return model, read_metadata(model)
+    with zipfile.ZipFile(path) as zf:  # load_model read it, so it is a zip
+        member = zf.read(METADATA_MEMBER) if METADATA_MEMBER in zf.namelist() else None
+    return model, json.loads(member) if member is not None else read_metadata(model)  # else the old form
 
 
 def predict(model_path: str | Path, inputs: list[str | Path], batch_size: int = 32,
