@@ -1,10 +1,11 @@
-"""Export a fitted head and its base as one Keras model: image in, class probabilities out.
+"""Export a fitted head and its base as one model: image in, class probabilities out.
 
-The exported ``.keras`` file holds, in one graph::
+The exported model holds, in one graph::
 
-    uint8[N, H, W, 3] (any size) -> Resizing (bilinear, to the base's input size)
-      -> BasePreprocess (the base's own preprocess_input) -> frozen base + pooling
-      -> head -> Probabilities: float32[N, K] (K = number of classes, also for two classes)
+    uint8[N, H, W, 3] (any size) -> Resizing (bilinear, antialiased, to the base's input size)
+      -> rounded to integer levels (as pipeline.images.decode_image's uint8 output)
+      -> the base's preprocess_input as built-in layers (pipeline.model.builtin_preprocess)
+      -> frozen base + pooling -> head -> "probabilities": float32[N, K] (also for two classes)
 
 A head fitted on fused features (several ``--features`` files: other bases, or the same
 base at other input sizes) becomes one branch per file, concatenated in the head's order.
@@ -14,14 +15,20 @@ the image resized exactly as at extraction (``tlpipe predict`` feeds them).
 
 Heads: ``dense`` reuses the saved Keras head; ``logistic`` folds the StandardScaler into
 one Dense layer + softmax (equal to scikit-learn's ``predict_proba`` up to float32
-rounding); ``svm``, ``rbf-svm`` and ``knn`` become the custom layers
-``CalibratedLinearSVC``, ``CalibratedRbfSVC`` and ``KnnProba`` that reproduce
-scikit-learn's ``predict_proba``.
+rounding).  Both use built-in Keras layers only, so their ``.keras`` file loads with
+``keras.saving.load_model`` where tlpipe is not installed.  ``svm``, ``rbf-svm`` and
+``knn`` become the custom layers ``CalibratedLinearSVC``, ``CalibratedRbfSVC`` and
+``KnnProba`` that reproduce scikit-learn's ``predict_proba``: their ``.keras`` file needs
+``import pipeline.export``; their SavedModel runs with TensorFlow alone.
 
-Class names and provenance live in the config of the last layer (named
-``probabilities``, class ``tlpipe>Probabilities``), so the single file is
-self-describing: ``read_metadata(model)`` returns them.  Base, input size, pooling and
-weights default to what the head's features file recorded.
+Formats (``FORMATS``): ``keras`` (one file), ``savedmodel`` (a folder, ``serving_default``
+signature on uint8 images of any size), ``tflite`` (fixed input of the base's input size:
+TFLite's builtin ops have no antialiased resize).  Class names and provenance go in
+``tlpipe.json``: a member of the .keras zip (Keras ignores it), ``assets.extra/`` of a
+SavedModel, ``NAME.json`` (+ ``NAME.labels.txt``) beside a .tflite file.  Models exported
+by older tlpipe versions kept them in the config of a ``tlpipe>Probabilities`` last layer;
+``read_metadata`` reads both.  Base, input size, pooling and weights default to what the
+head's features file recorded.
 """
 
 from __future__ import annotations
@@ -609,6 +616,10 @@ def _save_tflite(model, metadata: dict[str, Any], out: Path) -> None:
 def export_model(cfg: ExportConfig) -> Path:
     """Build the exported model and save it to ``cfg.out`` in ``cfg.format``; return the path."""
     out = check_out(cfg.out, cfg.format, cfg.force)
+    head = _head_info(Path(cfg.head))[1].get("head")
+    if cfg.format == "tflite" and head in CUSTOM_LAYER_HEADS:
+        raise UsageError(f"--format tflite supports the logistic and dense heads, not {head} (its float64 "
+                         f"layers need TensorFlow ops that TFLite lacks); use --format savedmodel")
     model, metadata = build_export(cfg.head, cfg.base, cfg.weights, cfg.cache_dir,
                                    fixed_size=cfg.format == "tflite")
     out.parent.mkdir(parents=True, exist_ok=True)

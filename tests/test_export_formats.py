@@ -242,6 +242,9 @@ def test_out_checked_per_format_and_never_silently_replaced(data, tmp_path):
     lite.with_suffix(".labels.txt").write_text("mine")
     r = _export(folder, cache, lite, "--format", "tflite")
     assert r.exit_code == 2 and "m.labels.txt" in r.output
+    _, knn, _ = _fit(data, "three", "knn")
+    r = _export(knn, cache, tmp_path / "k.tflite", "--format", "tflite")
+    assert r.exit_code == 2 and "savedmodel" in r.output and len(r.output.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.keras", "m.labels.txt", "sm"]
 
 
