@@ -29,6 +29,11 @@ class Backbone:
     min_size: int = 32  # smallest input the architecture accepts
 
     @property
+    def preprocess_mode(self) -> str:
+        """What ``preprocess_input`` does: ``caffe``, ``tf``, ``torch`` or ``none`` (see ``PREPROCESS_MODES``)."""
+        return PREPROCESS_MODES[self.module]
+
+    @property
     def preprocess_input(self) -> Callable[..., Any]:
         """The base's own ``keras.applications.<module>.preprocess_input``."""
         return getattr(_module(self.module), "preprocess_input")
@@ -48,6 +53,22 @@ class Backbone:
         )
         model.trainable = False
         return model
+
+
+# What each module's preprocess_input does (keras.applications.imagenet_utils):
+#   caffe: RGB -> BGR, then subtract the ImageNet channel means (no scaling);
+#   tf:    x / 127.5 - 1;
+#   torch: x / 255, then (x - mean) / std per RGB channel;
+#   none:  identity (the model rescales inside itself: EfficientNet, EfficientNetV2, ConvNeXt,
+#          MobileNetV3).
+# tests/test_export_formats.py checks every row against the module's own preprocess_input.
+PREPROCESS_MODES: dict[str, str] = {
+    "vgg16": "caffe", "vgg19": "caffe", "resnet": "caffe",
+    "resnet_v2": "tf", "inception_v3": "tf", "inception_resnet_v2": "tf", "xception": "tf",
+    "mobilenet": "tf", "mobilenet_v2": "tf", "nasnet": "tf",
+    "densenet": "torch",
+    "mobilenet_v3": "none", "efficientnet": "none", "efficientnet_v2": "none", "convnext": "none",
+}
 
 
 def _module(name: str):

@@ -236,25 +236,42 @@ def manifest_cmd(data, split, tfds_data_dir, out) -> None:
 @cli.command("export")
 @click.option("--head", "head_dir", type=click.Path(path_type=Path), required=True,
               help="A fitted head folder (CACHE/heads/FEATURES-HEAD).")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output .keras file.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Output: a .keras file, a SavedModel folder, or a .tflite file (see --format).")
+@click.option("--format", "fmt", type=click.Choice(["keras", "savedmodel", "tflite"]), default="keras",
+              show_default=True, help="keras: one .keras file; savedmodel: a folder for TF Serving; "
+                                      "tflite: a .tflite file for mobile (fixed input size).")
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--base", default=None,
               help="Base name; must be the head's (one of them if fused) [default: the head's bases].")
 @click.option("--weights", default=None,
               help="imagenet, none, a weights file or a folder [default: as recorded in the features file].")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
-def export_cmd(head_dir, out, base, weights, cache_dir) -> None:
-    """One Keras model: uint8 image (any size) in, class probabilities [N, K] out.
+def export_cmd(head_dir, out, fmt, force, base, weights, cache_dir) -> None:
+    """One model: uint8 RGB image in, class probabilities [N, K] out (resize and preprocessing inside).
+
+    Logistic and dense heads use built-in Keras layers only: the .keras file loads with
+    keras.saving.load_model and no tlpipe. svm, rbf-svm and knn heads need 'import
+    pipeline.export' first (or --format savedmodel, which runs with TensorFlow alone).
+    Class names and provenance: tlpipe.json inside the .keras zip, assets.extra/tlpipe.json in
+    a SavedModel, NAME.json and NAME.labels.txt beside a .tflite file.
 
     A head on fused features gets one branch per features file, and one image input per
     input size when the branches need several ('tlpipe predict' feeds them)."""
-    from pipeline.export import ExportConfig, export_model
+    from pipeline.export import ExportConfig, custom_layer_note, export_model, read_metadata
     from pipeline.features import head_status
 
     status, why = head_status(head_dir)
     if status in ("stale", "features missing"):
         log.warning("%s is %s: %s; fit it again before exporting", head_dir, status, why)
-    path = export_model(ExportConfig(head=head_dir, out=out, base=base, weights=weights, cache_dir=cache_dir))
-    click.echo(f"{path}: exported {head_dir} ({path.stat().st_size / 1e6:.1f} MB)")
+
+    path = export_model(ExportConfig(head=head_dir, out=out, base=base, weights=weights, cache_dir=cache_dir,
+                                     format=fmt, force=force))
+    size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    click.echo(f"{path}: exported {head_dir} as {fmt} ({size / 1e6:.1f} MB)")
+    note = custom_layer_note(read_metadata(path)["head"], fmt)
+    if note:
+        click.echo(f"tlpipe: {note}", err=True)
 
 
 @cli.command("predict")

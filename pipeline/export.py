@@ -1,10 +1,11 @@
-"""Export a fitted head and its base as one Keras model: image in, class probabilities out.
+"""Export a fitted head and its base as one model: image in, class probabilities out.
 
-The exported ``.keras`` file holds, in one graph::
+The exported model holds, in one graph::
 
-    uint8[N, H, W, 3] (any size) -> Resizing (bilinear, to the base's input size)
-      -> BasePreprocess (the base's own preprocess_input) -> frozen base + pooling
-      -> head -> Probabilities: float32[N, K] (K = number of classes, also for two classes)
+    uint8[N, H, W, 3] (any size) -> Resizing (bilinear, antialiased, to the base's input size)
+      -> rounded to integer levels (as pipeline.images.decode_image's uint8 output)
+      -> the base's preprocess_input as built-in layers (pipeline.model.builtin_preprocess)
+      -> frozen base + pooling -> head -> "probabilities": float32[N, K] (also for two classes)
 
 A head fitted on fused features (several ``--features`` files: other bases, or the same
 base at other input sizes) becomes one branch per file, concatenated in the head's order.
@@ -14,22 +15,31 @@ the image resized exactly as at extraction (``tlpipe predict`` feeds them).
 
 Heads: ``dense`` reuses the saved Keras head; ``logistic`` folds the StandardScaler into
 one Dense layer + softmax (equal to scikit-learn's ``predict_proba`` up to float32
-rounding); ``svm``, ``rbf-svm`` and ``knn`` become the custom layers
-``CalibratedLinearSVC``, ``CalibratedRbfSVC`` and ``KnnProba`` that reproduce
-scikit-learn's ``predict_proba``.
+rounding).  Both use built-in Keras layers only, so their ``.keras`` file loads with
+``keras.saving.load_model`` where tlpipe is not installed.  ``svm``, ``rbf-svm`` and
+``knn`` become the custom layers ``CalibratedLinearSVC``, ``CalibratedRbfSVC`` and
+``KnnProba`` that reproduce scikit-learn's ``predict_proba``: their ``.keras`` file needs
+``import pipeline.export``; their SavedModel runs with TensorFlow alone.
 
-Class names and provenance live in the config of the last layer (named
-``probabilities``, class ``tlpipe>Probabilities``), so the single file is
-self-describing: ``read_metadata(model)`` returns them.  Base, input size, pooling and
-weights default to what the head's features file recorded.
+Formats (``FORMATS``): ``keras`` (one file), ``savedmodel`` (a folder, ``serving_default``
+signature on uint8 images of any size), ``tflite`` (fixed input of the base's input size:
+TFLite's builtin ops have no antialiased resize).  Class names and provenance go in
+``tlpipe.json``: a member of the .keras zip (Keras ignores it), ``assets.extra/`` of a
+SavedModel, ``NAME.json`` (+ ``NAME.labels.txt``) beside a .tflite file.  Models exported
+by older tlpipe versions kept them in the config of a ``tlpipe>Probabilities`` last layer;
+``read_metadata`` reads both.  Base, input size, pooling and weights default to what the
+head's features file recorded.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
+import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,16 +47,22 @@ from typing import Any
 import keras
 import numpy as np
 
-from pipeline.errors import FeaturesFileError, UsageError
+from pipeline.errors import FeaturesFileError, TlpipeError, UsageError
 
 log = logging.getLogger(__name__)
 
 OUTPUT_LAYER = "probabilities"
+METADATA_MEMBER = "tlpipe.json"  # in the .keras zip; assets.extra/ of a SavedModel; NAME.json beside .tflite
+METADATA_VERSION = 2  # 1: metadata in the Probabilities layer's config (still read)
+FORMATS = ("keras", "savedmodel", "tflite")
+CUSTOM_LAYER_HEADS = ("svm", "rbf-svm", "knn")  # their .keras files need 'import pipeline.export' to load
 
 
 @keras.saving.register_keras_serializable(package="tlpipe")
 class Probabilities(keras.layers.Layer):
-    """Final layer: ``[N, 1]`` sigmoid output becomes ``[N, 2]``; carries class names and metadata."""
+    """Final layer of models exported by older tlpipe versions (kept so they still load): ``[N, 1]``
+    sigmoid output becomes ``[N, 2]``; carries class names and metadata.  New exports use built-in
+    layers (``_probabilities_layer``) and keep the metadata in ``tlpipe.json``."""
 
     def __init__(self, class_names: list[str], metadata: dict[str, Any] | None = None, **kwargs):
         kwargs.setdefault("dtype", "float32")
@@ -246,6 +262,8 @@ class ExportConfig:
     base: str | None = None  # must match the head's base when given
     weights: str | None = None  # default: what the features file recorded
     cache_dir: Path = Path("cache")
+    format: str = "keras"  # keras | savedmodel | tflite
+    force: bool = False  # replace an existing --out
 
 
 def _head_info(folder: Path) -> tuple[Path, dict[str, Any]]:
@@ -408,16 +426,47 @@ def _build_branch(attrs: dict[str, Any], weights: str | None, index: int, fused:
     return _Branch(backbone.name, size, pooling, model, winfo)
 
 
-def build_export_model(head_dir: str | Path, base: str | None = None, weights: str | None = None,
-                       cache_dir: str | Path = "cache"):
-    """Build (not save) the image -> probabilities model for a fitted head.
+def _resize(x, size: int, suffix: str = ""):
+    """The in-graph resize: what ``pipeline.images.decode_image`` does to a photo of any size.
+
+    ``Resizing(antialias=True)`` (bilinear; antialiased when a side shrinks), then rounded to
+    integer levels as decoding to uint8 does: + 0.5, a cast to int32 (truncation: the values
+    are >= 0) and back to float32, with ``Rescaling`` layers (``Discretization`` would do it
+    too, at 10x the cost of the resize).  The identity on an image that already has the base's
+    input size (what ``tlpipe predict`` feeds).
+    """
+    x = keras.layers.Resizing(size, size, interpolation="bilinear", antialias=True, name=f"resize{suffix}")(x)
+    x = keras.layers.Rescaling(1.0, offset=0.5, dtype="float32", name=f"round_half{suffix}")(x)
+    x = keras.layers.Rescaling(1.0, dtype="int32", name=f"round{suffix}")(x)
+    return keras.layers.Rescaling(1.0, dtype="float32", name=f"to_float{suffix}")(x)
+
+
+def _probabilities_layer(x, n_classes: int):
+    """``[N, K]`` float32 probabilities named ``probabilities``, with built-in layers only.
+
+    A binary sigmoid output ``p`` ``[N, 1]`` becomes ``[1 - p, p]``: ``Rescaling(-1, offset=1)``
+    then ``Concatenate``.
+    """
+    if x.shape[-1] == 1 and n_classes == 2:
+        p = keras.layers.Activation("linear", dtype="float32", name="p_positive")(x)
+        q = keras.layers.Rescaling(-1.0, offset=1.0, dtype="float32", name="p_negative")(p)
+        return keras.layers.Concatenate(dtype="float32", name=OUTPUT_LAYER)([q, p])
+    return keras.layers.Activation("linear", dtype="float32", name=OUTPUT_LAYER)(x)
+
+
+def build_export(head_dir: str | Path, base: str | None = None, weights: str | None = None,
+                 cache_dir: str | Path = "cache", fixed_size: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Build (not save) the image -> probabilities model for a fitted head; return it and its metadata.
 
     One features file: one ``image`` input.  Fused features: one branch per file; one input
     per distinct input size (``image`` if they all share one, else ``image_<size>``).
+    Only built-in Keras layers, except the svm, rbf-svm and knn heads (``CUSTOM_LAYER_HEADS``).
+    ``fixed_size``: inputs of exactly the base's input size and no resize layer (for TFLite,
+    whose builtin ops have no antialiased resize).
     """
     from pipeline.backbones import get_backbone
     from pipeline.heads import load_head
-    from pipeline.model import BasePreprocess
+    from pipeline.model import builtin_preprocess
 
     model_dir, info = _head_info(Path(head_dir))
     name = info["head"]
@@ -439,13 +488,18 @@ def build_export_model(head_dir: str | Path, base: str | None = None, weights: s
                          f"but the head expects {dim}")
 
     sizes = sorted({b.size for b in branches}, key=[b.size for b in branches].index)
-    inputs = {s: keras.Input(shape=(None, None, 3), dtype="uint8",
+    inputs = {s: keras.Input(shape=(s, s, 3) if fixed_size else (None, None, 3), dtype="uint8",
                              name="image" if len(sizes) == 1 else f"image_{s}") for s in sizes}
     pooled = []
     for i, b in enumerate(branches):
         suffix = f"_{i}" if fused else ""
-        x = keras.layers.Resizing(b.size, b.size, interpolation="bilinear", name=f"resize{suffix}")(inputs[b.size])
-        x = BasePreprocess(b.base, name=f"preprocess{suffix}")(x)
+        x = inputs[b.size]
+        if fixed_size:
+            x = keras.layers.Rescaling(1.0, dtype="float32", name=f"to_float{suffix}")(x)
+        else:
+            x = _resize(x, b.size, suffix)
+        for layer in builtin_preprocess(get_backbone(b.base), name=f"preprocess{suffix}"):
+            x = layer(x)
         pooled.append(b.model(x, training=False))
     x = keras.layers.Concatenate(name="fuse")(pooled) if fused else pooled[0]
     if name == "dense":
@@ -458,42 +512,178 @@ def build_export_model(head_dir: str | Path, base: str | None = None, weights: s
         x = _rbf_svm_layer(head.model, k, dim)(x)
     else:
         x = _knn_layer(head.model, k, dim)(x)
+    outputs = _probabilities_layer(x, k)
     first = branches[0]
-    metadata = {"base": " + ".join(b.base for b in branches), "input_size": first.size, "input_sizes": sizes,
+    metadata = {"format_version": METADATA_VERSION, "class_names": classes,
+                "base": " + ".join(b.base for b in branches), "input_size": first.size, "input_sizes": sizes,
+                "inputs": ["image"] if len(sizes) == 1 else [f"image_{s}" for s in sizes],
+                "input_shape": "fixed: [N, S, S, 3] uint8, S = input_size" if fixed_size
+                else "any: [N, H, W, 3] uint8, resized inside",
                 "pooling": first.pooling, "weights": first.weights.label, "weights_sha256": first.weights.sha256,
                 "branches": [{"base": b.base, "input_size": b.size, "pooling": b.pooling,
                               "weights": b.weights.label, "weights_sha256": b.weights.sha256} for b in branches],
-                "head": name, "head_dir": str(head_dir),
+                "head": name, "head_dir": str(head_dir), "custom_layers": name in CUSTOM_LAYER_HEADS,
                 "features": info.get("features"), "fingerprints": info.get("fingerprints")}
-    outputs = Probabilities(classes, metadata, name=OUTPUT_LAYER)(x)
     model_name = "_".join(["tlpipe", *dict.fromkeys(b.base for b in branches), name])
     model = keras.Model(list(inputs.values()) if len(sizes) > 1 else inputs[sizes[0]], outputs,
                         name=re.sub(r"[^A-Za-z0-9_]", "_", model_name))
     model.trainable = False
-    return model
+    return model, metadata
 
 
-def export_model(cfg: ExportConfig) -> Path:
-    """Build the exported model and save it to ``cfg.out`` (a ``.keras`` file)."""
-    out = Path(cfg.out)
-    if out.suffix != ".keras":
-        raise UsageError(f"--out must end in .keras (the Keras 3 model format), not {out.name}")
-    model = build_export_model(cfg.head, cfg.base, cfg.weights, cfg.cache_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.keras")
-    model.save(tmp)
-    tmp.replace(out)
-    log.info("exported %s -> %s", cfg.head, out)
+def build_export_model(head_dir: str | Path, base: str | None = None, weights: str | None = None,
+                       cache_dir: str | Path = "cache"):
+    """``build_export`` without the metadata (the model alone)."""
+    return build_export(head_dir, base, weights, cache_dir)[0]
+
+
+# ----------------------------------------------------------------------------- writing the formats
+
+def check_out(out: str | Path, fmt: str, force: bool = False) -> Path:
+    """Refuse an ``--out`` that does not fit ``fmt``, or that exists without ``force``."""
+    out = Path(out)
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown --format '{fmt}': {', '.join(FORMATS)}")
+    want = {"keras": ".keras", "tflite": ".tflite"}.get(fmt)
+    if want and out.suffix != want:
+        raise UsageError(f"--out must end in {want} for --format {fmt}, not {out.name}")
+    if fmt == "savedmodel" and out.suffix in (".keras", ".tflite", ".h5", ".pb", ".zip"):
+        raise UsageError(f"--format savedmodel writes a directory: --out must be a folder name, not {out.name}")
+    if not force:
+        for path in _outputs(out, fmt):
+            if path.exists() or path.is_symlink():
+                raise UsageError(f"{path} exists; pass --force to replace it")
     return out
 
 
-def read_metadata(model) -> dict[str, Any]:
-    """Class names and provenance stored in an exported model's last layer."""
+def _outputs(out: Path, fmt: str) -> list[Path]:
+    """Every path the export writes (the model and, for TFLite, its sidecars)."""
+    if fmt == "tflite":
+        return [out, out.with_suffix(".json"), out.with_suffix(".labels.txt")]
+    return [out]
+
+
+def _tmp_name(out: Path) -> Path:
+    return out.with_name(f".{out.name}.tmp-{os.getpid()}{out.suffix}")
+
+
+def _save_keras(model, metadata: dict[str, Any], out: Path) -> None:
+    tmp = _tmp_name(out)
+    try:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as zf:  # keras.saving.load_model ignores members it does not know
+            zf.writestr(METADATA_MEMBER, json.dumps(metadata, indent=2))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_savedmodel(model, metadata: dict[str, Any], out: Path) -> None:
+    tmp = _tmp_name(out)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    try:
+        model.export(str(tmp), format="tf_saved_model", verbose=False)
+        (tmp / "assets.extra").mkdir(exist_ok=True)
+        (tmp / "assets.extra" / METADATA_MEMBER).write_text(json.dumps(metadata, indent=2))
+        if out.exists() or out.is_symlink():  # --force: move the old one aside, then rename
+            if out.is_dir() and not out.is_symlink():
+                out.rename(old)
+            else:
+                out.unlink()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_tflite(model, metadata: dict[str, Any], out: Path) -> None:
+    from pipeline.util import atomic_write_text
+
+    tmp = _tmp_name(out)
+    try:
+        try:
+            model.export(str(tmp), format="litert", verbose=False)
+        except Exception as exc:  # noqa: BLE001 - the converter's errors are long; keep the first line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TlpipeError(f"TFLite conversion failed: {first}") from exc
+        atomic_write_text(out.with_suffix(".json"), json.dumps(metadata, indent=2) + "\n")
+        atomic_write_text(out.with_suffix(".labels.txt"), "".join(f"{c}\n" for c in metadata["class_names"]))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_model(cfg: ExportConfig) -> Path:
+    """Build the exported model and save it to ``cfg.out`` in ``cfg.format``; return the path."""
+    out = check_out(cfg.out, cfg.format, cfg.force)
+    head = _head_info(Path(cfg.head))[1].get("head")
+    if cfg.format == "tflite" and head in CUSTOM_LAYER_HEADS:
+        raise UsageError(f"--format tflite supports the logistic and dense heads, not {head} (its float64 "
+                         f"layers need TensorFlow ops that TFLite lacks); use --format savedmodel")
+    model, metadata = build_export(cfg.head, cfg.base, cfg.weights, cfg.cache_dir,
+                                   fixed_size=cfg.format == "tflite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.format == "keras":
+        _save_keras(model, metadata, out)
+    elif cfg.format == "savedmodel":
+        _save_savedmodel(model, metadata, out)
+    else:
+        _save_tflite(model, metadata, out)
+    log.info("exported %s -> %s (%s)", cfg.head, out, cfg.format)
+    return out
+
+
+def custom_layer_note(head: str, fmt: str) -> str | None:
+    """One line for heads whose ``.keras`` file needs tlpipe to load, else None."""
+    if head in CUSTOM_LAYER_HEADS and fmt == "keras":
+        return (f"note: the {head} head uses tlpipe's custom layers: load this .keras file after "
+                f"'import pipeline.export' (or export with --format savedmodel to run it without tlpipe)")
+    return None
+
+
+# ----------------------------------------------------------------------------- reading metadata
+
+def _metadata_from_layer(model) -> dict[str, Any] | None:
+    """The old form (tlpipe < 0.x): metadata in the config of a ``tlpipe>Probabilities`` last layer."""
     try:
         layer = model.get_layer(OUTPUT_LAYER)
     except ValueError:
-        layer = None
-    if layer is None or not hasattr(layer, "metadata") or not hasattr(layer, "class_names"):
-        raise UsageError("not a model written by 'tlpipe export' (a head's model/head.keras is not one): "
-                         "run 'tlpipe export --head DIR --out model.keras' first")
+        return None
+    if not hasattr(layer, "metadata") or not hasattr(layer, "class_names"):
+        return None
     return {**layer.metadata, "class_names": list(layer.class_names)}
+
+
+def read_metadata(source) -> dict[str, Any]:
+    """Class names and provenance of an exported model: a path (.keras, SavedModel folder, .tflite) or a
+    loaded Keras model.
+
+    New exports keep them in ``tlpipe.json`` (a member of the .keras zip, ``assets.extra/tlpipe.json``
+    in a SavedModel, ``NAME.json`` beside a .tflite file); older .keras exports kept them in the
+    config of their last layer, which is still read.
+    """
+    not_ours = ("not a model written by 'tlpipe export' (a head's model/head.keras is not one): "
+                "run 'tlpipe export --head DIR --out model.keras' first")
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir():
+            meta = path / "assets.extra" / METADATA_MEMBER
+            if not meta.is_file():
+                raise UsageError(f"{path}: {not_ours}")
+            return json.loads(meta.read_text())
+        if path.suffix == ".tflite":
+            meta = path.with_suffix(".json")
+            if not meta.is_file():
+                raise UsageError(f"{path}: no {meta.name} beside it (tlpipe export writes one)")
+            return json.loads(meta.read_text())
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                if METADATA_MEMBER in zf.namelist():
+                    return json.loads(zf.read(METADATA_MEMBER))
+        import pipeline.model  # noqa: F401 - registers BasePreprocess for old exports
+
+        return read_metadata(keras.saving.load_model(path))
+    meta = getattr(source, "tlpipe_metadata", None) or _metadata_from_layer(source)
+    if meta is None:
+        raise UsageError(not_ours)
+    return dict(meta)

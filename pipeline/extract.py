@@ -32,7 +32,7 @@ from pipeline.backbones import get_backbone
 from pipeline.data import Item, Source, open_source
 from pipeline.errors import DataError, LockedError, TlpipeError
 from pipeline.features import SCHEMA_VERSION, extraction_fingerprint, read_attrs
-from pipeline.images import DecodeError, decode_image, resize_array
+from pipeline.images import RESIZE_METHOD, DecodeError, decode_image, resize_array
 from pipeline.util import atomic_write_text, progress_bar
 
 log = logging.getLogger(__name__)
@@ -275,6 +275,7 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
                 "input_size": size,
                 "pooling": cfg.pooling,
                 "preprocessing": preprocessing,
+                "resize": RESIZE_METHOD,
                 "feature_size": dim,
                 "data_source": source.spec,
                 "data_kind": source.kind,
@@ -325,6 +326,7 @@ def _fingerprint(backbone, weights_kind: str, weights_sha256: str, size: int, po
         base=backbone.name, weights=weights_kind, weights_sha256=weights_sha256, input_size=size,
         pooling=pooling, preprocessing=f"keras.applications.{backbone.module}.preprocess_input",
         source_fingerprint=source.fingerprint, split=source.split_spec, version=__version__,
+        resize=RESIZE_METHOD,
     )
 
 
@@ -334,12 +336,13 @@ def _settings(backbone, weights_kind: str, weights_sha256: str, size: int, cfg: 
     return {"base": backbone.name, "weights": weights_kind, "weights_sha256": weights_sha256,
             "input_size": size, "pooling": cfg.pooling, "data_source": source.spec,
             "split_spec": source.split_spec, "source_fingerprint": source.fingerprint,
-            "limit": cfg.limit or 0, "tlpipe_version": __version__, "fingerprint": fingerprint}
+            "limit": cfg.limit or 0, "tlpipe_version": __version__, "resize": RESIZE_METHOD,
+            "fingerprint": fingerprint}
 
 
 _EXPLAIN = {"source_fingerprint": "the images listed", "weights_sha256": "weights file contents",
             "split_spec": "split", "data_source": "data", "input_size": "input size",
-            "tlpipe_version": "tlpipe version"}
+            "tlpipe_version": "tlpipe version", "resize": "decode resize"}
 
 
 def _guard_existing(out: Path, new: dict, force: bool) -> None:

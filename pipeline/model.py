@@ -18,9 +18,44 @@ from pipeline.backbones import Backbone, get_backbone
 log = logging.getLogger(__name__)
 
 
+_IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)  # caffe mode, in BGR order
+_IMAGENET_RGB_MEAN, _IMAGENET_RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torch mode
+
+
+def builtin_preprocess(backbone: Backbone, name: str = "preprocess") -> list:
+    """The base's ``preprocess_input`` as built-in Keras layers (frozen), to apply in order.
+
+    A model made of these loads with plain ``keras.saving.load_model`` (no tlpipe needed):
+    ``tf`` is ``Rescaling(1/127.5, offset=-1)``, ``torch`` a per-channel ``Rescaling``,
+    ``caffe`` a ``Dense(3)`` whose kernel swaps R and B and whose bias subtracts the means,
+    ``none`` no layer at all.  Equal to ``preprocess_input`` up to float32 rounding.
+    """
+    mode = backbone.preprocess_mode
+    if mode == "none":
+        return []
+    if mode == "tf":
+        return [keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, dtype="float32", name=name)]
+    if mode == "torch":
+        std = np.asarray(_IMAGENET_RGB_STD, np.float64)
+        scale = (1.0 / (255.0 * std)).tolist()
+        offset = (-np.asarray(_IMAGENET_RGB_MEAN) / std).tolist()
+        return [keras.layers.Rescaling(scale, offset=offset, dtype="float32", name=name)]
+    if mode == "caffe":
+        dense = keras.layers.Dense(3, dtype="float32", trainable=False, name=name)
+        dense.build((None, 3))
+        kernel = np.eye(3, dtype="float32")[:, ::-1]  # out[..., j] = in[..., 2 - j]: RGB -> BGR
+        dense.set_weights([kernel, -np.asarray(_IMAGENET_BGR_MEAN, np.float32)])
+        return [dense]
+    raise ValueError(f"unknown preprocessing mode {mode!r} for {backbone.name}")
+
+
 @keras.saving.register_keras_serializable(package="tlpipe")
 class BasePreprocess(keras.layers.Layer):
-    """Cast to float32 and apply ``keras.applications.<base>.preprocess_input``."""
+    """Cast to float32 and apply ``keras.applications.<base>.preprocess_input``.
+
+    Extraction uses it (the features are defined by it); exports use ``builtin_preprocess``
+    instead. It stays registered so that models exported by older tlpipe versions load.
+    """
 
     def __init__(self, base: str, **kwargs):
         kwargs.setdefault("dtype", "float32")

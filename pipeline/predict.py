@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,28 +59,30 @@ def list_inputs(inputs: list[str | Path]) -> list[Path]:
 def check_model_path(path: str | Path) -> Path:
     """The model file, checked before anything slow is imported (one line for a wrong path)."""
     path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"--model {path} is a folder, not a model file: give the .keras file that "
-                         "'tlpipe export' wrote")
+    if path.is_dir() or path.suffix == ".tflite":
+        raise UsageError(f"--model {path}: predict reads the .keras file that 'tlpipe export' writes; a "
+                         "SavedModel folder or a TFLite file runs without tlpipe (see README: Export)")
     if not path.is_file():
         raise UsageError(f"model file not found: {path} (make one with 'tlpipe export')")
     return path
 
 
 def load_exported(path: str | Path):
-    """Load an exported model; return ``(model, metadata)``."""
+    """Load a ``.keras`` model written by ``tlpipe export``; return ``(model, metadata)``."""
     path = check_model_path(path)
     import keras
 
-    import pipeline.export  # noqa: F401 - registers the custom layers
+    import pipeline.export  # noqa: F401 - registers the custom layers (svm, rbf-svm, knn; old exports)
     import pipeline.model  # noqa: F401
-    from pipeline.export import read_metadata
+    from pipeline.export import METADATA_MEMBER, read_metadata
 
     try:
         model = keras.saving.load_model(path)
     except Exception as exc:  # noqa: BLE001
         raise DataError(f"could not load {path} as a Keras model: {str(exc).strip().splitlines()[0]}") from None
-    return model, read_metadata(model)
+    with zipfile.ZipFile(path) as zf:  # load_model read it, so it is a zip
+        member = zf.read(METADATA_MEMBER) if METADATA_MEMBER in zf.namelist() else None
+    return model, json.loads(member) if member is not None else read_metadata(model)  # else the old form
 
 
 def predict(model_path: str | Path, inputs: list[str | Path], batch_size: int = 32,

@@ -95,7 +95,7 @@ def test_exit_codes_and_messages_say_what_happened(tmp_path):
     r = _run(["predict", "--model", str(a_file), str(tmp_path / "missing.jpg")])
     assert r.exit_code == 2 and "no such file or folder" in r.output
     r = _run(["predict", "--model", str(tmp_path), str(data)])
-    assert r.exit_code == 2 and "is a folder, not a model file" in r.output and "not found" not in r.output
+    assert r.exit_code == 2 and "SavedModel folder" in r.output and "not found" not in r.output
     r = _run(["predict", "--model", str(a_file), str(empty)])
     assert r.exit_code == 2 and "no image files in folder" in r.output
     r = _run(["extract", "--base", "vgg16", "--data", str(a_file), "--weights", "none"])
