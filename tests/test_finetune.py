@@ -175,3 +175,16 @@ def test_bad_heads_refused(heads, tmp_path):
     r = CliRunner().invoke(cli, ["fine-tune", "--head", str(heads["dense"]), "--cache-dir", str(heads["cache"]),
                                  "--unfreeze", "0"])
     assert r.exit_code == 2 and "out of range" in r.output
+
+
+def test_report_lists_finetuned_rows(heads):
+    from pipeline.report import ReportConfig, report
+
+    out = fine_tune(_cfg(heads, "logistic", augment="none"))
+    assert out == heads["cache"] / "finetuned" / "mobilenet_0.25-logistic"
+    report(ReportConfig(cache_dir=heads["cache"]))
+    rows = json.loads((heads["cache"] / "report.json").read_text())["rows"]
+    ft = [r for r in rows if r["head"] == "logistic+ft"]
+    assert len(ft) == 1 and ft[0]["features"] == "mobilenet_0.25" and ft[0]["status"] == "ok"
+    assert "early stopping" in ft[0]["tuned_on"]
+    assert {"dense", "logistic"} <= {r["head"] for r in rows}
