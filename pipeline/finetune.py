@@ -475,6 +475,11 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
     if cfg.epochs < 1 or cfg.patience < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise UsageError("--epochs, --patience and --batch-size must be at least 1 and --lr above 0")
     parse_augment(cfg.augment)
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401 - tf.summary needs it
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     head_dir = Path(cfg.head)
     model_dir, info, feat_path, attrs, head_eval = _read_head(head_dir, Path(cfg.cache_dir))
     out = output_dir(cfg)

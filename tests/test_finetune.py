@@ -188,3 +188,24 @@ def test_report_lists_finetuned_rows(heads):
     assert len(ft) == 1 and ft[0]["features"] == "mobilenet_0.25" and ft[0]["status"] == "ok"
     assert "early stopping" in ft[0]["tuned_on"]
     assert {"dense", "logistic"} <= {r["head"] for r in rows}
+
+
+def test_stale_or_missing_features_refused(heads, tmp_path):
+    import shutil
+
+    stale = tmp_path / "stale-dense"
+    shutil.copytree(heads["dense"], stale)
+    meta = json.loads((stale / "model" / "head.json").read_text())
+    meta["fingerprints"] = ["0" * 64]
+    (stale / "model" / "head.json").write_text(json.dumps(meta))
+    r = CliRunner().invoke(cli, ["fine-tune", "--head", str(stale), "--cache-dir", str(heads["cache"])])
+    assert r.exit_code == 2 and "stale" in r.output
+    meta["features"] = [str(tmp_path / "gone.h5")]
+    (stale / "model" / "head.json").write_text(json.dumps(meta))
+    r = CliRunner().invoke(cli, ["fine-tune", "--head", str(stale), "--cache-dir", str(heads["cache"])])
+    assert r.exit_code == 2 and "features file" in r.output
+
+
+def test_tensorboard_logs(heads, tmp_path):
+    fine_tune(_cfg(heads, out=tmp_path / "ft", augment="none", tensorboard=tmp_path / "tb"))
+    assert any(p.is_file() for p in (tmp_path / "tb").rglob("*"))
