@@ -33,7 +33,7 @@ import shutil
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -151,8 +151,6 @@ def block_names(base) -> list[str]:
     shared by at least two layers (``block5`` in VGG16, ``conv5``/``conv5_block3`` in ResNet,
     ``conv_dw_13`` in MobileNet), or the name of a layer that joins branches (``mixed9`` in
     InceptionV3)."""
-    import keras
-
     names = [layer.name for layer in base.layers[1:]]
     counts: dict[str, int] = {}
     for n in names:
