@@ -205,6 +205,45 @@ def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden,
     click.echo(summary(path))
 
 
+@cli.command("fine-tune")
+@click.option("--head", "head_dir", type=click.Path(path_type=Path), required=True,
+              help="A fitted dense or logistic head folder (CACHE/heads/FEATURES-HEAD) on one features file.")
+@click.option("--unfreeze", default="block", show_default=True,
+              help="Layers of the base to train: N from the top, a block name (from that block to the top; "
+                   "a wrong name lists the valid ones), all, or block (the base's last block). "
+                   "BatchNorm layers stay frozen, in inference mode.")
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True, help="Most epochs.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-5, show_default=True,
+              help="Adam learning rate.")
+@click.option("--augment", default="flip,rotate=0.1,zoom=0.2,shift=0.1,contrast=0.1", show_default=True,
+              help="Training-only augmentation (Keras preprocessing layers), or none. Never applied to val/test.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--patience", type=click.IntRange(1), default=3, show_default=True,
+              help="Early-stopping patience, on the loss of a 10% slice of train (never val).")
+@click.option("--weights", default=None,
+              help="imagenet, none, a weights file or a folder [default: as recorded in the features file].")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder [default: CACHE/finetuned/FEATURES-HEAD].")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an --out folder made from other settings.")
+@click.option("--tensorboard", type=click.Path(path_type=Path), default=None, help="Write TensorBoard logs here.")
+def fine_tune_cmd(head_dir, unfreeze, epochs, lr, augment, batch_size, patience, weights, out, cache_dir, seed,
+                  force, tensorboard) -> None:
+    """Stage three: train the top of the base with the fitted head, end to end on the images.
+
+    Epoch 0 is the head as fitted; the best epoch is chosen by early stopping on a 10% slice of
+    train (val and test are never used for tuning). A checkpoint after each epoch: run the same
+    command again to resume. Writes model.keras (as 'tlpipe export'), metrics.json,
+    evaluation.json, history.csv, predictions.csv, roc.csv and figures/."""
+    from pipeline.finetune import FineTuneConfig, fine_tune, summary
+
+    path = fine_tune(FineTuneConfig(head=head_dir, unfreeze=unfreeze, epochs=epochs, lr=lr, augment=augment,
+                                    batch_size=batch_size, patience=patience, weights=weights, out=out,
+                                    cache_dir=cache_dir, seed=seed, force=force, tensorboard=tensorboard))
+    click.echo(summary(path))
+
+
 @cli.command("report")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
 def report_cmd(cache_dir) -> None:

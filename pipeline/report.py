@@ -73,11 +73,13 @@ def weights_label(weights: Any) -> str:
 
 def heads_folders(cache_dir: str | Path) -> list[tuple[Path, bool]]:
     """``(folder, made by the DVC pipeline?)`` for a cache: ``<cache>/heads`` (hand-run commands)
-    and ``<cache>/dvc/heads`` (the pipeline's, see dvc.yaml); a cache folder named ``dvc`` is the
-    pipeline's own (the report stage runs with ``--cache-dir cache/dvc``)."""
+    and ``<cache>/dvc/heads`` (the pipeline's, see dvc.yaml), and ``<cache>/finetuned`` (``tlpipe
+    fine-tune``); a cache folder named ``dvc`` is the pipeline's own (the report stage runs with
+    ``--cache-dir cache/dvc``)."""
     cache = Path(cache_dir)
     own = cache.resolve().name == "dvc"
-    return [(cache / "heads", own), (cache / "dvc" / "heads", True)]
+    return [(cache / "heads", own), (cache / "dvc" / "heads", True),
+            (cache / "finetuned", own)]  # tlpipe fine-tune (head name e.g. dense+ft)
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -118,7 +120,7 @@ def _row(head_dir: Path) -> dict[str, Any]:
     else:
         tuned_on, data, weights, splits = OLD_TUNING, attrs_data, weights_label(attrs_weights), m
     return {
-        "features": name[: -len(head) - 1] if name.endswith("-" + head) else name,
+        "features": _features_name(name, head),
         "base": e.get("base") or m.get("base"),
         "head": head,
         "weights": weights,
@@ -134,6 +136,14 @@ def _row(head_dir: Path) -> dict[str, Any]:
         "extract_images_per_second": e.get("extract_images_per_second", m.get("extract_images_per_second")),
         "status": status,
     }
+
+
+def _features_name(folder: str, head: str) -> str:
+    """``vgg16`` from ``vgg16-dense`` (head ``dense``, or ``dense+ft`` for a fine-tuned folder)."""
+    for suffix in (head, head.split("+")[0]):
+        if folder.endswith("-" + suffix):
+            return folder[: -len(suffix) - 1]
+    return folder
 
 
 def collect(folders: Path | list[tuple[Path, bool]]) -> list[dict[str, Any]]:

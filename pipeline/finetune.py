@@ -1,0 +1,668 @@
+"""Stage three: fine-tune the top of the base together with a fitted head, on the images.
+
+Starts from a head fitted on cached features (``dense``, or ``logistic`` folded into a
+``Dense(K, softmax)`` as ``tlpipe export`` does), so epoch 0 already scores the head's
+accuracy.  The same base, weights, input size, data source, split and limit are read from the
+head's features file; the rows of each split are the features file's rows (files skipped at
+extraction stay out).
+
+Model (one graph, Keras 3 only)::
+
+    uint8[N, S, S, 3] -> augmentation (training model only) -> BasePreprocess
+      -> base(training=False: BatchNorm in inference mode, and never trainable)
+      -> head -> Probabilities [N, K]
+
+Only the top of the base is trainable (``--unfreeze N`` layers, ``BLOCK`` to the top, or
+``all``).  Tuning is honest: the epochs are chosen by early stopping on a seeded, stratified
+10 % slice of train (the best epoch, epoch 0 included, is restored); val is only scored after
+each epoch for the curve.  A checkpoint after each epoch (weights, optimizer state, epoch,
+best so far, history) in ``<out>/.checkpoint/`` lets the same command resume after a kill
+or Ctrl-C.  The output folder ``cache/finetuned/FEATURES-HEAD/`` has the head-folder schema
+plus ``model.keras`` (the contract of ``tlpipe export``: uint8 images of any size in,
+probabilities out).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.errors import FeaturesFileError, UsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AUGMENT = "flip,rotate=0.1,zoom=0.2,shift=0.1,contrast=0.1"
+SUPPORTED_HEADS = ("dense", "logistic")
+TUNE_METHOD = "early stopping on a 10% stratified slice of train"
+_AUGMENT_DEFAULTS = {"flip": None, "rotate": 0.1, "zoom": 0.2, "shift": 0.1, "contrast": 0.1}
+MEMO_BYTES = 2 << 30  # decoded training images are kept in memory up to this size
+
+
+@dataclass
+class FineTuneConfig:
+    """Everything ``fine_tune`` needs."""
+
+    head: Path  # a fitted head folder: cache/heads/FEATURES-HEAD
+    unfreeze: str = "block"  # N layers from the top, a block name, "all", or "block": the base's last block
+    epochs: int = 10
+    lr: float = 1e-5  # Adam
+    augment: str = DEFAULT_AUGMENT  # or "none"
+    batch_size: int = 32
+    patience: int = 3
+    out: Path | None = None  # default: <cache_dir>/finetuned/<head folder name>
+    force: bool = False
+    tensorboard: Path | None = None
+    weights: str | None = None  # default: as recorded in the features file
+    cache_dir: Path = Path("cache")
+    seed: int = 0
+    tune_fraction: float = 0.1
+    workers: int = 0  # decode threads (0: up to 4)
+    after_epoch: Callable[[int], None] | None = None  # test hook, called after each checkpoint
+
+    def settings(self) -> dict[str, Any]:
+        """What determines the result (recorded; a folder made from other settings is not replaced)."""
+        return {"unfreeze": str(self.unfreeze), "epochs": self.epochs, "lr": self.lr,
+                "augment": normalise_augment(self.augment), "batch_size": self.batch_size,
+                "patience": self.patience, "seed": self.seed, "tune_fraction": self.tune_fraction,
+                "weights": self.weights}
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def parse_augment(spec: str | None) -> dict[str, float | None]:
+    """``flip,rotate=0.1,zoom=0.2,shift=0.1,contrast=0.1`` -> ``{name: factor}``; ``none`` -> {}."""
+    text = (spec or "none").strip().lower()
+    if text in ("", "none", "off", "no"):
+        return {}
+    out: dict[str, float | None] = {}
+    for part in text.split(","):
+        name, _, value = part.strip().partition("=")
+        name = name.strip()
+        if name not in _AUGMENT_DEFAULTS:
+            raise UsageError(f"--augment: unknown transform '{name}'; valid: {', '.join(_AUGMENT_DEFAULTS)} "
+                             "(e.g. flip,rotate=0.1,zoom=0.2,shift=0.1,contrast=0.1), or none")
+        if name == "flip":
+            if value:
+                raise UsageError("--augment: flip takes no value (horizontal flips)")
+            out[name] = None
+            continue
+        try:
+            factor = float(value) if value else float(_AUGMENT_DEFAULTS[name])
+        except ValueError:
+            raise UsageError(f"--augment: {name}={value} is not a number") from None
+        if not 0 < factor < 1:
+            raise UsageError(f"--augment: {name}={value} must be between 0 and 1")
+        out[name] = factor
+    return out
+
+
+def normalise_augment(spec: str | None) -> str:
+    parsed = parse_augment(spec)
+    return ",".join(k if v is None else f"{k}={v:g}" for k, v in parsed.items()) or "none"
+
+
+def augmentation_layers(spec: str | None, seed: int = 0) -> list:
+    """Keras preprocessing layers for ``spec``; active only in training (identity in inference)."""
+    import keras
+
+    layers = []
+    for i, (name, f) in enumerate(parse_augment(spec).items()):
+        s = seed + i
+        if name == "flip":
+            layers.append(keras.layers.RandomFlip("horizontal", seed=s, name="aug_flip"))
+        elif name == "rotate":
+            layers.append(keras.layers.RandomRotation(f, fill_mode="reflect", seed=s, name="aug_rotate"))
+        elif name == "zoom":
+            layers.append(keras.layers.RandomZoom(f, f, fill_mode="reflect", seed=s, name="aug_zoom"))
+        elif name == "shift":
+            layers.append(keras.layers.RandomTranslation(f, f, fill_mode="reflect", seed=s, name="aug_shift"))
+        elif name == "contrast":
+            layers.append(keras.layers.RandomContrast(f, value_range=(0, 255), seed=s, name="aug_contrast"))
+    return layers
+
+
+# ----------------------------------------------------------------------------- unfreezing
+
+
+def _is_bn(layer) -> bool:
+    import keras
+
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def block_names(base) -> list[str]:
+    """The block names of a base, in order of first appearance, found from its layer names.
+
+    A block is a prefix of layer names, cut at ``_``, that ends in a token with a digit and is
+    shared by at least two layers (``block5`` in VGG16, ``conv5``/``conv5_block3`` in ResNet,
+    ``conv_dw_13`` in MobileNet), or the name of a layer that joins branches (``mixed9`` in
+    InceptionV3)."""
+    names = [layer.name for layer in base.layers[1:]]
+    counts: dict[str, int] = {}
+    for n in names:
+        tokens = n.split("_")
+        for i in range(1, len(tokens) + 1):
+            if tokens[i - 1][-1:].isdigit():  # block5, conv5, 13 (not conv2d)
+                key = "_".join(tokens[:i])
+                counts[key] = counts.get(key, 0) + 1
+    joins = _joins(base)
+    valid = {k for k, c in counts.items() if c >= 2} | joins
+    order: list[str] = []
+    for n in names:
+        tokens = n.split("_")
+        for i in range(1, len(tokens) + 1):
+            key = "_".join(tokens[:i])
+            if key in valid and key not in order:
+                order.append(key)
+    return order
+
+
+def _joins(base) -> set[str]:
+    """Names like ``mixed9``: layers joining branches, named with a number and no ``_``."""
+    import keras
+
+    return {layer.name for layer in base.layers
+            if isinstance(layer, (keras.layers.Concatenate, keras.layers.Add)) and re.search(r"\d$", layer.name)
+            and "_" not in layer.name}
+
+
+def _in_block(name: str, block: str) -> bool:
+    return name == block or name.startswith(block + "_")
+
+
+def unfreeze_start(base, spec: str) -> int:
+    """Index in ``base.layers`` of the first layer to train, from ``N``, ``BLOCK``, ``all`` or ``block``."""
+    layers = base.layers
+    n_layers = len(layers) - 1  # the InputLayer is not counted
+    text = str(spec).strip()
+    if text.lower() == "all":
+        return 1
+    if re.fullmatch(r"\d+", text):
+        n = int(text)
+        if not 1 <= n <= n_layers:
+            raise UsageError(f"--unfreeze {n} is out of range: {base.name} has {n_layers} layers "
+                             f"(give 1..{n_layers}, a block name, or all)")
+        return len(layers) - n
+    blocks = block_names(base)
+    if text.lower() == "block":  # default: the last top-level block (not inside another block)
+        top = [b for b in blocks if not any(o != b and _in_block(b, o) for o in blocks)]
+        if not top:
+            raise UsageError(f"{base.name} has no named blocks; give --unfreeze N or all")
+        text = max(top, key=lambda b: next(i for i, l in enumerate(layers) if _in_block(l.name, b)))
+    if text not in blocks:
+        raise UsageError(f"--unfreeze: unknown block '{text}' for {base.name}; valid blocks: {', '.join(blocks)} "
+                         "(or a number of layers, or all)")
+    joins = _joins(base)
+    if text in joins:  # a layer that ends its block (InceptionV3's mixedN): from after the previous one
+        at = next(i for i, layer in enumerate(layers) if layer.name == text)
+        before = [i for i, layer in enumerate(layers[:at]) if layer.name in joins]
+        return before[-1] + 1 if before else 1
+    first = next(i for i, layer in enumerate(layers) if _in_block(layer.name, text))
+    # also take the unnamed layers just before it that belong to no other block (InceptionV3's convs
+    # before 'mixed9' belong to mixed9)
+    start = first
+    while start > 1 and not any(_in_block(layers[start - 1].name, b) for b in blocks if not _in_block(text, b)):
+        start -= 1
+    return start
+
+
+def set_trainable(base, start: int) -> list[str]:
+    """Train ``base.layers[start:]`` except BatchNorm; freeze the rest. Return the trainable layers'
+    names that hold weights."""
+    base.trainable = True
+    names = []
+    for i, layer in enumerate(base.layers):
+        layer.trainable = i >= start and not _is_bn(layer)
+        if layer.trainable and layer.weights:
+            names.append(layer.name)
+    return names
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class _Images:
+    """Decode items at one size with threads; keep decoded images in memory up to a budget."""
+
+    def __init__(self, items: list, size: int, workers: int, memo: bool):
+        self.items, self.size = items, size
+        self.pool = ThreadPoolExecutor(workers or max(1, min(4, os.cpu_count() or 1)))
+        self.memo: dict[int, np.ndarray] | None = {} if memo else None
+
+    def get(self, idx: np.ndarray) -> np.ndarray:
+        from pipeline.extract import _decode_one
+
+        def one(i: int) -> np.ndarray:
+            if self.memo is not None and i in self.memo:
+                return self.memo[i]
+            arr = _decode_one(self.items[i], self.size)
+            if self.memo is not None:
+                self.memo[i] = arr
+            return arr
+
+        return np.stack(list(self.pool.map(one, [int(i) for i in idx])))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+
+
+def image_batches(images: _Images, labels: np.ndarray, rows: np.ndarray, batch_size: int, shuffle: bool,
+                  seed: int, epoch: int = 0):
+    """A ``keras.utils.PyDataset`` of ``(uint8 images, labels)`` over ``rows``; reshuffled per epoch
+    (``seed`` + epoch), so a resumed run sees the same order as an uninterrupted one."""
+    import keras
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.epoch = epoch
+            self._order()
+
+        def _order(self):
+            self.order = (np.random.default_rng([seed, self.epoch]).permutation(rows) if shuffle else rows)
+
+        def __len__(self):
+            return math.ceil(len(rows) / batch_size)
+
+        def __getitem__(self, i):
+            idx = self.order[i * batch_size:(i + 1) * batch_size]
+            return images.get(idx), labels[idx].astype("int32")
+
+        def on_epoch_end(self):
+            self.epoch += 1
+            self._order()
+
+    return Batches()
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class _Built:
+    core: Any  # uint8[N, S, S, 3] -> probabilities
+    train: Any  # core with augmentation in front (training only)
+    export: Any  # uint8 any size -> Resizing -> core
+    base: Any
+    trainable: list[str]
+
+
+def build_models(head_dir: Path, info: dict, attrs: dict, weights: str | None, unfreeze: str, augment: str,
+                 seed: int, metadata: dict) -> _Built:
+    """The core, training and export models sharing one set of layers."""
+    import keras
+
+    from pipeline.export import OUTPUT_LAYER, Probabilities, _build_branch, _logistic_layers
+    from pipeline.heads import load_head
+    from pipeline.model import BasePreprocess
+
+    branch = _build_branch(attrs, weights, 0, False)
+    base, size, k = branch.model, branch.size, len(info["classes"])
+    head = load_head(head_dir)
+    start = unfreeze_start(base, unfreeze)
+    trainable = set_trainable(base, start)
+
+    image = keras.Input(shape=(size, size, 3), dtype="uint8", name="image")
+    x = BasePreprocess(branch.base, name="preprocess")(image)
+    x = base(x, training=False)  # BatchNorm in inference mode, whatever the rest does
+    x = head.model(x) if info["head"] == "dense" else _logistic_layers(head.model, k, int(info["feature_size"]))(x)
+    meta = {**metadata, "base": branch.base, "input_size": size, "input_sizes": [size], "pooling": branch.pooling,
+            "weights": branch.weights.label, "weights_sha256": branch.weights.sha256}
+    # the Probabilities layer (class names, provenance) stays at the top level of each model,
+    # where read_metadata looks for it
+    probs = Probabilities(list(info["classes"]), meta, name=OUTPUT_LAYER)
+    name = re.sub(r"[^A-Za-z0-9_]", "_", f"tlpipe_{branch.base}_{info['head']}_ft")
+    body = keras.Model(image, x, name="finetuned")
+    core = keras.Model(image, probs(x), name=name)
+
+    t_in = keras.Input(shape=(size, size, 3), dtype="uint8", name="image")
+    y = keras.layers.Rescaling(1.0, name="to_float")(t_in)  # uint8 -> float32 for the augmentation layers
+    for layer in augmentation_layers(augment, seed):
+        y = layer(y)
+    train = keras.Model(t_in, probs(body(y)), name="training")
+
+    e_in = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
+    z = keras.layers.Resizing(size, size, interpolation="bilinear", name="resize")(e_in)
+    export = keras.Model(e_in, probs(body(z)), name=name)
+    return _Built(core, train, export, base, trainable)
+
+
+def _proba(model, images: _Images, rows: np.ndarray, batch_size: int) -> np.ndarray:
+    out = []
+    for s in range(0, len(rows), batch_size):
+        out.append(np.asarray(model.predict_on_batch(images.get(rows[s:s + batch_size])), np.float64))
+    p = np.concatenate(out) if out else np.zeros((0, 1))
+    return p / np.clip(p.sum(1, keepdims=True), 1e-12, None)
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def _save_checkpoint(ckpt: Path, model, optimizer, state: dict, best_weights: Path | None) -> None:
+    """Weights, optimizer state and progress, written to a temp folder then renamed into place."""
+    import keras
+
+    from pipeline.safety import replace_dir
+    from pipeline.util import write_json
+
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_weights(tmp / "last.weights.h5")
+    np.savez(tmp / "optimizer.npz", *[keras.ops.convert_to_numpy(v) for v in optimizer.variables])
+    if best_weights is not None and best_weights.is_file():
+        shutil.copy2(best_weights, tmp / "best.weights.h5")
+    write_json(tmp / "state.json", state)
+    replace_dir(tmp, ckpt)
+
+
+def _load_weights(model, path: Path) -> None:
+    """Model weights only (the optimizer state travels separately, in optimizer.npz)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(path)
+
+
+def _load_checkpoint(ckpt: Path, model, optimizer, key: dict) -> dict | None:
+    state_path = ckpt / "state.json"
+    if not state_path.is_file():
+        return None
+    try:
+        state = json.loads(state_path.read_text())
+        if state.get("key") != key:
+            log.warning("%s was made with other settings; starting over", ckpt)
+            return None
+        _load_weights(model, ckpt / "last.weights.h5")
+        saved = np.load(ckpt / "optimizer.npz")
+        arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        optimizer.build(model.trainable_variables)
+        if len(arrays) != len(optimizer.variables):
+            raise ValueError("optimizer state does not match")
+        for var, arr in zip(optimizer.variables, arrays):
+            var.assign(arr)
+    except Exception as exc:  # noqa: BLE001 - an unusable checkpoint: start over
+        log.warning("checkpoint %s is unusable (%s); starting over", ckpt, exc)
+        return None
+    return state
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _read_head(head_dir: Path, cache_dir: Path) -> tuple[Path, dict, Path, dict, dict]:
+    """(model dir, head.json, features path, features attrs, head evaluation.json); bad input -> UsageError."""
+    from pipeline.export import _head_info
+    from pipeline.features import read_attrs, resolve_features_path
+
+    if not Path(head_dir).exists():
+        raise UsageError(f"head folder not found: {head_dir} (fit one with 'tlpipe fit-head')")
+    model_dir, info = _head_info(Path(head_dir))
+    if info.get("head") not in SUPPORTED_HEADS:
+        raise UsageError(f"fine-tune starts from a dense or logistic head, not '{info.get('head')}'")
+    feats = info.get("features") or []
+    if len(feats) != 1:
+        raise UsageError(f"fine-tune cannot rebuild a head fitted on fused features ({len(feats)} files); "
+                         "fit a head on one features file")
+    try:
+        path = resolve_features_path(feats[0], cache_dir)
+        attrs = read_attrs(path)
+    except (FeaturesFileError, OSError) as exc:
+        raise UsageError(f"the head's features file is needed to rebuild its data and base: {exc}") from None
+    if attrs.get("fingerprint") != (info.get("fingerprints") or [None])[0]:
+        raise UsageError(f"{path} was extracted again after {head_dir} was fitted (stale head); "
+                         "fit the head again first")
+    ev_path = Path(head_dir) / "evaluation.json"
+    evaluation = json.loads(ev_path.read_text()) if ev_path.is_file() else {}
+    return model_dir, info, path, attrs, evaluation
+
+
+def _split_rows(fs, source) -> tuple[list, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, list[str]]]:
+    """All items of the splits (features-file order) and per split the item rows, labels and ids."""
+    items: list = []
+    rows, labels, ids = {}, {}, {}
+    for name, split in fs.splits.items():
+        by_id = {it.id: it for it in source.iter_items(name)}
+        missing = [i for i in split.ids if i not in by_id]
+        if missing:
+            raise UsageError(f"{len(missing)} {name} images of the features file are no longer in the data "
+                             f"(e.g. {missing[0]}); extract again")
+        rows[name] = np.arange(len(items), len(items) + len(split.ids))
+        items += [by_id[i] for i in split.ids]
+        labels[name] = np.asarray(split.y)
+        ids[name] = list(split.ids)
+    return items, rows, labels, ids
+
+
+def output_dir(cfg: FineTuneConfig) -> Path:
+    return Path(cfg.out) if cfg.out else Path(cfg.cache_dir) / "finetuned" / Path(cfg.head).resolve().name
+
+
+def _guard(out: Path, new: dict, force: bool) -> None:
+    from pipeline.safety import guard_head_folder
+
+    if out.exists() and all(p.name == ".checkpoint" for p in out.iterdir()):
+        return  # only our own checkpoint: resume
+    guard_head_folder(out, new, force)
+
+
+def fine_tune(cfg: FineTuneConfig) -> Path:
+    """Fine-tune the head's base and head on the images; write the output folder and return it."""
+    import keras
+
+    from pipeline.data import open_source
+    from pipeline.features import load_features
+    from pipeline.fit_head import _write_csv, evaluate, per_class
+    from pipeline.heads import HISTORY_COLUMNS, DenseHead, HeadParams, _scores
+    from pipeline.safety import replace_dir
+    from pipeline.util import write_json
+
+    if cfg.epochs < 1 or cfg.patience < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
+        raise UsageError("--epochs, --patience and --batch-size must be at least 1 and --lr above 0")
+    parse_augment(cfg.augment)
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401 - tf.summary needs it
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    head_dir = Path(cfg.head)
+    model_dir, info, feat_path, attrs, head_eval = _read_head(head_dir, Path(cfg.cache_dir))
+    out = output_dir(cfg)
+    ft_name = f"{info['head']}+ft"
+    settings = cfg.settings()
+    new_meta = {"head": ft_name, "fingerprints": list(info.get("fingerprints") or []), "params": settings}
+    _guard(out, new_meta, cfg.force)
+
+    fs = load_features(feat_path)
+    source = open_source(str(attrs["data_source"]), str(attrs.get("split_spec") or "80/10/10"),
+                         limit=int(attrs.get("limit") or 0) or None)
+    if attrs.get("source_fingerprint") and source.fingerprint != attrs.get("source_fingerprint"):
+        raise UsageError(f"the images of {attrs['data_source']} changed since {feat_path} was extracted; "
+                         "extract again, then fit the head again")
+    classes = list(info["classes"])
+    k = len(classes)
+    items, rows, labels, ids = _split_rows(fs, source)
+    all_labels = np.concatenate([labels[s] for s in fs.splits])
+
+    keras.utils.set_random_seed(cfg.seed)
+    metadata = {"head": ft_name, "head_dir": str(head_dir), "features": info.get("features"),
+                "fingerprints": info.get("fingerprints"), "fine_tune": settings}
+    built = build_models(model_dir, info, attrs, cfg.weights, cfg.unfreeze, cfg.augment, cfg.seed, metadata)
+    size = int(attrs["input_size"])
+    memo = len(items) * size * size * 3 <= MEMO_BYTES
+    images = _Images(items, size, cfg.workers, memo)
+    tuner = DenseHead(k, HeadParams(seed=cfg.seed, tune_fraction=cfg.tune_fraction))
+    fit_idx, tune_idx = tuner.tune_split(labels["train"])
+    fit_rows, tune_rows = rows["train"][fit_idx], rows["train"][tune_idx]
+    optimizer = keras.optimizers.Adam(cfg.lr)
+    built.train.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                        jit_compile=False)
+    built.core.compile(jit_compile=False)
+
+    ckpt = out / ".checkpoint"
+    key = {"settings": settings, "head_fingerprints": info.get("fingerprints"), "head": str(head_dir.resolve()),
+           "head_mtime": (model_dir / "head.json").stat().st_mtime_ns}
+    tmp_best = out.with_name(f".{out.name}.best.weights.h5")
+    out.mkdir(parents=True, exist_ok=True)
+
+    def score(split_rows, y):
+        return _scores(_proba(built.core, images, split_rows, cfg.batch_size), y) if len(y) else (None, None)
+
+    state = _load_checkpoint(ckpt, built.train, optimizer, key)
+    if state is not None:
+        if (ckpt / "best.weights.h5").is_file():
+            shutil.copy2(ckpt / "best.weights.h5", tmp_best)
+        log.info("resuming from the checkpoint after epoch %d", state["epoch"])
+    else:
+        t0 = time.perf_counter()
+        tune0 = score(tune_rows, all_labels[tune_rows])
+        val0 = score(rows["val"], labels["val"])
+        built.train.save_weights(tmp_best)
+        head_val = (head_eval.get("splits") or {}).get("val", {}).get("accuracy")
+        if head_val is not None and abs(val0[0] - head_val) > 0.005:
+            log.warning("epoch 0 val accuracy %.4f differs from the head's %.4f: the rebuilt base or data "
+                        "differ from the features'", val0[0], head_val)
+        state = {"key": key, "epoch": 0, "best_epoch": 0, "best_loss": tune0[1], "wait": 0, "seconds": 0.0,
+                 "epoch0": {"val_accuracy": val0[0], "head_val_accuracy": head_val},
+                 "history": [{"epoch": 0, "train_accuracy": None, "train_loss": None,
+                              "tune_accuracy": tune0[0], "tune_loss": tune0[1], "val_accuracy": val0[0],
+                              "val_loss": val0[1], "seconds": round(time.perf_counter() - t0, 3)}]}
+        _save_checkpoint(ckpt, built.train, optimizer, state, tmp_best)
+        log.info("epoch 0 (the head as fitted): tune loss %.4f, val accuracy %.4f", tune0[1], val0[0])
+
+    callbacks = []
+    if cfg.tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(cfg.tensorboard)))
+    try:
+        while state["epoch"] < cfg.epochs and state["wait"] < cfg.patience:
+            epoch = state["epoch"] + 1
+            t0 = time.perf_counter()
+            data = image_batches(images, all_labels, fit_rows, cfg.batch_size, True, cfg.seed, epoch)
+            h = built.train.fit(data, epochs=epoch, initial_epoch=epoch - 1, verbose=0, callbacks=callbacks).history
+            seconds = time.perf_counter() - t0
+            tune, val = score(tune_rows, all_labels[tune_rows]), score(rows["val"], labels["val"])
+            state["history"].append({"epoch": epoch, "train_accuracy": float(h["accuracy"][-1]),
+                                     "train_loss": float(h["loss"][-1]), "tune_accuracy": tune[0],
+                                     "tune_loss": tune[1], "val_accuracy": val[0], "val_loss": val[1],
+                                     "seconds": round(seconds, 3)})
+            state["epoch"], state["seconds"] = epoch, state["seconds"] + seconds
+            if tune[1] < state["best_loss"]:
+                state.update(best_epoch=epoch, best_loss=tune[1], wait=0)
+                built.train.save_weights(tmp_best)
+            else:
+                state["wait"] += 1
+            _save_checkpoint(ckpt, built.train, optimizer, state, tmp_best)
+            log.info("epoch %d: train %.4f, tune loss %.4f, val accuracy %.4f (%.1f s)", epoch,
+                     h["accuracy"][-1], tune[1], val[0], seconds)
+            if cfg.after_epoch is not None:
+                cfg.after_epoch(epoch)
+    except BaseException:
+        images.close()  # the checkpoint of the last finished epoch stays: the same command resumes
+        raise
+
+    _load_weights(built.train, tmp_best)  # the best epoch on the train slice (0: the head as fitted)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    splits: dict[str, Any] = {}
+    pred_rows: list[dict[str, Any]] = []
+    roc_rows: list[dict[str, Any]] = []
+    for name in fs.splits:
+        proba = _proba(built.core, images, rows[name], cfg.batch_size)
+        y = labels[name]
+        splits[name] = {**evaluate(proba, y, k), **per_class(proba, y, classes)}
+        if name != "train":
+            pred_rows += [{"split": name, "id": i, "actual": classes[a], "predicted": classes[p],
+                           "probability": round(float(pr.max()), 6)}
+                          for i, a, p, pr in zip(ids[name], y, proba.argmax(1), proba)]
+        if name == "val" and k == 2 and len(np.unique(y)) == 2:
+            from sklearn.metrics import roc_curve
+
+            fpr, tpr, thr = roc_curve(y, proba[:, 1])
+            roc_rows = [{"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))}
+                        for a, b, c in zip(fpr, tpr, thr)]
+    images.close()
+    hist = state["history"]
+    best = int(state["best_epoch"])
+    fine = {"from_head": str(head_dir), "from_head_name": info["head"], "unfreeze": str(cfg.unfreeze),
+            "trainable_layers": built.trainable, "n_trainable_layers": len(built.trainable),
+            "trainable_parameters": int(sum(np.prod(v.shape) for v in built.train.trainable_variables)),
+            "lr": cfg.lr, "optimizer": "adam", "augment": normalise_augment(cfg.augment),
+            "batch_size": cfg.batch_size, "patience": cfg.patience, "epochs_max": cfg.epochs,
+            "epochs_run": int(state["epoch"]), "best_epoch": best, "seconds": round(state["seconds"], 3),
+            "seconds_per_epoch": round(state["seconds"] / max(1, state["epoch"]), 3),
+            "epoch0_val_accuracy": state["epoch0"]["val_accuracy"],
+            "head_val_accuracy": state["epoch0"]["head_val_accuracy"],
+            "batchnorm": "inference mode, frozen"}
+    tuning = {"method": TUNE_METHOD if abs(cfg.tune_fraction - 0.1) < 1e-9
+              else f"early stopping on a {cfg.tune_fraction:.0%} stratified slice of train",
+              "param": "epochs", "chosen": best, "epochs_run": int(state["epoch"]), "tune_rows": int(len(tune_rows)),
+              "cv_accuracy": hist[best]["tune_accuracy"], "cv_log_loss": hist[best]["tune_loss"],
+              "val_used_for_tuning": False}
+    metrics: dict[str, Any] = {s: {"accuracy": splits[s]["accuracy"], "log_loss": splits[s]["log_loss"]}
+                               for s in ("val", "test") if s in splits}
+    metrics["fit_seconds"] = round(state["seconds"], 3)
+    evaluation = {
+        "base": fs.base, "head": ft_name, "features": [str(feat_path)], "weights": [str(attrs.get("weights", ""))],
+        "data_source": str(attrs.get("data_source", "")), "limit": int(attrs.get("limit") or 0),
+        "classes": classes, "feature_size": int(info["feature_size"]), "fit_seconds": metrics["fit_seconds"],
+        "extract_images_per_second": None, "tuning": tuning, "fine_tune": fine, "splits": splits,
+        "chance": {s: float(np.bincount(labels[s], minlength=k).max() / max(1, len(labels[s]))) for s in fs.splits},
+        "untrained": head_eval.get("untrained", {}),
+        "head_before": {s: (head_eval.get("splits") or {}).get(s, {}).get("accuracy") for s in fs.splits},
+    }
+    (tmp / "model").mkdir()
+    write_json(tmp / "model" / "head.json", {
+        **new_meta, "description": "fine-tuned base top + head, end to end on the images",
+        "classes": classes, "base": fs.base, "features": [str(feat_path)], "feature_size": int(info["feature_size"]),
+        "from_head": str(head_dir), "tuning": tuning, "tlpipe_version": __version__})
+    built.export.trainable = False
+    built.export.save(tmp / "model.keras")
+    write_json(tmp / "metrics.json", metrics)
+    write_json(tmp / "evaluation.json", evaluation)
+    _write_csv(tmp / "history.csv", hist, HISTORY_COLUMNS)
+    _write_csv(tmp / "grid.csv", [], ["param", "value", "cv_accuracy", "cv_log_loss", "train_accuracy",
+                                      "train_loss"])
+    _write_csv(tmp / "predictions.csv", pred_rows, ["split", "id", "actual", "predicted", "probability"])
+    _write_csv(tmp / "roc.csv", roc_rows, ["fpr", "tpr", "threshold"])
+    from pipeline.plots import write_head_figures
+
+    write_head_figures(tmp)
+    replace_dir(tmp, out)  # the checkpoint goes with the previous folder: the run is complete
+    tmp_best.unlink(missing_ok=True)
+    log.info("%s on %s: val accuracy %.4f (head %.4f), %d epochs, %.1f s -> %s", ft_name, fs.base,
+             metrics["val"]["accuracy"], fine["head_val_accuracy"] or float("nan"), state["epoch"],
+             state["seconds"], out)
+    return out
+
+
+def summary(out: Path) -> str:
+    """A few lines for the terminal."""
+    out = Path(out)
+    ev = json.loads((out / "evaluation.json").read_text())
+    f = ev["fine_tune"]
+    lines = [f"{ev['head']} on {ev['base']}: {f['n_trainable_layers']} layers with weights trainable "
+             f"(--unfreeze {f['unfreeze']}), lr {f['lr']:g}, augment {f['augment']}",
+             f"  best epoch {f['best_epoch']} of {f['epochs_run']} chosen by {ev['tuning']['method']}; "
+             f"val and test not used for tuning; {f['seconds']:.1f} s ({f['seconds_per_epoch']:.1f} s/epoch)"]
+    for split in ("train", "val", "test"):
+        s = ev["splits"].get(split)
+        if s:
+            before = ev.get("head_before", {}).get(split)
+            b = f"  (head {before:.4f})" if before is not None else ""
+            lines.append(f"  {split:5s} n={s['n']:<6d} accuracy {s['accuracy']:.4f}  log_loss {s['log_loss']:.4f}{b}")
+    lines.append(f"  -> {out}")
+    return "\n".join(lines)
