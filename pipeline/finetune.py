@@ -8,9 +8,12 @@ extraction stay out).
 
 Model (one graph, Keras 3 only)::
 
-    uint8[N, S, S, 3] -> augmentation (training model only) -> BasePreprocess
+    uint8[N, S, S, 3] -> augmentation (training model only) -> the base's preprocessing
       -> base(training=False: BatchNorm in inference mode, and never trainable)
-      -> head -> Probabilities [N, K]
+      -> head -> probabilities [N, K]
+
+Built-in Keras layers only, as ``tlpipe export``: ``model.keras`` (uint8 images of any size,
+resized in the graph as decoding does) loads with ``keras.saving.load_model`` without tlpipe.
 
 Only the top of the base is trainable (``--unfreeze N`` layers, ``BLOCK`` to the top, or
 ``all``).  Tuning is honest: the epochs are chosen by early stopping on a seeded, stratified
@@ -306,9 +309,10 @@ def build_models(head_dir: Path, info: dict, attrs: dict, weights: str | None, u
     """The core, training and export models sharing one set of layers."""
     import keras
 
-    from pipeline.export import OUTPUT_LAYER, Probabilities, _build_branch, _logistic_layers
+    from pipeline.backbones import get_backbone
+    from pipeline.export import _build_branch, _logistic_layers, _probabilities_layer, _resize
     from pipeline.heads import load_head
-    from pipeline.model import BasePreprocess
+    from pipeline.model import builtin_preprocess
 
     branch = _build_branch(attrs, weights, 0, False)
     base, size, k = branch.model, branch.size, len(info["classes"])
@@ -316,28 +320,28 @@ def build_models(head_dir: Path, info: dict, attrs: dict, weights: str | None, u
     start = unfreeze_start(base, unfreeze)
     trainable = set_trainable(base, start)
 
+    # built-in layers only (as tlpipe export): model.keras loads with plain keras.saving.load_model
     image = keras.Input(shape=(size, size, 3), dtype="uint8", name="image")
-    x = BasePreprocess(branch.base, name="preprocess")(image)
+    x = keras.layers.Rescaling(1.0, dtype="float32", name="to_float")(image)
+    for layer in builtin_preprocess(get_backbone(branch.base)):
+        x = layer(x)
     x = base(x, training=False)  # BatchNorm in inference mode, whatever the rest does
     x = head.model(x) if info["head"] == "dense" else _logistic_layers(head.model, k, int(info["feature_size"]))(x)
-    meta = {**metadata, "base": branch.base, "input_size": size, "input_sizes": [size], "pooling": branch.pooling,
-            "weights": branch.weights.label, "weights_sha256": branch.weights.sha256}
-    # the Probabilities layer (class names, provenance) stays at the top level of each model,
-    # where read_metadata looks for it
-    probs = Probabilities(list(info["classes"]), meta, name=OUTPUT_LAYER)
+    x = _probabilities_layer(x, k)
+    metadata.update({"base": branch.base, "input_size": size, "input_sizes": [size], "pooling": branch.pooling,
+                     "weights": branch.weights.label, "weights_sha256": branch.weights.sha256,
+                     "class_names": list(info["classes"])})  # saved in the .keras zip, as export does
     name = re.sub(r"[^A-Za-z0-9_]", "_", f"tlpipe_{branch.base}_{info['head']}_ft")
-    body = keras.Model(image, x, name="finetuned")
-    core = keras.Model(image, probs(x), name=name)
+    core = keras.Model(image, x, name="finetuned")
 
     t_in = keras.Input(shape=(size, size, 3), dtype="uint8", name="image")
     y = keras.layers.Rescaling(1.0, name="to_float")(t_in)  # uint8 -> float32 for the augmentation layers
     for layer in augmentation_layers(augment, seed):
         y = layer(y)
-    train = keras.Model(t_in, probs(body(y)), name="training")
+    train = keras.Model(t_in, core(y), name="training")
 
     e_in = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
-    z = keras.layers.Resizing(size, size, interpolation="bilinear", name="resize")(e_in)
-    export = keras.Model(e_in, probs(body(z)), name=name)
+    export = keras.Model(e_in, core(_resize(e_in, size)), name=name)  # the same resize as decoding
     return _Built(core, train, export, base, trainable)
 
 
@@ -630,7 +634,9 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
         "classes": classes, "base": fs.base, "features": [str(feat_path)], "feature_size": int(info["feature_size"]),
         "from_head": str(head_dir), "tuning": tuning, "tlpipe_version": __version__})
     built.export.trainable = False
-    built.export.save(tmp / "model.keras")
+    from pipeline.export import _save_keras
+
+    _save_keras(built.export, metadata, tmp / "model.keras")
     write_json(tmp / "metrics.json", metrics)
     write_json(tmp / "evaluation.json", evaluation)
     _write_csv(tmp / "history.csv", hist, HISTORY_COLUMNS)

@@ -162,6 +162,16 @@ def test_model_works_with_predict_and_refuses_replace_without_force(heads, tmp_p
     assert r.exit_code == 0, r.output
     preds = list(csv.DictReader(line for line in r.output.splitlines() if "," in line))
     assert len(preds) == 12
+    # built-in layers only: loads and gives the same probabilities in a process without tlpipe
+    from pipeline.images import decode_image
+    from tests.test_export_formats import run_without_tlpipe
+
+    files = sorted((heads["root"] / "blue").iterdir())[:4]
+    batch = np.stack([decode_image(f, 32) for f in files])
+    got = run_without_tlpipe("keras", out / "model.keras", {"image": batch}, tmp_path)
+    by_path = {Path(row["path"]).name: row for row in preds}
+    for f, p in zip(files, got):
+        assert abs(p.max() - float(by_path[f.name]["probability"])) < 1e-4
     # other settings: refused without --force, exit 2
     r = CliRunner().invoke(cli, ["fine-tune", "--head", str(heads["dense"]), "--cache-dir", str(heads["cache"]),
                                  "--unfreeze", "all", "--epochs", "1", "--out", str(out)])
