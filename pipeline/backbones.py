@@ -166,6 +166,10 @@ def get_backbone(name: str) -> Backbone:
     key = name.strip().lower().replace("-", "_")
     key = ALIASES.get(key, key)
     if key not in BACKBONES:
-        valid = ", ".join(names())
-        raise UsageError(f"unknown base '{name}'; valid bases: {valid} (aliases: googlenet → inception_v3)")
+        import difflib
+
+        close = difflib.get_close_matches(key, [*BACKBONES, *ALIASES], n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise UsageError(f"unknown base '{name}'; {hint}'tlpipe bases' lists all {len(BACKBONES)} bases "
+                         "and their aliases (e.g. googlenet = inception_v3)")
     return BACKBONES[key]

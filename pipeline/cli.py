@@ -39,6 +39,12 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # click's own three-line usage errors become one line
+            if (ctx.obj or {}).get("debug"):
+                raise
+            sub = exc.ctx.command_path if exc.ctx is not None else "tlpipe"
+            click.echo(f"tlpipe: error: {exc.format_message()} (see '{sub} --help')", err=True)
+            ctx.exit(2)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except TlpipeError as exc:
@@ -170,7 +176,7 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
 
 @cli.command("fit-head")
 @click.option("--features", "features", multiple=True, required=True,
-              help="Features file (path or bare name in CACHE/features). Repeat to fuse several files "
+              help="Features file (path or bare name in CACHE/features or CACHE/dvc/features). Repeat to fuse several files "
                    "(other bases, or one base at other input sizes).")
 @click.option("--head", default="logistic", show_default=True, help="logistic, dense, svm, rbf-svm or knn.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,

@@ -35,3 +35,7 @@ class DataNotFound(UsageError, DataError):
 
 class FeaturesNotFound(UsageError, FeaturesFileError):
     """A --features file that does not exist (a usage error: exit code 2)."""
+
+
+class WeightsNotFound(UsageError, WeightsUnavailable):
+    """A --weights folder without the base's file (a usage error: exit code 2)."""

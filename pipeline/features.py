@@ -37,7 +37,8 @@ def extraction_fingerprint(**fields: Any) -> str:
 
 
 def resolve_features_path(name: str | Path, cache_dir: str | Path = "cache") -> Path:
-    """A path as given, or a bare name (``resnet50`` / ``resnet50.h5``) in ``<cache>/features/``."""
+    """A path as given, or a bare name (``resnet50`` / ``resnet50.h5``) in ``<cache>/features/``, then in
+    the DVC pipeline's ``<cache>/dvc/features/``."""
     path = Path(name)
     if path.is_file():
         return path
@@ -47,8 +48,10 @@ def resolve_features_path(name: str | Path, cache_dir: str | Path = "cache") -> 
         for cand in (where / path.name, where / f"{path.name}.h5"):
             if cand.is_file():
                 return cand
-    have = sorted(p.name for p in folder.glob("*.h5")) if folder.is_dir() else []
-    hint = f"; available in {folder}: {', '.join(have)}" if have else f" (nothing in {folder}; run 'tlpipe extract' first)"
+    where = [folder, Path(cache_dir) / "dvc" / "features"]
+    have = sorted(str(f / p.name) for f in where if f.is_dir() for p in f.glob("*.h5"))
+    hint = (f"; available: {', '.join(have)}" if have
+            else f" (nothing in {where[0]} or {where[1]}; run 'tlpipe extract' or 'dvc repro' first)")
     raise FeaturesNotFound(f"features file not found: {name}{hint}")
 
 

@@ -462,7 +462,11 @@ def get_head(name: str) -> type[Head]:
     """Look a head up by name; unknown names list the valid ones."""
     key = name.strip().lower()
     if key not in HEADS:
-        raise UsageError(f"unknown head '{name}'; valid heads: {', '.join(HEADS)}")
+        import difflib
+
+        close = difflib.get_close_matches(key, list(HEADS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UsageError(f"unknown head '{name}'; {hint}valid heads: {', '.join(HEADS)}")
     return HEADS[key]
 
 

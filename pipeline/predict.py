@@ -60,8 +60,8 @@ def check_model_path(path: str | Path) -> Path:
     """The model file, checked before anything slow is imported (one line for a wrong path)."""
     path = Path(path)
     if path.is_dir() or path.suffix == ".tflite":
-        raise UsageError(f"--model {path}: predict reads the .keras file that 'tlpipe export' writes; a "
-                         "SavedModel folder or a TFLite file runs without tlpipe (see README: Export)")
+        raise UsageError(f"--model {path}: tlpipe reads the .keras file that 'tlpipe export' writes; a "
+                         "SavedModel folder or a TFLite file runs without tlpipe (README: Outputs, export)")
     if not path.is_file():
         raise UsageError(f"model file not found: {path} (make one with 'tlpipe export')")
     return path

@@ -3,8 +3,10 @@
 An output (features file, head folder) made with other settings is replaced only when
 
   * the user asked for it (``--force``), or
-  * its exact bytes are in the DVC cache of the project it sits in (``dvc checkout`` or
-    ``dvc exp apply`` brings it back): DVC made it, or committed it.
+  * a DVC stage (``DVC_STAGE`` is set) replaces its own output and the old version's exact
+    bytes are in the project's DVC cache (``dvc checkout`` or ``dvc exp apply`` brings it
+    back).  A hand-run command never relies on that: a copy of a pipeline file has its bytes
+    in the cache too, yet nothing would restore it at its own path.
 
 Otherwise the command refuses in one line that names ``--force`` and ``--out``.  Outputs are
 always written under a temporary name and renamed into place, so a failed or interrupted run
@@ -92,10 +94,10 @@ def check_replace(path: Path, what: str, differences: list[str], force: bool) ->
     if force:
         log.warning("replacing %s (--force): %s", path, "; ".join(differences))
         return
-    if in_dvc_cache(path):
+    stage = os.environ.get("DVC_STAGE")
+    if stage and in_dvc_cache(path):
         log.info("replacing %s; the previous version is in the DVC cache (dvc checkout restores it)", path)
         return
-    stage = os.environ.get("DVC_STAGE")
     fix = (f"it is not in DVC's cache, so DVC stage {stage} will not replace it: move it away "
            f"(it is yours), then run again" if stage else "pass --force to replace it, or --out to write elsewhere")
     raise OutputExists(f"{path} holds {what} made from other settings ({'; '.join(differences)}); "
@@ -148,7 +150,7 @@ def guard_head_folder(out: Path, new: dict, force: bool) -> None:
             changes.append(", ".join(f"{k} {before.get(k)} -> {after.get(k)}" for k in changed))
         if not changes:
             return  # same head, features and parameters: fitting again is a refresh
-    if not force and (out / "model").is_dir() and in_dvc_cache(out / "model"):
+    if not force and os.environ.get("DVC_STAGE") and (out / "model").is_dir() and in_dvc_cache(out / "model"):
         log.info("replacing %s; its model is in the DVC cache (dvc checkout restores it)", out)
         return
     check_replace(out, "a fitted head", changes, force)

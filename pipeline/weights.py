@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from pipeline.backbones import Backbone
 from pipeline.util import unreachable
-from pipeline.errors import UsageError, WeightsUnavailable
+from pipeline.errors import UsageError, WeightsNotFound, WeightsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ def parse_weights(spec: str | None, backbone: Backbone | None = None) -> str | P
     path = Path(text).expanduser()
     if path.is_dir() and backbone is not None:
         found = find_weights_in_dir(path, backbone)
-        if found is None:
-            raise WeightsUnavailable(
+        if found is None:  # a usage error, like a --weights path that does not exist (exit 2)
+            raise WeightsNotFound(
                 f"no weights for {backbone.name} in {path}: expected {backbone.weights_file} "
                 f"or {backbone.name}_*notop*.h5 there (or pass --weights FILE / imagenet / none)"
             )

@@ -196,3 +196,27 @@ def test_failed_or_interrupted_dvc_runs_keep_every_features_file_and_head(projec
     assert refused.returncode != 0
     assert "not in DVC's cache, so DVC stage extract@vgg16 will not replace it" in refused.stdout + refused.stderr
     assert (work / "cache/dvc/features/vgg16.h5").read_bytes() == mine
+
+
+def test_bytes_in_dvc_cache_only_excuse_a_dvc_stage(tmp_path, monkeypatch):
+    """A copy of a pipeline file has its bytes in DVC's cache, yet nothing restores it at its own
+    path: only a DVC stage replacing its own output may rely on the cache."""
+    from pipeline.safety import OutputExists, check_replace, in_dvc_cache
+
+    (tmp_path / ".dvc").mkdir()
+    mine = tmp_path / "cache" / "features" / "copy.h5"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"features I copied from the pipeline")
+    md5 = hashlib.md5(mine.read_bytes()).hexdigest()
+    obj = tmp_path / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    obj.parent.mkdir(parents=True)
+    obj.write_bytes(mine.read_bytes())
+    assert in_dvc_cache(mine)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    with pytest.raises(OutputExists, match="--force"):
+        check_replace(mine, "features", ["limit 0 -> 10"], force=False)
+    monkeypatch.setenv("DVC_STAGE", "extract@vgg16")
+    check_replace(mine, "features", ["limit 0 -> 10"], force=False)  # DVC's own output: restorable
+    obj.unlink()
+    with pytest.raises(OutputExists, match="not in DVC's cache"):
+        check_replace(mine, "features", ["limit 0 -> 10"], force=False)

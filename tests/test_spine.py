@@ -190,7 +190,7 @@ def test_cli_weights_file_and_folder(tmp_path):
             assert h5.attrs["weights_sha256"] == sha256_file(wfile)
             assert h5.attrs["weights"] == str(wfile.resolve())
     r = _run(["extract", "--base", "vgg16", "--data", str(data), "--weights", str(wdir)])
-    assert r.exit_code == 1 and "no weights for vgg16 in" in r.output
+    assert r.exit_code == 2 and "no weights for vgg16 in" in r.output
 
 
 def test_cli_bases_info_and_report(colour_features, tmp_path):
