@@ -170,6 +170,6 @@ def get_backbone(name: str) -> Backbone:
 
         close = difflib.get_close_matches(key, [*BACKBONES, *ALIASES], n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
-        raise UsageError(f"unknown base '{name}'; {hint}'tlpipe bases' lists all {len(BACKBONES)} bases "
-                         "and their aliases (e.g. googlenet = inception_v3)")
+        raise UsageError(f"unknown base '{name}'; {hint}valid bases: {', '.join(names())} "
+                         "(aliases such as googlenet = inception_v3: see 'tlpipe bases')")
     return BACKBONES[key]
