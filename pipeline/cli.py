@@ -306,7 +306,7 @@ def export_cmd(head_dir, out, fmt, force, base, weights, cache_dir) -> None:
     from pipeline.export import ExportConfig, custom_layer_note, export_model, read_metadata
     from pipeline.features import head_status
 
-    status, why = head_status(head_dir)
+    status, why, _ = head_status(head_dir)
     if status in ("stale", "features missing"):
         log.warning("%s is %s: %s; fit it again before exporting", head_dir, status, why)
 

@@ -275,18 +275,20 @@ def warn_if_stale(paths: list[Path]) -> list[str]:
     return out
 
 
-def head_status(head_dir: str | Path) -> tuple[str, str]:
-    """("ok" | "stale" | "features missing" | "unknown", why) for a fitted head folder: compares the
-    fingerprints recorded at fit time with its features files as they are now."""
+def head_status(head_dir: str | Path) -> tuple[str, str, list[dict[str, Any]]]:
+    """("ok" | "stale" | "features missing" | "unknown", why, attributes of its features files) for a
+    fitted head folder: the fingerprints recorded at fit time against the features files now."""
     meta_path = Path(head_dir) / "model" / "head.json"
     if not meta_path.is_file():
-        return "unknown", "no model/head.json"
+        return "unknown", "no model/head.json", []
     meta = json.loads(meta_path.read_text())
+    status, why, found = "ok", "features unchanged since the fit", []
     for path, fingerprint in zip(meta.get("features", []), meta.get("fingerprints", [])):
         try:
             attrs = read_attrs(path)
         except Exception:  # noqa: BLE001 - a missing or unreadable file
-            return "features missing", f"{path} is missing or unreadable"
-        if attrs.get("fingerprint") != fingerprint:
-            return "stale", f"{path} was extracted again (other settings or data) after this head was fitted"
-    return "ok", "features unchanged since the fit"
+            return "features missing", f"{path} is missing or unreadable", found
+        found.append(attrs)
+        if attrs.get("fingerprint") != fingerprint and status == "ok":
+            status, why = "stale", f"{path} was extracted again (other settings or data) after this head was fitted"
+    return status, why, found

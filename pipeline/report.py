@@ -28,26 +28,12 @@ OLD_TUNING = "val (older fit: C, k or epochs chosen on val, so val accuracy is o
 
 
 def _head_status(head_dir: Path) -> tuple[str, str, list[str]]:
-    """("ok" | "stale" | "features missing" | "unknown", data source, weights per features file),
-    comparing the fingerprints recorded at fit time with the features files as they are now."""
-    from pipeline.features import read_attrs
+    """(status as ``features.head_status`` says, data source, weights per features file)."""
+    from pipeline.features import head_status
 
-    meta_path = head_dir / "model" / "head.json"
-    if not meta_path.is_file():
-        return "unknown", "", []
-    meta = json.loads(meta_path.read_text())
-    status, data, weights = "ok", "", []
-    for path, fingerprint in zip(meta.get("features", []), meta.get("fingerprints", [])):
-        try:
-            attrs = read_attrs(path)
-        except Exception:  # noqa: BLE001 - a missing or unreadable file
-            return "features missing", data, weights
-        if not data:
-            data = _data_label(attrs.get("data_source", ""), attrs.get("limit"))
-        weights.append(str(attrs.get("weights", "")))
-        if attrs.get("fingerprint") != fingerprint:
-            status = "stale"
-    return status, data, weights
+    status, _, found = head_status(head_dir)
+    data = _data_label(found[0].get("data_source", ""), found[0].get("limit")) if found else ""
+    return status, data, [str(a.get("weights", "")) for a in found]
 
 
 def _data_label(source: Any, limit: Any) -> str:

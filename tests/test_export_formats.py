@@ -21,6 +21,7 @@ from pipeline.extract import ExtractConfig, extract
 from pipeline.fit_head import FitConfig, fit_head
 from pipeline.heads import HeadParams, load_head
 from pipeline.images import decode_image
+from tests.test_export_predict import _colour_folder
 
 BASE = "vgg16"  # random vgg16 at 32 px gives learnable features; its preprocessing is the caffe Dense(3)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -72,17 +73,6 @@ def run_without_tlpipe(fmt: str, path: Path, inputs: dict[str, np.ndarray], tmp:
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {"pipeline_modules": []}
     return np.load(out)
-
-
-def _colour_folder(root: Path, classes: dict, per_class: int) -> Path:
-    rng = np.random.default_rng(1)
-    for name, rgb in classes.items():
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            h, w = 29 + 3 * i, 37 + 5 * (i % 4)
-            arr = np.clip(np.array(rgb) + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(arr).save(root / name / f"{name}_{i:03d}{'.png' if i % 2 else '.jpg'}")
-    return root
 
 
 @pytest.fixture(scope="module")
