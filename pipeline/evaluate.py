@@ -91,31 +91,10 @@ def labelled_files(data: Path, split: str | None = None) -> tuple[dict[str, list
     return classes, split
 
 
-def _scores(proba: np.ndarray, y: np.ndarray, k: int) -> dict[str, Any]:
-    from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support, roc_auc_score
-
-    pred = proba.argmax(1)
-    labels = np.arange(k)
-    p = np.clip(proba, 1e-15, 1)
-    p /= p.sum(1, keepdims=True)  # float32 softmax outputs sum to 1 only within ~1e-7
-    prec, rec, f1, sup = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
-    cm = confusion_matrix(y, pred, labels=labels)
-    out: dict[str, Any] = {
-        "accuracy": float((pred == y).mean()),
-        "balanced_accuracy": float(rec[sup > 0].mean()),  # mean recall over the classes present
-        "log_loss": float(log_loss(y, p, labels=labels)),
-        "confusion_matrix": cm.tolist(),
-        "per_class": [{"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
-                       "support": int(sup[i])} for i in range(k)],
-        "roc_auc": None,
-    }
-    if k == 2 and len(np.unique(y)) == 2:
-        out["roc_auc"] = float(roc_auc_score(y, proba[:, 1]))
-    return out
-
-
 def evaluate_model(cfg: EvaluateConfig) -> EvaluateResult:
     """Predict every image of the labelled folder with the exported model and score it."""
+    from pipeline.fit_head import evaluate as evaluate_scores
+    from pipeline.fit_head import per_class as per_class_scores
     from pipeline.predict import load_exported, predict
 
     per_class, split = labelled_files(cfg.data, cfg.split)
@@ -136,7 +115,9 @@ def evaluate_model(cfg: EvaluateConfig) -> EvaluateResult:
     y = np.array([index[truth[r["path"]]] for r in rows])
     proba = np.array([[r["probabilities"][c] for c in result.class_names] for r in rows], dtype=np.float64)
     k = len(result.class_names)
-    s = _scores(proba, y, k)
+    proba = np.clip(proba, 1e-15, 1)
+    proba /= proba.sum(1, keepdims=True)  # float32 softmax outputs sum to 1 only within ~1e-7
+    s = {**evaluate_scores(proba, y, k), **per_class_scores(proba, y, result.class_names)}
     mistakes = [{"path": r["path"], "true": truth[r["path"]], "predicted": r["class"],
                  "probability": r["probability"], "p_true": r["probabilities"][truth[r["path"]]]}
                 for r in rows if r["class"] != truth[r["path"]]]
@@ -145,8 +126,8 @@ def evaluate_model(cfg: EvaluateConfig) -> EvaluateResult:
         model=str(cfg.model), data=str(cfg.data), split=split, classes=result.class_names, n=len(rows),
         accuracy=s["accuracy"], balanced_accuracy=s["balanced_accuracy"], log_loss=s["log_loss"],
         confusion_matrix=s["confusion_matrix"],
-        per_class={c: s["per_class"][i] for i, c in enumerate(result.class_names)},
-        chance=float(np.bincount(y, minlength=k).max() / len(y)), roc_auc=s["roc_auc"],
+        per_class=s["per_class"],
+        chance=float(np.bincount(y, minlength=k).max() / len(y)), roc_auc=s.get("roc_auc"),
         mistakes=mistakes, failed=result.failed)
     if cfg.out:
         res.out = write_outputs(res, Path(cfg.out))
