@@ -116,7 +116,9 @@ def bases_cmd(as_json: bool) -> None:
               help="Square input size (0: the base's own default).")
 @click.option("--pooling", type=click.Choice(["avg", "max"]), default="avg", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--workers", type=click.IntRange(0), default=0, help="Decode threads (0: a quarter of the cores on CPU, one per core with an accelerator).")
+@click.option("--workers", type=click.IntRange(0), default=0,
+              help="Local engine: decode threads (0: a quarter of the cores on CPU, one per core with an accelerator). "
+                   "Ray engine: model actors (0: 1).")
 @click.option("--limit", type=click.IntRange(0), default=0, help="At most this many images per split (0: all).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue an interrupted run from its last completed batch.")
@@ -127,8 +129,21 @@ def bases_cmd(as_json: bool) -> None:
 @click.option("--mixed-precision", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="float16 compute (auto: on GPUs only); features are stored as float32.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where reader, model and writer run: this process, or a Ray cluster (Ray Data).")
+@click.option("--ray-address", default=None,
+              help="Ray engine: a running cluster (HOST:PORT of 'ray start --head', ray://HOST:PORT, or auto); "
+                   "default: start a local one.")
+@click.option("--gpus-per-worker", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Ray engine: GPUs per model actor.")
+@click.option("--shard-size", type=click.IntRange(1), default=1000, show_default=True,
+              help="Ray engine: images per shard (the unit of work and of resume).")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Write only shard I of N (0 <= I < N; a deterministic part of every split) to a shard file, "
+                   "e.g. one per Slurm array task; join them with 'tlpipe merge'.")
 def extract_cmd(base, data, split, weights, out, cache_dir, input_size, pooling, batch_size, workers, limit,
-                resume, force, tfds_data_dir, mixed_precision, progress) -> None:
+                resume, force, tfds_data_dir, mixed_precision, progress, engine, ray_address, gpus_per_worker,
+                shard_size, shard) -> None:
     """Stage one: run the frozen base once over every split, cache pooled features in HDF5."""
     from pipeline.extract import ExtractConfig, extract
     from pipeline.features import read_attrs
@@ -137,10 +152,31 @@ def extract_cmd(base, data, split, weights, out, cache_dir, input_size, pooling,
         base=base, data=data, split=split, weights=weights, out=out, cache_dir=cache_dir,
         input_size=input_size or None, pooling=pooling, batch_size=batch_size, workers=workers, limit=limit or None,
         resume=resume, force=force, tfds_data_dir=tfds_data_dir, mixed_precision=mixed_precision,
-        progress=progress))
+        progress=progress, engine=engine, ray_address=ray_address, gpus_per_worker=gpus_per_worker,
+        shard_size=shard_size, shard=shard))
     a = read_attrs(path)
     click.echo(f"{path}: {a['base']} ({a['feature_size']} features), rows {json.dumps(a['counts'])}, "
                f"skipped {a['skipped_count']}, {a['images_per_second']} images/s")
+
+
+@cli.command("merge")
+@click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The merged features file.")
+@click.option("--copy", is_flag=True,
+              help="Write one self-contained file (default: an HDF5 virtual dataset over the shards, no copy; "
+                   "keep the shards where they are relative to it).")
+@click.option("--force", is_flag=True, help="Replace an existing --out file.")
+def merge_cmd(shards, out, copy, force) -> None:
+    """Join the shard files of 'tlpipe extract --shard I/N' into one features file.
+
+    Checks that all N shards are there, with one fingerprint, no overlap and none truncated."""
+    from pipeline.features import read_attrs
+    from pipeline.shards import merge_shards
+
+    path = merge_shards(list(shards), out, copy=copy, force=force)
+    a = read_attrs(path)
+    click.echo(f"{path}: {len(shards)} shards ({'copy' if copy else 'virtual dataset'}), "
+               f"rows {json.dumps(a['counts'])}, skipped {a['skipped_count']}")
 
 
 @cli.command("info")

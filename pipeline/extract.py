@@ -22,7 +22,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
@@ -30,7 +30,7 @@ import numpy as np
 from pipeline import __version__
 from pipeline.backbones import get_backbone
 from pipeline.data import Item, Source, open_source
-from pipeline.errors import DataError, LockedError, TlpipeError
+from pipeline.errors import DataError, LockedError, TlpipeError, UsageError
 from pipeline.features import SCHEMA_VERSION, extraction_fingerprint, read_attrs
 from pipeline.images import RESIZE_METHOD, DecodeError, decode_image, resize_array
 from pipeline.util import atomic_write_text, progress_bar
@@ -60,11 +60,21 @@ class ExtractConfig:
     tfds_data_dir: str | None = None
     progress: bool = True
     mixed_precision: str = "auto"  # auto (on for GPUs) | on | off
+    engine: str = "local"  # local | ray (where reader, runtime and writer run)
+    ray_address: str | None = None  # ray engine: a running cluster (host:port, ray://host:port, auto); None: start one
+    gpus_per_worker: float = 0.0  # ray engine: GPUs per model actor
+    shard_size: int = 1000  # ray engine: images per shard (the unit of work and of resume)
+    shard: str | None = None  # "I/N": write shard I of N (local engine; merge with `tlpipe merge`)
 
-    def output_path(self) -> Path:
+    def output_path(self, shard: tuple[int, int] | None = None) -> Path:
+        """The output file: --out, else CACHE/features/BASE.h5 (a shard: CACHE/features/BASE.shards/...)."""
         if self.out:
             return Path(self.out)
         name = self.base.strip().lower().replace("-", "_")
+        if shard is not None:
+            from pipeline.shards import shard_name
+
+            return Path(self.cache_dir) / "features" / f"{name}.shards" / shard_name(name, *shard)
         return Path(self.cache_dir) / "features" / f"{name}.h5"
 
 
@@ -129,19 +139,33 @@ def hidden_sibling(path: Path, suffix: str) -> Path:
 
 
 def extract(cfg: ExtractConfig) -> Path:
-    """Extract features for every split of ``cfg.data`` with ``cfg.base``; return the HDF5 path."""
+    """Extract features for every split of ``cfg.data`` with ``cfg.base``; return the HDF5 path.
+
+    ``cfg.shard = "I/N"`` writes shard I of N instead (a shard file, see pipeline.shards);
+    ``cfg.engine = "ray"`` runs the same reader, runtime and writer on a Ray cluster."""
+    from pipeline.shards import parse_shard
     from pipeline.weights import parse_weights
 
     backbone = get_backbone(cfg.base)
     if cfg.batch_size < 1:
         raise TlpipeError("--batch-size must be at least 1")
+    if cfg.engine not in ("local", "ray"):
+        raise UsageError(f"--engine must be local or ray, not '{cfg.engine}'")
+    shard = parse_shard(cfg.shard) if cfg.shard else None
+    if shard and cfg.engine == "ray":
+        raise UsageError("--shard is for the local engine (one shard per job); the ray engine shards by itself")
+    if cfg.engine == "ray":
+        from pipeline.engine_ray import check_address
+
+        check_address(cfg.ray_address)  # an unreachable cluster fails in seconds, before any listing
     weights = parse_weights(cfg.weights, backbone)
     size = cfg.input_size or backbone.input_size
     source = open_source(cfg.data, cfg.split, cfg.tfds_data_dir, cfg.limit)
     if not source.splits:
         raise DataError(f"no images in {cfg.data}")
-    out = cfg.output_path()
+    out = cfg.output_path(shard)
     out.parent.mkdir(parents=True, exist_ok=True)
+    job = Job(backbone, weights, size, source, out, shard)
 
     from filelock import FileLock, Timeout
 
@@ -151,27 +175,81 @@ def extract(cfg: ExtractConfig) -> Path:
     except Timeout:
         raise LockedError(f"another tlpipe extract is writing {out} (lock {hidden_sibling(out, '.lock')})") from None
     try:
-        return _extract_locked(cfg, backbone, weights, size, source, out)
+        if cfg.engine == "ray":
+            from pipeline.engine_ray import extract_ray
+
+            return extract_ray(cfg, job)
+        return _extract_locked(cfg, job)
     finally:
         lock.release()
 
 
-def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> Path:
-    from pipeline.weights import build_with_weights, known_weights
+@dataclass
+class Job:
+    """One extraction: what to read (the whole source, or one shard of it) and where to write."""
 
-    known = known_weights(backbone, weights)  # identity of the weights without building the model
-    if known is not None:
-        fingerprint = _fingerprint(backbone, *known, size, cfg.pooling, source)
-        if not cfg.force and _up_to_date(out, fingerprint):
-            return out  # nothing to do: not even TensorFlow is imported
-        # refuse before building anything when the run would replace a file made otherwise
-        _guard_existing(out, _settings(backbone, known[0], known[1], size, cfg, source, fingerprint), cfg.force)
+    backbone: Any
+    weights: Any  # parsed --weights (see pipeline.weights.parse_weights)
+    size: int
+    source: Source
+    out: Path
+    shard: tuple[int, int] | None = None  # (index, count) for a shard file
 
+    def ranges(self) -> dict[str, tuple[int, int]]:
+        """Item ranges ``{split: (start, stop)}`` this job covers."""
+        from pipeline.shards import partition
+
+        counts = {s: self.source.counts[s] for s in self.source.splits}
+        if self.shard is None:
+            return {s: (0, c) for s, c in counts.items()}
+        return partition(counts, self.shard[1])[self.shard[0]]
+
+    def shard_attrs(self) -> dict[str, Any]:
+        if self.shard is None:
+            return {}
+        return {"shard_index": self.shard[0], "shard_count": self.shard[1], "shard_ranges": json.dumps(self.ranges())}
+
+
+@dataclass
+class RuntimeSpec:
+    """What building the runtime needs (picklable: Ray actors build their own from it)."""
+
+    base: str
+    weights: Any
+    size: int
+    pooling: str
+    batch_size: int
+    mixed_precision: str = "auto"
+
+
+@dataclass
+class Runtime:
+    """The object turning uint8 batches into features, and what it is made of."""
+
+    forward: Any  # callable: uint8[B, S, S, 3] -> float32[B, D]
+    winfo: Any  # pipeline.weights.WeightsInfo
+    dim: int
+    mixed: bool
+
+    def attrs(self) -> dict[str, Any]:
+        """The features-file attributes that depend on the runtime (where it runs)."""
+        import keras
+
+        return {"weights": self.winfo.label, "weights_sha256": self.winfo.sha256, "feature_size": self.dim,
+                "mixed_precision": bool(self.mixed), "keras_version": keras.__version__,
+                "keras_backend": keras.backend.backend(), "tensorflow_version": _tf_version(),
+                "h5py_version": h5py.__version__}
+
+
+def build_runtime(spec: RuntimeSpec) -> Runtime:
+    """THE model factory of stage one: every engine builds its runtime here (and only here)."""
     import keras
 
     from pipeline.model import Forward, accelerator, build_extractor
+    from pipeline.weights import build_with_weights
 
-    mixed = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and accelerator() is not None)
+    backbone = get_backbone(spec.base)
+    mixed = spec.mixed_precision == "on" or (spec.mixed_precision == "auto" and accelerator() is not None)
     previous_policy = keras.mixed_precision.global_policy().name
     if mixed:
         keras.mixed_precision.set_global_policy("mixed_float16")
@@ -182,19 +260,40 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
     rng_state = random.getstate()
     random.seed(0)
     try:
-        base_model, winfo = build_with_weights(backbone, weights, size, cfg.pooling)
-        model = build_extractor(backbone, base_model, size)
+        base_model, winfo = build_with_weights(backbone, spec.weights, spec.size, spec.pooling)
+        model = build_extractor(backbone, base_model, spec.size)
     finally:
         random.setstate(rng_state)
         keras.mixed_precision.set_global_policy(previous_policy)
-    dim = int(model.output_shape[-1])
-    preprocessing = f"keras.applications.{backbone.module}.preprocess_input"
-    fingerprint = _fingerprint(backbone, winfo.kind, winfo.sha256, size, cfg.pooling, source)
-    if known is None:  # ImageNet weights just fetched: their identity is known only now
-        if not cfg.force and _up_to_date(out, fingerprint):
-            return out
-        _guard_existing(out, _settings(backbone, winfo.kind, winfo.sha256, size, cfg, source, fingerprint),
-                        cfg.force)
+    return Runtime(Forward(model, spec.batch_size), winfo, int(model.output_shape[-1]), mixed)
+
+
+def runtime_spec(cfg: ExtractConfig, job: Job) -> RuntimeSpec:
+    return RuntimeSpec(job.backbone.name, job.weights, job.size, cfg.pooling, cfg.batch_size, cfg.mixed_precision)
+
+
+def prepare(cfg: ExtractConfig, job: Job, weights_id: tuple[str, str]) -> str | None:
+    """The job's fingerprint, or None when ``job.out`` is already up to date; refuses (before any
+    work) to replace a file made from other settings."""
+    kind, sha = weights_id
+    fingerprint = _fingerprint(job.backbone, kind, sha, job.size, cfg.pooling, job.source)
+    if not cfg.force and _up_to_date(job.out, fingerprint, job.shard):
+        return None
+    _guard_existing(job.out, _settings(job.backbone, kind, sha, job.size, cfg, job.source, fingerprint), cfg.force)
+    return fingerprint
+
+
+def _extract_locked(cfg: ExtractConfig, job: Job) -> Path:
+    from pipeline.weights import known_weights
+
+    out, source = job.out, job.source
+    known = known_weights(job.backbone, job.weights)  # identity of the weights without building the model
+    if known is not None and prepare(cfg, job, known) is None:
+        return out  # nothing to do: not even TensorFlow is imported
+    rt = build_runtime(runtime_spec(cfg, job))
+    fingerprint = prepare(cfg, job, (rt.winfo.kind, rt.winfo.sha256))  # ImageNet weights: known only now
+    if fingerprint is None:
+        return out
 
     partial = hidden_sibling(out, ".partial")
     ckpt = hidden_sibling(out, ".progress.json")
@@ -207,50 +306,30 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
         done = sum(state.next_index.values())
         log.info("resuming %s: %d inputs already done", out, done)
 
-    forward = Forward(model, cfg.batch_size)
     workers = cfg.workers or default_workers()
     prefetch = cfg.prefetch or 2 * workers + 2
-    total = sum(source.counts.values())
-    already = sum(state.next_index.get(s, 0) for s in source.splits)
-    segments = [(s, state.next_index.get(s, 0)) for s in source.splits
-                if state.next_index.get(s, 0) < source.counts[s]]
-    images = 0
-    bar = progress_bar(total=total, initial=already, desc=f"extract {backbone.name}",
-                       enabled=cfg.progress)
+    ranges = job.ranges()
+    total = sum(stop - start for start, stop in ranges.values())
+    segments = [(s, state.next_index.get(s, start), stop) for s, (start, stop) in ranges.items()
+                if state.next_index.get(s, start) < stop]
+    already = total - sum(stop - start for _, start, stop in segments)
+    bar = progress_bar(total=total, initial=already, desc=f"extract {job.backbone.name}", enabled=cfg.progress)
+
+    def checkpoint(split: str, index: int, rows: int, n: int, seconds: float) -> None:
+        _save_state(ckpt, state, seconds)
+        bar.update(n)
+        bar.set_postfix_str(split)
+
     try:
         nice = _decode_nice(cfg.decode_nice)
         with h5py.File(partial, "a") as h5, ThreadPoolExecutor(
                 workers, thread_name_prefix="decode", initializer=_lower_thread_priority, initargs=(nice,)) as pool:
             # Start decoding before the forward pass is compiled, so the first batches are
             # ready when it is; one reader spans every split (no refill bubble between splits).
-            reader = _BatchReader(source, segments, cfg.batch_size, size, pool, prefetch)
-            forward.warmup(size)
+            reader = _BatchReader(source, segments, cfg.batch_size, job.size, pool, prefetch)
+            rt.forward.warmup(job.size)
             t0 = time.perf_counter()  # extraction time: decode + forward + write, after compile
-            dsets, rows, current = None, 0, None
-            t_forward = t_write = 0.0
-            for split, index, batch, ids, labels, skipped in reader:
-                if split != current:
-                    current = split
-                    rows = state.rows.get(split, 0)
-                    dsets = _open_datasets(h5.require_group(split), dim, rows)
-                    bar.set_postfix_str(split)
-                if len(ids):
-                    t1 = time.perf_counter()
-                    feats = forward(batch[: len(ids)])
-                    t2 = time.perf_counter()
-                    _append(dsets, feats, np.asarray(labels, dtype=np.int64), ids)
-                    t_write += time.perf_counter() - t2
-                    t_forward += t2 - t1
-                    rows += len(ids)
-                state.skipped.extend({"split": split, "id": i, "reason": r} for i, r in skipped)
-                for i, r in skipped:
-                    log.warning("skipped %s: %s", i, r)
-                h5.flush()
-                state.next_index[split] = index
-                state.rows[split] = rows
-                _save_state(ckpt, state, time.perf_counter() - t0)
-                images += len(ids) + len(skipped)
-                bar.update(len(ids) + len(skipped))
+            t_forward, t_write, images = write_batches(h5, reader, rt, state, checkpoint)
             elapsed = state.seconds + (time.perf_counter() - t0)
             # Where this run's extraction time went (main thread): forward pass, waiting for
             # the decoder, writing; benchmarks/bench_extract.py reads it.
@@ -258,49 +337,14 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
                       "decode_wait": round(reader.wait_seconds, 3), "write": round(t_write, 3),
                       "workers": workers, "prefetch": prefetch, "decode_nice": nice}
             counts = {s: int(h5[s]["features"].shape[0]) for s in source.splits if s in h5}
-            if sum(counts.values()) == 0:
+            if sum(counts.values()) == 0 and job.shard is None:
                 raise _NothingExtracted(
                     f"every input was skipped ({len(state.skipped)} files could not be decoded); "
                     f"first: {state.skipped[0]['id']}: {state.skipped[0]['reason']}" if state.skipped
                     else f"no images in {cfg.data}"
                 )
-            attrs = {
-                "schema_version": SCHEMA_VERSION,
-                "base": backbone.name,
-                "base_requested": cfg.base,
-                "constructor": f"keras.applications.{backbone.constructor}",
-                "constructor_kwargs": json.dumps(backbone.kwargs),
-                "weights": winfo.label,
-                "weights_sha256": winfo.sha256,
-                "input_size": size,
-                "pooling": cfg.pooling,
-                "preprocessing": preprocessing,
-                "resize": RESIZE_METHOD,
-                "feature_size": dim,
-                "data_source": source.spec,
-                "data_kind": source.kind,
-                "split_spec": source.split_spec,
-                "source_fingerprint": source.fingerprint,
-                "fingerprint": fingerprint,
-                "class_names": json.dumps(source.class_names),
-                "num_classes": len(source.class_names),
-                "splits": json.dumps(list(counts)),
-                "counts": json.dumps(counts),
-                "skipped_count": len(state.skipped),
-                "skipped": json.dumps(state.skipped),
-                "limit": cfg.limit or 0,
-                "batch_size": cfg.batch_size,
-                "mixed_precision": bool(mixed),
-                "extract_seconds": round(elapsed, 3),
-                "images_per_second": round(sum(counts.values()) / elapsed, 2) if elapsed > 0 else 0.0,
-                "timing": json.dumps(timing),
-                "tlpipe_version": __version__,
-                "keras_version": keras.__version__,
-                "keras_backend": keras.backend.backend(),
-                "tensorflow_version": _tf_version(),
-                "h5py_version": h5py.__version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
+            attrs = {**static_attrs(cfg, job, fingerprint), **rt.attrs(), **job.shard_attrs(),
+                     **result_attrs(counts, state.skipped, elapsed, timing)}
             for key, value in attrs.items():
                 h5.attrs[key] = value
     except _NothingExtracted:
@@ -309,14 +353,88 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
         raise
     finally:
         bar.close()
-    skipped_path = out.with_name(out.stem + ".skipped.json")
-    atomic_write_text(skipped_path, json.dumps(state.skipped, indent=1) + "\n")
+    if job.shard is None:
+        skipped_path = out.with_name(out.stem + ".skipped.json")
+        atomic_write_text(skipped_path, json.dumps(state.skipped, indent=1) + "\n")
     os.replace(partial, out)
     ckpt.unlink(missing_ok=True)
     rate = images / (time.perf_counter() - t0) if images else 0.0
     log.info("wrote %s: %s rows, %d skipped, %.1f images/s", out,
              json.dumps(counts), len(state.skipped), rate)
     return out
+
+
+def write_batches(h5: h5py.File, batches, rt: Runtime, state: _State, checkpoint=None) -> tuple[float, float, int]:
+    """The writer: run ``rt`` on decoded ``batches`` and append them to ``h5`` (split groups);
+    after each batch, flush and call ``checkpoint(split, next_index, rows, n, seconds)``.
+    Returns (forward seconds, write seconds, inputs consumed)."""
+    dsets, rows, current = None, 0, None
+    t_forward = t_write = 0.0
+    images = 0
+    t0 = time.perf_counter()
+    for split, index, batch, ids, labels, skipped in batches:
+        if split != current:
+            current = split
+            rows = state.rows.get(split, 0)
+            dsets = open_datasets(h5.require_group(split), rt.dim, rows)
+        if len(ids):
+            t1 = time.perf_counter()
+            feats = rt.forward(batch[: len(ids)])
+            t2 = time.perf_counter()
+            append_rows(dsets, feats, np.asarray(labels, dtype=np.int64), ids)
+            t_write += time.perf_counter() - t2
+            t_forward += t2 - t1
+            rows += len(ids)
+        state.skipped.extend({"split": split, "id": i, "reason": r} for i, r in skipped)
+        for i, r in skipped:
+            log.warning("skipped %s: %s", i, r)
+        h5.flush()
+        state.next_index[split] = index
+        state.rows[split] = rows
+        images += len(ids) + len(skipped)
+        if checkpoint is not None:
+            checkpoint(split, index, rows, len(ids) + len(skipped), time.perf_counter() - t0)
+    return t_forward, t_write, images
+
+
+def static_attrs(cfg: ExtractConfig, job: Job, fingerprint: str) -> dict[str, Any]:
+    """The features-file attributes fixed by the settings and the listed data."""
+    backbone, source = job.backbone, job.source
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "base": backbone.name,
+        "base_requested": cfg.base,
+        "constructor": f"keras.applications.{backbone.constructor}",
+        "constructor_kwargs": json.dumps(backbone.kwargs),
+        "input_size": job.size,
+        "pooling": cfg.pooling,
+        "preprocessing": f"keras.applications.{backbone.module}.preprocess_input",
+        "resize": RESIZE_METHOD,
+        "data_source": source.spec,
+        "data_kind": source.kind,
+        "split_spec": source.split_spec,
+        "source_fingerprint": source.fingerprint,
+        "fingerprint": fingerprint,
+        "class_names": json.dumps(source.class_names),
+        "num_classes": len(source.class_names),
+        "limit": cfg.limit or 0,
+        "batch_size": cfg.batch_size,
+        "tlpipe_version": __version__,
+    }
+
+
+def result_attrs(counts: dict[str, int], skipped: list[dict], elapsed: float, timing: dict) -> dict[str, Any]:
+    """The features-file attributes of what a run produced: rows, skipped inputs, timings."""
+    return {
+        "splits": json.dumps(list(counts)),
+        "counts": json.dumps(counts),
+        "skipped_count": len(skipped),
+        "skipped": json.dumps(skipped),
+        "extract_seconds": round(elapsed, 3),
+        "images_per_second": round(sum(counts.values()) / elapsed, 2) if elapsed > 0 else 0.0,
+        "timing": json.dumps(timing),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _fingerprint(backbone, weights_kind: str, weights_sha256: str, size: int, pooling: str,
@@ -377,10 +495,12 @@ def _guard_existing(out: Path, new: dict, force: bool) -> None:
     check_replace(out, "features", changes, force)
 
 
-def _up_to_date(out: Path, fingerprint: str) -> bool:
-    """True (and says so) when ``out`` already holds features with this fingerprint."""
+def _up_to_date(out: Path, fingerprint: str, shard: tuple[int, int] | None = None) -> bool:
+    """True (and says so) when ``out`` already holds features (or that shard) with this fingerprint."""
     try:
-        if out.exists() and read_attrs(out).get("fingerprint") == fingerprint:
+        attrs = read_attrs(out) if out.exists() else {}
+        same_shard = shard is None or (attrs.get("shard_index"), attrs.get("shard_count")) == shard
+        if attrs.get("fingerprint") == fingerprint and same_shard and ("shard_index" in attrs) == (shard is not None):
             log.info("%s is up to date (same fingerprint); use --force to extract again", out)
             return True
     except Exception:  # noqa: BLE001 - an unreadable file is simply not up to date
@@ -401,7 +521,7 @@ def _tf_version() -> str:
         return ""
 
 
-def _open_datasets(group: h5py.Group, dim: int, rows: int) -> dict[str, h5py.Dataset]:
+def open_datasets(group: h5py.Group, dim: int, rows: int) -> dict[str, h5py.Dataset]:
     """Create the split's datasets, or truncate them to the checkpointed row count."""
     if "features" not in group:
         chunk_rows = max(1, min(1024, (1 << 20) // (4 * dim)))  # ~1 MiB row chunks: fast sequential reads
@@ -418,7 +538,7 @@ def _open_datasets(group: h5py.Group, dim: int, rows: int) -> dict[str, h5py.Dat
     return dsets
 
 
-def _append(dsets: dict[str, h5py.Dataset], feats: np.ndarray, labels: np.ndarray, ids: list[str]) -> None:
+def append_rows(dsets: dict[str, h5py.Dataset], feats: np.ndarray, labels: np.ndarray, ids: list[str]) -> None:
     n0 = dsets["features"].shape[0]
     n1 = n0 + feats.shape[0]
     for key, value in (("features", feats), ("labels", labels), ("ids", np.asarray(ids, dtype=object))):
@@ -467,7 +587,7 @@ def _decode_one(item: Item, size: int) -> np.ndarray:
         raise DecodeError(f"{type(exc).__name__}: {exc}") from None
 
 
-def _decode_batch(items: list[Item], size: int):
+def decode_batch(items: list[Item], size: int):
     """Decode a batch into one uint8 array; failed inputs are returned with their reason."""
     batch = np.empty((len(items), size, size, 3), dtype=np.uint8)
     ids, labels, skipped = [], [], []
@@ -482,6 +602,24 @@ def _decode_batch(items: list[Item], size: int):
     return batch, ids, labels, skipped
 
 
+def iter_chunks(source: Source, segments, batch_size: int):
+    """``(split, next_index, items)`` for ``segments`` of ``(split, start, stop)``: ``batch_size`` items
+    from each segment's start (the last batch short): fixed boundaries, deterministic features."""
+    from itertools import islice
+
+    for split, start, stop in segments:
+        index = start
+        chunk: list[Item] = []
+        for item in islice(source.iter_items(split, start), stop - start):
+            chunk.append(item)
+            if len(chunk) == batch_size:
+                index += len(chunk)
+                yield split, index, chunk
+                chunk = []
+        if chunk:
+            yield split, index + len(chunk), chunk
+
+
 class _BatchReader:
     """Decode batches ahead in ``pool``; iterate ``(split, next_index, batch, ids, labels, skipped)``.
 
@@ -493,7 +631,7 @@ class _BatchReader:
 
     def __init__(self, source: Source, segments: list[tuple[str, int]], batch_size: int, size: int,
                  pool: ThreadPoolExecutor, prefetch: int):
-        self._chunks = self._iter_chunks(source, segments, batch_size)
+        self._chunks = iter_chunks(source, segments, batch_size)
         self._size = size
         self._pool = pool
         self._pending: deque = deque()
@@ -501,26 +639,12 @@ class _BatchReader:
         while len(self._pending) < max(1, prefetch) and self._submit():
             pass
 
-    @staticmethod
-    def _iter_chunks(source: Source, segments, batch_size: int):
-        for split, start in segments:
-            index = start
-            chunk: list[Item] = []
-            for item in source.iter_items(split, start):
-                chunk.append(item)
-                if len(chunk) == batch_size:
-                    index += len(chunk)
-                    yield split, index, chunk
-                    chunk = []
-            if chunk:
-                yield split, index + len(chunk), chunk
-
     def _submit(self) -> bool:
         nxt = next(self._chunks, None)
         if nxt is None:
             return False
         split, index, chunk = nxt
-        self._pending.append((split, index, self._pool.submit(_decode_batch, chunk, self._size)))
+        self._pending.append((split, index, self._pool.submit(decode_batch, chunk, self._size)))
         return True
 
     def __iter__(self) -> Iterator[tuple[str, int, np.ndarray, list, list, list]]:

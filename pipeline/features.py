@@ -150,6 +150,9 @@ def _load_features(path: Path, need: tuple[str, ...]) -> FeatureSet:
     counts = attrs.get("counts") if isinstance(attrs.get("counts"), dict) else {}
     splits: dict[str, Split] = {}
     with h5py.File(path, "r") as h5:
+        from pipeline.shards import check_virtual_sources
+
+        check_virtual_sources(path, h5)  # a merged (virtual) file whose shards are gone would read zeros
         for name in ("train", "val", "test"):
             if name not in h5:
                 continue
