@@ -1,0 +1,82 @@
+"""The Ray engine on a local Ray cluster (``ray.init(num_cpus=2)``, shared by this module), 2 workers:
+its file equals the local engine's, even when a model actor is SIGKILLed mid-shard; a rerun after
+the driver was killed resumes from the finished shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, make_folder, subprocess_env
+from pipeline.engine_ray import FAULT_ENV
+from pipeline.extract import ExtractConfig, extract, hidden_sibling
+from pipeline.features import read_attrs
+from test_shards import SETTINGS, assert_equal_files
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+RAY = dict(engine="ray", workers=2, shard_size=5)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A 2-CPU local Ray cluster whose workers die once at the actor fault point when the marker
+    file exists (fault injection, see pipeline.engine_ray._fault); (marker, GCS address)."""
+    marker = tmp_path_factory.mktemp("fault") / "kill-one-actor"
+    old = os.environ.get(FAULT_ENV)
+    os.environ[FAULT_ENV] = f"actor:{marker}"  # inherited by the workers Ray starts
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield marker, ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        if old is None:
+            os.environ.pop(FAULT_ENV, None)
+        else:
+            os.environ[FAULT_ENV] = old
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray")
+    data = make_folder(root / "data", per_class=12, size=(40, 30))
+    return data, extract(ExtractConfig(data=str(data), out=root / "local.h5", **SETTINGS))
+
+
+def test_ray_equals_local_even_when_an_actor_dies(cluster, local, tmp_path):
+    marker, _ = cluster
+    data, reference = local
+    marker.touch()  # arm: the first actor to reach the fault point is SIGKILLed, mid-shard
+    out = extract(ExtractConfig(data=str(data), out=tmp_path / "ray.h5", **SETTINGS, **RAY))
+    assert not marker.exists(), "no actor reached the fault point"
+    assert_equal_files(reference, out, atol=1e-5)
+    timing = json.loads(read_attrs(out)["timing"])
+    assert timing["engine"] == "ray" and timing["shards"] == 5 and timing["shards_reused"] == 0
+    assert not hidden_sibling(out, ".shards").exists()  # shards removed once merged
+    assert (tmp_path / "ray.skipped.json").read_text().strip() == "[]"
+
+
+def test_rerun_after_killed_driver_resumes_from_finished_shards(cluster, local, tmp_path):
+    _, address = cluster
+    data, reference = local
+    out = tmp_path / "ray.h5"
+    driver_marker = tmp_path / "kill-driver"
+    driver_marker.touch()
+    env = {**subprocess_env(), FAULT_ENV: f"driver:{driver_marker}"}  # killed after its first finished shard
+    cmd = [sys.executable, "-m", "pipeline.cli", "extract", "--base", SETTINGS["base"], "--weights", "none",
+           "--input-size", "32", "--batch-size", "4", "--no-progress", "--data", str(data), "--out", str(out),
+           "--engine", "ray", "--ray-address", address, "--workers", "1", "--shard-size", "5"]
+    proc = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL
+    assert not out.exists()
+    kept = sorted(hidden_sibling(out, ".shards").glob("*.h5"))
+    assert kept, "no finished shard was kept"
+    result = extract(ExtractConfig(data=str(data), out=out, **SETTINGS, **RAY))
+    timing = json.loads(read_attrs(result)["timing"])
+    assert timing["shards_reused"] >= len(kept) >= 1
+    assert_equal_files(reference, result, atol=1e-5)

@@ -1,0 +1,141 @@
+"""Shards without Ray: ``extract --shard I/N`` files merge (virtual or --copy) into the local file;
+``merge`` refuses missing, duplicated, foreign and truncated shards and an existing output;
+bad ``--shard`` specs and an unreachable ``--ray-address`` fail in one line."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_folder, read_datasets
+from pipeline.cli import cli
+from pipeline.extract import ExtractConfig, extract
+from pipeline.features import read_attrs
+from pipeline.shards import parse_shard, partition
+
+SETTINGS = dict(base="mobilenet_0.25", weights="none", input_size=32, batch_size=4, progress=False)
+TIMING = {"created", "extract_seconds", "images_per_second", "timing"}
+
+
+def assert_equal_files(a: Path, b: Path, atol: float = 0.0) -> None:
+    """Same datasets (ids, labels exactly; features within ``atol``) and attributes, timings aside."""
+    da, db = read_datasets(a), read_datasets(b)
+    assert sorted(da) == sorted(db)
+    for name in da:
+        assert da[name].dtype == db[name].dtype and da[name].shape == db[name].shape, name
+        if da[name].dtype.kind == "f":
+            assert np.abs(da[name] - db[name]).max(initial=0) <= atol, name
+        else:
+            assert np.array_equal(da[name], db[name]), name
+    aa, ab = read_attrs(a), read_attrs(b)
+    assert set(aa) == set(ab)
+    assert {k for k in aa if aa[k] != ab[k]} <= TIMING
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """(local file, [shard files]) from one small folder: 3 shards, one with no val/test rows."""
+    root = tmp_path_factory.mktemp("shards")
+    data = make_folder(root / "data", per_class=12, size=(40, 30))
+    local = extract(ExtractConfig(data=str(data), out=root / "local.h5", **SETTINGS))
+    files = [extract(ExtractConfig(data=str(data), out=root / "sh" / f"part{i}.h5", shard=f"{i}/3", **SETTINGS))
+             for i in range(3)]
+    return root, local, files
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def one_line_error(r, code: int | None = None) -> str:
+    assert r.exit_code != 0 and (code is None or r.exit_code == code), (r.exit_code, r.output)
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tlpipe: error:"), r.output
+    return lines[0]
+
+
+def test_partition_is_contiguous_and_complete():
+    parts = partition({"train": 10, "val": 3}, 4)
+    assert [p["train"] for p in parts] == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    assert [p["val"] for p in parts] == [(0, 0), (0, 1), (1, 2), (2, 3)]
+    assert parse_shard("2/5") == (2, 5)
+
+
+@pytest.mark.parametrize("spec", ["3/2", "0/0", "2/2", "x", "-1/3"])
+def test_bad_shard_spec_is_one_line(spec, tmp_path):
+    r = run("extract", "--base", "mobilenet_0.25", "--data", tmp_path, "--shard", spec)
+    assert "--shard" in one_line_error(r, 2)
+
+
+def test_shard_files_merge_into_the_local_file(shards, tmp_path):
+    root, local, files = shards
+    attrs = [read_attrs(f) for f in files]
+    assert [(a["shard_index"], a["shard_count"]) for a in attrs] == [(0, 3), (1, 3), (2, 3)]
+    assert len({a["fingerprint"] for a in attrs}) == 1
+    virtual, copy = root / "merged.h5", tmp_path / "copy.h5"
+    assert run("merge", *reversed(files), "--out", virtual).exit_code == 0  # any order
+    assert run("merge", *files, "--out", copy, "--copy").exit_code == 0
+    assert_equal_files(local, virtual)
+    assert_equal_files(local, copy)
+    assert virtual.stat().st_size < local.stat().st_size / 10  # no copy of the features
+    # the virtual file names its shards relative to itself: moving the folder keeps it readable
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved, ignore=shutil.ignore_patterns("data"))
+    assert_equal_files(local, moved / "merged.h5")
+    r = run("info", moved / "merged.h5", "--no-check")
+    assert r.exit_code == 0 and "mobilenet_0.25" in r.output
+    out = tmp_path / "head"
+    r = run("fit-head", "--features", moved / "merged.h5", "--head", "knn", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert (out / "metrics.json").is_file()
+    shutil.rmtree(moved / "sh")  # shards gone: refused in one line, never zeros
+    assert "shard files are missing" in one_line_error(run("info", moved / "merged.h5", "--no-check"))
+
+
+def test_merge_refusals(shards, tmp_path):
+    root, local, files = shards
+    out = tmp_path / "m.h5"
+    assert "1 of 3 shards missing: 1" in one_line_error(run("merge", files[0], files[2], "--out", out))
+    assert "given twice" in one_line_error(run("merge", files[0], files[1], files[1], files[2], "--out", out))
+    # a shard of other settings (max pooling): same index and count, other fingerprint
+    data = root / "data"
+    foreign = extract(ExtractConfig(data=str(data), out=tmp_path / "foreign.h5", shard="1/3",
+                                    **{**SETTINGS, "pooling": "max"}))
+    assert "different fingerprint" in one_line_error(run("merge", files[0], foreign, files[2], "--out", out))
+    truncated = tmp_path / "trunc.h5"
+    truncated.write_bytes(files[1].read_bytes()[: files[1].stat().st_size // 2])
+    line = one_line_error(run("merge", files[0], truncated, files[2], "--out", out))
+    assert "trunc.h5" in line
+    assert "not a tlpipe shard" in one_line_error(run("merge", local, "--out", out))
+    assert run("merge", *files, "--out", out).exit_code == 0
+    assert "--force" in one_line_error(run("merge", *files, "--out", out))
+    assert run("merge", *files, "--out", out, "--force", "--copy").exit_code == 0
+    assert_equal_files(local, out)
+
+
+def test_shard_rerun_is_up_to_date(shards):
+    root, _, files = shards
+    before = files[0].stat().st_mtime_ns
+    extract(ExtractConfig(data=str(root / "data"), out=files[0], shard="0/3", **SETTINGS))
+    assert files[0].stat().st_mtime_ns == before
+
+
+def test_unreachable_ray_address_fails_fast(tmp_path):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # a port nobody listens on
+    t = time.monotonic()
+    r = run("extract", "--base", "mobilenet_0.25", "--data", tmp_path, "--engine", "ray",
+            "--ray-address", f"127.0.0.1:{port}")
+    assert "cannot reach the Ray cluster" in one_line_error(r, 1)
+    assert time.monotonic() - t < 10
+    assert "--ray-address" in one_line_error(run("extract", "--base", "mobilenet_0.25", "--data", tmp_path,
+                                                  "--engine", "ray", "--ray-address", "nonsense"), 2)
