@@ -23,6 +23,7 @@ import pickle
 import shutil
 import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ def _fault(point: str) -> None:
 
 def check_address(address: str | None) -> None:
     """Refuse an unreachable ``--ray-address`` in seconds (Ray itself retries for a long time)."""
-    if not address or address == "auto" or address.startswith("local"):
+    if address in (None, "", "local", "auto"):
         return
     hostport = address.split("://", 1)[1] if "://" in address else address
     host, _, port = hostport.rpartition(":")
@@ -76,7 +77,7 @@ def _init_ray(address: str | None) -> bool:
         return False
     kwargs: dict[str, Any] = {"log_to_driver": log.isEnabledFor(logging.DEBUG), "configure_logging": False}
     try:
-        if address:
+        if address not in (None, "", "local"):
             ray.init(address=address, **kwargs)
         else:
             ray.init(include_dashboard=False, **kwargs)
@@ -191,14 +192,16 @@ def extract_ray(cfg, job) -> Path:
         log.info("resuming %s: %d of %d shards already done", out, len(done), n)
 
     t0 = time.perf_counter()
+    busy = 0.0
     if pending:
-        _run(cfg, spec, pending, ranges, n, stem, folder, source,
-             static_attrs(cfg, job, fingerprint), progress_bar, total, done)
+        busy = _run(cfg, spec, pending, ranges, n, stem, folder, source,
+                    static_attrs(cfg, job, fingerprint), progress_bar, total, done)
     wall = time.perf_counter() - t0
     files = [folder / shard_name(stem, i, n) for i in range(n)]
     rows_done = sum(hi - lo for i in pending for lo, hi in ranges[i].values())
     timing = {"engine": "ray", "seconds": round(wall, 3), "workers": workers, "shards": n,
-              "shards_reused": len(done), "gpus_per_worker": cfg.gpus_per_worker}
+              "shards_reused": len(done), "gpus_per_worker": cfg.gpus_per_worker,
+              "actor_seconds": round(busy, 3)}  # summed over actors: forward + write of their shards
     overrides = {"timing": timing, "extract_seconds": round(wall, 3),
                  "images_per_second": round(rows_done / wall, 2) if wall > 0 and rows_done else 0.0}
     partial = hidden_sibling(out, ".partial")
@@ -214,8 +217,9 @@ def extract_ray(cfg, job) -> Path:
     return out
 
 
-def _run(cfg, spec, pending, ranges, n, stem, folder, source, attrs, progress_bar, total, done) -> None:
-    """Run the Ray Data pipeline over the pending shards (the driver only lists and watches)."""
+def _run(cfg, spec, pending, ranges, n, stem, folder, source, attrs, progress_bar, total, done) -> float:
+    """Run the Ray Data pipeline over the pending shards (the driver only lists and watches);
+    return the actors' busy seconds (forward + write), summed."""
     import ray
     import ray.data
 
@@ -248,15 +252,21 @@ def _run(cfg, spec, pending, ranges, n, stem, folder, source, attrs, progress_ba
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         ds = ds.map_batches(decode_shard, batch_size=1, batch_format="numpy", num_cpus=1,
                             fn_kwargs={"size": spec.size, "batch_size": spec.batch_size})
-        ds = ds.map_batches(ShardWriter, batch_size=1, batch_format="numpy", concurrency=workers,
-                            num_gpus=gpus, num_cpus=actor_cpus if gpus == 0 else 1.0,
-                            fn_constructor_kwargs={"spec": spec, "attrs": attrs, "folder": str(folder)},
-                            max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
+        with warnings.catch_warnings():
+            # bounded retries (Ray Data's default, -1, would restart an actor that dies on every shard
+            # forever); Ray 2.60 has no named parameter for them yet and warns about ray_remote_args
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            ds = ds.map_batches(ShardWriter, batch_size=1, batch_format="numpy", concurrency=workers,
+                                num_gpus=gpus, num_cpus=actor_cpus if gpus == 0 else 1.0,
+                                fn_constructor_kwargs={"spec": spec, "attrs": attrs, "folder": str(folder)},
+                                max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
         bar = progress_bar(total=total, initial=sum(hi - lo for i in done for lo, hi in ranges[i].values()),
                            desc=f"extract {spec.base} (ray, {workers} workers)", enabled=cfg.progress)
+        busy = 0.0
         try:
             for row in ds.iter_rows():
                 bar.update(int(row["images"]))
+                busy += float(row["seconds"])
                 _fault("driver")  # the tests kill the driver here, after its first finished shard
         except Exception as exc:  # noqa: BLE001 - a failed task/actor is one line
             cause = getattr(exc, "cause", None) or exc
@@ -266,6 +276,7 @@ def _run(cfg, spec, pending, ranges, n, stem, folder, source, attrs, progress_ba
             raise TlpipeError(f"ray engine failed: {type(cause).__name__}: {text[:300]}") from None
         finally:
             bar.close()
+        return busy
     finally:
         if started:
             ray.shutdown()

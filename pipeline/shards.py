@@ -1,7 +1,8 @@
 """Shards of a features file: a deterministic partition of every split, and ``tlpipe merge``.
 
-Shard ``I`` of ``N`` holds, for every split of ``C`` items, the item indices
-``[C*I//N, C*(I+1)//N)``: contiguous, ascending with ``I``, the same on every machine.
+Shard ``I`` of ``N`` holds items ``[T*I//N, T*(I+1)//N)`` of the ``T`` items of all splits laid end to
+end in split order (train, val, test): for every split a contiguous range of its item indices,
+ascending with ``I``, the same on every machine.
 A shard file has the layout of a features file (``/<split>/features|labels|ids`` and the
 same attributes, fingerprint included) plus ``shard_index``, ``shard_count`` and
 ``shard_ranges`` (JSON ``{split: [start, stop]}``); its ``counts`` and ``skipped`` are
@@ -46,8 +47,21 @@ def parse_shard(spec: str) -> tuple[int, int]:
 
 
 def partition(counts: dict[str, int], count: int) -> list[dict[str, tuple[int, int]]]:
-    """Item ranges ``{split: (start, stop)}`` of each of ``count`` shards (contiguous, ascending)."""
-    return [{s: (c * i // count, c * (i + 1) // count) for s, c in counts.items()} for i in range(count)]
+    """Item ranges ``{split: (start, stop)}`` of each of ``count`` shards.
+
+    The splits' items, laid end to end in split order, are cut into ``count`` runs of equal length
+    (+-1): every split is partitioned into contiguous ranges ascending with the shard index, and
+    a shard touches at most two splits' ends (few part-filled batches)."""
+    total = sum(counts.values())
+    shards = []
+    for i in range(count):
+        lo, hi = total * i // count, total * (i + 1) // count
+        ranges, offset = {}, 0
+        for split, c in counts.items():
+            ranges[split] = (min(max(lo - offset, 0), c), min(max(hi - offset, 0), c))
+            offset += c
+        shards.append(ranges)
+    return shards
 
 
 def shard_name(stem: str, index: int, count: int) -> str:

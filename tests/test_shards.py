@@ -39,7 +39,7 @@ def assert_equal_files(a: Path, b: Path, atol: float = 0.0) -> None:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """(local file, [shard files]) from one small folder: 3 shards, one with no val/test rows."""
+    """(local file, [shard files]) from one small folder: 3 shards, some without val/test rows."""
     root = tmp_path_factory.mktemp("shards")
     data = make_folder(root / "data", per_class=12, size=(40, 30))
     local = extract(ExtractConfig(data=str(data), out=root / "local.h5", **SETTINGS))
@@ -61,8 +61,12 @@ def one_line_error(r, code: int | None = None) -> str:
 
 def test_partition_is_contiguous_and_complete():
     parts = partition({"train": 10, "val": 3}, 4)
-    assert [p["train"] for p in parts] == [(0, 2), (2, 5), (5, 7), (7, 10)]
-    assert [p["val"] for p in parts] == [(0, 0), (0, 1), (1, 2), (2, 3)]
+    assert [p["train"] for p in parts] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert [p["val"] for p in parts] == [(0, 0), (0, 0), (0, 0), (0, 3)]
+    for n in (1, 2, 5, 20):  # every item of every split in exactly one shard, in order
+        for split, c in {"train": 10, "val": 3}.items():
+            got = [i for p in partition({"train": 10, "val": 3}, n) for i in range(*p[split])]
+            assert got == list(range(c))
     assert parse_shard("2/5") == (2, 5)
 
 
