@@ -93,10 +93,12 @@ def test_shard_files_merge_into_the_local_file(shards, tmp_path):
     assert_equal_files(local, moved / "merged.h5")
     r = run("info", moved / "merged.h5", "--no-check")
     assert r.exit_code == 0 and "mobilenet_0.25" in r.output
-    out = tmp_path / "head"
+    out = moved / "cache" / "heads" / "merged-knn"
     r = run("fit-head", "--features", moved / "merged.h5", "--head", "knn", "--out", out)
     assert r.exit_code == 0, r.output
     assert (out / "metrics.json").is_file()
+    r = run("report", "--cache-dir", moved / "cache")
+    assert r.exit_code == 0 and "knn" in r.output, r.output
     shutil.rmtree(moved / "sh")  # shards gone: refused in one line, never zeros
     assert "shard files are missing" in one_line_error(run("info", moved / "merged.h5", "--no-check"))
 
