@@ -51,8 +51,9 @@ def run_once(engine: str, workers: int, args, out: Path) -> dict:
         busy_rate = images / timing["seconds"]
     else:
         busy_rate = images / (timing["actor_seconds"] / workers) if timing["actor_seconds"] else float("nan")
+    decode_rate = images / timing["decode_seconds"] if timing.get("decode_seconds") else float("nan")
     out.unlink()
-    return {"engine": engine, "workers": workers, "images": images, "wall": wall, "rate": images / wall,
+    return {"decode_rate": decode_rate, "engine": engine, "workers": workers, "images": images, "wall": wall, "rate": images / wall,
             "busy_rate": busy_rate, "per_worker": busy_rate / max(1, workers), "load_before": before,
             "load_after": load()}
 
@@ -103,20 +104,25 @@ def main(argv=None) -> int:
         print(f"  {engine:5s} x{max(workers, 1)}: {med(engine, workers, 'rate'):6.1f} img/s wall, "
               f"{med(engine, workers, 'busy_rate'):6.1f} img/s busy, {med(engine, workers, 'wall'):6.1f} s")
     overhead = (med("ray", 1, "wall") - med("local", 0, "wall")) / images
-    print(f"Ray overhead per image (1 worker vs local, whole call, {images} images): {1000 * overhead:.1f} ms "
-          f"(mostly fixed start-up: actor start, model build, shard merge; it shrinks per image as runs grow)")
+    print(f"Ray overhead (1 worker vs local, whole call, {images} images): "
+          f"{med('ray', 1, 'wall') - med('local', 0, 'wall'):.1f} s = {1000 * overhead:.1f} ms per image "
+          f"(mostly fixed: Ray Data start, actor start and model build, shard files and merge)")
     print(f"speed-up 2 vs 1 Ray workers (wall): {med('ray', 2, 'rate') / med('ray', 1, 'rate'):.2f}x "
           f"on {os.cpu_count()} CPUs")
 
-    per_worker = {"local loop (1 process)": med("local", 0, "busy_rate"),
-                  "ray worker (x1)": med("ray", 1, "per_worker"), "ray worker (x2)": med("ray", 2, "per_worker")}
+    decode = median([x["decode_rate"] for x in rows if x["engine"] == "ray"])
+    per_worker = {"local process (decode+model)": med("local", 0, "busy_rate"),
+                  "ray model actor (x1)": med("ray", 1, "per_worker"),
+                  "ray model actor (x2)": med("ray", 2, "per_worker"),
+                  "ray decode task (1 CPU)": decode}
     print(f"\nprojection: workers needed for {args.images:,.0f} images (measured per-worker busy rates, "
-          "this CPU; linear scaling assumed, start-up and merge not counted)")
+          "this CPU; linear scaling assumed, start-up and merge not counted). Ray model actors exclude "
+          "decoding: add the decode tasks' CPUs.")
     hours = [float(h) for h in args.hours.split(",")]
-    print("  rate source               img/s/worker  " + "  ".join(f"{h:g} h".rjust(9) for h in hours))
+    print("  rate source                   img/s/worker  " + "  ".join(f"{h:g} h".rjust(9) for h in hours))
     for name, rate in per_worker.items():
         need = [math.ceil(args.images / (rate * 3600 * h)) for h in hours]
-        print(f"  {name:25s} {rate:12.1f}  " + "  ".join(f"{n:9,d}" for n in need))
+        print(f"  {name:29s} {rate:12.1f}  " + "  ".join(f"{n:9,d}" for n in need))
 
     stream = REPO / "benchmarks" / "bench_stream.py"
     if args.no_stream:

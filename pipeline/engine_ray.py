@@ -93,13 +93,14 @@ def decode_shard(batch: dict[str, np.ndarray], size: int, batch_size: int) -> di
 
     out = []
     for blob in batch["items"]:
+        t0 = time.perf_counter()
         work = pickle.loads(blob)
         source = _ListedItems(work["items"])
         segments = [(s, start, stop) for s, (start, stop) in work["ranges"].items() if stop > start]
         decoded = [(split, index, *decode_batch(chunk, size))
                    for split, index, chunk in iter_chunks(source, segments, batch_size)]
-        out.append(pickle.dumps({**{k: v for k, v in work.items() if k != "items"}, "batches": decoded},
-                                protocol=5))
+        out.append(pickle.dumps({**{k: v for k, v in work.items() if k != "items"}, "batches": decoded,
+                                 "decode_seconds": time.perf_counter() - t0}, protocol=5))
     return {"shard": batch["shard"], "decoded": np.asarray(out, dtype=object)}
 
 
@@ -127,9 +128,11 @@ class ShardWriter:
         self.folder = Path(folder)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        done = [self._write(pickle.loads(blob)) for blob in batch["decoded"]]
+        works = [pickle.loads(blob) for blob in batch["decoded"]]
+        done = [self._write(work) for work in works]
         return {"shard": batch["shard"], "images": np.asarray([d[0] for d in done], dtype=np.int64),
-                "seconds": np.asarray([d[1] for d in done], dtype=np.float64)}
+                "seconds": np.asarray([d[1] for d in done], dtype=np.float64),
+                "decode_seconds": np.asarray([w["decode_seconds"] for w in works], dtype=np.float64)}
 
     def _write(self, work: dict[str, Any]) -> tuple[int, float]:
         import h5py
@@ -192,16 +195,17 @@ def extract_ray(cfg, job) -> Path:
         log.info("resuming %s: %d of %d shards already done", out, len(done), n)
 
     t0 = time.perf_counter()
-    busy = 0.0
+    busy = decode = 0.0
     if pending:
-        busy = _run(cfg, spec, pending, ranges, n, stem, folder, source,
+        busy, decode = _run(cfg, spec, pending, ranges, n, stem, folder, source,
                     static_attrs(cfg, job, fingerprint), progress_bar, total, done)
     wall = time.perf_counter() - t0
     files = [folder / shard_name(stem, i, n) for i in range(n)]
     rows_done = sum(hi - lo for i in pending for lo, hi in ranges[i].values())
     timing = {"engine": "ray", "seconds": round(wall, 3), "workers": workers, "shards": n,
               "shards_reused": len(done), "gpus_per_worker": cfg.gpus_per_worker,
-              "actor_seconds": round(busy, 3)}  # summed over actors: forward + write of their shards
+              "actor_seconds": round(busy, 3),  # summed over actors: forward + write of their shards
+              "decode_seconds": round(decode, 3)}  # summed over decode tasks
     overrides = {"timing": timing, "extract_seconds": round(wall, 3),
                  "images_per_second": round(rows_done / wall, 2) if wall > 0 and rows_done else 0.0}
     partial = hidden_sibling(out, ".partial")
@@ -217,9 +221,9 @@ def extract_ray(cfg, job) -> Path:
     return out
 
 
-def _run(cfg, spec, pending, ranges, n, stem, folder, source, attrs, progress_bar, total, done) -> float:
+def _run(cfg, spec, pending, ranges, n, stem, folder, source, attrs, progress_bar, total, done) -> tuple[float, float]:
     """Run the Ray Data pipeline over the pending shards (the driver only lists and watches);
-    return the actors' busy seconds (forward + write), summed."""
+    return the actors' busy seconds (forward + write) and the decode tasks' seconds, summed."""
     import ray
     import ray.data
 
@@ -262,11 +266,12 @@ def _run(cfg, spec, pending, ranges, n, stem, folder, source, attrs, progress_ba
                                 max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
         bar = progress_bar(total=total, initial=sum(hi - lo for i in done for lo, hi in ranges[i].values()),
                            desc=f"extract {spec.base} (ray, {workers} workers)", enabled=cfg.progress)
-        busy = 0.0
+        busy = decode = 0.0
         try:
             for row in ds.iter_rows():
                 bar.update(int(row["images"]))
                 busy += float(row["seconds"])
+                decode += float(row["decode_seconds"])
                 _fault("driver")  # the tests kill the driver here, after its first finished shard
         except Exception as exc:  # noqa: BLE001 - a failed task/actor is one line
             cause = getattr(exc, "cause", None) or exc
@@ -276,7 +281,7 @@ def _run(cfg, spec, pending, ranges, n, stem, folder, source, attrs, progress_ba
             raise TlpipeError(f"ray engine failed: {type(cause).__name__}: {text[:300]}") from None
         finally:
             bar.close()
-        return busy
+        return busy, decode
     finally:
         if started:
             ray.shutdown()

@@ -10,6 +10,12 @@ Reader → model → writer:
     its provenance attributes and is renamed to the final path.
 
 An exclusive lock (``.<name>.lock``) stops two runs writing the same output.
+
+The engine only decides where these three run: ``local`` (this process, as above) or ``ray``
+(pipeline.engine_ray: decode tasks and model actors on a Ray cluster, writing shard files).  Both
+use ``iter_chunks``/``decode_batch`` (reader), ``build_runtime`` (the one model factory) and
+``write_batches`` (writer).  ``shard="I/N"`` makes the local engine write shard I of N only
+(pipeline.shards; joined by ``tlpipe merge``).
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ def shards(tmp_path_factory):
     """(local file, [shard files]) from one small folder: 3 shards, some without val/test rows."""
     root = tmp_path_factory.mktemp("shards")
     data = make_folder(root / "data", per_class=12, size=(40, 30))
+    (data / "dog" / "dog_0099.png").write_bytes(b"not an image")  # one skipped input
     local = extract(ExtractConfig(data=str(data), out=root / "local.h5", **SETTINGS))
     files = [extract(ExtractConfig(data=str(data), out=root / "sh" / f"part{i}.h5", shard=f"{i}/3", **SETTINGS))
              for i in range(3)]
