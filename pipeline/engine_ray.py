@@ -198,7 +198,7 @@ def extract_ray(cfg, job) -> Path:
     busy = decode = 0.0
     if pending:
         busy, decode = _run(cfg, spec, pending, ranges, n, stem, folder, source,
-                    static_attrs(cfg, job, fingerprint), progress_bar, total, done)
+                            static_attrs(cfg, job, fingerprint), progress_bar, total, done)
     wall = time.perf_counter() - t0
     files = [folder / shard_name(stem, i, n) for i in range(n)]
     rows_done = sum(hi - lo for i in pending for lo, hi in ranges[i].values())
