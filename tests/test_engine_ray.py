@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import ray  # a dependency (pyproject): a missing Ray fails here, never skips
 
 from conftest import REPO, make_folder, subprocess_env
 from pipeline.engine_ray import FAULT_ENV
@@ -17,7 +18,6 @@ from pipeline.extract import ExtractConfig, extract, hidden_sibling
 from pipeline.features import read_attrs
 from test_shards import SETTINGS, assert_equal_files
 
-ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 RAY = dict(engine="ray", workers=2, shard_size=5)
