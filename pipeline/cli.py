@@ -126,9 +126,15 @@ def bases_cmd(as_json: bool) -> None:
 @click.option("--tfds-data-dir", default=None, help="tensorflow-datasets data folder.")
 @click.option("--mixed-precision", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="float16 compute (auto: on GPUs only); features are stored as float32.")
+@click.option("--runtime", default="auto", show_default=True,
+              help="auto | keras | openvino. auto: OpenVINO on x86-64 CPUs (when installed, TensorFlow backend), "
+                   "Keras elsewhere (README: CPU runtime).")
+@click.option("--precision", default="auto", show_default=True,
+              help="auto | f32 | bf16 | fp16. bf16: OpenVINO on CPUs with AMX/AVX512-BF16; fp16: Keras on GPUs; "
+                   "auto: f32 on CPUs, fp16 per --mixed-precision on GPUs.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def extract_cmd(base, data, split, weights, out, cache_dir, input_size, pooling, batch_size, workers, limit,
-                resume, force, tfds_data_dir, mixed_precision, progress) -> None:
+                resume, force, tfds_data_dir, mixed_precision, runtime, precision, progress) -> None:
     """Stage one: run the frozen base once over every split, cache pooled features in HDF5."""
     from pipeline.extract import ExtractConfig, extract
     from pipeline.features import read_attrs
@@ -137,10 +143,11 @@ def extract_cmd(base, data, split, weights, out, cache_dir, input_size, pooling,
         base=base, data=data, split=split, weights=weights, out=out, cache_dir=cache_dir,
         input_size=input_size or None, pooling=pooling, batch_size=batch_size, workers=workers, limit=limit or None,
         resume=resume, force=force, tfds_data_dir=tfds_data_dir, mixed_precision=mixed_precision,
-        progress=progress))
+        runtime=runtime, precision=precision, progress=progress))
     a = read_attrs(path)
     click.echo(f"{path}: {a['base']} ({a['feature_size']} features), rows {json.dumps(a['counts'])}, "
-               f"skipped {a['skipped_count']}, {a['images_per_second']} images/s")
+               f"skipped {a['skipped_count']}, {a['images_per_second']} images/s, "
+               f"runtime {a.get('runtime', 'keras')} {a.get('precision', 'f32')}")
 
 
 @cli.command("info")
@@ -162,7 +169,10 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
         click.echo(json.dumps(attrs, indent=2, default=str))
         return
     click.echo(str(path))
+    attrs.setdefault("runtime", "keras")  # files from before the runtime option
+    attrs.setdefault("precision", "fp16" if attrs.get("mixed_precision") else "f32")
     for key in ("base", "weights", "weights_sha256", "input_size", "pooling", "preprocessing", "feature_size",
+                "runtime", "precision",
                 "data_source", "split_spec", "class_names", "counts", "skipped_count", "images_per_second",
                 "extract_seconds", "tlpipe_version", "keras_version", "keras_backend", "tensorflow_version",
                 "created", "fingerprint"):

@@ -60,6 +60,8 @@ class ExtractConfig:
     tfds_data_dir: str | None = None
     progress: bool = True
     mixed_precision: str = "auto"  # auto (on for GPUs) | on | off
+    runtime: str = "auto"  # auto | keras | openvino (pipeline.runtime)
+    precision: str = "auto"  # auto | f32 | bf16 | fp16 (pipeline.runtime)
 
     def output_path(self) -> Path:
         if self.out:
@@ -80,19 +82,22 @@ class _State:
     seconds: float = 0.0  # extraction time of earlier attempts
 
 
-def default_workers() -> int:
+def default_workers(runtime: str = "keras") -> int:
     """Decode threads when ``workers=0``.
 
     With the model on an accelerator, decoding is the bottleneck: one thread per core.
-    With the model on the CPU, the forward pass needs the cores and decoding costs ~10x
+    With the Keras model on the CPU, the forward pass needs the cores and decoding costs ~10x
     less per image, so a quarter of the cores (at least one) keeps the model fed without
-    stealing CPU from it (measured in benchmarks/bench_extract.py).
+    stealing CPU from it.  With OpenVINO the forward pass is 2-6x cheaper, decoding becomes
+    a third of the work or more: half the cores (measured in benchmarks/bench_extract.py).
     """
-    from pipeline.model import accelerator
+    from pipeline.runtime import _accelerator
 
     cores = os.cpu_count() or 1
-    if accelerator() is not None:
+    if runtime == "keras" and _accelerator() is not None:
         return max(1, cores)
+    if runtime == "openvino":
+        return max(1, cores // 2)
     return max(1, cores // 4)
 
 
@@ -102,9 +107,9 @@ def _decode_nice(requested: int | None) -> int:
     op); with an accelerator, decoding is the bottleneck and keeps normal priority."""
     if requested is not None:
         return int(requested)
-    from pipeline.model import accelerator
+    from pipeline.runtime import _accelerator
 
-    return 0 if accelerator() is not None else DECODE_NICE_CPU
+    return 0 if _accelerator() is not None else DECODE_NICE_CPU
 
 
 DECODE_NICE_CPU = 10  # decode threads yield to the forward pass when the model runs on the CPU
@@ -157,44 +162,38 @@ def extract(cfg: ExtractConfig) -> Path:
 
 
 def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> Path:
-    from pipeline.weights import build_with_weights, known_weights
+    from pipeline.runtime import build_runtime, resolve
+    from pipeline.weights import known_weights
 
+    # the runtime and precision this run will use (one line, exit 2, when impossible here)
+    run_rt, run_prec = resolve(cfg.runtime, cfg.precision, cfg.mixed_precision)
     known = known_weights(backbone, weights)  # identity of the weights without building the model
     if known is not None:
-        fingerprint = _fingerprint(backbone, *known, size, cfg.pooling, source)
+        fingerprint = _fingerprint(backbone, *known, size, cfg.pooling, source, run_rt, run_prec)
         if not cfg.force and _up_to_date(out, fingerprint):
             return out  # nothing to do: not even TensorFlow is imported
         # refuse before building anything when the run would replace a file made otherwise
-        _guard_existing(out, _settings(backbone, known[0], known[1], size, cfg, source, fingerprint), cfg.force)
+        _guard_existing(out, _settings(backbone, known[0], known[1], size, cfg, source, fingerprint,
+                                       run_rt, run_prec), cfg.force)
 
     import keras
 
-    from pipeline.model import Forward, accelerator, build_extractor
-
-    mixed = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and accelerator() is not None)
-    previous_policy = keras.mixed_precision.global_policy().name
-    if mixed:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    # Keras draws unseeded initializer seeds from Python's `random`: seed it while building so
-    # that --weights none gives the same random base in every run (a resumed run must match).
-    import random
-
-    rng_state = random.getstate()
-    random.seed(0)
-    try:
-        base_model, winfo = build_with_weights(backbone, weights, size, cfg.pooling)
-        model = build_extractor(backbone, base_model, size)
-    finally:
-        random.setstate(rng_state)
-        keras.mixed_precision.set_global_policy(previous_policy)
-    dim = int(model.output_shape[-1])
+    # Keras draws unseeded initializer seeds from Python's `random`: build_runtime seeds it while
+    # building so that --weights none gives the same random base in every run (a resumed run must match).
+    forward = build_runtime(backbone, weights, size, cfg.pooling, runtime=cfg.runtime, precision=cfg.precision,
+                            batch_size=cfg.batch_size, mixed_precision=cfg.mixed_precision)
+    winfo = forward.weights
+    mixed = forward.precision == "fp16"
+    dim = int(forward.feature_size)
     preprocessing = f"keras.applications.{backbone.module}.preprocess_input"
-    fingerprint = _fingerprint(backbone, winfo.kind, winfo.sha256, size, cfg.pooling, source)
-    if known is None:  # ImageNet weights just fetched: their identity is known only now
+    fingerprint = _fingerprint(backbone, winfo.kind, winfo.sha256, size, cfg.pooling, source,
+                               forward.name, forward.precision)
+    if known is None or (forward.name, forward.precision) != (run_rt, run_prec):
+        # ImageNet weights just fetched (their identity is known only now), or a fallback to keras
         if not cfg.force and _up_to_date(out, fingerprint):
             return out
-        _guard_existing(out, _settings(backbone, winfo.kind, winfo.sha256, size, cfg, source, fingerprint),
-                        cfg.force)
+        _guard_existing(out, _settings(backbone, winfo.kind, winfo.sha256, size, cfg, source, fingerprint,
+                                       forward.name, forward.precision), cfg.force)
 
     partial = hidden_sibling(out, ".partial")
     ckpt = hidden_sibling(out, ".progress.json")
@@ -207,8 +206,7 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
         done = sum(state.next_index.values())
         log.info("resuming %s: %d inputs already done", out, done)
 
-    forward = Forward(model, cfg.batch_size)
-    workers = cfg.workers or default_workers()
+    workers = cfg.workers or default_workers(forward.name)
     prefetch = cfg.prefetch or 2 * workers + 2
     total = sum(source.counts.values())
     already = sum(state.next_index.get(s, 0) for s in source.splits)
@@ -224,7 +222,7 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
             # Start decoding before the forward pass is compiled, so the first batches are
             # ready when it is; one reader spans every split (no refill bubble between splits).
             reader = _BatchReader(source, segments, cfg.batch_size, size, pool, prefetch)
-            forward.warmup(size)
+            forward.warmup()
             t0 = time.perf_counter()  # extraction time: decode + forward + write, after compile
             dsets, rows, current = None, 0, None
             t_forward = t_write = 0.0
@@ -291,6 +289,9 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
                 "limit": cfg.limit or 0,
                 "batch_size": cfg.batch_size,
                 "mixed_precision": bool(mixed),
+                "runtime": forward.name,
+                "precision": forward.precision,
+                "openvino_version": _ov_version() if forward.name == "openvino" else "",
                 "extract_seconds": round(elapsed, 3),
                 "images_per_second": round(sum(counts.values()) / elapsed, 2) if elapsed > 0 else 0.0,
                 "timing": json.dumps(timing),
@@ -320,24 +321,25 @@ def _extract_locked(cfg, backbone, weights, size, source: Source, out: Path) -> 
 
 
 def _fingerprint(backbone, weights_kind: str, weights_sha256: str, size: int, pooling: str,
-                 source: Source) -> str:
-    """What determines the features: base, weights, input size, pooling, preprocessing, data."""
+                 source: Source, runtime: str = "keras", precision: str = "f32") -> str:
+    """What determines the features: base, weights, input size, pooling, preprocessing, data, and the
+    runtime and precision that computed them (a bf16 cache is never taken for an f32 one)."""
     return extraction_fingerprint(
         base=backbone.name, weights=weights_kind, weights_sha256=weights_sha256, input_size=size,
         pooling=pooling, preprocessing=f"keras.applications.{backbone.module}.preprocess_input",
         source_fingerprint=source.fingerprint, split=source.split_spec, version=__version__,
-        resize=RESIZE_METHOD,
+        resize=RESIZE_METHOD, runtime=runtime, precision=precision,
     )
 
 
 def _settings(backbone, weights_kind: str, weights_sha256: str, size: int, cfg: ExtractConfig, source: Source,
-              fingerprint: str) -> dict:
+              fingerprint: str, runtime: str = "keras", precision: str = "f32") -> dict:
     """What a features file records about how it was made (compared with an existing file)."""
     return {"base": backbone.name, "weights": weights_kind, "weights_sha256": weights_sha256,
             "input_size": size, "pooling": cfg.pooling, "data_source": source.spec,
             "split_spec": source.split_spec, "source_fingerprint": source.fingerprint,
             "limit": cfg.limit or 0, "tlpipe_version": __version__, "resize": RESIZE_METHOD,
-            "fingerprint": fingerprint}
+            "runtime": runtime, "precision": precision, "fingerprint": fingerprint}
 
 
 _EXPLAIN = {"source_fingerprint": "the images listed", "weights_sha256": "weights file contents",
@@ -390,6 +392,15 @@ def _up_to_date(out: Path, fingerprint: str) -> bool:
 
 class _NothingExtracted(DataError):
     """Every input of the run was skipped."""
+
+
+def _ov_version() -> str:
+    try:
+        import openvino
+
+        return openvino.__version__
+    except Exception:  # pragma: no cover
+        return ""
 
 
 def _tf_version() -> str:
