@@ -202,8 +202,10 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
 @click.option("--force", is_flag=True,
               help="Replace an --out head folder fitted from other features or parameters "
                    "(without it, such a folder is never replaced).")
+@click.option("--allow-mixed-precision", is_flag=True,
+              help="Fuse features files computed in different precisions (e.g. f32 and bf16).")
 def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden, dropout, class_weight,
-                 force) -> None:
+                 force, allow_mixed_precision) -> None:
     """Stage two: fit a head on cached features; write the head, metrics.json, evaluation.json and
     history.csv (dense) or grid.csv (C, k).
 
@@ -217,7 +219,7 @@ def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden,
     params = HeadParams(seed=seed, epochs=epochs, patience=patience, hidden=hidden, dropout=dropout,
                         class_weight=None if class_weight == "none" else class_weight)
     path = fit_head(FitConfig(features=list(features), head=head, out=out, cache_dir=cache_dir, params=params,
-                              force=force))
+                              force=force, allow_mixed_precision=allow_mixed_precision))
     click.echo(summary(path))
 
 
@@ -336,11 +338,14 @@ def export_cmd(head_dir, out, fmt, force, base, weights, cache_dir) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write here instead of stdout.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-def predict_cmd(images, model_path, fmt, out, batch_size) -> None:
+@click.option("--runtime", default="auto", show_default=True,
+              help="auto | keras | openvino (as for extract: OpenVINO on x86-64 CPUs when installed).")
+@click.option("--precision", default="auto", show_default=True, help="auto | f32 | bf16 (as for extract).")
+def predict_cmd(images, model_path, fmt, out, batch_size, runtime, precision) -> None:
     """Class and probability for each image file (folders are searched); unreadable files are listed."""
     from pipeline.predict import format_result, predict
 
-    result = predict(model_path, list(images), batch_size=batch_size)
+    result = predict(model_path, list(images), batch_size=batch_size, runtime=runtime, precision=precision)
     text = format_result(result, fmt)
     if out:
         from pipeline.util import atomic_write_text
