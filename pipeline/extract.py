@@ -141,6 +141,9 @@ def extract(cfg: ExtractConfig) -> Path:
     if cfg.batch_size < 1:
         raise TlpipeError("--batch-size must be at least 1")
     weights = parse_weights(cfg.weights, backbone)
+    from pipeline.runtime import resolve
+
+    resolve(cfg.runtime, cfg.precision, cfg.mixed_precision)  # a bad --runtime/--precision: one line, before the data
     size = cfg.input_size or backbone.input_size
     source = open_source(cfg.data, cfg.split, cfg.tfds_data_dir, cfg.limit)
     if not source.splits:

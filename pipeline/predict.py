@@ -107,10 +107,10 @@ def predict(model_path: str | Path, inputs: list[str | Path], batch_size: int = 
     model, meta = load_exported(model_path)
     from pipeline.weights import sha256_file
 
-    forward, result_runtime, result_precision = compile_keras_model(
-        model, runtime, precision, key={"exported_sha256": sha256_file(model_path)})
     # one input per input size (fused bases at several sizes): each sees the image resized as at extraction
     sizes = [int(s) for s in meta.get("input_sizes") or [meta["input_size"]]]
+    forward, result_runtime, result_precision = compile_keras_model(
+        model, runtime, precision, key={"exported_sha256": sha256_file(model_path)}, input_sizes=sizes)
     result = PredictResult(class_names=meta["class_names"], runtime=result_runtime, precision=result_precision)
 
     def decode(path: Path):

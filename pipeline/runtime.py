@@ -445,10 +445,26 @@ def build_runtime(backbone, weights, input_size: int, pooling: str = "avg", runt
     return rt
 
 
+def _without_resize(model):
+    """The exported model with its ``Resizing`` layers as identities (sharing every other layer and its
+    weights): what it computes on images already decoded at the input size, as ``tlpipe predict`` feeds
+    them (OpenVINO has no antialiased resize op)."""
+    import keras
+
+    def clone(layer):
+        if isinstance(layer, keras.layers.Resizing):
+            return keras.layers.Identity(name=layer.name)
+        return layer
+
+    return keras.models.clone_model(model, clone_function=clone)
+
+
 def compile_keras_model(model, runtime: str = "auto", precision: str = "auto", key: dict | None = None,
-                        cache_dir: Path | None = None):
+                        cache_dir: Path | None = None, input_sizes: list[int] | None = None):
     """A callable ``batch (array or list of arrays) -> numpy outputs`` for any Keras model (``tlpipe predict``
     on an exported model): the model itself (``keras``) or its OpenVINO conversion, cached under ``key``.
+    ``input_sizes``: the exported model's inputs get images of exactly these sizes (its resize is then the
+    identity and is left out of the converted model).
 
     Returns ``(callable, runtime, precision)``.  Under ``auto`` a failed conversion warns and uses Keras.
     """
@@ -461,12 +477,16 @@ def compile_keras_model(model, runtime: str = "auto", precision: str = "auto", k
         import openvino as ov
 
         def convert():
-            shapes = [(-1, *tuple(int(d) if d is not None else -1 for d in t.shape[1:])) for t in model.inputs]
+            view = _without_resize(model) if input_sizes else model
+            sizes = list(input_sizes or [None] * len(model.inputs))
+            shapes = [(-1, s, s, 3) if s else (-1, *tuple(int(d) if d is not None else -1 for d in t.shape[1:]))
+                      for s, t in zip(sizes, view.inputs)]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                return ov.convert_model(model, input=shapes), {}
+                return ov.convert_model(view, input=shapes), {}
 
-        ov_model, _, folder, _ = cached_ir({"model": key or {}, "kind": "exported"}, convert, cache_dir)
+        ov_model, _, folder, _ = cached_ir({"model": key or {}, "kind": "exported", "sizes": input_sizes},
+                                           convert, cache_dir)
         core = ov.Core()
         core.set_property({"CACHE_DIR": str(folder / "compiled")})
         compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
