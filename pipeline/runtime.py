@@ -305,7 +305,10 @@ class OpenVINORuntime(Runtime):
         per = -(-batch_size // self.streams)
         self._per = per
         ov_model.reshape({ov_model.inputs[0].get_any_name(): [per, input_size, input_size, 3]})
-        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+        # no pinning: tlpipe's own decode threads (and other processes) share these cores; pinned
+        # inference threads then wait at every barrier for a preempted one (measured: RESULTS.md)
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                  "ENABLE_CPU_PINNING": False}
         if self.streams > 1:
             config.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(self.streams)})
         else:
@@ -490,7 +493,7 @@ def compile_keras_model(model, runtime: str = "auto", precision: str = "auto", k
         core = ov.Core()
         core.set_property({"CACHE_DIR": str(folder / "compiled")})
         compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
-                                                        "PERFORMANCE_HINT": "LATENCY"})
+                                                        "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False})
     except Exception as exc:  # noqa: BLE001
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if requested == "openvino":
