@@ -274,3 +274,26 @@ def test_predict_with_openvino_matches_the_exported_keras_model(colours, tmp_pat
     r = CliRunner().invoke(cli, ["predict", "--model", str(model), *map(str, files[:2]), "--runtime", "openvino",
                                  "--format", "json"])
     assert r.exit_code == 0 and len(json.loads(r.stdout)["predictions"]) == 2
+
+
+# ------------------------------------------------------------------------------------------- decode
+
+@pytest.mark.parametrize("wh, reduced", [((200, 160), (100, 80)), ((130, 300), (65, 150)), ((120, 100), None)])
+def test_jpeg_reduced_size_decode_only_from_twice_the_target(tmp_path, wh, reduced):
+    """JPEGs at least twice the target size on both sides are decoded at 1/2..1/8 scale (libjpeg DCT
+    scaling), then resized as always; smaller ones are decoded in full.  Deterministic either way."""
+    from PIL import Image
+
+    from pipeline.images import _resize, decode_image
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "x.jpg"
+    Image.fromarray(rng.integers(0, 256, (wh[1], wh[0], 3), dtype=np.uint8)).save(path, quality=90)
+    with Image.open(path) as img:
+        img.draft("RGB", (64, 64))
+        img.load()
+        assert img.size == (reduced or wh)
+        expected = _resize(img.convert("RGB"), 64)
+    got = decode_image(path, 64)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(decode_image(path.read_bytes(), 64), got)
