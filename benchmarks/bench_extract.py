@@ -155,7 +155,8 @@ def main(argv=None) -> int:
     ref_label = configs[0][0]
     ref_raw = median([x["img_s"] for x in runs[ref_label]["raw"]])
     ref_feats = feats[(ref_label, "raw")]
-    rows = []
+    rows, cpu_rows = [], []
+    ref_cpu = median([x["cpu_ms"] for x in runs[ref_label]["raw"]])
     print(f"\n{'runtime':14s} {'raw img/s':>10s} {'e2e img/s':>10s} {'e2e/own raw':>12s} {'raw/TF raw':>11s} "
           f"{'e2e/TF raw':>11s} {'max|diff| vs TF':>16s} {'pipeline==raw':>14s}")
     for label, rt, prec in configs:
@@ -164,7 +165,12 @@ def main(argv=None) -> int:
         pair = [p["img_s"] / q["img_s"] for p, q in zip(runs[label]["pipeline"], runs[label]["raw"])]
         diff = float(np.max(np.abs(feats[(label, "raw")] - ref_feats)))
         same = bool(np.array_equal(feats[(label, "raw")], feats[(label, "pipeline")]))
+        raw_cpu = median([x["cpu_ms"] for x in runs[label]["raw"]])
+        pipe_cpu = median([x["cpu_ms"] for x in runs[label]["pipeline"]])
+        cpu_rows.append(f"{label:14s} {raw_cpu:10.2f} {pipe_cpu:10.2f} {raw_cpu / pipe_cpu:12.3f} "
+                        f"{ref_cpu / raw_cpu:11.2f} {ref_cpu / pipe_cpu:11.2f}")
         row = {"runtime": rt, "precision": prec, "raw_img_s": round(raw_m, 1), "pipeline_img_s": round(pipe_m, 1),
+               "raw_cpu_ms_per_img": round(raw_cpu, 2), "pipeline_cpu_ms_per_img": round(pipe_cpu, 2),
                "e2e_over_own_raw": round(pipe_m / raw_m, 3), "pair_ratios": [round(x, 3) for x in pair],
                "raw_over_tf_raw": round(raw_m / ref_raw, 3), "e2e_over_tf_raw": round(pipe_m / ref_raw, 3),
                "max_abs_diff_vs_tf": diff, "max_abs_tf": float(np.max(np.abs(ref_feats))),
@@ -172,6 +178,10 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{label:14s} {raw_m:10.1f} {pipe_m:10.1f} {pipe_m / raw_m:12.3f} {raw_m / ref_raw:11.2f} "
               f"{pipe_m / ref_raw:11.2f} {diff:16.2e} {str(same):>14s}")
+    # CPU time per image (process CPU, all threads): what each side costs, less sensitive than wall-clock
+    # rates to other processes on a shared machine (OpenVINO's threads wait rather than spin when preempted)
+    print(f"\n{'CPU ms/img':14s} {'raw':>10s} {'e2e':>10s} {'own raw/e2e':>12s} {'TF raw/raw':>11s} {'TF raw/e2e':>11s}")
+    print("\n".join(cpu_rows))
     print(f"max |TF feature| {float(np.max(np.abs(ref_feats))):.3g}; decode {1000 * decode_s / n_images:.2f} ms/img "
           f"on one thread; {load()}")
     summary = {"base": args.base, "images": n_images, "batch_size": batch_size, "workers": workers,
