@@ -30,6 +30,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import threading
 import uuid
 import warnings
@@ -46,10 +47,10 @@ log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "keras", "openvino")
 PRECISIONS = ("auto", "f32", "bf16", "fp16")
 # What ``--precision auto`` picks with the OpenVINO runtime on a CPU with native bfloat16.
-# Measured (benchmarks/RESULTS.md, "CPU runtime"): bf16 is ~3x the f32 rate and costs <= 0.3 points of
-# head accuracy on cats_vs_dogs_small and trashnet, but its features are not the reference's
-# (max abs diff ~0.4 on features of max ~6) and differ between CPUs with and without bf16.
-# f32 keeps features reproducible everywhere; bf16 is one option away.
+# Measured (benchmarks/RESULTS.md, "CPU runtime"): bf16 needs 1/3 (MobileNet-0.75) to 1/5 (ResNet50) of
+# f32's CPU time per image and moved head accuracy by -0.3 to +0.26 points, but its features are not the
+# reference's (max abs diff ~1.5 on features up to ~6): the exported Keras float32 model would not give
+# the metrics measured on them, and they differ between CPUs with and without bf16.  So auto is f32.
 AUTO_PRECISION_BF16 = False
 IR_FORMAT = 1  # bump when the cached IR's layout or conversion changes
 
@@ -107,7 +108,7 @@ def _accelerator() -> str | None:
     (so that an up-to-date check stays fast)."""
     import keras
 
-    if keras.backend.backend() == "tensorflow" and "tensorflow" not in __import__("sys").modules:
+    if keras.backend.backend() == "tensorflow" and "tensorflow" not in sys.modules:
         if not any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")):
             return None
     from pipeline.model import accelerator
