@@ -108,6 +108,9 @@ def image_folder(tmp_path: Path) -> Path:
 
 # Converted OpenVINO models of the tests go to a throw-away folder, not the user's ~/.cache.
 if "TLPIPE_OPENVINO_CACHE" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["TLPIPE_OPENVINO_CACHE"] = tempfile.mkdtemp(prefix="tlpipe-test-openvino-")
+    atexit.register(shutil.rmtree, os.environ["TLPIPE_OPENVINO_CACHE"], True)
