@@ -1,20 +1,20 @@
-"""Stage-one throughput: tlpipe ``extract`` (JPEG files -> HDF5) vs the raw compiled forward pass.
+"""Stage-one throughput per runtime: tlpipe ``extract`` (JPEG files -> HDF5) vs each runtime's raw forward pass.
 
-Both sides use the same model (``build_with_weights`` + ``build_extractor``) and the same
-``Forward`` call on the same fixed-size batches; the raw side gets those batches already
-decoded in memory, the pipeline reads JPEGs from disk, decodes, runs the model and writes
-HDF5.  Measurements are interleaved (raw, pipeline, pipeline, raw, ...) so background
-load on a shared machine hits both sides alike; the load average is printed with each.
+For each runtime (default: Keras/TF, OpenVINO f32, OpenVINO bf16), the raw side runs
+``pipeline.runtime.build_runtime``'s object on batches already decoded in memory; the pipeline
+side runs ``extract`` with the same runtime (reads JPEGs, decodes, runs the model, writes HDF5).
+Measurements are interleaved (every runtime's raw and pipeline in each round, order reversed
+every other round) so background load on a shared machine hits all sides alike; the load
+average is printed with each.
 
 Run from the repo root (defaults read ../shared)::
 
-    python benchmarks/bench_extract.py                      # mobilenet_0.75, 3 repeats
-    python benchmarks/bench_extract.py --repeats 5 --batch-size 64 --workers 1
-    KERAS_BACKEND=jax python benchmarks/bench_extract.py    # same, on JAX (GPU if present)
+    python benchmarks/bench_extract.py                      # mobilenet_0.75, 3 rounds
+    python benchmarks/bench_extract.py --base resnet50 --weights none --limit 100   # speed only
+    python benchmarks/bench_extract.py --runtimes keras      # KERAS_BACKEND=jax: keras only
 
-Printed: raw img/s, pipeline img/s (extraction loop, and whole call incl. model build),
-their ratio, CPU-ms per image of each side, and whether the cached features equal the
-raw forward's output bit for bit.
+Printed, side by side: raw img/s, end-to-end img/s, end-to-end / own raw, ratios to the TF raw
+forward pass, max abs feature difference to TF, whether the cached features equal the raw output.
 """
 
 from __future__ import annotations
@@ -49,29 +49,33 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="pairs of measurements")
     ap.add_argument("--limit", type=int, default=None, help="images per split (quick runs)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--runtimes", default="keras,openvino:f32,openvino:bf16",
+                    help="comma-separated RUNTIME[:PRECISION]; the first is the reference (TF raw)")
+    ap.add_argument("--input-size", type=int, default=0, help="0: the base's own")
+    ap.add_argument("--split", default="80/10/10")
     args = ap.parse_args(argv)
 
     data = require(args.data, "image folder")
     require(args.weights, "weights") if args.weights not in ("imagenet", "none") else None
 
-    import numpy as np
     import h5py
+    import numpy as np
 
     from pipeline.backbones import get_backbone
     from pipeline.data import open_source
     from pipeline.extract import ExtractConfig, _decode_batch, extract
-    from pipeline.model import Forward, build_extractor
-    from pipeline.weights import build_with_weights, parse_weights
+    from pipeline.runtime import build_runtime
 
     defaults = ExtractConfig(base=args.base)
     batch_size = args.batch_size or defaults.batch_size
     workers = args.workers if args.workers is not None else defaults.workers
     print(machine_line())
-    print(f"base={args.base} data={data} batch_size={batch_size} workers={workers or 'auto'} {load()}")
+    print(f"base={args.base} data={data} weights={args.weights} batch_size={batch_size} "
+          f"workers={workers or 'auto'} {load()}")
 
     backbone = get_backbone(args.base)
-    size = backbone.input_size
-    source = open_source(str(data), "80/10/10", None, args.limit)
+    size = args.input_size or backbone.input_size
+    source = open_source(str(data), args.split, None, args.limit)
     # The raw side's input: every batch decoded up front with the pipeline's own decoder and
     # the pipeline's batch boundaries (per split, batch_size items; the last one short).
     batches = []
@@ -86,25 +90,34 @@ def main(argv=None) -> int:
     print(f"decoded {n_images} images in {decode_s:.1f}s on one thread "
           f"({n_images / decode_s:.0f} img/s, {1000 * decode_s / n_images:.2f} ms/img)")
 
-    base_model, _ = build_with_weights(backbone, parse_weights(args.weights, backbone), size, "avg")
-    model = build_extractor(backbone, base_model, size)
-    forward = Forward(model, batch_size)
-    forward(batches[0])  # compile once, outside the timings
+    configs = []  # (label, runtime, precision)
+    for spec in args.runtimes.split(","):
+        rt, _, prec = spec.strip().partition(":")
+        configs.append((f"{rt} {prec or 'f32'}" if rt != "keras" else "keras (TF)", rt, prec or "f32"))
+    forwards = {}
+    for label, rt, prec in configs:
+        t = time.perf_counter()
+        forwards[label] = build_runtime(backbone, args.weights, size, "avg", runtime=rt, precision=prec,
+                                        batch_size=batch_size)
+        forwards[label].warmup()  # compile once, outside the timings
+        print(f"built {label:14s} in {time.perf_counter() - t:5.1f}s (warm-up included)", flush=True)
 
-    def raw():
+    def raw(label):
+        forward = forwards[label]
         c0, t0 = cpu_seconds(), time.perf_counter()
         outs = [forward(b) for b in batches]
         wall = time.perf_counter() - t0
         return {"img_s": n_images / wall, "wall": wall, "cpu_ms": 1000 * (cpu_seconds() - c0) / n_images,
-                "load": load()}, outs
+                "load": load()}, np.concatenate(outs)
 
     tmp = Path(tempfile.mkdtemp(prefix="tlpipe-bench-extract-"))
     out_path = tmp / "features.h5"
 
-    def pipeline():
-        cfg = ExtractConfig(base=args.base, data=str(data), weights=args.weights, out=out_path,
-                            batch_size=batch_size, workers=workers, limit=args.limit,
-                            decode_nice=args.decode_nice, prefetch=args.prefetch,
+    def pipeline(label):
+        _, rt, prec = next(c for c in configs if c[0] == label)
+        cfg = ExtractConfig(base=args.base, data=str(data), split=args.split, weights=args.weights, out=out_path,
+                            input_size=size, batch_size=batch_size, workers=workers, limit=args.limit,
+                            decode_nice=args.decode_nice, prefetch=args.prefetch, runtime=rt, precision=prec,
                             resume=False, force=True, progress=False)
         c0, t0 = cpu_seconds(), time.perf_counter()
         extract(cfg)
@@ -116,58 +129,66 @@ def main(argv=None) -> int:
         return {"img_s": n_images / loop, "img_s_whole_call": n_images / wall, "wall": wall,
                 "loop": loop, "timing": timing, "cpu_ms": 1000 * (cpu_seconds() - c0) / n_images, "load": load()}, feats
 
-    runs = {"raw": [], "pipeline": []}
-    identical = None
+    runs = {label: {"raw": [], "pipeline": []} for label, _, _ in configs}
+    feats = {}
     try:
         for r in range(args.repeats):
-            order = ("raw", "pipeline") if r % 2 == 0 else ("pipeline", "raw")
-            for side in order:
-                res, outs = raw() if side == "raw" else pipeline()
-                runs[side].append(res)
+            # interleaved: every runtime's raw and pipeline in each round, order rotated per round
+            order = [(c[0], side) for c in configs for side in ("raw", "pipeline")]
+            if r % 2:
+                order = order[::-1]
+            for label, side in order:
+                res, out = raw(label) if side == "raw" else pipeline(label)
+                runs[label][side].append(res)
+                feats.setdefault((label, side), out)
                 extra = ""
                 if side == "pipeline":
                     tm = res["timing"]
-                    extra = (f" (whole call incl. model build {res['img_s_whole_call']:6.1f} img/s; loop "
-                             f"{tm.get('seconds', 0):.1f}s = forward {tm.get('forward', 0):.1f}s "
-                             f"[{n_images / max(tm.get('forward', 0), 1e-9):.1f} img/s] + decode wait "
+                    extra = (f" (loop {tm.get('seconds', 0):.1f}s = forward {tm.get('forward', 0):.1f}s + decode wait "
                              f"{tm.get('decode_wait', 0):.1f}s + write {tm.get('write', 0):.1f}s; "
                              f"workers {tm.get('workers')}, nice {tm.get('decode_nice')})")
-                print(f"  [{r + 1}/{args.repeats}] {side:8s} {res['img_s']:6.1f} img/s{extra}  "
+                print(f"  [{r + 1}/{args.repeats}] {label:14s} {side:8s} {res['img_s']:7.1f} img/s{extra}  "
                       f"cpu {res['cpu_ms']:.2f} ms/img  {res['load']}", flush=True)
-                if side == "raw":
-                    raw_feats = np.concatenate(outs)
-                else:
-                    pipe_feats = outs
-            if identical is None:
-                identical = bool(np.array_equal(raw_feats, pipe_feats))
-                maxdiff = float(np.max(np.abs(raw_feats - pipe_feats))) if raw_feats.shape == pipe_feats.shape else None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    raw_m = median([x["img_s"] for x in runs["raw"]])
-    pipe_m = median([x["img_s"] for x in runs["pipeline"]])
-    whole_m = median([x["img_s_whole_call"] for x in runs["pipeline"]])
-    pair_ratios = [p["img_s"] / q["img_s"] for p, q in zip(runs["pipeline"], runs["raw"])]
-    summary = {
-        "base": args.base, "images": n_images, "batch_size": batch_size, "workers": workers,
-        "raw_img_s": round(raw_m, 1), "pipeline_img_s": round(pipe_m, 1),
-        "pipeline_whole_call_img_s": round(whole_m, 1),
-        "ratio": round(pipe_m / raw_m, 3), "ratio_whole_call": round(whole_m / raw_m, 3),
-        "pair_ratios": [round(x, 3) for x in pair_ratios],
-        "raw_cpu_ms_per_img": round(median([x["cpu_ms"] for x in runs["raw"]]), 2),
-        "pipeline_cpu_ms_per_img": round(median([x["cpu_ms"] for x in runs["pipeline"]]), 2),
-        "decode_ms_per_img_one_thread": round(1000 * decode_s / n_images, 2),
-        "features_bit_identical": identical, "max_abs_diff": maxdiff,
-        "load_end": load(), "runs": runs,
-    }
-    print(f"raw compiled forward : {raw_m:6.1f} img/s (median of {args.repeats})")
-    print(f"tlpipe extract       : {pipe_m:6.1f} img/s extraction loop, {whole_m:6.1f} img/s whole call")
-    print(f"ratio                : {summary['ratio']:.3f} (loop)  {summary['ratio_whole_call']:.3f} (whole call)"
-          f"  per pair: {summary['pair_ratios']}")
-    print(f"features identical to raw forward: {identical} (max abs diff {maxdiff})")
-    print(load())
+    ref_label = configs[0][0]
+    ref_raw = median([x["img_s"] for x in runs[ref_label]["raw"]])
+    ref_feats = feats[(ref_label, "raw")]
+    rows, cpu_rows = [], []
+    ref_cpu = median([x["cpu_ms"] for x in runs[ref_label]["raw"]])
+    print(f"\n{'runtime':14s} {'raw img/s':>10s} {'e2e img/s':>10s} {'e2e/own raw':>12s} {'raw/TF raw':>11s} "
+          f"{'e2e/TF raw':>11s} {'max|diff| vs TF':>16s} {'pipeline==raw':>14s}")
+    for label, rt, prec in configs:
+        raw_m = median([x["img_s"] for x in runs[label]["raw"]])
+        pipe_m = median([x["img_s"] for x in runs[label]["pipeline"]])
+        pair = [p["img_s"] / q["img_s"] for p, q in zip(runs[label]["pipeline"], runs[label]["raw"])]
+        diff = float(np.max(np.abs(feats[(label, "raw")] - ref_feats)))
+        same = bool(np.array_equal(feats[(label, "raw")], feats[(label, "pipeline")]))
+        raw_cpu = median([x["cpu_ms"] for x in runs[label]["raw"]])
+        pipe_cpu = median([x["cpu_ms"] for x in runs[label]["pipeline"]])
+        cpu_rows.append(f"{label:14s} {raw_cpu:10.2f} {pipe_cpu:10.2f} {raw_cpu / pipe_cpu:12.3f} "
+                        f"{ref_cpu / raw_cpu:11.2f} {ref_cpu / pipe_cpu:11.2f}")
+        row = {"runtime": rt, "precision": prec, "raw_img_s": round(raw_m, 1), "pipeline_img_s": round(pipe_m, 1),
+               "raw_cpu_ms_per_img": round(raw_cpu, 2), "pipeline_cpu_ms_per_img": round(pipe_cpu, 2),
+               "e2e_over_own_raw": round(pipe_m / raw_m, 3), "pair_ratios": [round(x, 3) for x in pair],
+               "raw_over_tf_raw": round(raw_m / ref_raw, 3), "e2e_over_tf_raw": round(pipe_m / ref_raw, 3),
+               "max_abs_diff_vs_tf": diff, "max_abs_tf": float(np.max(np.abs(ref_feats))),
+               "pipeline_equals_raw": same}
+        rows.append(row)
+        print(f"{label:14s} {raw_m:10.1f} {pipe_m:10.1f} {pipe_m / raw_m:12.3f} {raw_m / ref_raw:11.2f} "
+              f"{pipe_m / ref_raw:11.2f} {diff:16.2e} {str(same):>14s}")
+    # CPU time per image (process CPU, all threads): what each side costs, less sensitive than wall-clock
+    # rates to other processes on a shared machine (OpenVINO's threads wait rather than spin when preempted)
+    print(f"\n{'CPU ms/img':14s} {'raw':>10s} {'e2e':>10s} {'own raw/e2e':>12s} {'TF raw/raw':>11s} {'TF raw/e2e':>11s}")
+    print("\n".join(cpu_rows))
+    print(f"max |TF feature| {float(np.max(np.abs(ref_feats))):.3g}; decode {1000 * decode_s / n_images:.2f} ms/img "
+          f"on one thread; {load()}")
+    summary = {"base": args.base, "images": n_images, "batch_size": batch_size, "workers": workers,
+               "decode_ms_per_img_one_thread": round(1000 * decode_s / n_images, 2), "rows": rows,
+               "load_end": load(), "runs": runs}
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return 0
 
 

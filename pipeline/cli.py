@@ -117,8 +117,8 @@ def bases_cmd(as_json: bool) -> None:
 @click.option("--pooling", type=click.Choice(["avg", "max"]), default="avg", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=0,
-              help="Local engine: decode threads (0: a quarter of the cores on CPU, one per core with an accelerator). "
-                   "Ray engine: model actors (0: 1).")
+              help="Local engine: decode threads (0: a quarter of the cores with Keras on a CPU, half with OpenVINO, "
+                   "one per core with an accelerator). Ray engine: model actors (0: 1).")
 @click.option("--limit", type=click.IntRange(0), default=0, help="At most this many images per split (0: all).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue an interrupted run from its last completed batch.")
@@ -128,6 +128,12 @@ def bases_cmd(as_json: bool) -> None:
 @click.option("--tfds-data-dir", default=None, help="tensorflow-datasets data folder.")
 @click.option("--mixed-precision", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="float16 compute (auto: on GPUs only); features are stored as float32.")
+@click.option("--runtime", default="auto", show_default=True,
+              help="auto | keras | openvino. auto: OpenVINO on x86-64 CPUs (when installed, TensorFlow backend), "
+                   "Keras elsewhere (README: CPU runtime).")
+@click.option("--precision", default="auto", show_default=True,
+              help="auto | f32 | bf16 | fp16. bf16: OpenVINO on CPUs with AMX/AVX512-BF16; fp16: Keras on GPUs; "
+                   "auto: f32 on CPUs, fp16 per --mixed-precision on GPUs.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where reader, model and writer run: this process, or a Ray cluster (Ray Data).")
@@ -142,8 +148,8 @@ def bases_cmd(as_json: bool) -> None:
               help="Write only shard I of N (0 <= I < N; a deterministic part of every split) to a shard file, "
                    "e.g. one per Slurm array task; join them with 'tlpipe merge'.")
 def extract_cmd(base, data, split, weights, out, cache_dir, input_size, pooling, batch_size, workers, limit,
-                resume, force, tfds_data_dir, mixed_precision, progress, engine, ray_address, gpus_per_worker,
-                shard_size, shard) -> None:
+                resume, force, tfds_data_dir, mixed_precision, runtime, precision, progress, engine, ray_address,
+                gpus_per_worker, shard_size, shard) -> None:
     """Stage one: run the frozen base once over every split, cache pooled features in HDF5."""
     from pipeline.extract import ExtractConfig, extract
     from pipeline.features import read_attrs
@@ -152,11 +158,12 @@ def extract_cmd(base, data, split, weights, out, cache_dir, input_size, pooling,
         base=base, data=data, split=split, weights=weights, out=out, cache_dir=cache_dir,
         input_size=input_size or None, pooling=pooling, batch_size=batch_size, workers=workers, limit=limit or None,
         resume=resume, force=force, tfds_data_dir=tfds_data_dir, mixed_precision=mixed_precision,
-        progress=progress, engine=engine, ray_address=ray_address, gpus_per_worker=gpus_per_worker,
-        shard_size=shard_size, shard=shard))
+        runtime=runtime, precision=precision, progress=progress, engine=engine, ray_address=ray_address,
+        gpus_per_worker=gpus_per_worker, shard_size=shard_size, shard=shard))
     a = read_attrs(path)
     click.echo(f"{path}: {a['base']} ({a['feature_size']} features), rows {json.dumps(a['counts'])}, "
-               f"skipped {a['skipped_count']}, {a['images_per_second']} images/s")
+               f"skipped {a['skipped_count']}, {a['images_per_second']} images/s, "
+               f"runtime {a.get('runtime', 'keras')} {a.get('precision', 'f32')}")
 
 
 @cli.command("merge")
@@ -198,7 +205,10 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
         click.echo(json.dumps(attrs, indent=2, default=str))
         return
     click.echo(str(path))
+    attrs.setdefault("runtime", "keras")  # files from before the runtime option
+    attrs.setdefault("precision", "fp16" if attrs.get("mixed_precision") else "f32")
     for key in ("base", "weights", "weights_sha256", "input_size", "pooling", "preprocessing", "feature_size",
+                "runtime", "precision",
                 "data_source", "split_spec", "class_names", "counts", "skipped_count", "images_per_second",
                 "extract_seconds", "tlpipe_version", "keras_version", "keras_backend", "tensorflow_version",
                 "created", "fingerprint"):
@@ -228,8 +238,10 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
 @click.option("--force", is_flag=True,
               help="Replace an --out head folder fitted from other features or parameters "
                    "(without it, such a folder is never replaced).")
+@click.option("--allow-mixed-precision", is_flag=True,
+              help="Fuse features files computed in different precisions (e.g. f32 and bf16).")
 def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden, dropout, class_weight,
-                 force) -> None:
+                 force, allow_mixed_precision) -> None:
     """Stage two: fit a head on cached features; write the head, metrics.json, evaluation.json and
     history.csv (dense) or grid.csv (C, k).
 
@@ -243,7 +255,7 @@ def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden,
     params = HeadParams(seed=seed, epochs=epochs, patience=patience, hidden=hidden, dropout=dropout,
                         class_weight=None if class_weight == "none" else class_weight)
     path = fit_head(FitConfig(features=list(features), head=head, out=out, cache_dir=cache_dir, params=params,
-                              force=force))
+                              force=force, allow_mixed_precision=allow_mixed_precision))
     click.echo(summary(path))
 
 
@@ -362,11 +374,14 @@ def export_cmd(head_dir, out, fmt, force, base, weights, cache_dir) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write here instead of stdout.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-def predict_cmd(images, model_path, fmt, out, batch_size) -> None:
+@click.option("--runtime", default="auto", show_default=True,
+              help="auto | keras | openvino (as for extract: OpenVINO on x86-64 CPUs when installed).")
+@click.option("--precision", default="auto", show_default=True, help="auto | f32 | bf16 (as for extract).")
+def predict_cmd(images, model_path, fmt, out, batch_size, runtime, precision) -> None:
     """Class and probability for each image file (folders are searched); unreadable files are listed."""
     from pipeline.predict import format_result, predict
 
-    result = predict(model_path, list(images), batch_size=batch_size)
+    result = predict(model_path, list(images), batch_size=batch_size, runtime=runtime, precision=precision)
     text = format_result(result, fmt)
     if out:
         from pipeline.util import atomic_write_text

@@ -123,7 +123,7 @@ class ShardWriter:
 
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         self.rt = build_runtime(spec)
-        self.rt.forward.warmup(spec.size)
+        self.rt.forward.warmup()
         self.attrs = {**attrs, **self.rt.attrs()}
         self.folder = Path(folder)
 
@@ -168,13 +168,20 @@ def extract_ray(cfg, job) -> Path:
     from pipeline.util import atomic_write_text, progress_bar
     from pipeline.weights import known_weights
 
+    from pipeline.runtime import resolve
+
     out, source = job.out, job.source
-    spec = runtime_spec(cfg, job)
+    # The driver decides the runtime and precision (they are part of the fingerprint); the actors build
+    # exactly that one (auto: Keras for GPU actors, else as on this machine; a conversion failure in an
+    # actor is then an error naming --runtime keras, not a silent fallback).
+    planned = resolve(cfg.runtime, cfg.precision, cfg.mixed_precision,
+                      **({"accelerator": "gpu"} if cfg.gpus_per_worker > 0 else {}))
+    spec = runtime_spec(cfg, job, *planned)
     known = known_weights(job.backbone, job.weights)
     if known is None:  # ImageNet weights not cached yet: fetch them here, once, to learn their identity
         rt = build_runtime(spec)
         known = (rt.winfo.kind, rt.winfo.sha256)
-    fingerprint = prepare(cfg, job, known)
+    fingerprint = prepare(cfg, job, known, planned)
     if fingerprint is None:
         return out
 

@@ -71,6 +71,8 @@ class ExtractConfig:
     gpus_per_worker: float = 0.0  # ray engine: GPUs per model actor
     shard_size: int = 1000  # ray engine: images per shard (the unit of work and of resume)
     shard: str | None = None  # "I/N": write shard I of N (local engine; merge with `tlpipe merge`)
+    runtime: str = "auto"  # auto | keras | openvino (pipeline.runtime)
+    precision: str = "auto"  # auto | f32 | bf16 | fp16 (pipeline.runtime)
 
     def output_path(self, shard: tuple[int, int] | None = None) -> Path:
         """The output file: --out, else CACHE/features/BASE.h5 (a shard: CACHE/features/BASE.shards/...)."""
@@ -96,19 +98,22 @@ class _State:
     seconds: float = 0.0  # extraction time of earlier attempts
 
 
-def default_workers() -> int:
+def default_workers(runtime: str = "keras") -> int:
     """Decode threads when ``workers=0``.
 
     With the model on an accelerator, decoding is the bottleneck: one thread per core.
-    With the model on the CPU, the forward pass needs the cores and decoding costs ~10x
+    With the Keras model on the CPU, the forward pass needs the cores and decoding costs ~10x
     less per image, so a quarter of the cores (at least one) keeps the model fed without
-    stealing CPU from it (measured in benchmarks/bench_extract.py).
+    stealing CPU from it.  With OpenVINO the forward pass is 2-6x cheaper, decoding becomes
+    a third of the work or more: half the cores (measured in benchmarks/bench_extract.py).
     """
-    from pipeline.model import accelerator
+    from pipeline.runtime import _accelerator
 
     cores = os.cpu_count() or 1
-    if accelerator() is not None:
+    if runtime == "keras" and _accelerator() is not None:
         return max(1, cores)
+    if runtime == "openvino":
+        return max(1, cores // 2)
     return max(1, cores // 4)
 
 
@@ -118,9 +123,9 @@ def _decode_nice(requested: int | None) -> int:
     op); with an accelerator, decoding is the bottleneck and keeps normal priority."""
     if requested is not None:
         return int(requested)
-    from pipeline.model import accelerator
+    from pipeline.runtime import _accelerator
 
-    return 0 if accelerator() is not None else DECODE_NICE_CPU
+    return 0 if _accelerator() is not None else DECODE_NICE_CPU
 
 
 DECODE_NICE_CPU = 10  # decode threads yield to the forward pass when the model runs on the CPU
@@ -165,6 +170,9 @@ def extract(cfg: ExtractConfig) -> Path:
 
         check_address(cfg.ray_address)  # an unreachable cluster fails in seconds, before any listing
     weights = parse_weights(cfg.weights, backbone)
+    from pipeline.runtime import resolve
+
+    resolve(cfg.runtime, cfg.precision, cfg.mixed_precision)  # a bad --runtime/--precision: one line, before the data
     size = cfg.input_size or backbone.input_size
     source = open_source(cfg.data, cfg.split, cfg.tfds_data_dir, cfg.limit)
     if not source.splits:
@@ -226,78 +234,74 @@ class RuntimeSpec:
     pooling: str
     batch_size: int
     mixed_precision: str = "auto"
+    runtime: str = "auto"  # auto | keras | openvino (pipeline.runtime.resolve)
+    precision: str = "auto"  # auto | f32 | bf16 | fp16
 
 
 @dataclass
 class Runtime:
-    """The object turning uint8 batches into features, and what it is made of."""
+    """The object turning uint8 batches into features (a ``pipeline.runtime.Runtime``), and what it
+    is made of."""
 
-    forward: Any  # callable: uint8[B, S, S, 3] -> float32[B, D]
+    forward: Any  # pipeline.runtime.Runtime: uint8[B, S, S, 3] -> float32[B, D]; .warmup()
     winfo: Any  # pipeline.weights.WeightsInfo
     dim: int
-    mixed: bool
+    name: str  # keras | openvino
+    precision: str  # f32 | bf16 | fp16
 
     def attrs(self) -> dict[str, Any]:
         """The features-file attributes that depend on the runtime (where it runs)."""
         import keras
 
         return {"weights": self.winfo.label, "weights_sha256": self.winfo.sha256, "feature_size": self.dim,
-                "mixed_precision": bool(self.mixed), "keras_version": keras.__version__,
-                "keras_backend": keras.backend.backend(), "tensorflow_version": _tf_version(),
-                "h5py_version": h5py.__version__}
+                "mixed_precision": self.precision == "fp16", "runtime": self.name, "precision": self.precision,
+                "openvino_version": _ov_version() if self.name == "openvino" else "",
+                "keras_version": keras.__version__, "keras_backend": keras.backend.backend(),
+                "tensorflow_version": _tf_version(), "h5py_version": h5py.__version__}
 
 
 def build_runtime(spec: RuntimeSpec) -> Runtime:
-    """THE model factory of stage one: every engine builds its runtime here (and only here)."""
-    import keras
+    """THE model factory of stage one: every engine builds its runtime here (and only here), through
+    ``pipeline.runtime.build_runtime`` (Keras or OpenVINO; it seeds Keras' initializers so that
+    ``--weights none`` gives the same random base in every run and every worker)."""
+    from pipeline import runtime
 
-    from pipeline.model import Forward, accelerator, build_extractor
-    from pipeline.weights import build_with_weights
-
-    backbone = get_backbone(spec.base)
-    mixed = spec.mixed_precision == "on" or (spec.mixed_precision == "auto" and accelerator() is not None)
-    previous_policy = keras.mixed_precision.global_policy().name
-    if mixed:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    # Keras draws unseeded initializer seeds from Python's `random`: seed it while building so
-    # that --weights none gives the same random base in every run (a resumed run must match).
-    import random
-
-    rng_state = random.getstate()
-    random.seed(0)
-    try:
-        base_model, winfo = build_with_weights(backbone, spec.weights, spec.size, spec.pooling)
-        model = build_extractor(backbone, base_model, spec.size)
-    finally:
-        random.setstate(rng_state)
-        keras.mixed_precision.set_global_policy(previous_policy)
-    return Runtime(Forward(model, spec.batch_size), winfo, int(model.output_shape[-1]), mixed)
+    rt = runtime.build_runtime(get_backbone(spec.base), spec.weights, spec.size, spec.pooling, runtime=spec.runtime,
+                               precision=spec.precision, batch_size=spec.batch_size,
+                               mixed_precision=spec.mixed_precision)
+    return Runtime(rt, rt.weights, int(rt.feature_size), rt.name, rt.precision)
 
 
-def runtime_spec(cfg: ExtractConfig, job: Job) -> RuntimeSpec:
-    return RuntimeSpec(job.backbone.name, job.weights, job.size, cfg.pooling, cfg.batch_size, cfg.mixed_precision)
+def runtime_spec(cfg: ExtractConfig, job: Job, runtime: str | None = None, precision: str | None = None) -> RuntimeSpec:
+    return RuntimeSpec(job.backbone.name, job.weights, job.size, cfg.pooling, cfg.batch_size, cfg.mixed_precision,
+                       runtime or cfg.runtime, precision or cfg.precision)
 
 
-def prepare(cfg: ExtractConfig, job: Job, weights_id: tuple[str, str]) -> str | None:
+def prepare(cfg: ExtractConfig, job: Job, weights_id: tuple[str, str], runtime_id: tuple[str, str]) -> str | None:
     """The job's fingerprint, or None when ``job.out`` is already up to date; refuses (before any
     work) to replace a file made from other settings."""
     kind, sha = weights_id
-    fingerprint = _fingerprint(job.backbone, kind, sha, job.size, cfg.pooling, job.source)
+    fingerprint = _fingerprint(job.backbone, kind, sha, job.size, cfg.pooling, job.source, *runtime_id)
     if not cfg.force and _up_to_date(job.out, fingerprint, job.shard):
         return None
-    _guard_existing(job.out, _settings(job.backbone, kind, sha, job.size, cfg, job.source, fingerprint), cfg.force)
+    _guard_existing(job.out, _settings(job.backbone, kind, sha, job.size, cfg, job.source, fingerprint, *runtime_id),
+                    cfg.force)
     return fingerprint
 
 
 def _extract_locked(cfg: ExtractConfig, job: Job) -> Path:
+    from pipeline.runtime import resolve
     from pipeline.weights import known_weights
 
     out, source = job.out, job.source
+    # the runtime and precision this run will use (one line, exit 2, when impossible here)
+    planned = resolve(cfg.runtime, cfg.precision, cfg.mixed_precision)
     known = known_weights(job.backbone, job.weights)  # identity of the weights without building the model
-    if known is not None and prepare(cfg, job, known) is None:
+    if known is not None and prepare(cfg, job, known, planned) is None:
         return out  # nothing to do: not even TensorFlow is imported
     rt = build_runtime(runtime_spec(cfg, job))
-    fingerprint = prepare(cfg, job, (rt.winfo.kind, rt.winfo.sha256))  # ImageNet weights: known only now
+    # ImageNet weights: known only now; or auto fell back to keras (OpenVINO could not convert the base)
+    fingerprint = prepare(cfg, job, (rt.winfo.kind, rt.winfo.sha256), (rt.name, rt.precision))
     if fingerprint is None:
         return out
 
@@ -312,7 +316,7 @@ def _extract_locked(cfg: ExtractConfig, job: Job) -> Path:
         done = sum(state.next_index.values())
         log.info("resuming %s: %d inputs already done", out, done)
 
-    workers = cfg.workers or default_workers()
+    workers = cfg.workers or default_workers(rt.name)
     prefetch = cfg.prefetch or 2 * workers + 2
     ranges = job.ranges()
     total = sum(stop - start for start, stop in ranges.values())
@@ -333,7 +337,7 @@ def _extract_locked(cfg: ExtractConfig, job: Job) -> Path:
             # Start decoding before the forward pass is compiled, so the first batches are
             # ready when it is; one reader spans every split (no refill bubble between splits).
             reader = _BatchReader(source, segments, cfg.batch_size, job.size, pool, prefetch)
-            rt.forward.warmup(job.size)
+            rt.forward.warmup()
             t0 = time.perf_counter()  # extraction time: decode + forward + write, after compile
             t_forward, t_write, images = write_batches(h5, reader, rt, state, checkpoint)
             elapsed = state.seconds + (time.perf_counter() - t0)
@@ -444,24 +448,25 @@ def result_attrs(counts: dict[str, int], skipped: list[dict], elapsed: float, ti
 
 
 def _fingerprint(backbone, weights_kind: str, weights_sha256: str, size: int, pooling: str,
-                 source: Source) -> str:
-    """What determines the features: base, weights, input size, pooling, preprocessing, data."""
+                 source: Source, runtime: str = "keras", precision: str = "f32") -> str:
+    """What determines the features: base, weights, input size, pooling, preprocessing, data, and the
+    runtime and precision that computed them (a bf16 cache is never taken for an f32 one)."""
     return extraction_fingerprint(
         base=backbone.name, weights=weights_kind, weights_sha256=weights_sha256, input_size=size,
         pooling=pooling, preprocessing=f"keras.applications.{backbone.module}.preprocess_input",
         source_fingerprint=source.fingerprint, split=source.split_spec, version=__version__,
-        resize=RESIZE_METHOD,
+        resize=RESIZE_METHOD, runtime=runtime, precision=precision,
     )
 
 
 def _settings(backbone, weights_kind: str, weights_sha256: str, size: int, cfg: ExtractConfig, source: Source,
-              fingerprint: str) -> dict:
+              fingerprint: str, runtime: str = "keras", precision: str = "f32") -> dict:
     """What a features file records about how it was made (compared with an existing file)."""
     return {"base": backbone.name, "weights": weights_kind, "weights_sha256": weights_sha256,
             "input_size": size, "pooling": cfg.pooling, "data_source": source.spec,
             "split_spec": source.split_spec, "source_fingerprint": source.fingerprint,
             "limit": cfg.limit or 0, "tlpipe_version": __version__, "resize": RESIZE_METHOD,
-            "fingerprint": fingerprint}
+            "runtime": runtime, "precision": precision, "fingerprint": fingerprint}
 
 
 _EXPLAIN = {"source_fingerprint": "the images listed", "weights_sha256": "weights file contents",
@@ -516,6 +521,15 @@ def _up_to_date(out: Path, fingerprint: str, shard: tuple[int, int] | None = Non
 
 class _NothingExtracted(DataError):
     """Every input of the run was skipped."""
+
+
+def _ov_version() -> str:
+    try:
+        import openvino
+
+        return openvino.__version__
+    except Exception:  # pragma: no cover
+        return ""
 
 
 def _tf_version() -> str:

@@ -186,14 +186,27 @@ def _load_features(path: Path, need: tuple[str, ...]) -> FeatureSet:
     return FeatureSet([path], attrs, splits)
 
 
-def fuse(sets: list[FeatureSet]) -> FeatureSet:
+def feature_precision(attrs: dict[str, Any]) -> str:
+    """The precision a features file was computed in (files from before the option: f32, or fp16 when
+    made with Keras mixed precision)."""
+    return str(attrs.get("precision") or ("fp16" if attrs.get("mixed_precision") else "f32"))
+
+
+def fuse(sets: list[FeatureSet], allow_mixed_precision: bool = False) -> FeatureSet:
     """Concatenate features of several bases, rows matched by id.
 
-    Refused unless every file comes from the same data source, split and classes.
+    Refused unless every file comes from the same data source, split and classes, and (unless
+    ``allow_mixed_precision``) was computed in the same precision (f32 / bf16 / fp16).
     """
     if len(sets) == 1:
         return sets[0]
     first = sets[0]
+    precisions = [feature_precision(s.attrs) for s in sets]
+    if len(set(precisions)) > 1 and not allow_mixed_precision:
+        odd = next(i for i, p in enumerate(precisions) if p != precisions[0])
+        raise UsageError(f"cannot fuse {first.paths[0]} ({precisions[0]}) and {sets[odd].paths[0]} "
+                         f"({precisions[odd]}): features of different precisions; extract them with the same "
+                         "--precision, or pass --allow-mixed-precision")
     for other in sets[1:]:
         for key in ("source_fingerprint", "split_spec", "class_names"):
             if other.attrs.get(key) != first.attrs.get(key):

@@ -47,6 +47,7 @@ class FitConfig:
     cache_dir: Path = Path("cache")
     params: HeadParams = field(default_factory=HeadParams)
     force: bool = False  # replace a head folder fitted from other features or parameters
+    allow_mixed_precision: bool = False  # fuse features computed in different precisions (f32 + bf16)
 
     def output_dir(self, fs: FeatureSet) -> Path:
         if self.out:
@@ -54,14 +55,14 @@ class FitConfig:
         return Path(self.cache_dir) / "heads" / f"{fs.name}-{self.head}"
 
 
-def load_feature_sets(names: list[str | Path], cache_dir: str | Path) -> FeatureSet:
+def load_feature_sets(names: list[str | Path], cache_dir: str | Path, allow_mixed_precision: bool = False) -> FeatureSet:
     """Resolve, validate and (when several) fuse feature files."""
     if not names:
         from pipeline.errors import UsageError
 
         raise UsageError("give at least one --features FILE")
     sets = [load_features(resolve_features_path(n, cache_dir)) for n in names]
-    return fuse(sets)
+    return fuse(sets, allow_mixed_precision=allow_mixed_precision)
 
 
 def evaluate(proba: np.ndarray, y: np.ndarray, n_classes: int) -> dict[str, Any]:
@@ -119,7 +120,7 @@ def fit_head(cfg: FitConfig) -> Path:
     """Fit ``cfg.head`` on the cached features; write the head folder and return it."""
     head_cls = get_head(cfg.head)
     cfg = replace(cfg, head=head_cls.name)  # canonical (lower-case) name for folders and reports
-    fs = load_feature_sets(list(cfg.features), cfg.cache_dir)
+    fs = load_feature_sets(list(cfg.features), cfg.cache_dir, cfg.allow_mixed_precision)
     warn_if_stale(fs.paths)
     classes = fs.class_names
     k = len(classes)

@@ -34,6 +34,8 @@ class PredictResult:
     class_names: list[str]
     rows: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
+    runtime: str = "keras"  # which runtime computed them (pipeline.runtime)
+    precision: str = "f32"
 
 
 def list_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -86,20 +88,30 @@ def load_exported(path: str | Path):
 
 
 def predict(model_path: str | Path, inputs: list[str | Path], batch_size: int = 32,
-            workers: int = 0) -> PredictResult:
-    """Predict every image; raise ``DataError`` only when none could be predicted."""
+            workers: int = 0, runtime: str = "auto", precision: str = "auto") -> PredictResult:
+    """Predict every image; raise ``DataError`` only when none could be predicted.
+
+    ``runtime``/``precision`` as for extraction (``pipeline.runtime``): with OpenVINO the exported
+    Keras model is converted once (cached, keyed by the file's sha256) and run on the CPU.
+    """
     from pipeline.images import DecodeError, decode_image
+    from pipeline.runtime import compile_keras_model, resolve
 
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    resolve(runtime, precision, "off")  # one line, exit 2, before anything slow
     check_model_path(model_path)
     files = list_inputs(inputs)
     if not files:
         raise UsageError("no images given (pass image files or folders)")
     model, meta = load_exported(model_path)
+    from pipeline.weights import sha256_file
+
     # one input per input size (fused bases at several sizes): each sees the image resized as at extraction
     sizes = [int(s) for s in meta.get("input_sizes") or [meta["input_size"]]]
-    result = PredictResult(class_names=meta["class_names"])
+    forward, result_runtime, result_precision = compile_keras_model(
+        model, runtime, precision, key={"exported_sha256": sha256_file(model_path)}, input_sizes=sizes)
+    result = PredictResult(class_names=meta["class_names"], runtime=result_runtime, precision=result_precision)
 
     def decode(path: Path):
         try:
@@ -122,7 +134,7 @@ def predict(model_path: str | Path, inputs: list[str | Path], batch_size: int = 
             if not arrays:
                 continue
             batch = [np.stack([a[i] for a in arrays]) for i in range(len(sizes))]
-            proba = np.asarray(model.predict_on_batch(batch if len(sizes) > 1 else batch[0]), dtype=np.float64)
+            proba = np.asarray(forward(batch if len(sizes) > 1 else batch[0]), dtype=np.float64)
             for path, p in zip(good, proba):
                 k = int(p.argmax())
                 result.rows.append({"path": str(path), "class": result.class_names[k],

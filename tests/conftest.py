@@ -105,3 +105,12 @@ def run_extract_subprocess(**cfg) -> subprocess.CompletedProcess:
 def image_folder(tmp_path: Path) -> Path:
     """Two classes of ten tiny PNGs, split 80/10/10 by hash."""
     return make_folder(tmp_path / "data", per_class=10)
+
+# Converted OpenVINO models of the tests go to a throw-away folder, not the user's ~/.cache.
+if "TLPIPE_OPENVINO_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TLPIPE_OPENVINO_CACHE"] = tempfile.mkdtemp(prefix="tlpipe-test-openvino-")
+    atexit.register(shutil.rmtree, os.environ["TLPIPE_OPENVINO_CACHE"], True)

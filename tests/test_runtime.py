@@ -1,0 +1,299 @@
+"""Stage-one runtime (pipeline/runtime.py): keras | openvino, f32 | bf16, choice, cache, fallbacks.
+
+Offline and small: random weights (``weights="none"``), 32-48 px inputs, tiny synthetic folders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline import runtime as rt
+from pipeline.cli import cli
+from pipeline.errors import UsageError
+from pipeline.extract import ExtractConfig, extract
+
+openvino = pytest.importorskip("openvino")
+
+COLOURS = {"red": (210, 40, 40), "green": (40, 190, 60), "blue": (40, 60, 210)}
+
+
+def _colour_folder(root: Path, per_class: int = 10) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            h, w = 29 + 3 * i, 37 + 5 * (i % 4)
+            arr = np.clip(np.array(rgb) + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / name / f"{name}_{i:03d}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    return _colour_folder(tmp_path_factory.mktemp("data") / "colours")
+
+
+def _one_line(output: str) -> str:
+    lines = [x for x in output.strip().splitlines() if x.strip()]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------- choice
+
+CPU = dict(accelerator=None, backend="tensorflow", x86=True, openvino_ok=True, bf16_ok=True)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({}, "openvino"),                                   # x86-64 CPU with openvino: OpenVINO
+    ({"openvino_ok": False}, "keras"),                  # openvino not installed
+    ({"x86": False}, "keras"),                          # ARM / other CPUs
+    ({"accelerator": "gpu"}, "keras"),                  # GPUs
+    ({"backend": "jax"}, "keras"),                      # KERAS_BACKEND=jax falls back cleanly
+])
+def test_auto_runtime_choice(overrides, expected):
+    got, precision = rt.resolve("auto", "auto", **{**CPU, **overrides})
+    assert got == expected
+    if expected == "openvino":
+        assert precision == ("bf16" if rt.AUTO_PRECISION_BF16 else "f32")
+    else:
+        assert precision == ("fp16" if overrides.get("accelerator") else "f32")
+
+
+def test_explicit_choices_and_bad_requests():
+    assert rt.resolve("openvino", "bf16", **CPU) == ("openvino", "bf16")
+    assert rt.resolve("openvino", "f32", **CPU) == ("openvino", "f32")
+    assert rt.resolve("keras", "auto", **CPU) == ("keras", "f32")
+    assert rt.resolve("keras", "auto", "on", **CPU) == ("keras", "fp16")
+    assert rt.resolve("OpenVINO", "F32", **CPU) == ("openvino", "f32")
+    bad = [
+        (("tensorrt", "auto"), {}, "unknown runtime 'tensorrt'"),
+        (("auto", "int8"), {}, "unknown precision 'int8'"),
+        (("openvino", "bf16"), {"bf16_ok": False}, "no native bfloat16"),
+        (("openvino", "auto"), {"openvino_ok": False}, "openvino package is not installed"),
+        (("openvino", "auto"), {"backend": "jax"}, "KERAS_BACKEND=jax"),
+        (("keras", "bf16"), {}, "needs --runtime openvino"),
+        (("openvino", "fp16"), {}, "fp16 is for the Keras runtime"),
+        (("keras", "fp16"), {}, "for GPUs"),
+    ]
+    for args, overrides, message in bad:
+        with pytest.raises(UsageError, match=message):
+            rt.resolve(*args, **{**CPU, **overrides})
+
+
+def test_bf16_probe_reads_cpu_flags(monkeypatch, tmp_path):
+    flags = tmp_path / "cpuinfo"
+    real_read = Path.read_text
+
+    def fake(self, *a, **k):
+        return flags.read_text() if str(self) == "/proc/cpuinfo" else real_read(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", fake)
+    for text, expected in (("flags : fpu avx512f amx_bf16 amx_tile", True), ("flags : avx512_bf16", True),
+                           ("flags : fpu sse avx2 avx512f", False)):
+        flags.write_text(text)
+        rt.bf16_supported.cache_clear()
+        assert rt.bf16_supported() is expected
+    rt.bf16_supported.cache_clear()
+
+
+def test_missing_openvino_falls_back_to_keras(colours, tmp_path, monkeypatch, caplog):
+    """openvino not importable: auto extracts with Keras and says so; --runtime openvino is one line, exit 2."""
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now fails
+    assert rt.openvino_available() is False
+    rt._said.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.runtime"):
+        out = extract(ExtractConfig(base="vgg16", data=str(colours), weights="none", input_size=32, batch_size=8,
+                                    out=tmp_path / "f.h5", progress=False))
+    with h5py.File(out, "r") as h5:
+        assert h5.attrs["runtime"] == "keras" and h5.attrs["precision"] == "f32"
+    assert "runtime: keras (openvino is not installed)" in caplog.text
+    r = CliRunner().invoke(cli, ["extract", "--base", "vgg16", "--data", str(colours), "--weights", "none",
+                                 "--input-size", "32", "--runtime", "openvino", "--out", str(tmp_path / "g.h5")])
+    assert r.exit_code == 2 and "openvino package is not installed" in _one_line(r.output)
+
+
+def test_bad_runtime_or_precision_is_one_line_exit_2(colours, tmp_path, monkeypatch):
+    base = ["extract", "--base", "vgg16", "--data", str(colours), "--weights", "none", "--input-size", "32",
+            "--out", str(tmp_path / "f.h5")]
+    r = CliRunner().invoke(cli, [*base, "--runtime", "tensorrt"])
+    assert r.exit_code == 2 and "unknown runtime 'tensorrt'" in _one_line(r.output)
+    r = CliRunner().invoke(cli, [*base, "--precision", "int4"])
+    assert r.exit_code == 2 and "unknown precision 'int4'" in _one_line(r.output)
+    # bf16 on a CPU without native bfloat16: one line naming the fallback, not a silent slowdown
+    monkeypatch.setattr(rt, "bf16_supported", lambda: False)
+    r = CliRunner().invoke(cli, [*base, "--runtime", "openvino", "--precision", "bf16"])
+    assert r.exit_code == 2 and "use --precision f32" in _one_line(r.output)
+    r = CliRunner().invoke(cli, [*base, "--runtime", "auto", "--precision", "bf16"])
+    assert r.exit_code == 2 and "no native bfloat16" in _one_line(r.output)
+    assert not (tmp_path / "f.h5").exists()
+    r = CliRunner().invoke(cli, ["predict", "--model", str(tmp_path / "m.keras"), str(colours), "--runtime", "x"])
+    assert r.exit_code == 2 and "unknown runtime 'x'" in _one_line(r.output)
+
+
+# ------------------------------------------------------------------------------------------- features
+
+@pytest.mark.parametrize("base, size", [("vgg16", 32), ("mobilenet_0.25", 48)])
+def test_openvino_f32_matches_keras(base, size, tmp_path):
+    batch = np.random.default_rng(0).integers(0, 256, (5, size, size, 3), dtype=np.uint8)
+    keras_rt = rt.build_runtime(base, "none", size, runtime="keras", batch_size=4)
+    ov_rt = rt.build_runtime(base, "none", size, runtime="openvino", precision="f32", batch_size=4,
+                             cache_dir=tmp_path)
+    assert (keras_rt.name, ov_rt.name, ov_rt.precision) == ("keras", "openvino", "f32")
+    assert ov_rt.feature_size == keras_rt.feature_size and ov_rt.weights == keras_rt.weights
+    ref = np.concatenate([keras_rt(batch[:4]), keras_rt(batch[4:])])  # the short last batch is padded
+    got = np.concatenate([ov_rt(batch[:4]), ov_rt(batch[4:])])
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))
+
+
+def test_conversion_is_cached_and_a_corrupt_cache_is_rebuilt(tmp_path, monkeypatch, caplog):
+    calls = []
+    real = openvino.convert_model
+    monkeypatch.setattr(openvino, "convert_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batch = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    first = rt.build_runtime("vgg16", "none", 32, runtime="openvino", precision="f32", batch_size=2,
+                             cache_dir=tmp_path)
+    ref = first(batch)
+    assert len(calls) == 1
+    again = rt.build_runtime("vgg16", "none", 32, runtime="openvino", precision="f32", batch_size=2,
+                             cache_dir=tmp_path)
+    assert len(calls) == 1  # read back, not converted again
+    np.testing.assert_array_equal(again(batch), ref)
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert {"model.xml", "model.bin", "meta.json"} <= {p.name for p in folder.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+    # corrupt weights (same size, other bytes): detected by the sha256, rebuilt, features still right
+    data = bytearray((folder / "model.bin").read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = b"\x7f" * 64
+    (folder / "model.bin").write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="pipeline.runtime"):
+        rebuilt = rt.build_runtime("vgg16", "none", 32, runtime="openvino", precision="f32", batch_size=2,
+                                   cache_dir=tmp_path)
+    assert len(calls) == 2 and "is unusable" in caplog.text
+    np.testing.assert_array_equal(rebuilt(batch), ref)
+    # a truncated graph file is rebuilt too
+    (folder / "model.xml").write_text("<net")
+    rt.build_runtime("vgg16", "none", 32, runtime="openvino", precision="f32", batch_size=2, cache_dir=tmp_path)
+    assert len(calls) == 3
+
+
+def test_conversion_failure_falls_back_under_auto_only(tmp_path, monkeypatch, caplog):
+    def broken(*a, **k):
+        raise RuntimeError("unsupported operation Foo\nmore detail")
+
+    monkeypatch.setattr(openvino, "convert_model", broken)
+    monkeypatch.setattr(rt, "resolve", lambda *a, **k: ("openvino", "f32"))  # as on an x86-64 CPU
+    with caplog.at_level(logging.WARNING, logger="pipeline.runtime"):
+        got = rt.build_runtime("vgg16", "none", 32, runtime="auto", batch_size=2, cache_dir=tmp_path)
+    assert got.name == "keras" and "using the keras runtime" in caplog.text
+    with pytest.raises(UsageError, match=r"could not convert or compile vgg16 \(unsupported operation Foo\); "
+                                         r"use --runtime keras"):
+        rt.build_runtime("vgg16", "none", 32, runtime="openvino", batch_size=2, cache_dir=tmp_path)
+
+
+def test_runtime_and_precision_are_in_fingerprint_attrs_and_info(colours, tmp_path, monkeypatch):
+    from pipeline.data import open_source
+    from pipeline.backbones import get_backbone
+    from pipeline.extract import _fingerprint
+
+    source = open_source(str(colours), "80/10/10")
+    bb = get_backbone("vgg16")
+    prints = {(r, p): _fingerprint(bb, "none", "", 32, "avg", source, r, p)
+              for r, p in (("keras", "f32"), ("openvino", "f32"), ("openvino", "bf16"))}
+    assert len(set(prints.values())) == 3
+
+    cfg = dict(base="vgg16", data=str(colours), weights="none", input_size=32, batch_size=8, progress=False)
+    k = extract(ExtractConfig(**cfg, runtime="keras", out=tmp_path / "k.h5"))
+    o = extract(ExtractConfig(**cfg, runtime="openvino", precision="f32", out=tmp_path / "o.h5"))
+    with h5py.File(k, "r") as hk, h5py.File(o, "r") as ho:
+        assert (hk.attrs["runtime"], hk.attrs["precision"]) == ("keras", "f32")
+        assert (ho.attrs["runtime"], ho.attrs["precision"]) == ("openvino", "f32")
+        assert ho.attrs["openvino_version"] == openvino.__version__
+        assert hk.attrs["fingerprint"] != ho.attrs["fingerprint"]
+        a, b = hk["train/features"][...], ho["train/features"][...]
+        assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(a))
+    # the openvino file is not taken for the keras one: replacing it needs --force and names the change
+    r = CliRunner().invoke(cli, ["extract", "--base", "vgg16", "--data", str(colours), "--weights", "none",
+                                 "--input-size", "32", "--runtime", "keras", "--out", str(o)])
+    assert r.exit_code != 0 and "runtime openvino -> keras" in r.output
+    r = CliRunner().invoke(cli, ["info", str(o), "--no-check"])
+    assert r.exit_code == 0 and "runtime              openvino" in r.output and "precision            f32" in r.output
+
+
+def test_fusion_refuses_mixed_precisions(colours, tmp_path):
+    f32 = extract(ExtractConfig(base="vgg16", data=str(colours), weights="none", input_size=32, batch_size=8,
+                                runtime="keras", out=tmp_path / "f32.h5", progress=False))
+    bf16 = tmp_path / "bf16.h5"
+    bf16.write_bytes(f32.read_bytes())
+    with h5py.File(bf16, "a") as h5:  # as a bf16 extraction records itself
+        h5.attrs["runtime"], h5.attrs["precision"] = "openvino", "bf16"
+    args = ["fit-head", "--features", str(f32), "--features", str(bf16), "--head", "logistic"]
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "h1")])
+    assert r.exit_code == 2 and "different precisions" in _one_line(r.output)
+    assert "--allow-mixed-precision" in r.output
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "h2"), "--allow-mixed-precision"])
+    assert r.exit_code == 0, r.output
+
+
+# ------------------------------------------------------------------------------------------- predict
+
+def test_predict_with_openvino_matches_the_exported_keras_model(colours, tmp_path):
+    from pipeline.fit_head import FitConfig, fit_head
+    from pipeline.predict import predict
+
+    cache = tmp_path / "cache"
+    feats = extract(ExtractConfig(base="vgg16", data=str(colours), weights="none", input_size=32, batch_size=8,
+                                  cache_dir=cache, progress=False))
+    folder = fit_head(FitConfig(features=[str(feats)], head="logistic", cache_dir=cache, out=tmp_path / "h"))
+    model = tmp_path / "m.keras"
+    r = CliRunner().invoke(cli, ["export", "--head", str(folder), "--out", str(model), "--weights", "none",
+                                 "--cache-dir", str(cache)])
+    assert r.exit_code == 0, r.output
+    with h5py.File(feats, "r") as h5:
+        ids = list(h5["val"]["ids"].asstr()[...]) + list(h5["test"]["ids"].asstr()[...])
+    files = [colours / i for i in ids]
+    ref = predict(model, files, runtime="keras")
+    got = predict(model, files, runtime="openvino", precision="f32")
+    assert (ref.runtime, got.runtime, got.precision) == ("keras", "openvino", "f32")
+    assert [x["class"] for x in got.rows] == [x["class"] for x in ref.rows]
+    p = np.array([[x["probabilities"][c] for c in got.class_names] for x in got.rows])
+    q = np.array([[x["probabilities"][c] for c in ref.class_names] for x in ref.rows])
+    np.testing.assert_allclose(p, q, atol=1e-3)
+    r = CliRunner().invoke(cli, ["predict", "--model", str(model), *map(str, files[:2]), "--runtime", "openvino",
+                                 "--format", "json"])
+    assert r.exit_code == 0 and len(json.loads(r.stdout)["predictions"]) == 2
+
+
+# ------------------------------------------------------------------------------------------- decode
+
+@pytest.mark.parametrize("wh, reduced", [((200, 160), (100, 80)), ((130, 300), (65, 150)), ((120, 100), None)])
+def test_jpeg_reduced_size_decode_only_from_twice_the_target(tmp_path, wh, reduced):
+    """JPEGs at least twice the target size on both sides are decoded at 1/2..1/8 scale (libjpeg DCT
+    scaling), then resized as always; smaller ones are decoded in full.  Deterministic either way."""
+    from PIL import Image
+
+    from pipeline.images import _resize, decode_image
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "x.jpg"
+    Image.fromarray(rng.integers(0, 256, (wh[1], wh[0], 3), dtype=np.uint8)).save(path, quality=90)
+    with Image.open(path) as img:
+        img.draft("RGB", (64, 64))
+        img.load()
+        assert img.size == (reduced or wh)
+        expected = _resize(img.convert("RGB"), 64)
+    got = decode_image(path, 64)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(decode_image(path.read_bytes(), 64), got)
