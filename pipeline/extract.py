@@ -285,7 +285,7 @@ def prepare(cfg: ExtractConfig, job: Job, weights_id: tuple[str, str], runtime_i
     if not cfg.force and _up_to_date(job.out, fingerprint, job.shard):
         return None
     _guard_existing(job.out, _settings(job.backbone, kind, sha, job.size, cfg, job.source, fingerprint, *runtime_id),
-                    cfg.force)
+                    cfg.force, job.shard)
     return fingerprint
 
 
@@ -474,8 +474,9 @@ _EXPLAIN = {"source_fingerprint": "the images listed", "weights_sha256": "weight
             "tlpipe_version": "tlpipe version", "resize": "decode resize"}
 
 
-def _guard_existing(out: Path, new: dict, force: bool) -> None:
-    """Refuse to replace an existing file made from other settings (unless --force, or DVC has it)."""
+def _guard_existing(out: Path, new: dict, force: bool, shard: tuple[int, int] | None = None) -> None:
+    """Refuse to replace an existing file made from other settings, or another shard of them (or a
+    whole features file by a shard, or the reverse), unless --force (or DVC has it)."""
     from pipeline.safety import check_replace
 
     if not out.exists():
@@ -484,8 +485,13 @@ def _guard_existing(out: Path, new: dict, force: bool) -> None:
         old = read_attrs(out)
     except Exception:  # noqa: BLE001 - not HDF5 at all
         old = {}
-    if old.get("fingerprint") == new["fingerprint"]:
+    old_shard = (old["shard_index"], old["shard_count"]) if "shard_index" in old else None
+    if old.get("fingerprint") == new["fingerprint"] and old_shard == shard:
         return  # same settings: re-extracting (--force) gives the same file
+    if old.get("fingerprint") == new["fingerprint"]:
+        what = lambda sh: f"shard {sh[0]}/{sh[1]}" if sh else "the whole features file"  # noqa: E731
+        check_replace(out, "features", [f"{what(old_shard)} -> {what(shard)}"], force)
+        return
     if "fingerprint" not in old:
         changes = ["it is not a tlpipe features file"]
     else:

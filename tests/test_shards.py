@@ -146,3 +146,16 @@ def test_unreachable_ray_address_fails_fast(tmp_path):
     assert time.monotonic() - t < 10
     assert "--ray-address" in one_line_error(run("extract", "--base", "mobilenet_0.25", "--data", tmp_path,
                                                   "--engine", "ray", "--ray-address", "nonsense"), 2)
+
+
+def test_shard_never_replaces_another_shard_or_the_whole_file(shards):
+    """Same settings, other shard (or a shard over the whole file): refused without --force, bytes kept."""
+    root, local, files = shards
+    data = str(root / "data")
+    for target, spec in ((files[0], "1/3"), (local, "2/3")):
+        before = target.read_bytes()
+        r = run("extract", "--base", SETTINGS["base"], "--weights", "none", "--input-size", "32", "--batch-size", "4",
+                "--data", data, "--shard", spec, "--out", target, "--no-progress")
+        assert r.exit_code == 2, r.output  # (the tiny folder's split warnings come first)
+        assert r.output.strip().splitlines()[-1].startswith("tlpipe: error:") and "--force" in r.output
+        assert target.read_bytes() == before
