@@ -234,8 +234,13 @@ def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden,
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an --out folder made from other settings.")
 @click.option("--tensorboard", type=click.Path(path_type=Path), default=None, help="Write TensorBoard logs here.")
+@click.option("--views", type=int, default=None,
+              help="Cached views: run the frozen bottom of the base once over K views of each training image "
+                   "(view 0 un-augmented, K-1 augmented) and once over val/test, cache its activations in HDF5 "
+                   "beside --out (reused by reruns with the same settings), and train only the unfrozen top on "
+                   "them, one view per image per epoch. [default: off, end to end on the images]")
 def fine_tune_cmd(head_dir, unfreeze, epochs, lr, augment, batch_size, patience, weights, out, cache_dir, seed,
-                  force, tensorboard) -> None:
+                  force, tensorboard, views) -> None:
     """Stage three: train the top of the base with the fitted head, end to end on the images.
 
     Epoch 0 is the head as fitted; the best epoch is chosen by early stopping on a 10% slice of
@@ -246,7 +251,8 @@ def fine_tune_cmd(head_dir, unfreeze, epochs, lr, augment, batch_size, patience,
 
     path = fine_tune(FineTuneConfig(head=head_dir, unfreeze=unfreeze, epochs=epochs, lr=lr, augment=augment,
                                     batch_size=batch_size, patience=patience, weights=weights, out=out,
-                                    cache_dir=cache_dir, seed=seed, force=force, tensorboard=tensorboard))
+                                    cache_dir=cache_dir, seed=seed, force=force, tensorboard=tensorboard,
+                                    views=views))
     click.echo(summary(path))
 
 
