@@ -6,7 +6,8 @@ has no trainable weight and its BatchNorm layers run in inference mode.  So it r
 
 * over the un-augmented image of every row (train, val, test): dataset ``clean_I`` (float32), and
 * over ``K - 1`` augmented views of every row of the fit part of train (train less the 10 % tune
-  slice): dataset ``views_I`` (float16), shape ``[n_fit, K - 1, ...]``.  View 0 is the clean image.
+  slice): dataset ``views_I`` (float16, or float32 where the clean activations pass 1e4), shape
+  ``[n_fit, K - 1, ...]``.  View 0 is the clean image.
 
 ``I`` numbers the tensors that cross the unfreeze point (one for chain bases such as MobileNet and
 VGG, more where a residual branch skips over it).  Each epoch then trains only the top (the trainable
@@ -139,8 +140,6 @@ def build_cache(path: Path, key_fields: dict[str, Any], split: Split, images, n_
             f.attrs["views_done"] = 0
             for i, s in enumerate(split.shapes):
                 f.create_dataset(f"clean_{i}", (n_rows, *s), "float32", chunks=(1, *s))
-                if views > 1:
-                    f.create_dataset(f"views_{i}", (n_fit, views - 1, *s), "float16", chunks=(1, 1, *s))
         done = int(f.attrs["clean_done"])
         if done:
             log.info("views cache: continuing an interrupted build at clean row %d", done)
@@ -152,6 +151,12 @@ def build_cache(path: Path, key_fields: dict[str, Any], split: Split, images, n_
             run += len(rows)
             f.attrs["clean_done"] = s + len(rows)
             f.flush()
+        if views > 1 and "views_0" not in f:
+            # float16 halves the file; float32 where the clean activations come near float16's range
+            peak = max(_peak(f[f"clean_{i}"], batch_size) for i in range(len(split.shapes)))
+            dtype = "float16" if peak < 1e4 else "float32"
+            for i, s in enumerate(split.shapes):
+                f.create_dataset(f"views_{i}", (n_fit, views - 1, *s), dtype, chunks=(1, 1, *s))
         done = int(f.attrs["views_done"]) if views > 1 else n_fit
         for s in range(done, n_fit, batch_size):
             chunk = np.arange(s, min(n_fit, s + batch_size))
@@ -160,7 +165,7 @@ def build_cache(path: Path, key_fields: dict[str, Any], split: Split, images, n_
                 aug = _aug_model(augment, size, _seed(seed, v, s))
                 acts = _run(split.bottom, np.asarray(aug(x, training=True)))
                 for i, a in enumerate(acts):
-                    f[f"views_{i}"][s:s + len(chunk), v - 1] = a.astype("float16")
+                    f[f"views_{i}"][s:s + len(chunk), v - 1] = a
                 run += len(chunk)
             f.attrs["views_done"] = s + len(chunk)
             f.flush()
@@ -171,6 +176,10 @@ def build_cache(path: Path, key_fields: dict[str, Any], split: Split, images, n_
     seconds = time.perf_counter() - t0
     log.info("views cache: %d bottom passes in %.1f s -> %s", run, seconds, path)
     return {"path": str(path), "reused": False, "bottom_images_run": run, "build_seconds": round(seconds, 3)}
+
+
+def _peak(ds, batch: int) -> float:
+    return max([float(np.abs(ds[s:s + batch * 8]).max()) for s in range(0, len(ds), batch * 8)] or [0.0])
 
 
 def _seed(seed: int, view: int, start: int) -> int:
@@ -185,7 +194,7 @@ def _run(model, x: np.ndarray) -> list[np.ndarray]:
 class Activations:
     """Read the views file: clean rows and (fit position, view) pairs, as float32 lists per frontier tensor."""
 
-    def __init__(self, path: Path, n_tensors: int, memory_bytes: int = MEMORY_BYTES):
+    def __init__(self, path: Path, n_tensors: int, memory_bytes: int | None = None):
         import h5py
 
         self.file = h5py.File(path, "r")
@@ -193,7 +202,7 @@ class Activations:
         self.clean = [self.file[f"clean_{i}"] for i in range(n_tensors)]
         self.views = [self.file[f"views_{i}"] for i in range(n_tensors)] if "views_0" in self.file else None
         nbytes = sum(d.size * d.dtype.itemsize for d in self.clean + (self.views or []))
-        self.in_memory = nbytes <= memory_bytes
+        self.in_memory = nbytes <= (MEMORY_BYTES if memory_bytes is None else memory_bytes)
         if self.in_memory:
             self.clean = [d[...] for d in self.clean]
             self.views = [d[...] for d in self.views] if self.views is not None else None
