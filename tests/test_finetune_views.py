@@ -125,3 +125,35 @@ def test_val_and_test_views_never_augmented(heads, tmp_path, monkeypatch):  # no
     train_clean = clean[rows["train"]]
     for v in views.reshape(-1, *views.shape[2:]):  # every augmented view differs from every clean image
         assert np.abs(train_clean - v.astype("float32")).mean(axis=(1, 2, 3)).min() > 0.01
+
+
+def test_killed_views_build_continues_to_the_same_file(heads, tmp_path, monkeypatch):  # noqa: F811
+    """A build killed in the middle continues from its last chunk; each chunk's views are seeded by
+    (seed, view, chunk), so the finished file equals an uninterrupted build's."""
+    from pipeline import views as views_mod
+
+    real, calls = views_mod._aug_model, []
+
+    def dying(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # the second chunk of the fit rows
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(views_mod, "_aug_model", dying)
+    out = tmp_path / "ft"
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune(_cfg(heads, out=out, epochs=1, views=2))
+    part = next((out.parent / ".ft.views").glob("views-*.h5.part"))
+    with h5py.File(part) as h5:
+        assert h5.attrs["views_done"] == 8 and h5.attrs["clean_done"] == len(h5["clean_0"])
+    monkeypatch.setattr(views_mod, "_aug_model", real)
+    fine_tune(_cfg(heads, out=out, epochs=1, views=2))
+    f = json.loads((out / "evaluation.json").read_text())["fine_tune"]["views_cache"]
+    n_fit = f["bottom_images_run"]  # only the fit rows left after the first chunk ran again
+    fine_tune(_cfg(heads, out=tmp_path / "fresh", epochs=1, views=2))
+    g = json.loads((tmp_path / "fresh" / "evaluation.json").read_text())["fine_tune"]["views_cache"]
+    with h5py.File(_views_file(out)) as a, h5py.File(_views_file(tmp_path / "fresh")) as b:
+        assert n_fit == len(a["views_0"]) - 8 < g["bottom_images_run"]
+        np.testing.assert_array_equal(a["views_0"][...], b["views_0"][...])
+        np.testing.assert_array_equal(a["clean_0"][...], b["clean_0"][...])
