@@ -246,7 +246,8 @@ def fine_tune_cmd(head_dir, unfreeze, epochs, lr, augment, batch_size, patience,
     Epoch 0 is the head as fitted; the best epoch is chosen by early stopping on a 10% slice of
     train (val and test are never used for tuning). A checkpoint after each epoch: run the same
     command again to resume. Writes model.keras (as 'tlpipe export'), metrics.json,
-    evaluation.json, history.csv, predictions.csv, roc.csv and figures/."""
+    evaluation.json, history.csv, predictions.csv, roc.csv and figures/. With --views K, epochs
+    train only the top on cached activations of the frozen bottom (much faster per epoch)."""
     from pipeline.finetune import FineTuneConfig, fine_tune, summary
 
     path = fine_tune(FineTuneConfig(head=head_dir, unfreeze=unfreeze, epochs=epochs, lr=lr, augment=augment,

@@ -23,6 +23,10 @@ best so far, history) in ``<out>/.checkpoint/`` lets the same command resume aft
 or Ctrl-C.  The output folder ``cache/finetuned/FEATURES-HEAD/`` has the head-folder schema
 plus ``model.keras`` (the contract of ``tlpipe export``: uint8 images of any size in,
 probabilities out).
+
+``views=K`` (``--views K``, see ``pipeline.views``): the frozen bottom runs once over K views of each
+fit image and the clean image of every row, its activations are cached in HDF5, and the epochs train
+only the top (sharing its layers with the full model, which is what ``model.keras`` saves).
 """
 
 from __future__ import annotations
