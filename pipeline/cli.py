@@ -282,19 +282,26 @@ def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden,
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an --out folder made from other settings.")
 @click.option("--tensorboard", type=click.Path(path_type=Path), default=None, help="Write TensorBoard logs here.")
+@click.option("--views", type=int, default=None,
+              help="Cached views: run the frozen bottom of the base once over K views of each training image "
+                   "(view 0 un-augmented, K-1 augmented) and once over val/test, cache its activations in HDF5 "
+                   "beside --out (reused by reruns with the same settings), and train only the unfrozen top on "
+                   "them, one view per image per epoch. [default: off, end to end on the images]")
 def fine_tune_cmd(head_dir, unfreeze, epochs, lr, augment, batch_size, patience, weights, out, cache_dir, seed,
-                  force, tensorboard) -> None:
+                  force, tensorboard, views) -> None:
     """Stage three: train the top of the base with the fitted head, end to end on the images.
 
     Epoch 0 is the head as fitted; the best epoch is chosen by early stopping on a 10% slice of
     train (val and test are never used for tuning). A checkpoint after each epoch: run the same
     command again to resume. Writes model.keras (as 'tlpipe export'), metrics.json,
-    evaluation.json, history.csv, predictions.csv, roc.csv and figures/."""
+    evaluation.json, history.csv, predictions.csv, roc.csv and figures/. With --views K, epochs
+    train only the top on cached activations of the frozen bottom (much faster per epoch)."""
     from pipeline.finetune import FineTuneConfig, fine_tune, summary
 
     path = fine_tune(FineTuneConfig(head=head_dir, unfreeze=unfreeze, epochs=epochs, lr=lr, augment=augment,
                                     batch_size=batch_size, patience=patience, weights=weights, out=out,
-                                    cache_dir=cache_dir, seed=seed, force=force, tensorboard=tensorboard))
+                                    cache_dir=cache_dir, seed=seed, force=force, tensorboard=tensorboard,
+                                    views=views))
     click.echo(summary(path))
 
 

@@ -23,10 +23,15 @@ best so far, history) in ``<out>/.checkpoint/`` lets the same command resume aft
 or Ctrl-C.  The output folder ``cache/finetuned/FEATURES-HEAD/`` has the head-folder schema
 plus ``model.keras`` (the contract of ``tlpipe export``: uint8 images of any size in,
 probabilities out).
+
+``views=K`` (``--views K``, see ``pipeline.views``): the frozen bottom runs once over K views of each
+fit image and the clean image of every row, its activations are cached in HDF5, and the epochs train
+only the top (sharing its layers with the full model, which is what ``model.keras`` saves).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -44,6 +49,9 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.errors import FeaturesFileError, UsageError
+from pipeline.views import Activations, build_cache, cache_key, check_views, split_model, view_batches
+from pipeline.views import cache_path as views_cache_path
+from pipeline.views import proba as views_proba
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,7 @@ class FineTuneConfig:
     seed: int = 0
     tune_fraction: float = 0.1
     workers: int = 0  # decode threads (0: up to 4)
+    views: int | None = None  # K: cache the frozen bottom's activations of K views per training image
     after_epoch: Callable[[int], None] | None = None  # test hook, called after each checkpoint
 
     def settings(self) -> dict[str, Any]:
@@ -80,7 +89,7 @@ class FineTuneConfig:
         return {"unfreeze": str(self.unfreeze), "epochs": self.epochs, "lr": self.lr,
                 "augment": normalise_augment(self.augment), "batch_size": self.batch_size,
                 "patience": self.patience, "seed": self.seed, "tune_fraction": self.tune_fraction,
-                "weights": self.weights}
+                "weights": self.weights, **({"views": self.views} if self.views else {})}
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -302,6 +311,11 @@ class _Built:
     export: Any  # uint8 any size -> Resizing -> core
     base: Any
     trainable: list[str]
+    start: int = 1  # index in base.layers of the first trainable layer
+    pre: list | None = None  # the layers before the base (cast to float32, the base's preprocessing)
+    head_fn: Any = None  # the head's layers, features -> scores (before the probabilities layer)
+    size: int = 0
+    k: int = 0
 
 
 def build_models(head_dir: Path, info: dict, attrs: dict, weights: str | None, unfreeze: str, augment: str,
@@ -322,11 +336,13 @@ def build_models(head_dir: Path, info: dict, attrs: dict, weights: str | None, u
 
     # built-in layers only (as tlpipe export): model.keras loads with plain keras.saving.load_model
     image = keras.Input(shape=(size, size, 3), dtype="uint8", name="image")
-    x = keras.layers.Rescaling(1.0, dtype="float32", name="to_float")(image)
-    for layer in builtin_preprocess(get_backbone(branch.base)):
+    pre = [keras.layers.Rescaling(1.0, dtype="float32", name="to_float"), *builtin_preprocess(get_backbone(branch.base))]
+    x = image
+    for layer in pre:
         x = layer(x)
     x = base(x, training=False)  # BatchNorm in inference mode, whatever the rest does
-    x = head.model(x) if info["head"] == "dense" else _logistic_layers(head.model, k, int(info["feature_size"]))(x)
+    head_fn = head.model if info["head"] == "dense" else _logistic_layers(head.model, k, int(info["feature_size"]))
+    x = head_fn(x)
     x = _probabilities_layer(x, k)
     metadata.update({"base": branch.base, "input_size": size, "input_sizes": [size], "pooling": branch.pooling,
                      "weights": branch.weights.label, "weights_sha256": branch.weights.sha256,
@@ -342,7 +358,7 @@ def build_models(head_dir: Path, info: dict, attrs: dict, weights: str | None, u
 
     e_in = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
     export = keras.Model(e_in, core(_resize(e_in, size)), name=name)  # the same resize as decoding
-    return _Built(core, train, export, base, trainable)
+    return _Built(core, train, export, base, trainable, start, pre, head_fn, size, k)
 
 
 def _proba(model, images: _Images, rows: np.ndarray, batch_size: int) -> np.ndarray:
@@ -381,7 +397,7 @@ def _load_weights(model, path: Path) -> None:
         model.load_weights(path)
 
 
-def _load_checkpoint(ckpt: Path, model, optimizer, key: dict) -> dict | None:
+def _load_checkpoint(ckpt: Path, model, optimizer, key: dict, train_vars=None) -> dict | None:
     state_path = ckpt / "state.json"
     if not state_path.is_file():
         return None
@@ -393,7 +409,7 @@ def _load_checkpoint(ckpt: Path, model, optimizer, key: dict) -> dict | None:
         _load_weights(model, ckpt / "last.weights.h5")
         saved = np.load(ckpt / "optimizer.npz")
         arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
-        optimizer.build(model.trainable_variables)
+        optimizer.build(model.trainable_variables if train_vars is None else train_vars)
         if len(arrays) != len(optimizer.variables):
             raise ValueError("optimizer state does not match")
         for var, arr in zip(optimizer.variables, arrays):
@@ -476,6 +492,7 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
 
     if cfg.epochs < 1 or cfg.patience < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise UsageError("--epochs, --patience and --batch-size must be at least 1 and --lr above 0")
+    check_views(cfg.views)
     parse_augment(cfg.augment)
     if cfg.tensorboard:
         try:
@@ -506,14 +523,37 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
                 "fingerprints": info.get("fingerprints"), "fine_tune": settings}
     built = build_models(model_dir, info, attrs, cfg.weights, cfg.unfreeze, cfg.augment, cfg.seed, metadata)
     size = int(attrs["input_size"])
-    memo = len(items) * size * size * 3 <= MEMO_BYTES
+    memo = not cfg.views and len(items) * size * size * 3 <= MEMO_BYTES  # views: each image is decoded once
     images = _Images(items, size, cfg.workers, memo)
     tuner = DenseHead(k, HeadParams(seed=cfg.seed, tune_fraction=cfg.tune_fraction))
     fit_idx, tune_idx = tuner.tune_split(labels["train"])
     fit_rows, tune_rows = rows["train"][fit_idx], rows["train"][tune_idx]
     optimizer = keras.optimizers.Adam(cfg.lr)
-    built.train.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                        jit_compile=False)
+    views_info: dict[str, Any] | None = None
+    acts = None
+    if cfg.views:  # the frozen bottom runs once, over K views of the fit images and the clean image of every row
+        split = split_model(built)
+        key_fields = {"features_fingerprint": attrs.get("fingerprint"), "weights": metadata.get("weights"),
+                      "weights_sha256": metadata.get("weights_sha256"), "input_size": size,
+                      "start": built.start, "start_layer": split.start_layer, "views": cfg.views,
+                      "augment": normalise_augment(cfg.augment), "seed": cfg.seed,
+                      "tune_fraction": cfg.tune_fraction, "n_rows": len(items),
+                      "fit_rows": hashlib.sha256(np.asarray(fit_rows, np.int64).tobytes()).hexdigest()}
+        path = views_cache_path(output_dir(cfg), cache_key(key_fields))
+        try:
+            views_info = build_cache(path, key_fields, split, images, len(items), fit_rows, cfg.views, cfg.augment,
+                                     cfg.seed, cfg.batch_size)
+        except BaseException:
+            images.close()
+            raise
+        acts = Activations(path, len(split.shapes))
+        views_info.update(start_layer=split.start_layer, shapes=[list(s) for s in split.shapes],
+                          in_memory=acts.in_memory)
+        fit_model = split.top
+    else:
+        fit_model = built.train
+    fit_model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                      jit_compile=False)
     built.core.compile(jit_compile=False)
 
     ckpt = out / ".checkpoint"
@@ -522,10 +562,15 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
     tmp_best = out.with_name(f".{out.name}.best.weights.h5")
     out.mkdir(parents=True, exist_ok=True)
 
-    def score(split_rows, y):
-        return _scores(_proba(built.core, images, split_rows, cfg.batch_size), y) if len(y) else (None, None)
+    def proba_of(split_rows):
+        if acts is not None:
+            return views_proba(split.top, acts, split_rows, cfg.batch_size)
+        return _proba(built.core, images, split_rows, cfg.batch_size)
 
-    state = _load_checkpoint(ckpt, built.train, optimizer, key)
+    def score(split_rows, y):
+        return _scores(proba_of(split_rows), y) if len(y) else (None, None)
+
+    state = _load_checkpoint(ckpt, built.train, optimizer, key, fit_model.trainable_variables)
     if state is not None:
         if (ckpt / "best.weights.h5").is_file():
             shutil.copy2(ckpt / "best.weights.h5", tmp_best)
@@ -554,8 +599,11 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
         while state["epoch"] < cfg.epochs and state["wait"] < cfg.patience:
             epoch = state["epoch"] + 1
             t0 = time.perf_counter()
-            data = image_batches(images, all_labels, fit_rows, cfg.batch_size, True, cfg.seed, epoch)
-            h = built.train.fit(data, epochs=epoch, initial_epoch=epoch - 1, verbose=0, callbacks=callbacks).history
+            if acts is not None:
+                data = view_batches(acts, all_labels, fit_rows, cfg.views, cfg.batch_size, cfg.seed, epoch)
+            else:
+                data = image_batches(images, all_labels, fit_rows, cfg.batch_size, True, cfg.seed, epoch)
+            h = fit_model.fit(data, epochs=epoch, initial_epoch=epoch - 1, verbose=0, callbacks=callbacks).history
             seconds = time.perf_counter() - t0
             tune, val = score(tune_rows, all_labels[tune_rows]), score(rows["val"], labels["val"])
             state["history"].append({"epoch": epoch, "train_accuracy": float(h["accuracy"][-1]),
@@ -575,6 +623,8 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
                 cfg.after_epoch(epoch)
     except BaseException:
         images.close()  # the checkpoint of the last finished epoch stays: the same command resumes
+        if acts is not None:
+            acts.close()
         raise
 
     _load_weights(built.train, tmp_best)  # the best epoch on the train slice (0: the head as fitted)
@@ -585,7 +635,7 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
     pred_rows: list[dict[str, Any]] = []
     roc_rows: list[dict[str, Any]] = []
     for name in fs.splits:
-        proba = _proba(built.core, images, rows[name], cfg.batch_size)
+        proba = proba_of(rows[name])
         y = labels[name]
         splits[name] = {**evaluate(proba, y, k), **per_class(proba, y, classes)}
         if name != "train":
@@ -598,6 +648,11 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
             fpr, tpr, thr = roc_curve(y, proba[:, 1])
             roc_rows = [{"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))}
                         for a, b, c in zip(fpr, tpr, thr)]
+    if acts is not None:  # the shipped model on the images against its top on the cached activations
+        check = rows["val"][:16] if len(rows["val"]) else rows["train"][:16]
+        diff = np.abs(_proba(built.core, images, check, cfg.batch_size) - proba_of(check)).max()
+        views_info["check_rows"], views_info["check_max_abs_diff"] = int(len(check)), float(diff)
+        acts.close()
     images.close()
     hist = state["history"]
     best = int(state["best_epoch"])
@@ -611,6 +666,11 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
             "epoch0_val_accuracy": state["epoch0"]["val_accuracy"],
             "head_val_accuracy": state["epoch0"]["head_val_accuracy"],
             "batchnorm": "inference mode, frozen"}
+    if cfg.views:
+        fine["views"] = cfg.views
+        fine["views_sampling"] = ("each epoch, one view per fit image, drawn uniformly from the K cached views "
+                                  "(view 0: un-augmented); tune slice, val and test scored on un-augmented images")
+        fine["views_cache"] = views_info
     tuning = {"method": TUNE_METHOD if abs(cfg.tune_fraction - 0.1) < 1e-9
               else f"early stopping on a {cfg.tune_fraction:.0%} stratified slice of train",
               "param": "epochs", "chosen": best, "epochs_run": int(state["epoch"]), "tune_rows": int(len(tune_rows)),
@@ -664,6 +724,11 @@ def summary(out: Path) -> str:
              f"(--unfreeze {f['unfreeze']}), lr {f['lr']:g}, augment {f['augment']}",
              f"  best epoch {f['best_epoch']} of {f['epochs_run']} chosen by {ev['tuning']['method']}; "
              f"val and test not used for tuning; {f['seconds']:.1f} s ({f['seconds_per_epoch']:.1f} s/epoch)"]
+    if f.get("views"):
+        c = f.get("views_cache") or {}
+        built = "reused" if c.get("reused") else f"built in {c.get('build_seconds', 0):.1f} s"
+        lines.append(f"  --views {f['views']}: bottom activations at {c.get('start_layer')} cached ({built}): "
+                     f"{c.get('path')}")
     for split in ("train", "val", "test"):
         s = ev["splits"].get(split)
         if s:
