@@ -47,6 +47,9 @@ class FitConfig:
     cache_dir: Path = Path("cache")
     params: HeadParams = field(default_factory=HeadParams)
     force: bool = False  # replace a head folder fitted from other features or parameters
+    stream: bool | None = None  # read the features from disk in chunks (None: when above max_memory)
+    max_memory: int | None = None  # bytes an in-memory fit may use (None: pipeline.stream.MEMORY_FRACTION of RAM)
+    chunk_rows: int = 0  # streamed: rows per chunk (0: about pipeline.stream.CHUNK_BYTES of features)
 
     def output_dir(self, fs: FeatureSet) -> Path:
         if self.out:
@@ -103,23 +106,46 @@ def per_class(proba: np.ndarray, y: np.ndarray, class_names: list[str]) -> dict[
 
 
 def untrained_baseline(X_train: np.ndarray, X: np.ndarray, y: np.ndarray, n_classes: int, seed: int) -> dict:
-    """The tutorials' "initial accuracy": a randomly initialised linear head, before training."""
+    """The tutorials' "initial accuracy": a randomly initialised linear head, before training.
+    ``X_train`` and ``X``: arrays, or ``pipeline.stream.Rows`` (statistics and scores by chunks)."""
+    from pipeline.stream import Rows, chunks_of
+
     rng = np.random.default_rng(seed)
-    mu, sd = X_train.mean(0), X_train.std(0) + 1e-6
+    if isinstance(X_train, Rows):
+        mu, var = X_train.moments()
+        sd = np.sqrt(var) + 1e-6
+    else:
+        mu, sd = X_train.mean(0), X_train.std(0) + 1e-6
     limit = np.sqrt(6.0 / (X.shape[1] + n_classes))  # Glorot uniform, as Keras initialises Dense
     W = rng.uniform(-limit, limit, size=(X.shape[1], n_classes))
-    logits = ((X - mu) / sd) @ W
-    logits -= logits.max(1, keepdims=True)
-    proba = np.exp(logits)
-    proba /= proba.sum(1, keepdims=True)
-    return evaluate(proba, y, n_classes)
+    parts = []
+    for part in chunks_of(X):
+        logits = ((part - mu) / sd) @ W
+        logits -= logits.max(1, keepdims=True)
+        proba = np.exp(logits)
+        parts.append(proba / proba.sum(1, keepdims=True))
+    return evaluate(np.concatenate(parts), y, n_classes)
 
 
 def fit_head(cfg: FitConfig) -> Path:
     """Fit ``cfg.head`` on the cached features; write the head folder and return it."""
     head_cls = get_head(cfg.head)
     cfg = replace(cfg, head=head_cls.name)  # canonical (lower-case) name for folders and reports
-    fs = load_feature_sets(list(cfg.features), cfg.cache_dir)
+    from pipeline.stream import decide, open_streamed, stream_head, stream_params
+
+    if not cfg.features:
+        from pipeline.errors import UsageError
+
+        raise UsageError("give at least one --features FILE")
+    paths = [resolve_features_path(n, cfg.cache_dir) for n in cfg.features]
+    streamed, memory = decide(paths, cfg.stream, cfg.max_memory, head_cls.name)  # from shapes; nothing read
+    if streamed:  # features stay on disk, read in chunks (pipeline.stream)
+        head_cls = stream_head(head_cls.name)
+        fs = open_streamed(paths, cfg.chunk_rows)
+        memory["chunk_rows"] = fs.splits["train"].X.chunk_rows
+        cfg = replace(cfg, params=stream_params(cfg.params, memory["chunk_rows"]))
+    else:
+        fs = load_feature_sets(list(cfg.features), cfg.cache_dir)
     warn_if_stale(fs.paths)
     classes = fs.class_names
     k = len(classes)
@@ -173,6 +199,7 @@ def fit_head(cfg: FitConfig) -> Path:
         "fit_seconds": round(fit_seconds, 3),
         "extract_images_per_second": fs.attrs.get("images_per_second"),
         "tuning": {**head.tuning, "val_used_for_tuning": False},
+        "memory": memory,  # streamed from disk or in memory, and why
         "splits": splits,
         "chance": {name: float(np.bincount(s.y, minlength=k).max() / max(1, len(s.y)))
                    for name, s in fs.splits.items()},
@@ -200,6 +227,9 @@ def fit_head(cfg: FitConfig) -> Path:
 
     write_head_figures(tmp)  # figures/: curves or C/k grid, confusion matrices (PNG)
     replace_dir(tmp, out)  # the previous folder goes only once the new one is complete
+    for split in fs.splits.values():
+        if hasattr(split.X, "close"):  # streamed: the open HDF5 handles
+            split.X.close()
     log.info("%s head on %s: val accuracy %.4f, fit %.2f s -> %s", head.name, fs.name,
              metrics["val"]["accuracy"], fit_seconds, out)
     return out
