@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -168,15 +168,13 @@ def fit_head(cfg: FitConfig) -> Path:
     fit_seconds = time.perf_counter() - t0
 
     splits: dict[str, Any] = {}
-    pred_rows: list[dict[str, Any]] = []
+    pred_parts: list[tuple[str, Any, np.ndarray, np.ndarray, np.ndarray]] = []  # rows made when written
     roc_rows: list[dict[str, Any]] = []
     for name, split in fs.splits.items():
         proba = head.predict_proba(split.X)
         splits[name] = {**evaluate(proba, split.y, k), **per_class(proba, split.y, classes)}
         if name != "train":
-            pred_rows += [{"split": name, "id": i, "actual": classes[a], "predicted": classes[p],
-                           "probability": round(float(pr.max()), 6)}
-                          for i, a, p, pr in zip(split.ids, split.y, proba.argmax(1), proba)]
+            pred_parts.append((name, split.ids, split.y, proba.argmax(1), proba.max(1)))
         if name == "val" and k == 2 and len(np.unique(split.y)) == 2:
             from sklearn.metrics import roc_curve
 
@@ -221,6 +219,8 @@ def fit_head(cfg: FitConfig) -> Path:
     dense = head.name == "dense"
     _write_csv(tmp / "history.csv", rows if dense else [], HISTORY_COLUMNS)
     _write_csv(tmp / "grid.csv", [] if dense else rows, GRID_COLUMNS)
+    pred_rows = ({"split": name, "id": i, "actual": classes[a], "predicted": classes[p], "probability": round(float(pr), 6)}
+                 for name, ids, ys, preds, probs in pred_parts for i, a, p, pr in zip(ids, ys, preds, probs))
     _write_csv(tmp / "predictions.csv", pred_rows, ["split", "id", "actual", "predicted", "probability"])
     _write_csv(tmp / "roc.csv", roc_rows, ["fpr", "tpr", "threshold"])
     from pipeline.plots import write_head_figures
@@ -239,7 +239,7 @@ def _fingerprints(fs: FeatureSet) -> list[str]:
     return [str(read_attrs(p).get("fingerprint", "")) for p in fs.paths]
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+def _write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

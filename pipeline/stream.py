@@ -402,7 +402,16 @@ class StreamDenseHead(DenseHead):
         return self.train_model(data, tune_data, y[fit_idx], len(tune_idx), val)
 
     def predict_proba(self, X):
-        return np.concatenate([DenseHead.predict_proba(self, part) for part in chunks_of(X)])
+        """By chunks, and within a chunk by ``predict_on_batch`` (one ``model.predict`` per chunk would
+        build a data pipeline each time; TensorFlow's memory then grows with the number of chunks)."""
+        parts = []
+        for part in chunks_of(X):
+            for s in range(0, len(part), 1024):
+                parts.append(np.asarray(self.model.predict_on_batch(part[s:s + 1024]), dtype=np.float64))
+        p = np.concatenate(parts) if parts else np.zeros((0, 1 if self.n_classes == 2 else self.n_classes))
+        if self.n_classes == 2:
+            p = np.concatenate([1 - p, p], axis=1)
+        return p / np.clip(p.sum(1, keepdims=True), 1e-12, None)
 
 
 def stream_head(name: str) -> type[Head]:
