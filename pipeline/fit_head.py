@@ -119,12 +119,13 @@ def untrained_baseline(X_train: np.ndarray, X: np.ndarray, y: np.ndarray, n_clas
     limit = np.sqrt(6.0 / (X.shape[1] + n_classes))  # Glorot uniform, as Keras initialises Dense
     W = rng.uniform(-limit, limit, size=(X.shape[1], n_classes))
     parts = []
-    for part in chunks_of(X):
-        logits = ((part - mu) / sd) @ W
-        logits -= logits.max(1, keepdims=True)
-        proba = np.exp(logits)
-        parts.append(proba / proba.sum(1, keepdims=True))
-    return evaluate(np.concatenate(parts), y, n_classes)
+    for chunk in chunks_of(X):
+        for s in range(0, len(chunk), 1024):  # float64 temporaries of 1,024 rows, not of a whole chunk
+            logits = ((chunk[s:s + 1024] - mu) / sd) @ W
+            logits -= logits.max(1, keepdims=True)
+            proba = np.exp(logits)
+            parts.append(proba / proba.sum(1, keepdims=True))
+    return evaluate(np.concatenate(parts) if parts else np.zeros((0, n_classes)), y, n_classes)
 
 
 def fit_head(cfg: FitConfig) -> Path:

@@ -164,8 +164,8 @@ class Rows:
         scaler = StandardScaler()
         for start, stop, X in self.chunks():
             X = X if mask is None else X[mask[start:stop]]
-            if len(X):
-                scaler.partial_fit(X)
+            for s in range(0, len(X), 1024):  # float64 temporaries of 1,024 rows, not of a whole chunk
+                scaler.partial_fit(X[s:s + 1024])
         if mask is None:
             self._moments = (scaler.mean_, scaler.var_)
         return scaler
@@ -329,7 +329,10 @@ class StreamLogisticHead(LogisticHead):
         return rows_out
 
     def predict_proba(self, X):
-        return np.concatenate([_proba(self.model, part, self.n_classes) for part in chunks_of(X)])
+        """By chunks, and within a chunk by 1,024 rows (the scaler and SGD work in float64)."""
+        parts = [_proba(self.model, chunk[s:s + 1024], self.n_classes)
+                 for chunk in chunks_of(X) for s in range(0, len(chunk), 1024)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.n_classes))
 
 
 def chunk_batches(rows: Rows, y: np.ndarray, mask: np.ndarray, batch_size: int, seed: int, shuffle: bool):
