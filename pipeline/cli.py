@@ -193,8 +193,9 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
               help="Replace an --out head folder fitted from other features or parameters "
                    "(without it, such a folder is never replaced).")
 @click.option("--stream/--no-stream", default=None,
-              help="Read the features from disk one chunk at a time instead of loading them (logistic: SGD "
-                   "over the chunks, alpha chosen on a 10% slice of train; dense: fed from the chunks). "
+              help="Read the features from disk one chunk at a time instead of loading them (logistic: the "
+                   "in-memory objective by L-BFGS, one pass per step, C chosen on a 10% slice of train; dense: "
+                   "fed from the chunks). "
                    "Default: stream when the in-memory estimate (3x the features' float32 bytes, from the "
                    "HDF5 shapes) exceeds --max-memory.")
 @click.option("--max-memory", default=None, metavar="SIZE",

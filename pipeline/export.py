@@ -15,7 +15,7 @@ the image resized exactly as at extraction (``tlpipe predict`` feeds them).
 
 Heads: ``dense`` reuses the saved Keras head; ``logistic`` folds the StandardScaler into
 one Dense layer + softmax (equal to scikit-learn's ``predict_proba`` up to float32
-rounding; a streamed head's one-vs-rest SGD classifier: Dense with ``log_sigmoid`` + softmax).  Both use built-in Keras layers only, so their ``.keras`` file loads with
+rounding; a streamed logistic head is the same LogisticRegression).  Both use built-in Keras layers only, so their ``.keras`` file loads with
 ``keras.saving.load_model`` where tlpipe is not installed.  ``svm``, ``rbf-svm`` and
 ``knn`` become the custom layers ``CalibratedLinearSVC``, ``CalibratedRbfSVC`` and
 ``KnnProba`` that reproduce scikit-learn's ``predict_proba``: their ``.keras`` file needs
@@ -294,13 +294,7 @@ def _features_attrs(info: dict[str, Any], cache_dir: Path) -> list[dict[str, Any
 
 
 def _logistic_layers(model, n_classes: int, dim: int):
-    """Fold StandardScaler into the logistic regression: Dense(K) + softmax.
-
-    A streamed head's ``SGDClassifier(loss="log_loss")`` is one-vs-rest with more than two classes:
-    scikit-learn's probabilities are ``sigmoid(z_k) / sum_j sigmoid(z_j)``, i.e. a softmax over
-    ``log_sigmoid(z)``: Dense(K, log_sigmoid) + softmax (built-in layers too)."""
-    from sklearn.linear_model import SGDClassifier
-
+    """Fold StandardScaler into the logistic regression: Dense(K) + softmax."""
     scaler, lr = model.steps[0][1], model.steps[-1][1]
     mean = scaler.mean_ if scaler.mean_ is not None else np.zeros(dim)
     scale = scaler.scale_ if scaler.scale_ is not None else np.ones(dim)
@@ -315,11 +309,6 @@ def _logistic_layers(model, n_classes: int, dim: int):
     for c, w, bias in pairs:
         W[:, c] = w / scale
         b[c] = bias - float(np.dot(mean / scale, w))
-    if isinstance(lr, SGDClassifier) and coef.shape[0] > 1:
-        dense = keras.layers.Dense(n_classes, activation="log_sigmoid", name="logistic_ovr")
-        dense.build((None, dim))
-        dense.set_weights([W.astype("float32"), b.astype("float32")])
-        return keras.Sequential([dense, keras.layers.Activation("softmax", name="normalise")], name="logistic")
     dense = keras.layers.Dense(n_classes, activation="softmax", name="logistic")
     dense.build((None, dim))
     dense.set_weights([W.astype("float32"), b.astype("float32")])

@@ -5,12 +5,13 @@ contiguous rows at a time (``Rows.read``, the only place that reads features):
 
 - standardisation statistics: per-feature mean and variance, ``StandardScaler.partial_fit`` over
   the chunks (the logistic head's scaler; the dense head's ``Normalization`` state);
-- logistic: ``SGDClassifier(loss="log_loss").partial_fit`` over the chunks, ``SGD_EPOCHS`` epochs,
-  chunk order and rows within a chunk shuffled with the seed.  The regularisation ``alpha`` is
-  chosen on a held-out stratified 10 % slice of train (the candidates train in the same passes;
-  best log loss on the slice), then refitted on all of train.  Saved as the in-memory head is,
-  a scikit-learn ``Pipeline(StandardScaler, classifier)`` in ``head.joblib`` (export and predict
-  read it as the logistic head);
+- logistic: the in-memory head's model and objective (scikit-learn's ``LogisticRegression``,
+  lbfgs: multinomial, L2 with ``C``) minimised by ``scipy.optimize.minimize(method="L-BFGS-B")``,
+  each function + gradient evaluation one pass over the chunks (float64 sums).  ``C`` comes from
+  the in-memory head's grid, chosen by log loss on a held-out stratified 10 % slice of train, then
+  refitted on all of train.  Saved as the in-memory head is, a scikit-learn
+  ``Pipeline(StandardScaler, LogisticRegression)`` in ``head.joblib`` (export, predict and
+  fine-tune read it as the logistic head);
 - dense: ``DenseHead``'s network (same build) fed by a ``keras.utils.PyDataset`` over the chunks,
   early stopping on the same kind of 10 % slice of train;
 - scoring and predicting every split.
@@ -39,8 +40,9 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 32 * 2 ** 20  # features per chunk when --chunk-rows is not given
 IN_MEMORY_FACTOR = 3  # an in-memory fit holds the features about 3 times (loaded, standardised, CV folds)
 MEMORY_FRACTION = 0.5  # default --max-memory: this share of the machine's RAM
-SGD_EPOCHS = 5
-ALPHA_GRID = (1e-5, 1e-4, 1e-3, 1e-2)
+LBFGS_MAXITER = 300  # streamed logistic: most L-BFGS iterations per fit (each 1+ passes over train)
+LBFGS_TOL = 1e-4  # LogisticRegression's default tol (L-BFGS gtol)
+BLOCK_ROWS = 1024  # rows per float64 temporary inside a chunk
 STREAM_HEADS = ("logistic", "dense")
 
 _UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 6, "g": 10 ** 9, "gb": 10 ** 9,
@@ -249,90 +251,229 @@ def _loss_and_right(p: np.ndarray, y: np.ndarray) -> tuple[float, int]:
 
 
 class StreamLogisticHead(LogisticHead):
-    """Logistic regression by SGD over the HDF5 chunks; alpha chosen on a held-out slice of train."""
+    """The in-memory logistic head's model and objective, solved over the HDF5 chunks.
 
-    description = ("logistic regression by SGD streamed over HDF5 chunks, alpha chosen on a held-out "
-                   "stratified 10% slice of train")
-    grid_name = "alpha"
+    scikit-learn's ``LogisticRegression(solver="lbfgs")`` minimises, on standardised rows,
+    ``sum_i w_i loss_i / sum_i w_i + ||coef||^2 / (2 C sum_i w_i)`` (``loss``: multinomial
+    cross-entropy, or binomial with one coefficient vector for two classes; the intercept is not
+    penalised; ``w_i``: 1, or the balanced class weights).  Here ``scipy.optimize.minimize``
+    (L-BFGS-B, scikit-learn's options) minimises the same function, each function + gradient
+    evaluation being one pass over the chunks, accumulated in float64 by blocks of ``BLOCK_ROWS``.
+    C comes from the in-memory head's grid, chosen by log loss on a held-out stratified slice of
+    train (never val), each C warm-started from the previous one; the chosen solution then
+    warm-starts the refit on all of train.  Saved as the in-memory head: a scikit-learn
+    ``Pipeline(StandardScaler, LogisticRegression)`` with ``coef_``, ``intercept_`` and ``classes_``.
+    """
 
-    def _sgd(self, alpha: float):
-        from sklearn.linear_model import SGDClassifier
+    description = ("multinomial logistic regression (scikit-learn's objective, L-BFGS, one pass over the "
+                   "HDF5 chunks per evaluation), C chosen on a held-out stratified 10% slice of train")
 
-        return SGDClassifier(loss="log_loss", alpha=alpha, random_state=self.params.seed,
-                             class_weight=None, average=True)
+    def _problem(self, rows: Rows, y: np.ndarray, mask: np.ndarray | None, scaler, C: float) -> "_Objective":
+        return _Objective(rows, y, mask, scaler.mean_, scaler.scale_, C, self.params.class_weight)
 
-    def _epochs(self, rows: Rows, y: np.ndarray, scaler, models: list, mask: np.ndarray | None) -> None:
-        """``SGD_EPOCHS`` passes of ``partial_fit`` over the chunks (rows in ``mask``), seeded shuffles."""
-        classes = np.unique(y)
-        weights = self._class_weights(y if mask is None else y[mask])
-        for epoch in range(SGD_EPOCHS):
-            rng = np.random.default_rng([self.params.seed, epoch])
-            for start, stop, X in rows.chunks(rng.permutation(rows.n_chunks)):
-                keep = np.arange(stop - start) if mask is None else np.flatnonzero(mask[start:stop])
-                keep = rng.permutation(keep)
-                if not len(keep):
-                    continue
-                Xs = scaler.transform(X[keep]).astype(np.float64)
-                yy = y[start:stop][keep]
-                sw = None if weights is None else weights[yy]
-                for model in models:
-                    model.partial_fit(Xs, yy, classes=classes, sample_weight=sw)
+    def _lr(self, C: float, classes: np.ndarray, coef: np.ndarray, intercept: np.ndarray, n_iter: int, dim: int):
+        """A fitted ``LogisticRegression`` holding a streamed solution (what the in-memory head saves)."""
+        from sklearn.linear_model import LogisticRegression
 
-    def _class_weights(self, y: np.ndarray) -> np.ndarray | None:
-        if self.params.class_weight != "balanced":
-            return None
-        counts = np.bincount(y, minlength=self.n_classes).astype(np.float64)
-        w = np.zeros(self.n_classes)
-        present = counts > 0
-        w[present] = len(y) / (present.sum() * counts[present])
-        return w
+        lr = LogisticRegression(C=C, max_iter=LBFGS_MAXITER, tol=LBFGS_TOL, class_weight=self.params.class_weight,
+                                random_state=self.params.seed)
+        lr.classes_ = np.asarray(classes)
+        lr.coef_, lr.intercept_ = np.asarray(coef, dtype=np.float64), np.asarray(intercept, dtype=np.float64)
+        lr.n_features_in_ = int(dim)
+        lr.n_iter_ = np.array([int(n_iter)], dtype=np.int32)
+        return lr
 
     def fit(self, train, val=None):
         """``train``: ``(Rows, labels)``.  ``val`` is ignored."""
         from sklearn.pipeline import Pipeline
 
         rows, y = train
-        grid = tuple(sorted(self.params.extra.get("alpha_grid", ALPHA_GRID)))
+        if len(np.unique(y)) < 2:
+            raise UsageError("logistic head: train holds a single class; at least two are needed")
+        grid = tuple(sorted(self.params.c_grid))
         scaler = rows.scaler()  # labels unused: fitted on all of train, as the in-memory head's
+        fits: list[dict] = []
+        out_rows: list[dict] = []
         fit_idx, tune_idx = tune_split(y, self.params.tune_fraction, self.params.seed, "logistic head")
         tune = np.zeros(len(y), dtype=bool)
         tune[tune_idx] = True
-        models = [self._sgd(a) for a in grid]
-        self._epochs(rows, y, scaler, models, ~tune)
-        # one scoring pass: each candidate on its fit rows and on the held-out slice
-        sums = np.zeros((len(grid), 2, 2))  # [candidate, fit|tune, loss|right]
-        for start, stop, X in rows.chunks():
-            Xs = scaler.transform(X).astype(np.float64)
-            yy, t = y[start:stop], tune[start:stop]
-            for i, model in enumerate(models):
-                p = _proba(model, Xs, self.n_classes)
-                for j, part in enumerate((~t, t)):
-                    if part.any():
-                        sums[i, j] += _loss_and_right(p[part], yy[part])
-        n = np.array([len(fit_idx), len(tune_idx)], dtype=np.float64)
-        rows_out = [{"param": "alpha", "value": a, "cv_accuracy": float(sums[i, 1, 1] / n[1]),
-                     "cv_log_loss": float(sums[i, 1, 0] / n[1]), "train_accuracy": float(sums[i, 0, 1] / n[0]),
-                     "train_loss": float(sums[i, 0, 0] / n[0])} for i, a in enumerate(grid)]
-        best = int(np.argmin([r["cv_log_loss"] for r in rows_out]))
-        alpha = grid[best]
-        final = self._sgd(alpha)
-        self._epochs(rows, y, scaler, [final], None)  # refit on all of train with the chosen alpha
-        self.model = Pipeline([("standardscaler", scaler), ("sgdclassifier", final)])
-        self.chosen = {"alpha": alpha}
-        self.tuning = {"method": f"a held-out {self.params.tune_fraction:.0%} stratified slice of train "
-                                 f"(streamed SGD, {SGD_EPOCHS} epochs)",
-                       "param": "alpha", "chosen": alpha, "cv_accuracy": rows_out[best]["cv_accuracy"],
-                       "cv_log_loss": rows_out[best]["cv_log_loss"], "tune_rows": int(len(tune_idx)),
-                       "folds": 0, "val_used_for_tuning": False}
-        log.info("logistic (streamed): alpha=%s chosen on %d held-out train rows (accuracy %.4f, log loss %.4f)",
-                 alpha, len(tune_idx), rows_out[best]["cv_accuracy"], rows_out[best]["cv_log_loss"])
-        return rows_out
+        tunable = len(grid) > 1 and len(np.unique(y[~tune])) >= 2
+        if tunable:
+            solutions, w = [], None
+            for C in grid:  # weakest penalty last: each C starts from the previous solution
+                prob = self._problem(rows, y, ~tune, scaler, C)
+                w, info = prob.solve(w)
+                fits.append({"C": C, "rows": int((~tune).sum()), **info})
+                solutions.append((prob, w))
+            scores = _score_candidates(rows, y, tune, scaler, [p.unpack(w) for p, w in solutions], self.n_classes)
+            n = np.array([len(fit_idx), len(tune_idx)], dtype=np.float64)
+            out_rows = [{"param": "C", "value": C, "cv_accuracy": float(scores[i, 1, 1] / n[1]),
+                         "cv_log_loss": float(scores[i, 1, 0] / n[1]), "train_accuracy": float(scores[i, 0, 1] / n[0]),
+                         "train_loss": float(scores[i, 0, 0] / n[0])} for i, C in enumerate(grid)]
+            best = int(np.argmin([r["cv_log_loss"] for r in out_rows]))
+            C = grid[best]
+            start_prob, start = solutions[best]
+        else:
+            best, C, start_prob, start = None, grid[0] if len(grid) == 1 else self.default, None, None
+            log.warning("logistic (streamed): %s; C=%s used without tuning",
+                        "a single grid value" if len(grid) == 1 else "the fit slice holds a single class", C)
+        prob = self._problem(rows, y, None, scaler, C)
+        w0 = start if start_prob is not None and np.array_equal(start_prob.classes, prob.classes) else None
+        w, info = prob.solve(w0)  # refit on all of train, warm-started from the slice solution
+        fits.append({"C": C, "rows": int(len(y)), **info})
+        classes, coef, intercept = prob.unpack(w)
+        self.model = Pipeline([("standardscaler", scaler),
+                               ("logisticregression", self._lr(C, classes, coef, intercept, info["iterations"],
+                                                               rows.dim))])
+        self.chosen = {"C": C}
+        passes = 1 + sum(f["evaluations"] for f in fits) + (1 if tunable else 0)
+        self.tuning = {"method": (f"a held-out {self.params.tune_fraction:.0%} stratified slice of train "
+                                  "(streamed L-BFGS, scikit-learn's objective)" if tunable
+                                  else f"none: C={C} fixed"),
+                       "param": "C", "chosen": C,
+                       "cv_accuracy": out_rows[best]["cv_accuracy"] if tunable else None,
+                       "cv_log_loss": out_rows[best]["cv_log_loss"] if tunable else None,
+                       "tune_rows": int(len(tune_idx)) if tunable else 0, "folds": 0,
+                       "optimizer": {"method": "L-BFGS-B", "maxiter": LBFGS_MAXITER, "tol": LBFGS_TOL,
+                                     "maxls": 50, "passes_over_train": passes, "fits": fits},
+                       "val_used_for_tuning": False}
+        if not info["converged"]:
+            log.warning("logistic (streamed): L-BFGS stopped after %d iterations (maxiter %d) before tol %g",
+                        info["iterations"], LBFGS_MAXITER, LBFGS_TOL)
+        log.info("logistic (streamed): C=%s chosen on %d held-out train rows; refit %d iterations, %d passes in all",
+                 C, len(tune_idx), info["iterations"], passes)
+        return out_rows
 
     def predict_proba(self, X):
-        """By chunks, and within a chunk by 1,024 rows (the scaler and SGD work in float64)."""
-        parts = [_proba(self.model, chunk[s:s + 1024], self.n_classes)
-                 for chunk in chunks_of(X) for s in range(0, len(chunk), 1024)]
+        """By chunks, and within a chunk by ``BLOCK_ROWS`` rows (float64 temporaries stay small)."""
+        parts = [_proba(self.model, chunk[s:s + BLOCK_ROWS], self.n_classes)
+                 for chunk in chunks_of(X) for s in range(0, len(chunk), BLOCK_ROWS)]
         return np.concatenate(parts) if parts else np.zeros((0, self.n_classes))
+
+
+def _blocks(rows: Rows, y: np.ndarray, mask: np.ndarray | None, mean: np.ndarray, scale: np.ndarray):
+    """``(Xs, y, index)`` standardised float64 blocks of at most ``BLOCK_ROWS`` rows (those in ``mask``),
+    in file order; ``index``: the rows' positions in the split."""
+    for start, stop, X in rows.chunks():
+        keep = np.arange(start, stop) if mask is None else start + np.flatnonzero(mask[start:stop])
+        for s in range(0, len(keep), BLOCK_ROWS):
+            idx = keep[s:s + BLOCK_ROWS]
+            yield (X[idx - start].astype(np.float64) - mean) / scale, y[idx], idx
+
+
+def _probabilities(Xs: np.ndarray, classes: np.ndarray, coef: np.ndarray, intercept: np.ndarray,
+                   n_classes: int) -> np.ndarray:
+    """scikit-learn's ``LogisticRegression.predict_proba`` (binary: sigmoid; else softmax), one column
+    per class of the features file (zero for classes the model has not seen)."""
+    z = Xs @ coef.T + intercept
+    if len(classes) == 2:
+        p1 = 0.5 * (1.0 + np.tanh(0.5 * z[:, 0]))  # sigmoid without overflow
+        p = np.stack([1.0 - p1, p1], axis=1)
+    else:
+        z -= z.max(1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(1, keepdims=True)
+    full = np.zeros((len(Xs), n_classes))
+    full[:, classes] = p
+    return full
+
+
+def _score_candidates(rows: Rows, y: np.ndarray, tune: np.ndarray, scaler, models: list, n_classes: int) -> np.ndarray:
+    """One pass: summed log loss and correct predictions of each ``(classes, coef, intercept)`` on the
+    fit rows and on the held-out rows: ``[candidate, fit|tune, loss|right]``."""
+    sums = np.zeros((len(models), 2, 2))
+    for Xs, yy, idx in _blocks(rows, y, None, scaler.mean_, scaler.scale_):
+        t = tune[idx]
+        for i, (classes, coef, intercept) in enumerate(models):
+            p = _probabilities(Xs, classes, coef, intercept, n_classes)
+            for j, part in enumerate((~t, t)):
+                if part.any():
+                    sums[i, j] += _loss_and_right(p[part], yy[part])
+    return sums
+
+
+class _Objective:
+    """scikit-learn's lbfgs logistic objective on the standardised rows of ``rows`` in ``mask``;
+    ``value_and_grad`` is one streaming pass.  Parameters are packed as scikit-learn packs them:
+    ``[coef, intercept]`` (binary) or ``(classes, dim + 1)`` raveled in Fortran order."""
+
+    def __init__(self, rows: Rows, y: np.ndarray, mask: np.ndarray | None, mean: np.ndarray, scale: np.ndarray,
+                 C: float, class_weight: str | None):
+        self.rows, self.mask, self.mean, self.scale = rows, mask, mean, scale
+        seen = y if mask is None else y[mask]
+        self.classes = np.unique(seen)
+        self.code = np.full(int(y.max()) + 1, -1, dtype=np.int64)
+        self.code[self.classes] = np.arange(len(self.classes))
+        self.y = y
+        self.binary = len(self.classes) == 2
+        self.k = 1 if self.binary else len(self.classes)
+        self.dim = rows.dim
+        counts = np.bincount(self.code[seen], minlength=len(self.classes)).astype(np.float64)
+        if class_weight == "balanced":  # compute_class_weight("balanced"): n / (classes * count)
+            self.class_w = len(seen) / (len(self.classes) * counts)
+        else:
+            self.class_w = np.ones(len(self.classes))
+        self.sw_sum = float((self.class_w * counts).sum())
+        self.l2 = 1.0 / (C * self.sw_sum)
+        self.evaluations = 0
+
+    def unpack(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(classes, coef, intercept)`` as ``LogisticRegression`` stores them."""
+        if self.binary:
+            return self.classes, w[:-1][None, :].copy(), w[-1:].copy()
+        W = w.reshape(self.k, self.dim + 1, order="F")
+        return self.classes, W[:, :-1].copy(), W[:, -1].copy()
+
+    def value_and_grad(self, w: np.ndarray) -> tuple[float, np.ndarray]:
+        self.evaluations += 1
+        if self.binary:
+            coef, b = w[:-1], w[-1]
+        else:
+            W = w.reshape(self.k, self.dim + 1, order="F")
+            coef, b = W[:, :-1], W[:, -1]
+        loss = 0.0
+        g_coef = np.zeros((self.k, self.dim))
+        g_b = np.zeros(self.k)
+        for Xs, yy, _ in _blocks(self.rows, self.y, self.mask, self.mean, self.scale):
+            c = self.code[yy]
+            sw = self.class_w[c]
+            if self.binary:
+                z = Xs @ coef + b
+                t = (c == 1).astype(np.float64)
+                loss += float(sw @ (np.logaddexp(0.0, z) - t * z))  # HalfBinomialLoss
+                G = (sw * (0.5 * (1.0 + np.tanh(0.5 * z)) - t))[:, None]
+            else:
+                Z = Xs @ coef.T + b
+                m = Z.max(1, keepdims=True)
+                E = np.exp(Z - m)
+                s = E.sum(1, keepdims=True)
+                lse = (m + np.log(s))[:, 0]
+                loss += float(sw @ (lse - Z[np.arange(len(c)), c]))  # HalfMultinomialLoss
+                G = E / s
+                G[np.arange(len(c)), c] -= 1.0
+                G *= sw[:, None]
+            g_coef += G.T @ Xs
+            g_b += G.sum(0)
+        coef2 = coef[None, :] if self.binary else coef
+        value = loss / self.sw_sum + 0.5 * self.l2 * float((coef2 ** 2).sum())
+        g_coef = g_coef / self.sw_sum + self.l2 * coef2
+        g_b = g_b / self.sw_sum
+        if self.binary:
+            return value, np.concatenate([g_coef[0], g_b])
+        return value, np.concatenate([g_coef, g_b[:, None]], axis=1).ravel(order="F")
+
+    def solve(self, w0: np.ndarray | None) -> tuple[np.ndarray, dict]:
+        """``scipy.optimize.minimize(L-BFGS-B)`` with scikit-learn's options; ``w0``: warm start."""
+        from scipy.optimize import minimize
+
+        size = (self.dim + 1) * self.k
+        w0 = np.zeros(size) if w0 is None or np.shape(w0) != (size,) else np.asarray(w0, dtype=np.float64)
+        before = self.evaluations
+        res = minimize(self.value_and_grad, w0, method="L-BFGS-B", jac=True,
+                       options={"maxiter": LBFGS_MAXITER, "maxls": 50, "gtol": LBFGS_TOL,
+                                "ftol": 64 * np.finfo(float).eps})
+        return res.x, {"iterations": int(res.nit), "evaluations": int(self.evaluations - before),
+                       "converged": bool(res.success), "objective": float(res.fun)}
 
 
 def chunk_batches(rows: Rows, y: np.ndarray, mask: np.ndarray, batch_size: int, seed: int, shuffle: bool):
