@@ -46,6 +46,7 @@ ev = json.loads((out / "evaluation.json").read_text())
 print(json.dumps({{"rss_before_mb": before, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "seconds": time.perf_counter() - t, "fit_seconds": ev["fit_seconds"],
                   "val": ev["splits"]["val"]["accuracy"], "test": ev["splits"]["test"]["accuracy"],
+                  "val_loss": ev["splits"]["val"]["log_loss"], "test_loss": ev["splits"]["test"]["log_loss"],
                   "chosen": ev["tuning"]["chosen"], "memory": ev["memory"]}}))
 """
 
@@ -89,7 +90,8 @@ def run(features: Path, head: str, stream: bool, out: Path, args) -> dict:
 
 def line(label: str, r: dict) -> str:
     return (f"{label:34s} peak RSS {r['peak_rss_mb']:7.0f} MB (after imports {r['rss_before_mb']:5.0f} MB)  "
-            f"fit {r['fit_seconds']:7.1f} s  val {r['val']:.4f}  test {r['test']:.4f}  chosen {r['chosen']}  "
+            f"fit {r['fit_seconds']:7.1f} s  val {r['val']:.4f}  test {r['test']:.4f}  "
+            f"log loss {r['val_loss']:.4f} / {r['test_loss']:.4f}  chosen {r['chosen']}  "
             f"[{r['load']}]")
 
 
