@@ -238,24 +238,41 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
 @click.option("--force", is_flag=True,
               help="Replace an --out head folder fitted from other features or parameters "
                    "(without it, such a folder is never replaced).")
+@click.option("--stream/--no-stream", default=None,
+              help="Read the features from disk one chunk at a time instead of loading them (logistic: the "
+                   "in-memory objective by L-BFGS, one pass per step, C chosen on a 10% slice of train; dense: "
+                   "fed from the chunks). "
+                   "Default: stream when the in-memory estimate (3x the features' float32 bytes, from the "
+                   "HDF5 shapes) exceeds --max-memory.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Memory an in-memory fit may use, e.g. 4GB, 512MB, 1.5GiB [default: half the RAM].")
+@click.option("--chunk-rows", type=click.IntRange(0), default=0, show_default=True,
+              help="Streamed: rows per chunk (0: about 32 MiB of features).")
 @click.option("--allow-mixed-precision", is_flag=True,
               help="Fuse features files computed in different precisions (e.g. f32 and bf16).")
 def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden, dropout, class_weight,
-                 force, allow_mixed_precision) -> None:
+                 force, stream, max_memory, chunk_rows, allow_mixed_precision) -> None:
     """Stage two: fit a head on cached features; write the head, metrics.json, evaluation.json and
     history.csv (dense) or grid.csv (C, k).
 
     C and k are chosen by stratified cross-validation on train, the dense head's epochs by early
     stopping on a 10% slice of train: val and test are never used for tuning.
+
+    Features larger than memory: logistic and dense stream them from the HDF5 file in chunks
+    (--stream, or automatically above --max-memory); the head folder and exports are the same.
     """
     from pipeline.fit_head import FitConfig, fit_head, summary
     from pipeline.heads import HeadParams, get_head
 
+    from pipeline.stream import parse_size
+
     get_head(head)
+    limit = parse_size(max_memory) if max_memory is not None else None
     params = HeadParams(seed=seed, epochs=epochs, patience=patience, hidden=hidden, dropout=dropout,
                         class_weight=None if class_weight == "none" else class_weight)
     path = fit_head(FitConfig(features=list(features), head=head, out=out, cache_dir=cache_dir, params=params,
-                              force=force, allow_mixed_precision=allow_mixed_precision))
+                              force=force, stream=stream, max_memory=limit, chunk_rows=chunk_rows,
+                              allow_mixed_precision=allow_mixed_precision))
     click.echo(summary(path))
 
 

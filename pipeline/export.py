@@ -15,7 +15,7 @@ the image resized exactly as at extraction (``tlpipe predict`` feeds them).
 
 Heads: ``dense`` reuses the saved Keras head; ``logistic`` folds the StandardScaler into
 one Dense layer + softmax (equal to scikit-learn's ``predict_proba`` up to float32
-rounding).  Both use built-in Keras layers only, so their ``.keras`` file loads with
+rounding; a streamed logistic head is the same LogisticRegression).  Both use built-in Keras layers only, so their ``.keras`` file loads with
 ``keras.saving.load_model`` where tlpipe is not installed.  ``svm``, ``rbf-svm`` and
 ``knn`` become the custom layers ``CalibratedLinearSVC``, ``CalibratedRbfSVC`` and
 ``KnnProba`` that reproduce scikit-learn's ``predict_proba``: their ``.keras`` file needs

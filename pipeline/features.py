@@ -129,9 +129,8 @@ def load_features(path: str | Path, need: tuple[str, ...] = ("train", "val")) ->
         ) from None
 
 
-def _load_features(path: Path, need: tuple[str, ...]) -> FeatureSet:
-    import h5py
-
+def check_attrs(path: Path) -> dict[str, Any]:
+    """The file's attributes, once the ones every stage relies on are present and sane."""
     attrs = read_attrs(path)
     missing = [k for k in REQUIRED_ATTRS if k not in attrs]
     if missing:
@@ -144,10 +143,46 @@ def _load_features(path: Path, need: tuple[str, ...]) -> FeatureSet:
         raise FeaturesFileError(f"{path} has bad class_names attribute: {classes!r}")
     if "num_classes" in attrs and int(attrs["num_classes"]) != len(classes):
         raise FeaturesFileError(f"{path}: num_classes {attrs['num_classes']} but {len(classes)} class names")
-    dim = int(attrs["feature_size"])
-    if dim < 1:
+    if int(attrs["feature_size"]) < 1:
         raise FeaturesFileError(f"{path} has bad feature_size attribute: {attrs['feature_size']!r}")
+    return attrs
+
+
+def check_split(path: Path, name: str, group: Any, attrs: dict[str, Any]) -> int:
+    """Check one split's datasets by their shapes and types (nothing is read); return its rows."""
+    import h5py
+
+    dim = int(attrs["feature_size"])
     counts = attrs.get("counts") if isinstance(attrs.get("counts"), dict) else {}
+    for key in ("features", "labels", "ids"):
+        if key not in group:
+            raise FeaturesFileError(f"{path}: split '{name}' has no '{key}' dataset")
+    if h5py.check_string_dtype(group["ids"].dtype) is None:
+        raise FeaturesFileError(f"{path}: {name}/ids is {group['ids'].dtype}, expected strings")
+    if group["labels"].dtype.kind not in "iu":
+        raise FeaturesFileError(f"{path}: {name}/labels is {group['labels'].dtype}, expected integers")
+    shape, n_y, n_ids = group["features"].shape, group["labels"].shape[0], group["ids"].shape[0]
+    if len(shape) != 2 or shape[1] != dim:
+        raise FeaturesFileError(f"{path}: {name}/features has shape {shape}, expected [N, {dim}]")
+    if not (shape[0] == n_y == n_ids):
+        raise FeaturesFileError(f"{path}: {name} has {shape[0]} features, {n_y} labels, {n_ids} ids")
+    if group["features"].dtype != np.float32:
+        raise FeaturesFileError(f"{path}: {name}/features is {group['features'].dtype}, expected float32")
+    if name in counts and int(counts[name]) != n_y:
+        raise FeaturesFileError(f"{path}: {name} has {n_y} rows but the counts attribute says {counts[name]}")
+    return int(n_y)
+
+
+def check_labels(path: Path, name: str, y: np.ndarray, n_classes: int) -> None:
+    if len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise FeaturesFileError(f"{path}: {name}/labels outside 0..{n_classes - 1}")
+
+
+def _load_features(path: Path, need: tuple[str, ...]) -> FeatureSet:
+    import h5py
+
+    attrs = check_attrs(path)
+    classes = attrs["class_names"]
     splits: dict[str, Split] = {}
     with h5py.File(path, "r") as h5:
         from pipeline.shards import check_virtual_sources
@@ -157,28 +192,13 @@ def _load_features(path: Path, need: tuple[str, ...]) -> FeatureSet:
             if name not in h5:
                 continue
             group = h5[name]
-            for key in ("features", "labels", "ids"):
-                if key not in group:
-                    raise FeaturesFileError(f"{path}: split '{name}' has no '{key}' dataset")
-            if h5py.check_string_dtype(group["ids"].dtype) is None:
-                raise FeaturesFileError(f"{path}: {name}/ids is {group['ids'].dtype}, expected strings")
-            if group["labels"].dtype.kind not in "iu":
-                raise FeaturesFileError(f"{path}: {name}/labels is {group['labels'].dtype}, expected integers")
+            check_split(path, name, group, attrs)
             X = group["features"][...]
             y = group["labels"][...]
             ids = group["ids"].asstr()[...]
-            if X.ndim != 2 or X.shape[1] != dim:
-                raise FeaturesFileError(f"{path}: {name}/features has shape {X.shape}, expected [N, {dim}]")
-            if not (len(X) == len(y) == len(ids)):
-                raise FeaturesFileError(f"{path}: {name} has {len(X)} features, {len(y)} labels, {len(ids)} ids")
-            if X.dtype != np.float32:
-                raise FeaturesFileError(f"{path}: {name}/features is {X.dtype}, expected float32")
-            if len(y) and (y.min() < 0 or y.max() >= len(classes)):
-                raise FeaturesFileError(f"{path}: {name}/labels outside 0..{len(classes) - 1}")
+            check_labels(path, name, y, len(classes))
             if not np.isfinite(X).all():
                 raise FeaturesFileError(f"{path}: {name}/features contains NaN or infinity")
-            if name in counts and int(counts[name]) != len(y):
-                raise FeaturesFileError(f"{path}: {name} has {len(y)} rows but the counts attribute says {counts[name]}")
             splits[name] = Split(X, y.astype(np.int64), ids)
     for name in need:
         if name not in splits or len(splits[name].y) == 0:

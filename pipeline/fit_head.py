@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -48,6 +48,9 @@ class FitConfig:
     params: HeadParams = field(default_factory=HeadParams)
     force: bool = False  # replace a head folder fitted from other features or parameters
     allow_mixed_precision: bool = False  # fuse features computed in different precisions (f32 + bf16)
+    stream: bool | None = None  # read the features from disk in chunks (None: when above max_memory)
+    max_memory: int | None = None  # bytes an in-memory fit may use (None: pipeline.stream.MEMORY_FRACTION of RAM)
+    chunk_rows: int = 0  # streamed: rows per chunk (0: about pipeline.stream.CHUNK_BYTES of features)
 
     def output_dir(self, fs: FeatureSet) -> Path:
         if self.out:
@@ -104,23 +107,47 @@ def per_class(proba: np.ndarray, y: np.ndarray, class_names: list[str]) -> dict[
 
 
 def untrained_baseline(X_train: np.ndarray, X: np.ndarray, y: np.ndarray, n_classes: int, seed: int) -> dict:
-    """The tutorials' "initial accuracy": a randomly initialised linear head, before training."""
+    """The tutorials' "initial accuracy": a randomly initialised linear head, before training.
+    ``X_train`` and ``X``: arrays, or ``pipeline.stream.Rows`` (statistics and scores by chunks)."""
+    from pipeline.stream import Rows, chunks_of
+
     rng = np.random.default_rng(seed)
-    mu, sd = X_train.mean(0), X_train.std(0) + 1e-6
+    if isinstance(X_train, Rows):
+        mu, var = X_train.moments()
+        sd = np.sqrt(var) + 1e-6
+    else:
+        mu, sd = X_train.mean(0), X_train.std(0) + 1e-6
     limit = np.sqrt(6.0 / (X.shape[1] + n_classes))  # Glorot uniform, as Keras initialises Dense
     W = rng.uniform(-limit, limit, size=(X.shape[1], n_classes))
-    logits = ((X - mu) / sd) @ W
-    logits -= logits.max(1, keepdims=True)
-    proba = np.exp(logits)
-    proba /= proba.sum(1, keepdims=True)
-    return evaluate(proba, y, n_classes)
+    parts = []
+    for chunk in chunks_of(X):
+        for s in range(0, len(chunk), 1024):  # float64 temporaries of 1,024 rows, not of a whole chunk
+            logits = ((chunk[s:s + 1024] - mu) / sd) @ W
+            logits -= logits.max(1, keepdims=True)
+            proba = np.exp(logits)
+            parts.append(proba / proba.sum(1, keepdims=True))
+    return evaluate(np.concatenate(parts) if parts else np.zeros((0, n_classes)), y, n_classes)
 
 
 def fit_head(cfg: FitConfig) -> Path:
     """Fit ``cfg.head`` on the cached features; write the head folder and return it."""
     head_cls = get_head(cfg.head)
     cfg = replace(cfg, head=head_cls.name)  # canonical (lower-case) name for folders and reports
-    fs = load_feature_sets(list(cfg.features), cfg.cache_dir, cfg.allow_mixed_precision)
+    from pipeline.stream import decide, open_streamed, stream_head, stream_params
+
+    if not cfg.features:
+        from pipeline.errors import UsageError
+
+        raise UsageError("give at least one --features FILE")
+    paths = [resolve_features_path(n, cfg.cache_dir) for n in cfg.features]
+    streamed, memory = decide(paths, cfg.stream, cfg.max_memory, head_cls.name)  # from shapes; nothing read
+    if streamed:  # features stay on disk, read in chunks (pipeline.stream)
+        head_cls = stream_head(head_cls.name)
+        fs = open_streamed(paths, cfg.chunk_rows)
+        memory["chunk_rows"] = fs.splits["train"].X.chunk_rows
+        cfg = replace(cfg, params=stream_params(cfg.params, memory["chunk_rows"]))
+    else:
+        fs = load_feature_sets(list(cfg.features), cfg.cache_dir, cfg.allow_mixed_precision)
     warn_if_stale(fs.paths)
     classes = fs.class_names
     k = len(classes)
@@ -143,15 +170,13 @@ def fit_head(cfg: FitConfig) -> Path:
     fit_seconds = time.perf_counter() - t0
 
     splits: dict[str, Any] = {}
-    pred_rows: list[dict[str, Any]] = []
+    pred_parts: list[tuple[str, Any, np.ndarray, np.ndarray, np.ndarray]] = []  # rows made when written
     roc_rows: list[dict[str, Any]] = []
     for name, split in fs.splits.items():
         proba = head.predict_proba(split.X)
         splits[name] = {**evaluate(proba, split.y, k), **per_class(proba, split.y, classes)}
         if name != "train":
-            pred_rows += [{"split": name, "id": i, "actual": classes[a], "predicted": classes[p],
-                           "probability": round(float(pr.max()), 6)}
-                          for i, a, p, pr in zip(split.ids, split.y, proba.argmax(1), proba)]
+            pred_parts.append((name, split.ids, split.y, proba.argmax(1), proba.max(1)))
         if name == "val" and k == 2 and len(np.unique(split.y)) == 2:
             from sklearn.metrics import roc_curve
 
@@ -174,6 +199,7 @@ def fit_head(cfg: FitConfig) -> Path:
         "fit_seconds": round(fit_seconds, 3),
         "extract_images_per_second": fs.attrs.get("images_per_second"),
         "tuning": {**head.tuning, "val_used_for_tuning": False},
+        "memory": memory,  # streamed from disk or in memory, and why
         "splits": splits,
         "chance": {name: float(np.bincount(s.y, minlength=k).max() / max(1, len(s.y)))
                    for name, s in fs.splits.items()},
@@ -195,12 +221,17 @@ def fit_head(cfg: FitConfig) -> Path:
     dense = head.name == "dense"
     _write_csv(tmp / "history.csv", rows if dense else [], HISTORY_COLUMNS)
     _write_csv(tmp / "grid.csv", [] if dense else rows, GRID_COLUMNS)
+    pred_rows = ({"split": name, "id": i, "actual": classes[a], "predicted": classes[p], "probability": round(float(pr), 6)}
+                 for name, ids, ys, preds, probs in pred_parts for i, a, p, pr in zip(ids, ys, preds, probs))
     _write_csv(tmp / "predictions.csv", pred_rows, ["split", "id", "actual", "predicted", "probability"])
     _write_csv(tmp / "roc.csv", roc_rows, ["fpr", "tpr", "threshold"])
     from pipeline.plots import write_head_figures
 
     write_head_figures(tmp)  # figures/: curves or C/k grid, confusion matrices (PNG)
     replace_dir(tmp, out)  # the previous folder goes only once the new one is complete
+    for split in fs.splits.values():
+        if hasattr(split.X, "close"):  # streamed: the open HDF5 handles
+            split.X.close()
     log.info("%s head on %s: val accuracy %.4f, fit %.2f s -> %s", head.name, fs.name,
              metrics["val"]["accuracy"], fit_seconds, out)
     return out
@@ -210,7 +241,7 @@ def _fingerprints(fs: FeatureSet) -> list[str]:
     return [str(read_attrs(p).get("fingerprint", "")) for p in fs.paths]
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+def _write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

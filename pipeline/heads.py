@@ -103,6 +103,23 @@ def cv_folds(y: np.ndarray, wanted: int, min_per_class: int = 1) -> int:
     return 0
 
 
+def tune_split(y: np.ndarray, fraction: float, seed: int, who: str = "dense head") -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, tune rows) of train: a seeded, stratified ``fraction`` slice held out for early
+    stopping or for choosing a parameter (plain seeded slice when a class is too small to stratify)."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    n_tune = max(1, math.ceil(fraction * len(y)))
+    if len(y) - n_tune < 1:
+        raise UsageError(f"{who}: {len(y)} training rows are too few to hold out a tuning slice")
+    try:
+        fit_idx, tune_idx = train_test_split(idx, test_size=max(n_tune, len(np.unique(y))), stratify=y,
+                                             random_state=seed)
+    except ValueError:  # a class with a single row: no stratified slice
+        fit_idx, tune_idx = train_test_split(idx, test_size=n_tune, random_state=seed)
+    return np.sort(fit_idx), np.sort(tune_idx)
+
+
 class _SklearnHead(Head):
     """Heads that are a scikit-learn pipeline whose final step's parameter is chosen by
     ``GridSearchCV`` (stratified, shuffled folds of train; best mean log loss), then refit
@@ -311,16 +328,30 @@ class DenseHead(Head):
     description = "small Keras network, early stopping on a 10% slice of train, best epoch restored"
     file = "head.keras"
 
-    def build(self, dim: int, train_X: np.ndarray | None = None):
+    def build(self, dim: int, train_X: np.ndarray | None = None,
+              stats: tuple[np.ndarray, np.ndarray] | None = None):
+        """The compiled network, its normalisation adapted to ``train_X``, or set from ``stats`` (the
+        per-feature mean and population variance of the training rows, as a streamed fit computes them)."""
         import keras
 
         keras.utils.set_random_seed(self.params.seed)
         # Global rescale first: untrained bases can give features ~1e-16, below Normalization's epsilon.
-        scale = float(np.std(train_X)) if train_X is not None else 1.0
+        if train_X is not None:
+            scale = float(np.std(train_X))
+        elif stats is not None:  # np.std over every element, from the per-feature moments
+            mean, var = (np.asarray(a, dtype=np.float64) for a in stats)
+            scale = float(np.sqrt(max(0.0, float(np.mean(var + mean ** 2)) - float(np.mean(mean)) ** 2)))
+        else:
+            scale = 1.0
         scale = 1.0 / scale if np.isfinite(scale) and scale > 0 else 1.0
         norm = keras.layers.Normalization(name="normalize")
         if train_X is not None:
             norm.adapt(np.asarray(train_X, dtype=np.float32) * np.float32(scale))
+        elif stats is not None:  # the state adapt() would leave: mean and variance of the rescaled rows
+            norm.build((None, dim))
+            norm.set_weights([(mean * scale).astype("float32"), (var * scale ** 2).astype("float32"),
+                              np.asarray(0, dtype=norm.get_weights()[2].dtype)])
+            norm.finalize_state()
         binary = self.n_classes == 2
         inputs = keras.Input(shape=(dim,), name="features")
         x = keras.layers.Rescaling(scale, name="rescale")(inputs)
@@ -340,41 +371,36 @@ class DenseHead(Head):
     def tune_split(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(fit rows, tune rows) of train: a seeded, stratified ``tune_fraction`` slice for early
         stopping (plain seeded slice when a class is too small to stratify)."""
-        from sklearn.model_selection import train_test_split
-
-        idx = np.arange(len(y))
-        n_tune = max(1, math.ceil(self.params.tune_fraction * len(y)))
-        if len(y) - n_tune < 1:
-            raise UsageError(f"dense head: {len(y)} training rows are too few to hold out an early-stopping slice")
-        try:
-            fit_idx, tune_idx = train_test_split(idx, test_size=max(n_tune, len(np.unique(y))), stratify=y,
-                                                 random_state=self.params.seed)
-        except ValueError:  # a class with a single row: no stratified slice
-            fit_idx, tune_idx = train_test_split(idx, test_size=n_tune, random_state=self.params.seed)
-        return np.sort(fit_idx), np.sort(tune_idx)
+        return tune_split(y, self.params.tune_fraction, self.params.seed)
 
     def fit(self, train, val=None):
         """Early stopping on a slice of train (best epoch restored); ``val`` is only scored per epoch."""
-        import keras
-
         fit_idx, tune_idx = self.tune_split(train[1])
         X, y = train[0][fit_idx], train[1][fit_idx]
         Xt, yt = train[0][tune_idx], train[1][tune_idx]
         self.model = self.build(X.shape[1], X)
+        return self.train_model((X, y.astype("float32")), (Xt, yt.astype("float32")), y, len(tune_idx), val)
+
+    def train_model(self, data, tune_data, y_fit: np.ndarray, n_tune: int, val: Split | None) -> list[dict]:
+        """Train the built ``self.model`` on ``data`` (``(X, y)`` arrays, or a Keras ``PyDataset`` that
+        shuffles itself) with early stopping on ``tune_data``; one row per epoch; sets the tuning record."""
+        import keras
+
         weights = None
         if self.params.class_weight == "balanced":
             from sklearn.utils.class_weight import compute_class_weight
 
-            present = np.unique(y)
-            w = compute_class_weight("balanced", classes=present, y=y)
+            present = np.unique(y_fit)
+            w = compute_class_weight("balanced", classes=present, y=y_fit)
             weights = {int(c): float(v) for c, v in zip(present, w)}
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.params.patience,
                                              restore_best_weights=True)
         timer = _EpochTimer()
         monitor = _Monitor(self, val)  # after the timer: the monitor's predict is not counted as training
-        hist = self.model.fit(X, y.astype("float32"), validation_data=(Xt, yt.astype("float32")),
-                              epochs=self.params.epochs, batch_size=self.params.batch_size,
-                              class_weight=weights, callbacks=[stop, timer, monitor], verbose=0, shuffle=True)
+        arrays = isinstance(data, tuple)
+        hist = self.model.fit(*(data if arrays else (data,)), validation_data=tune_data,
+                              epochs=self.params.epochs, class_weight=weights, callbacks=[stop, timer, monitor],
+                              verbose=0, shuffle=arrays, **({"batch_size": self.params.batch_size} if arrays else {}))
         h = hist.history
         rows = []
         for epoch in range(len(h["loss"])):
@@ -388,7 +414,7 @@ class DenseHead(Head):
         self.chosen = {"best_epoch": best, "epochs_run": len(rows)}
         self.tuning = {"method": f"early stopping on a {self.params.tune_fraction:.0%} stratified slice of train",
                        "param": "epochs", "chosen": best, "epochs_run": len(rows),
-                       "tune_rows": int(len(tune_idx)), "cv_accuracy": rows[best - 1]["tune_accuracy"],
+                       "tune_rows": int(n_tune), "cv_accuracy": rows[best - 1]["tune_accuracy"],
                        "cv_log_loss": rows[best - 1]["tune_loss"], "val_used_for_tuning": False}
         log.info("dense: best epoch %d of %d on the train slice (loss %.4f)", best, len(rows), min(h["val_loss"]))
         return rows
