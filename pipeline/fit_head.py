@@ -47,6 +47,7 @@ class FitConfig:
     cache_dir: Path = Path("cache")
     params: HeadParams = field(default_factory=HeadParams)
     force: bool = False  # replace a head folder fitted from other features or parameters
+    tensorboard: Path | None = None  # dense: TensorBoard logs here (other heads do not train in epochs)
 
     def output_dir(self, fs: FeatureSet) -> Path:
         if self.out:
@@ -119,6 +120,12 @@ def fit_head(cfg: FitConfig) -> Path:
     """Fit ``cfg.head`` on the cached features; write the head folder and return it."""
     head_cls = get_head(cfg.head)
     cfg = replace(cfg, head=head_cls.name)  # canonical (lower-case) name for folders and reports
+    if cfg.tensorboard and head_cls.name != "dense":
+        log.warning("--tensorboard ignored: the %s head does not train in epochs (only dense does)", head_cls.name)
+    elif cfg.tensorboard:
+        from pipeline.util import require_tensorboard
+
+        require_tensorboard()
     fs = load_feature_sets(list(cfg.features), cfg.cache_dir)
     warn_if_stale(fs.paths)
     classes = fs.class_names
@@ -137,6 +144,8 @@ def fit_head(cfg: FitConfig) -> Path:
     tmp.mkdir(parents=True)
 
     head = head_cls(k, cfg.params)
+    if cfg.tensorboard and head.name == "dense":
+        head.tensorboard = Path(cfg.tensorboard)
     t0 = time.perf_counter()
     rows = head.fit((train.X, train.y), (val.X, val.y))  # val: scored per epoch by dense, chooses nothing
     fit_seconds = time.perf_counter() - t0

@@ -310,6 +310,7 @@ class DenseHead(Head):
     name = "dense"
     description = "small Keras network, early stopping on a 10% slice of train, best epoch restored"
     file = "head.keras"
+    tensorboard: Path | None = None  # TensorBoard logs here (fit-head --tensorboard)
 
     def build(self, dim: int, train_X: np.ndarray | None = None):
         import keras
@@ -372,9 +373,10 @@ class DenseHead(Head):
                                              restore_best_weights=True)
         timer = _EpochTimer()
         monitor = _Monitor(self, val)  # after the timer: the monitor's predict is not counted as training
+        board = [keras.callbacks.TensorBoard(log_dir=str(self.tensorboard))] if self.tensorboard else []
         hist = self.model.fit(X, y.astype("float32"), validation_data=(Xt, yt.astype("float32")),
                               epochs=self.params.epochs, batch_size=self.params.batch_size,
-                              class_weight=weights, callbacks=[stop, timer, monitor], verbose=0, shuffle=True)
+                              class_weight=weights, callbacks=[stop, timer, monitor, *board], verbose=0, shuffle=True)
         h = hist.history
         rows = []
         for epoch in range(len(h["loss"])):
