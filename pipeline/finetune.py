@@ -309,9 +309,10 @@ def build_models(head_dir: Path, info: dict, attrs: dict, weights: str | None, u
     import keras
 
     from pipeline.backbones import get_backbone
-    from pipeline.export import _build_branch, _logistic_layers, _probabilities_layer, _resize
+    from pipeline.export import _build_branch, _logistic_layers, _probabilities_layer
     from pipeline.heads import load_head
     from pipeline.model import builtin_preprocess
+    from pipeline.trainloop import training_and_export
 
     branch = _build_branch(attrs, weights, 0, False)
     base, size, k = branch.model, branch.size, len(info["classes"])
@@ -332,15 +333,7 @@ def build_models(head_dir: Path, info: dict, attrs: dict, weights: str | None, u
                      "class_names": list(info["classes"])})  # saved in the .keras zip, as export does
     name = re.sub(r"[^A-Za-z0-9_]", "_", f"tlpipe_{branch.base}_{info['head']}_ft")
     core = keras.Model(image, x, name="finetuned")
-
-    t_in = keras.Input(shape=(size, size, 3), dtype="uint8", name="image")
-    y = keras.layers.Rescaling(1.0, name="to_float")(t_in)  # uint8 -> float32 for the augmentation layers
-    for layer in augmentation_layers(augment, seed):
-        y = layer(y)
-    train = keras.Model(t_in, core(y), name="training")
-
-    e_in = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
-    export = keras.Model(e_in, core(_resize(e_in, size)), name=name)  # the same resize as decoding
+    train, export = training_and_export(core, size, augment, seed, name)  # export: the same resize as decoding
     return _Built(core, train, export, base, trainable)
 
 
