@@ -250,8 +250,12 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
               help="Streamed: rows per chunk (0: about 32 MiB of features).")
 @click.option("--allow-mixed-precision", is_flag=True,
               help="Fuse features files computed in different precisions (e.g. f32 and bf16).")
+@click.option("--tensorboard", type=click.Path(path_type=Path), default=None,
+              help="Dense: write TensorBoard logs here (train and early-stopping slice per epoch); "
+                   "other heads do not train in epochs and ignore it with a warning.")
 def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden, dropout, class_weight,
-                 force, stream, max_memory, chunk_rows, allow_mixed_precision) -> None:
+                 force, stream, max_memory, chunk_rows, allow_mixed_precision,
+                 tensorboard) -> None:
     """Stage two: fit a head on cached features; write the head, metrics.json, evaluation.json and
     history.csv (dense) or grid.csv (C, k).
 
@@ -272,7 +276,7 @@ def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden,
                         class_weight=None if class_weight == "none" else class_weight)
     path = fit_head(FitConfig(features=list(features), head=head, out=out, cache_dir=cache_dir, params=params,
                               force=force, stream=stream, max_memory=limit, chunk_rows=chunk_rows,
-                              allow_mixed_precision=allow_mixed_precision))
+                              allow_mixed_precision=allow_mixed_precision, tensorboard=tensorboard))
     click.echo(summary(path))
 
 
@@ -319,6 +323,48 @@ def fine_tune_cmd(head_dir, unfreeze, epochs, lr, augment, batch_size, patience,
                                     batch_size=batch_size, patience=patience, weights=weights, out=out,
                                     cache_dir=cache_dir, seed=seed, force=force, tensorboard=tensorboard,
                                     views=views))
+    click.echo(summary(path))
+
+
+@cli.command("baseline")
+@click.option("--data", default="tfds:cats_vs_dogs", show_default=True,
+              help="tfds:NAME, or a folder with one subfolder per class (or train/ val/ test/ subfolders).")
+@click.option("--split", default="80/10/10", show_default=True,
+              help="train/val/test percentages (ignored when the folder has train/ val/ subfolders).")
+@click.option("--input-size", type=click.IntRange(16), default=180, show_default=True,
+              help="Square input size of the convnet (images are resized as extraction does).")
+@click.option("--epochs", type=click.IntRange(1), default=30, show_default=True,
+              help="Most epochs (a killed run resumed with a smaller --epochs finishes at that epoch).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True,
+              help="Adam learning rate.")
+@click.option("--augment", default="flip,rotate=0.1,zoom=0.2,shift=0.1,contrast=0.1", show_default=True,
+              help="Training-only augmentation (the same layers as fine-tune), or none. Never applied to val/test.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--patience", type=click.IntRange(1), default=5, show_default=True,
+              help="Early-stopping patience, on the loss of a 10% slice of train (never val).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--limit", type=click.IntRange(0), default=0, help="At most this many images per split (0: all).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder [default: CACHE/baseline/NAME, NAME the data folder's or tfds dataset's name].")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
+@click.option("--force", is_flag=True, help="Replace an --out folder made from other settings or data.")
+@click.option("--tensorboard", type=click.Path(path_type=Path), default=None, help="Write TensorBoard logs here.")
+@click.option("--tfds-data-dir", default=None, help="tensorflow-datasets data folder.")
+def baseline_cmd(data, split, input_size, epochs, lr, augment, batch_size, patience, seed, limit, out, cache_dir,
+                 force, tensorboard, tfds_data_dir) -> None:
+    """Baseline: the tutorials' small convnet trained from scratch on the images (no ImageNet base).
+
+    The same data, split and decoding as extract, the same augmentation as fine-tune; the best
+    epoch is chosen by early stopping on a 10% slice of train (val and test are never used for
+    tuning). A checkpoint after each epoch: run the same command again to resume. Writes
+    model.keras (as 'tlpipe export'), metrics.json, evaluation.json, history.csv,
+    predictions.csv, roc.csv and figures/; 'tlpipe report' lists it beside the heads."""
+    from pipeline.baseline import BaselineConfig, baseline, summary
+
+    path = baseline(BaselineConfig(data=data, split=split, input_size=input_size, epochs=epochs, lr=lr,
+                                   augment=augment, batch_size=batch_size, patience=patience, seed=seed,
+                                   limit=limit, out=out, cache_dir=cache_dir, force=force, tensorboard=tensorboard,
+                                   tfds_data_dir=tfds_data_dir))
     click.echo(summary(path))
 
 

@@ -38,7 +38,6 @@ import math
 import os
 import re
 import shutil
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -324,9 +323,10 @@ def build_models(head_dir: Path, info: dict, attrs: dict, weights: str | None, u
     import keras
 
     from pipeline.backbones import get_backbone
-    from pipeline.export import _build_branch, _logistic_layers, _probabilities_layer, _resize
+    from pipeline.export import _build_branch, _logistic_layers, _probabilities_layer
     from pipeline.heads import load_head
     from pipeline.model import builtin_preprocess
+    from pipeline.trainloop import training_and_export
 
     branch = _build_branch(attrs, weights, 0, False)
     base, size, k = branch.model, branch.size, len(info["classes"])
@@ -349,15 +349,7 @@ def build_models(head_dir: Path, info: dict, attrs: dict, weights: str | None, u
                      "class_names": list(info["classes"])})  # saved in the .keras zip, as export does
     name = re.sub(r"[^A-Za-z0-9_]", "_", f"tlpipe_{branch.base}_{info['head']}_ft")
     core = keras.Model(image, x, name="finetuned")
-
-    t_in = keras.Input(shape=(size, size, 3), dtype="uint8", name="image")
-    y = keras.layers.Rescaling(1.0, name="to_float")(t_in)  # uint8 -> float32 for the augmentation layers
-    for layer in augmentation_layers(augment, seed):
-        y = layer(y)
-    train = keras.Model(t_in, core(y), name="training")
-
-    e_in = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
-    export = keras.Model(e_in, core(_resize(e_in, size)), name=name)  # the same resize as decoding
+    train, export = training_and_export(core, size, augment, seed, name)  # export: the same resize as decoding
     return _Built(core, train, export, base, trainable, start, pre, head_fn, size, k)
 
 
@@ -485,20 +477,18 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
 
     from pipeline.data import open_source
     from pipeline.features import load_features
-    from pipeline.fit_head import _write_csv, evaluate, per_class
-    from pipeline.heads import HISTORY_COLUMNS, DenseHead, HeadParams, _scores
+    from pipeline.heads import DenseHead, HeadParams
     from pipeline.safety import replace_dir
-    from pipeline.util import write_json
+    from pipeline.trainloop import Loop, score_splits, train_epochs, tuning_record, write_outputs
 
     if cfg.epochs < 1 or cfg.patience < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise UsageError("--epochs, --patience and --batch-size must be at least 1 and --lr above 0")
     check_views(cfg.views)
     parse_augment(cfg.augment)
     if cfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401 - tf.summary needs it
-        except ImportError:
-            raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        from pipeline.util import require_tensorboard
+
+        require_tensorboard()
     head_dir = Path(cfg.head)
     model_dir, info, feat_path, attrs, head_eval = _read_head(head_dir, Path(cfg.cache_dir))
     out = output_dir(cfg)
@@ -567,87 +557,29 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
             return views_proba(split.top, acts, split_rows, cfg.batch_size)
         return _proba(built.core, images, split_rows, cfg.batch_size)
 
-    def score(split_rows, y):
-        return _scores(proba_of(split_rows), y) if len(y) else (None, None)
+    def views_batches(epoch):
+        return view_batches(acts, all_labels, fit_rows, cfg.views, cfg.batch_size, cfg.seed, epoch)
 
-    state = _load_checkpoint(ckpt, built.train, optimizer, key, fit_model.trainable_variables)
-    if state is not None:
-        if (ckpt / "best.weights.h5").is_file():
-            shutil.copy2(ckpt / "best.weights.h5", tmp_best)
-        log.info("resuming from the checkpoint after epoch %d", state["epoch"])
-    else:
-        t0 = time.perf_counter()
-        tune0 = score(tune_rows, all_labels[tune_rows])
-        val0 = score(rows["val"], labels["val"])
-        built.train.save_weights(tmp_best)
+    def epoch0(val_accuracy):
         head_val = (head_eval.get("splits") or {}).get("val", {}).get("accuracy")
-        if head_val is not None and abs(val0[0] - head_val) > 0.005:
+        if head_val is not None and abs(val_accuracy - head_val) > 0.005:
             log.warning("epoch 0 val accuracy %.4f differs from the head's %.4f: the rebuilt base or data "
-                        "differ from the features'", val0[0], head_val)
-        state = {"key": key, "epoch": 0, "best_epoch": 0, "best_loss": tune0[1], "wait": 0, "seconds": 0.0,
-                 "epoch0": {"val_accuracy": val0[0], "head_val_accuracy": head_val},
-                 "history": [{"epoch": 0, "train_accuracy": None, "train_loss": None,
-                              "tune_accuracy": tune0[0], "tune_loss": tune0[1], "val_accuracy": val0[0],
-                              "val_loss": val0[1], "seconds": round(time.perf_counter() - t0, 3)}]}
-        _save_checkpoint(ckpt, built.train, optimizer, state, tmp_best)
-        log.info("epoch 0 (the head as fitted): tune loss %.4f, val accuracy %.4f", tune0[1], val0[0])
+                        "differ from the features'", val_accuracy, head_val)
+        return {"val_accuracy": val_accuracy, "head_val_accuracy": head_val}
 
-    callbacks = []
-    if cfg.tensorboard:
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(cfg.tensorboard)))
-    try:
-        while state["epoch"] < cfg.epochs and state["wait"] < cfg.patience:
-            epoch = state["epoch"] + 1
-            t0 = time.perf_counter()
-            if acts is not None:
-                data = view_batches(acts, all_labels, fit_rows, cfg.views, cfg.batch_size, cfg.seed, epoch)
-            else:
-                data = image_batches(images, all_labels, fit_rows, cfg.batch_size, True, cfg.seed, epoch)
-            h = fit_model.fit(data, epochs=epoch, initial_epoch=epoch - 1, verbose=0, callbacks=callbacks).history
-            seconds = time.perf_counter() - t0
-            tune, val = score(tune_rows, all_labels[tune_rows]), score(rows["val"], labels["val"])
-            state["history"].append({"epoch": epoch, "train_accuracy": float(h["accuracy"][-1]),
-                                     "train_loss": float(h["loss"][-1]), "tune_accuracy": tune[0],
-                                     "tune_loss": tune[1], "val_accuracy": val[0], "val_loss": val[1],
-                                     "seconds": round(seconds, 3)})
-            state["epoch"], state["seconds"] = epoch, state["seconds"] + seconds
-            if tune[1] < state["best_loss"]:
-                state.update(best_epoch=epoch, best_loss=tune[1], wait=0)
-                built.train.save_weights(tmp_best)
-            else:
-                state["wait"] += 1
-            _save_checkpoint(ckpt, built.train, optimizer, state, tmp_best)
-            log.info("epoch %d: train %.4f, tune loss %.4f, val accuracy %.4f (%.1f s)", epoch,
-                     h["accuracy"][-1], tune[1], val[0], seconds)
-            if cfg.after_epoch is not None:
-                cfg.after_epoch(epoch)
-    except BaseException:
-        images.close()  # the checkpoint of the last finished epoch stays: the same command resumes
-        if acts is not None:
-            acts.close()
-        raise
-
-    _load_weights(built.train, tmp_best)  # the best epoch on the train slice (0: the head as fitted)
+    state = train_epochs(Loop(train=built.train, core=built.core, optimizer=optimizer, images=images,
+                              labels=all_labels, fit_rows=fit_rows, tune_rows=tune_rows, val_rows=rows["val"],
+                              epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size, seed=cfg.seed,
+                              ckpt=ckpt, key=key, best=tmp_best, tensorboard=cfg.tensorboard,
+                              after_epoch=cfg.after_epoch, fit_model=fit_model,
+                              batches=views_batches if acts is not None else None, proba=proba_of,
+                              on_abort=acts.close if acts is not None else None),
+                         epoch0)  # the best epoch (0: the head as fitted)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    splits: dict[str, Any] = {}
-    pred_rows: list[dict[str, Any]] = []
-    roc_rows: list[dict[str, Any]] = []
-    for name in fs.splits:
-        proba = proba_of(rows[name])
-        y = labels[name]
-        splits[name] = {**evaluate(proba, y, k), **per_class(proba, y, classes)}
-        if name != "train":
-            pred_rows += [{"split": name, "id": i, "actual": classes[a], "predicted": classes[p],
-                           "probability": round(float(pr.max()), 6)}
-                          for i, a, p, pr in zip(ids[name], y, proba.argmax(1), proba)]
-        if name == "val" and k == 2 and len(np.unique(y)) == 2:
-            from sklearn.metrics import roc_curve
-
-            fpr, tpr, thr = roc_curve(y, proba[:, 1])
-            roc_rows = [{"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))}
-                        for a, b, c in zip(fpr, tpr, thr)]
+    splits, pred_rows, roc_rows = score_splits(built.core, images, rows, labels, ids, classes, cfg.batch_size,
+                                               proba=proba_of)
     if acts is not None:  # the shipped model on the images against its top on the cached activations
         check = rows["val"][:16] if len(rows["val"]) else rows["train"][:16]
         diff = np.abs(_proba(built.core, images, check, cfg.batch_size) - proba_of(check)).max()
@@ -671,11 +603,7 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
         fine["views_sampling"] = ("each epoch, one view per fit image, drawn uniformly from the K cached views "
                                   "(view 0: un-augmented); tune slice, val and test scored on un-augmented images")
         fine["views_cache"] = views_info
-    tuning = {"method": TUNE_METHOD if abs(cfg.tune_fraction - 0.1) < 1e-9
-              else f"early stopping on a {cfg.tune_fraction:.0%} stratified slice of train",
-              "param": "epochs", "chosen": best, "epochs_run": int(state["epoch"]), "tune_rows": int(len(tune_rows)),
-              "cv_accuracy": hist[best]["tune_accuracy"], "cv_log_loss": hist[best]["tune_loss"],
-              "val_used_for_tuning": False}
+    tuning = tuning_record(state, cfg.tune_fraction, len(tune_rows))
     metrics: dict[str, Any] = {s: {"accuracy": splits[s]["accuracy"], "log_loss": splits[s]["log_loss"]}
                                for s in ("val", "test") if s in splits}
     metrics["fit_seconds"] = round(state["seconds"], 3)
@@ -688,25 +616,12 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
         "untrained": head_eval.get("untrained", {}),
         "head_before": {s: (head_eval.get("splits") or {}).get(s, {}).get("accuracy") for s in fs.splits},
     }
-    (tmp / "model").mkdir()
-    write_json(tmp / "model" / "head.json", {
-        **new_meta, "description": "fine-tuned base top + head, end to end on the images",
-        "classes": classes, "base": fs.base, "features": [str(feat_path)], "feature_size": int(info["feature_size"]),
-        "from_head": str(head_dir), "tuning": tuning, "tlpipe_version": __version__})
-    built.export.trainable = False
-    from pipeline.export import _save_keras
-
-    _save_keras(built.export, metadata, tmp / "model.keras")
-    write_json(tmp / "metrics.json", metrics)
-    write_json(tmp / "evaluation.json", evaluation)
-    _write_csv(tmp / "history.csv", hist, HISTORY_COLUMNS)
-    _write_csv(tmp / "grid.csv", [], ["param", "value", "cv_accuracy", "cv_log_loss", "train_accuracy",
-                                      "train_loss"])
-    _write_csv(tmp / "predictions.csv", pred_rows, ["split", "id", "actual", "predicted", "probability"])
-    _write_csv(tmp / "roc.csv", roc_rows, ["fpr", "tpr", "threshold"])
-    from pipeline.plots import write_head_figures
-
-    write_head_figures(tmp)
+    head_json = {**new_meta, "description": "fine-tuned base top + head, end to end on the images",
+                 "classes": classes, "base": fs.base, "features": [str(feat_path)],
+                 "feature_size": int(info["feature_size"]), "from_head": str(head_dir), "tuning": tuning,
+                 "tlpipe_version": __version__}
+    write_outputs(tmp, head_json=head_json, metrics=metrics, evaluation=evaluation, history=hist,
+                  pred_rows=pred_rows, roc_rows=roc_rows, export_model=built.export, metadata=metadata)
     replace_dir(tmp, out)  # the checkpoint goes with the previous folder: the run is complete
     tmp_best.unlink(missing_ok=True)
     log.info("%s on %s: val accuracy %.4f (head %.4f), %d epochs, %.1f s -> %s", ft_name, fs.base,

@@ -51,6 +51,7 @@ class FitConfig:
     stream: bool | None = None  # read the features from disk in chunks (None: when above max_memory)
     max_memory: int | None = None  # bytes an in-memory fit may use (None: pipeline.stream.MEMORY_FRACTION of RAM)
     chunk_rows: int = 0  # streamed: rows per chunk (0: about pipeline.stream.CHUNK_BYTES of features)
+    tensorboard: Path | None = None  # dense: TensorBoard logs here (other heads do not train in epochs)
 
     def output_dir(self, fs: FeatureSet) -> Path:
         if self.out:
@@ -133,6 +134,12 @@ def fit_head(cfg: FitConfig) -> Path:
     """Fit ``cfg.head`` on the cached features; write the head folder and return it."""
     head_cls = get_head(cfg.head)
     cfg = replace(cfg, head=head_cls.name)  # canonical (lower-case) name for folders and reports
+    if cfg.tensorboard and head_cls.name != "dense":
+        log.warning("--tensorboard ignored: the %s head does not train in epochs (only dense does)", head_cls.name)
+    elif cfg.tensorboard:
+        from pipeline.util import require_tensorboard
+
+        require_tensorboard()
     from pipeline.stream import decide, open_streamed, stream_head, stream_params
 
     if not cfg.features:
@@ -165,6 +172,8 @@ def fit_head(cfg: FitConfig) -> Path:
     tmp.mkdir(parents=True)
 
     head = head_cls(k, cfg.params)
+    if cfg.tensorboard and head.name == "dense":
+        head.tensorboard = Path(cfg.tensorboard)
     t0 = time.perf_counter()
     rows = head.fit((train.X, train.y), (val.X, val.y))  # val: scored per epoch by dense, chooses nothing
     fit_seconds = time.perf_counter() - t0

@@ -327,6 +327,7 @@ class DenseHead(Head):
     name = "dense"
     description = "small Keras network, early stopping on a 10% slice of train, best epoch restored"
     file = "head.keras"
+    tensorboard: Path | None = None  # TensorBoard logs here (fit-head --tensorboard)
 
     def build(self, dim: int, train_X: np.ndarray | None = None,
               stats: tuple[np.ndarray, np.ndarray] | None = None):
@@ -397,9 +398,10 @@ class DenseHead(Head):
                                              restore_best_weights=True)
         timer = _EpochTimer()
         monitor = _Monitor(self, val)  # after the timer: the monitor's predict is not counted as training
+        board = [keras.callbacks.TensorBoard(log_dir=str(self.tensorboard))] if self.tensorboard else []
         arrays = isinstance(data, tuple)
         hist = self.model.fit(*(data if arrays else (data,)), validation_data=tune_data,
-                              epochs=self.params.epochs, class_weight=weights, callbacks=[stop, timer, monitor],
+                              epochs=self.params.epochs, class_weight=weights, callbacks=[stop, timer, monitor, *board],
                               verbose=0, shuffle=arrays, **({"batch_size": self.params.batch_size} if arrays else {}))
         h = hist.history
         rows = []

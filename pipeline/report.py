@@ -44,13 +44,14 @@ def _data_label(source: Any, limit: Any) -> str:
 
 
 def weights_label(weights: Any) -> str:
-    """``imagenet``, ``none`` or ``file:NAME`` per features file, joined (duplicates once)."""
+    """``imagenet``, ``none`` or ``file:NAME`` per features file (``scratch``: a baseline), joined
+    (duplicates once)."""
     if isinstance(weights, str):
         weights = [weights]
     out: list[str] = []
     for w in weights or []:
         w = str(w)
-        if w and w not in ("imagenet", "none") and not w.startswith("file:"):
+        if w and w not in ("imagenet", "none", "scratch") and not w.startswith("file:"):
             w = "file:" + Path(w).name
         if w and w not in out:
             out.append(w)
@@ -59,13 +60,14 @@ def weights_label(weights: Any) -> str:
 
 def heads_folders(cache_dir: str | Path) -> list[tuple[Path, bool]]:
     """``(folder, made by the DVC pipeline?)`` for a cache: ``<cache>/heads`` (hand-run commands)
-    and ``<cache>/dvc/heads`` (the pipeline's, see dvc.yaml), and ``<cache>/finetuned`` (``tlpipe
-    fine-tune``); a cache folder named ``dvc`` is the pipeline's own (the report stage runs with
+    and ``<cache>/dvc/heads`` (the pipeline's, see dvc.yaml), ``<cache>/finetuned`` (``tlpipe
+    fine-tune``) and ``<cache>/baseline`` (``tlpipe baseline``), and their ``<cache>/dvc/``
+    twins; a cache folder named ``dvc`` is the pipeline's own (the report stage runs with
     ``--cache-dir cache/dvc``)."""
     cache = Path(cache_dir)
     own = cache.resolve().name == "dvc"
-    return [(cache / "heads", own), (cache / "dvc" / "heads", True),
-            (cache / "finetuned", own)]  # tlpipe fine-tune (head name e.g. dense+ft)
+    kinds = ("heads", "finetuned", "baseline")  # fine-tune: head e.g. dense+ft; baseline: scratch-cnn
+    return [(cache / k, own) for k in kinds] + [(cache / "dvc" / k, True) for k in kinds]
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -203,6 +205,9 @@ def to_markdown(rows: list[dict[str, Any]], pipeline_known: bool = False) -> str
     if random:
         out.append(f"**Random weights:** {', '.join(random)} ran on a base with random weights "
                    "(`--weights none`); their accuracies say nothing about the base with real weights.\n")
+    if any(r.get("weights") == "scratch" for r in rows):
+        out.append("**Baseline:** rows with weights *scratch* are `tlpipe baseline`'s small convnet trained from "
+                   "random weights on the images (no base): what transfer learning is measured against.\n")
     stale = [f"{r['features']}-{r['head']}" for r in rows if r["status"] in ("stale", "features missing")]
     if stale:
         out.append(f"**Stale:** {', '.join(stale)} (features changed since the fit; run fit-head again).\n")

@@ -111,6 +111,16 @@ def quiet_tensorflow() -> None:
         sys.meta_path.insert(0, _QuietTensorFlowImport())
 
 
+def require_tensorboard() -> None:
+    """``--tensorboard`` needs the tensorboard package (Keras' TensorBoard callback writes through it)."""
+    from pipeline.errors import UsageError
+
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+
+
 def unreachable(url: str, timeout: float = 3.0) -> str | None:
     """Why ``url``'s host cannot be reached (a TCP connect within ``timeout`` s), or None if it can.
 

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _dvc(*args, cwd):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "DVC_NO_ANALYTICS": "1"}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")  # this checkout's tlpipe
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -70,3 +71,56 @@ def test_dvc_repro_then_nothing_to_do(tmp_path):
     assert "Running stage 'extract" not in third.stdout
     assert "Running stage 'fit_head@vgg16-logistic'" in third.stdout
     assert json.loads((work / "cache/dvc/heads/vgg16-logistic/evaluation.json").read_text())["head"] == "logistic"
+
+
+def _stages(work) -> set[str]:
+    r = _dvc("stage", "list", "--name-only", cwd=work)
+    assert r.returncode == 0, r.stderr
+    return set(r.stdout.split())
+
+
+@pytest.mark.slow
+def test_dvc_fine_tune_and_baseline_stages_run_only_for_listed_entries(tmp_path):
+    if shutil.which("tlpipe", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("tlpipe console script not installed (pip install -e .)")
+    data = _colour_folder(tmp_path / "images", per_class=8)
+    work = tmp_path / "proj"
+    work.mkdir()
+    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["fine_tune"]["heads"] == [] and params["baseline"]["input_sizes"] == []  # light by default
+    params["data"]["source"] = str(data)
+    params["extract"].update(bases=["mobilenet_0.25"], weights="none", input_size=32, batch_size=8)
+    params["fit_head"].update(heads=["logistic"], epochs=2, patience=1)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    assert _dvc("init", "-q", cwd=work).returncode == 0
+    assert not {s for s in _stages(work) if s.startswith(("fine_tune", "baseline"))}  # empty lists: no stage
+
+    params["fine_tune"].update(heads=["mobilenet_0.25-logistic"], epochs=1, batch_size=8, unfreeze="3")
+    params["baseline"].update(input_sizes=[32], epochs=1, batch_size=8)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    assert {"fine_tune@mobilenet_0.25-logistic", "baseline@32"} <= _stages(work)
+    first = _dvc("repro", cwd=work)
+    assert first.returncode == 0, first.stdout + first.stderr
+    ft, bl = work / "cache/dvc/finetuned/mobilenet_0.25-logistic", work / "cache/dvc/baseline/32px-scratch-cnn"
+    for folder in (ft, bl):
+        for name in ("model.keras", "metrics.json", "evaluation.json", "history.csv", "predictions.csv"):
+            assert (folder / name).is_file(), folder / name
+    rows = json.loads((work / "cache/dvc/report.json").read_text())["rows"]
+    assert {r["head"] for r in rows} == {"logistic", "logistic+ft", "scratch-cnn"}
+    assert all(r["pipeline"] for r in rows)
+
+    second = _dvc("repro", cwd=work)
+    assert second.returncode == 0, second.stderr
+    assert "Running stage 'fine_tune" not in second.stdout and "Running stage 'baseline" not in second.stdout
+    metrics = _dvc("metrics", "show", "--json", cwd=work)
+    assert "cache/dvc/baseline/32px-scratch-cnn/metrics.json" in metrics.stdout
+
+    # a baseline param reruns the baseline (and the report), nothing else
+    params["baseline"]["seed"] = 1
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    third = _dvc("repro", cwd=work)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "Running stage 'baseline@32'" in third.stdout and "Running stage 'report'" in third.stdout
+    assert "Running stage 'fine_tune" not in third.stdout and "Running stage 'fit_head" not in third.stdout
