@@ -335,7 +335,7 @@ def fine_tune_cmd(head_dir, unfreeze, epochs, lr, augment, batch_size, patience,
               help="Square input size of the convnet (images are resized as extraction does).")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True,
               help="Most epochs (a killed run resumed with a smaller --epochs finishes at that epoch).")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True,
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-4, show_default=True,
               help="Adam learning rate.")
 @click.option("--augment", default="flip,rotate=0.1,zoom=0.2,shift=0.1,contrast=0.1", show_default=True,
               help="Training-only augmentation (the same layers as fine-tune), or none. Never applied to val/test.")
