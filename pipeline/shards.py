@@ -77,7 +77,7 @@ def shard_info(path: Path) -> dict[str, Any]:
 
     attrs = read_attrs(path)  # raises FeaturesFileError for a truncated or non-HDF5 file
     if not all(k in attrs for k in (*SHARD_ATTRS, "fingerprint", "counts")):
-        raise FeaturesFileError(f"{path} is not a tlpipe shard file (no shard_index/shard_count/fingerprint)")
+        raise UsageError(f"{path} is not a tlpipe shard file (no shard_index/shard_count/fingerprint)")
     ranges = {s: tuple(r) for s, r in json.loads(attrs["shard_ranges"]).items()}
     skipped: dict[str, int] = {}
     for s in attrs.get("skipped") or []:
@@ -132,22 +132,23 @@ def check_shards(paths: list[Path]) -> list[dict[str, Any]]:
     first = infos[0]
     for info in infos[1:]:
         if info["fingerprint"] != first["fingerprint"]:
-            raise FeaturesFileError(f"{info['path']} was made with other settings than {first['path']} "
-                                    "(different fingerprint): not merging shards of different extractions")
+            raise UsageError(f"{info['path']} was made with other settings than {first['path']} "
+                               "(different fingerprint): not merging shards of different extractions")
         if int(info["shard_count"]) != int(first["shard_count"]):
-            raise FeaturesFileError(f"{info['path']} is one of {info['shard_count']} shards, "
-                                    f"{first['path']} one of {first['shard_count']}")
+            raise UsageError(f"{info['path']} is one of {info['shard_count']} shards, "
+                             f"{first['path']} one of {first['shard_count']}")
     count = int(first["shard_count"])
     by_index: dict[int, dict] = {}
     for info in infos:
         i = int(info["shard_index"])
         if i in by_index:
-            raise FeaturesFileError(f"shard {i}/{count} given twice: {by_index[i]['path']} and {info['path']}")
+            raise UsageError(f"shard {i}/{count} given twice: {by_index[i]['path']} and {info['path']}")
         by_index[i] = info
     missing = [i for i in range(count) if i not in by_index]
     if missing:
-        shown = ", ".join(str(i) for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
-        raise FeaturesFileError(f"{len(missing)} of {count} shards missing: {shown}")
+        shown = ", ".join(f"{i}/{count}" for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        have = ", ".join(str(by_index[i]["path"]) for i in sorted(by_index)[:4]) + (" ..." if len(by_index) > 4 else "")
+        raise UsageError(f"{len(missing)} of {count} shards missing: shard {shown} (given: {have})")
     ordered = [by_index[i] for i in range(count)]
     for split in SPLITS:  # contiguous, non-overlapping ranges covering each split
         pos = 0

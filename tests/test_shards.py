@@ -107,18 +107,19 @@ def test_shard_files_merge_into_the_local_file(shards, tmp_path):
 def test_merge_refusals(shards, tmp_path):
     root, local, files = shards
     out = tmp_path / "m.h5"
-    assert "1 of 3 shards missing: 1" in one_line_error(run("merge", files[0], files[2], "--out", out))
-    assert "given twice" in one_line_error(run("merge", files[0], files[1], files[1], files[2], "--out", out))
+    line = one_line_error(run("merge", files[0], files[2], "--out", out), 2)
+    assert "1 of 3 shards missing: shard 1/3" in line and files[0].name in line
+    assert "given twice" in one_line_error(run("merge", files[0], files[1], files[1], files[2], "--out", out), 2)
     # a shard of other settings (max pooling): same index and count, other fingerprint
     data = root / "data"
     foreign = extract(ExtractConfig(data=str(data), out=tmp_path / "foreign.h5", shard="1/3",
                                     **{**SETTINGS, "pooling": "max"}))
-    assert "different fingerprint" in one_line_error(run("merge", files[0], foreign, files[2], "--out", out))
+    assert "different fingerprint" in one_line_error(run("merge", files[0], foreign, files[2], "--out", out), 2)
     truncated = tmp_path / "trunc.h5"
     truncated.write_bytes(files[1].read_bytes()[: files[1].stat().st_size // 2])
     line = one_line_error(run("merge", files[0], truncated, files[2], "--out", out))
     assert "trunc.h5" in line
-    assert "not a tlpipe shard" in one_line_error(run("merge", local, "--out", out))
+    assert "not a tlpipe shard" in one_line_error(run("merge", local, "--out", out), 2)
     assert run("merge", *files, "--out", out).exit_code == 0
     assert "--force" in one_line_error(run("merge", *files, "--out", out))
     assert run("merge", *files, "--out", out, "--force", "--copy").exit_code == 0
@@ -159,3 +160,4 @@ def test_shard_never_replaces_another_shard_or_the_whole_file(shards):
         assert r.exit_code == 2, r.output  # (the tiny folder's split warnings come first)
         assert r.output.strip().splitlines()[-1].startswith("tlpipe: error:") and "--force" in r.output
         assert target.read_bytes() == before
+        assert not list(target.parent.glob(".*.lock"))  # a refused run leaves no lock file behind
