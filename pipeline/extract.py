@@ -195,6 +195,9 @@ def extract(cfg: ExtractConfig) -> Path:
             return extract_ray(cfg, job)
         return _extract_locked(cfg, job)
     finally:
+        # remove the lock file while still holding it (no empty .NAME.lock left beside the output);
+        # another run that opened it meanwhile fails at once (timeout 0) rather than writing too
+        Path(lock.lock_file).unlink(missing_ok=True)
         lock.release()
 
 
