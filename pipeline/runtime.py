@@ -143,6 +143,11 @@ def resolve(runtime: str = "auto", precision: str = "auto", mixed_precision: str
     x86 = is_x86() if x86 is None else x86
     acc = _accelerator() if accelerator is False else accelerator
 
+    if mixed_precision == "on" and runtime == "openvino":
+        raise UsageError("--mixed-precision on is Keras float16; with --runtime openvino use --precision f32 or bf16")
+    if runtime == "auto" and mixed_precision == "on":
+        runtime = "keras"  # asked for Keras float16 explicitly (as before the OpenVINO runtime)
+        _say_once("runtime: keras (--mixed-precision on)")
     if runtime == "auto":
         if acc is None and x86 and backend == "tensorflow" and openvino_ok:
             runtime = "openvino"

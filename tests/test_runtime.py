@@ -297,3 +297,12 @@ def test_jpeg_reduced_size_decode_only_from_twice_the_target(tmp_path, wh, reduc
     got = decode_image(path, 64)
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(decode_image(path.read_bytes(), 64), got)
+
+
+def test_mixed_precision_on_is_never_silently_dropped():
+    """--mixed-precision on asks for Keras float16: auto honours it, openvino refuses it in one line."""
+    from pipeline.errors import UsageError
+
+    assert rt.resolve("auto", "auto", "on", **CPU) == ("keras", "fp16")
+    with pytest.raises(UsageError, match="--mixed-precision on"):
+        rt.resolve("openvino", "auto", "on", **CPU)
