@@ -62,11 +62,28 @@ def check_address(address: str | None) -> None:
     if not host or not port.isdigit():
         raise UsageError(f"--ray-address must be HOST:PORT, ray://HOST:PORT or auto, not '{address}'")
     try:
-        socket.create_connection((host, int(port)), timeout=PROBE_SECONDS).close()
+        with socket.create_connection((host, int(port)), timeout=PROBE_SECONDS) as conn:
+            # Ray's GCS (and its client server) speak gRPC: an HTTP/2 server answers the connection
+            # preface with a SETTINGS frame. Anything else on that port would make ray.init retry for
+            # many minutes, so it is refused here.
+            conn.sendall(_H2_PREFACE)
+            reply = b""
+            while len(reply) < 9:
+                chunk = conn.recv(9 - len(reply))
+                if not chunk:
+                    break
+                reply += chunk
     except OSError as exc:
         why = "timed out" if isinstance(exc, (socket.timeout, TimeoutError)) else (exc.strerror or str(exc))
         raise TlpipeError(f"cannot reach the Ray cluster at {address} ({why}); start one with "
                           f"'ray start --head' or fix --ray-address") from None
+    if len(reply) < 9 or reply[3] != 0x04:
+        raise TlpipeError(f"{address} answers, but not as a Ray cluster (no gRPC); give the address that "
+                          f"'ray start --head' printed, or fix --ray-address")
+
+
+# HTTP/2 connection preface + an empty SETTINGS frame (RFC 9113, 3.4)
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 
 
 def _init_ray(address: str | None) -> bool:

@@ -149,6 +149,32 @@ def test_unreachable_ray_address_fails_fast(tmp_path):
                                                   "--engine", "ray", "--ray-address", "nonsense"), 2)
 
 
+def test_a_port_that_is_not_ray_fails_fast(tmp_path):
+    """Something else listening there (here: an HTTP/1 server) is refused in one line, in seconds
+    (ray.init would retry for many minutes)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+
+    def answer():
+        conn, _ = server.accept()
+        conn.recv(64)
+        conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    t = time.monotonic()
+    r = run("extract", "--base", "mobilenet_0.25", "--data", tmp_path, "--engine", "ray",
+            "--ray-address", f"127.0.0.1:{port}")
+    server.close()
+    assert "not as a Ray cluster" in one_line_error(r, 1)
+    assert time.monotonic() - t < 10
+
+
 def test_shard_never_replaces_another_shard_or_the_whole_file(shards):
     """Same settings, other shard (or a shard over the whole file): refused without --force, bytes kept."""
     root, local, files = shards
