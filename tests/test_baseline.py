@@ -106,7 +106,7 @@ def test_other_settings_are_refused_without_force(data, tmp_path):
     assert r.exit_code == 0, r.output
     assert "scratch-cnn from scratch" in r.output and "best epoch" in r.output
     r = CliRunner().invoke(cli, args + ["--lr", "0.01"])
-    assert r.exit_code == 2 and "--force" in r.output and "lr 0.001 -> 0.01" in r.output
+    assert r.exit_code == 2 and "--force" in r.output and "lr 0.0003 -> 0.01" in r.output
     r = CliRunner().invoke(cli, args + ["--lr", "0.01", "--force"])
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli, args[:-2] + ["--input-size", "8"])

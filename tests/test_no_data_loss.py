@@ -166,8 +166,9 @@ def test_failed_or_interrupted_dvc_runs_keep_every_features_file_and_head(projec
     assert sorted(p.name for p in (work / "cache/heads").iterdir()) == ["vgg16-dense", "vgg16-logistic"]
 
     # Ctrl-C while stage one runs (slow settings so that it is still running)
-    # (Keras runtime: OpenVINO can finish this tiny set before the signal lands)
-    params["extract"].update(input_size=200, batch_size=1, runtime="keras")
+    # (Keras runtime at 600 px: seconds per image, so that the signal lands mid-extraction; a run that
+    # finished first would let DVC go on to the next stages)
+    params["extract"].update(input_size=600, batch_size=1, runtime="keras")
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=work, env=_dvc_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
