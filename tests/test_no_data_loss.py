@@ -170,8 +170,11 @@ def test_failed_or_interrupted_dvc_runs_keep_every_features_file_and_head(projec
     # finished first would let DVC go on to the next stages)
     params["extract"].update(input_size=600, batch_size=1, runtime="keras")
     (work / "params.yaml").write_text(yaml.safe_dump(params))
+    # (SIGINT back to its default in the child: a handler left ignoring it in this process by an earlier
+    # test, e.g. Ray's, would be inherited, and the run would ignore the Ctrl-C)
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=work, env=_dvc_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     partial = work / "cache/dvc/features/.vgg16.h5.progress.json"
     deadline = time.monotonic() + 240
     while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
