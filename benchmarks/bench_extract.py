@@ -63,7 +63,7 @@ def main(argv=None) -> int:
 
     from pipeline.backbones import get_backbone
     from pipeline.data import open_source
-    from pipeline.extract import ExtractConfig, _decode_batch, extract
+    from pipeline.extract import ExtractConfig, decode_batch, extract
     from pipeline.runtime import build_runtime
 
     defaults = ExtractConfig(base=args.base)
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     for split in source.splits:
         items = list(source.iter_items(split))
         for i in range(0, len(items), batch_size):
-            batch, ids, _, skipped = _decode_batch(items[i:i + batch_size], size)
+            batch, ids, _, skipped = decode_batch(items[i:i + batch_size], size)
             batches.append(batch[: len(ids)])
     n_images = sum(len(b) for b in batches)
     decode_s = time.perf_counter() - t
