@@ -6,6 +6,9 @@ CMYK / grayscale / palette / alpha images become RGB (alpha composited on white)
 The resize is the exported model's in-graph one (antialiased bilinear, rounded to integer
 levels; see ``_resize``), so that a model fed the original photo gives what extraction and
 ``tlpipe predict`` give.
+Plain 8-bit JPEGs (baseline or progressive, grayscale or YCbCr: nearly every photo) take a
+faster road to the same pixels: OpenCV's libjpeg-turbo decode, reduced-size decoding and EXIF
+orientation (bit-identical to Pillow's; tests pin it), without Pillow's per-block Python loop.
 Failures raise ``DecodeError`` with a short reason.
 """
 
@@ -53,7 +56,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _resize(img: Image.Image, size: int) -> np.ndarray:
-    """RGB image -> ``uint8[size, size, 3]``, the resize the exported model does in its graph.
+    """RGB image -> ``uint8[size, size, 3]`` (see ``_resize_array``)."""
+    return _resize_array(np.asarray(img, dtype=np.uint8), size)
+
+
+def _resize_array(arr: np.ndarray, size: int) -> np.ndarray:
+    """``uint8[h, w, 3]`` -> ``uint8[size, size, 3]``, the resize the exported model does in its graph
+    (each channel alone, so the channel order does not matter).
 
     That is TensorFlow's antialiased bilinear resize (``Resizing(antialias=True)``: a triangle
     filter, widened by the scale factor on a side that shrinks, half-pixel centres) rounded to
@@ -63,7 +72,6 @@ def _resize(img: Image.Image, size: int) -> np.ndarray:
     between its two passes that its RGB mode does).  Both agree with the graph within 0.002
     levels before rounding.
     """
-    arr = np.asarray(img, dtype=np.uint8)
     h, w = arr.shape[:2]
     if (h, w) == (size, size):
         return arr
@@ -80,19 +88,81 @@ def _resize(img: Image.Image, size: int) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+_SOF_FAST = frozenset({0xC0, 0xC1, 0xC2})  # baseline, extended and progressive Huffman JPEG
+_SOF_ALL = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # every start-of-frame marker
+_REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` of a plain JPEG that OpenCV decodes exactly as Pillow does, else None.
+
+    Plain: Huffman-coded (baseline or progressive), 8-bit, 1 or 3 components, no Adobe APP14
+    colour transform (CMYK and Adobe RGB JPEGs take Pillow's road), and complete: an EOI marker
+    after the scan data (OpenCV would return a truncated file's grey remainder as pixels).
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n, dims = 2, len(data), None
+    while i + 4 <= n:  # the segments before the first scan
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        if marker == 0xDA:  # start of scan: complete only with an EOI after it
+            return dims if dims is not None and data.rfind(b"\xff\xd9", i) != -1 else None
+        if marker == 0xEE:  # Adobe APP14: CMYK / YCCK / RGB colour transforms
+            return None
+        if marker in _SOF_ALL:
+            if marker not in _SOF_FAST or i + 10 > n or data[i + 4] != 8 or data[i + 9] not in (1, 3):
+                return None
+            dims = (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
+            if not dims[0] or not dims[1]:
+                return None
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
+
+
+def _decode_plain_jpeg(data: bytes, size: int) -> np.ndarray | None:
+    """OpenCV's decode of a plain JPEG (see ``_plain_jpeg_size``) to ``uint8[size, size, 3]`` RGB,
+    with Pillow's ``draft`` reduction (1/2, 1/4, 1/8 while both sides stay >= size) and EXIF
+    orientation; None when the file is not plain or OpenCV fails (Pillow then decides)."""
+    dims = _plain_jpeg_size(data)
+    if dims is None:
+        return None
+    height, width = dims
+    if height * width > Image.MAX_IMAGE_PIXELS:
+        raise DecodeError(f"too large: {width}x{height} pixels "
+                          f"(limit {Image.MAX_IMAGE_PIXELS:,}; possible decompression bomb)")
+    flag = cv2.IMREAD_COLOR
+    for scale, reduced in _REDUCED:  # Pillow's draft: the largest scale with both sides >= scale * size
+        if height >= scale * size and width >= scale * size:
+            flag = reduced
+            break
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
+        return None
+    return _resize_array(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), size)
+
+
 def decode_image(source: str | Path | bytes, size: int) -> np.ndarray:
     """Decode a file path or encoded bytes to ``uint8[size, size, 3]``."""
     try:
         if isinstance(source, (bytes, bytearray)):
-            if not source:
-                raise DecodeError("empty file")
-            fh = io.BytesIO(source)
+            data = bytes(source)
         else:
-            path = Path(source)
-            if path.stat().st_size == 0:
-                raise DecodeError("empty file")
-            fh = open(path, "rb")
-        with fh:
+            with open(source, "rb") as fh:
+                data = fh.read()
+        if not data:
+            raise DecodeError("empty file")
+        fast = _decode_plain_jpeg(data, size)
+        if fast is not None:
+            return fast
+        with io.BytesIO(data) as fh:
             img = Image.open(fh)
             # Explicit check: Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS, and a
             # warnings filter is process-global (not safe in the decode threads).

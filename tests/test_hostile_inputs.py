@@ -191,6 +191,80 @@ def test_odd_modes_become_rgb(tmp_path):
     assert out[..., 2].min() > 200 and out[..., :2].max() < 60
 
 
+def _smooth(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A photo-like image (smooth colour fields), so JPEG chroma and DCT scaling matter."""
+    import cv2
+
+    noise = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return Image.fromarray(cv2.GaussianBlur(noise, (0, 0), 3), "RGB")
+
+
+def _pillow_road(source, size: int, monkeypatch) -> np.ndarray:
+    import pipeline.images as images
+
+    with monkeypatch.context() as m:
+        m.setattr(images, "_decode_plain_jpeg", lambda data, size: None)
+        return images.decode_image(source, size)
+
+
+@pytest.mark.parametrize("variant", [
+    "baseline", "progressive", "gray", "444", "restarts", "odd-size",
+    *(f"orientation-{o}" for o in range(2, 9)),
+    "reduced-2", "reduced-4", "reduced-8", "just-under-2x",
+])
+def test_plain_jpegs_take_opencvs_road_to_pillows_pixels(tmp_path, monkeypatch, variant):
+    """Plain JPEGs are decoded by OpenCV (no Pillow block loop): the pixels are exactly Pillow's,
+    with its draft reduction and EXIF orientation."""
+    from pipeline.images import _decode_plain_jpeg, _plain_jpeg_size
+
+    size = 24
+    w, h = {"odd-size": (37, 29), "reduced-2": (2 * size + 1, 3 * size), "reduced-4": (4 * size, 5 * size),
+            "reduced-8": (8 * size + 3, 8 * size), "just-under-2x": (2 * size - 1, 3 * size)}.get(variant, (40, 30))
+    img, kwargs = _smooth(w, h), {"quality": 90}
+    if variant == "progressive":
+        kwargs["progressive"] = True
+    elif variant == "gray":
+        img = img.convert("L")
+    elif variant == "444":
+        kwargs["subsampling"] = 0
+    elif variant == "restarts":
+        kwargs["restart_marker_blocks"] = 2
+    elif variant.startswith("orientation"):
+        exif = Image.Exif()
+        exif[0x0112] = int(variant.rsplit("-", 1)[1])
+        kwargs["exif"] = exif
+    path = tmp_path / "x.jpg"
+    img.save(path, format="JPEG", **kwargs)
+    data = path.read_bytes()
+    assert _plain_jpeg_size(data) == (h, w)
+    assert _decode_plain_jpeg(data, size) is not None  # the fast road is taken ...
+    got = decode_image(path, size)
+    np.testing.assert_array_equal(got, _pillow_road(path, size, monkeypatch))  # ... to the same pixels
+    np.testing.assert_array_equal(decode_image(data, size), got)
+
+
+def test_other_jpegs_take_pillows_road(tmp_path):
+    """CMYK (Adobe marker), truncated and non-JPEG data are left to Pillow, which reports them."""
+    from pipeline.images import _plain_jpeg_size
+
+    buf = io.BytesIO()
+    _smooth(40, 30).convert("CMYK").save(buf, format="JPEG")
+    assert _plain_jpeg_size(buf.getvalue()) is None
+    buf = io.BytesIO()
+    _smooth(64, 64).save(buf, format="JPEG", quality=95)
+    data = buf.getvalue()
+    assert _plain_jpeg_size(data) == (64, 64)
+    for cut in (len(data) - 2, len(data) // 2, 200):
+        assert _plain_jpeg_size(data[:cut]) is None
+    with pytest.raises(DecodeError, match="truncated"):
+        decode_image(data[: len(data) // 2], 16)
+    png = io.BytesIO()
+    _smooth(8, 8).save(png, format="PNG")
+    assert _plain_jpeg_size(png.getvalue()) is None
+    assert _plain_jpeg_size(b"\xff\xd8\xff") is None
+    assert _plain_jpeg_size(b"") is None
+
+
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_huge_jpeg_decodes_quickly_and_bombs_are_refused(tmp_path, monkeypatch):
     import time
