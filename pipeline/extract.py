@@ -117,15 +117,17 @@ def default_workers(runtime: str = "keras") -> int:
     return max(1, cores // 4)
 
 
-def _decode_nice(requested: int | None) -> int:
-    """Niceness for decode threads: with the model on the CPU, decoding yields to the forward
-    pass (a decode thread preempting one of TensorFlow's threads stalls the whole parallel
-    op); with an accelerator, decoding is the bottleneck and keeps normal priority."""
+def _decode_nice(requested: int | None, runtime: str = "keras") -> int:
+    """Niceness for decode threads.  With the Keras model on the CPU, decoding yields to the forward
+    pass (a decode thread preempting one of TensorFlow's threads stalls the whole parallel op).
+    OpenVINO keeps the next batch queued behind the running one, so decoding at normal priority
+    costs it nothing and keeps it fed; with an accelerator, decoding is the bottleneck.
+    (Measured in benchmarks/bench_extract.py, RESULTS.md "CPU runtime".)"""
     if requested is not None:
         return int(requested)
     from pipeline.runtime import _accelerator
 
-    return 0 if _accelerator() is not None else DECODE_NICE_CPU
+    return DECODE_NICE_CPU if runtime == "keras" and _accelerator() is None else 0
 
 
 DECODE_NICE_CPU = 10  # decode threads yield to the forward pass when the model runs on the CPU
@@ -300,13 +302,16 @@ def _extract_locked(cfg: ExtractConfig, job: Job) -> Path:
     # the runtime and precision this run will use (one line, exit 2, when impossible here)
     planned = resolve(cfg.runtime, cfg.precision, cfg.mixed_precision)
     known = known_weights(job.backbone, job.weights)  # identity of the weights without building the model
-    if known is not None and prepare(cfg, job, known, planned) is None:
+    fingerprint = prepare(cfg, job, known, planned) if known is not None else None
+    if known is not None and fingerprint is None:
         return out  # nothing to do: not even TensorFlow is imported
     rt = build_runtime(runtime_spec(cfg, job))
-    # ImageNet weights: known only now; or auto fell back to keras (OpenVINO could not convert the base)
-    fingerprint = prepare(cfg, job, (rt.winfo.kind, rt.winfo.sha256), (rt.name, rt.precision))
-    if fingerprint is None:
-        return out
+    built = ((rt.winfo.kind, rt.winfo.sha256), (rt.name, rt.precision))
+    if built != (known, planned):
+        # ImageNet weights: known only now; or auto fell back to keras (OpenVINO could not convert the base)
+        fingerprint = prepare(cfg, job, *built)
+        if fingerprint is None:
+            return out
 
     partial = hidden_sibling(out, ".partial")
     ckpt = hidden_sibling(out, ".progress.json")
@@ -334,7 +339,7 @@ def _extract_locked(cfg: ExtractConfig, job: Job) -> Path:
         bar.set_postfix_str(split)
 
     try:
-        nice = _decode_nice(cfg.decode_nice)
+        nice = _decode_nice(cfg.decode_nice, rt.name)
         with h5py.File(partial, "a") as h5, ThreadPoolExecutor(
                 workers, thread_name_prefix="decode", initializer=_lower_thread_priority, initargs=(nice,)) as pool:
             # Start decoding before the forward pass is compiled, so the first batches are
@@ -380,23 +385,40 @@ def _extract_locked(cfg: ExtractConfig, job: Job) -> Path:
 def write_batches(h5: h5py.File, batches, rt: Runtime, state: _State, checkpoint=None) -> tuple[float, float, int]:
     """The writer: run ``rt`` on decoded ``batches`` and append them to ``h5`` (split groups);
     after each batch, flush and call ``checkpoint(split, next_index, rows, n, seconds)``.
-    Returns (forward seconds, write seconds, inputs consumed)."""
+
+    Batches go through ``rt.forward.map``: a runtime that runs asynchronously (OpenVINO) starts
+    the next batch before this one is written, so the model is never idle while the writer works.
+    Returns (seconds waiting for the model, write seconds, inputs consumed)."""
     dsets, rows, current = None, 0, None
-    t_forward = t_write = 0.0
+    t_write = t_pull = 0.0
     images = 0
     t0 = time.perf_counter()
-    for split, index, batch, ids, labels, skipped in batches:
+    waiting: deque = deque()  # batches pulled from the reader, not yet written (in order)
+
+    def feed():  # the model's input: the batches with at least one decoded image
+        nonlocal t_pull
+        it = iter(batches)
+        while True:
+            t = time.perf_counter()
+            item = next(it, None)
+            t_pull += time.perf_counter() - t
+            if item is None:
+                return
+            waiting.append(item)
+            if len(item[3]):
+                yield item[2][: len(item[3])]
+
+    def write(item, feats) -> None:
+        nonlocal dsets, rows, current, t_write, images
+        split, index, _, ids, labels, skipped = item
         if split != current:
             current = split
             rows = state.rows.get(split, 0)
             dsets = open_datasets(h5.require_group(split), rt.dim, rows)
-        if len(ids):
-            t1 = time.perf_counter()
-            feats = rt.forward(batch[: len(ids)])
-            t2 = time.perf_counter()
+        if feats is not None:
+            t = time.perf_counter()
             append_rows(dsets, feats, np.asarray(labels, dtype=np.int64), ids)
-            t_write += time.perf_counter() - t2
-            t_forward += t2 - t1
+            t_write += time.perf_counter() - t
             rows += len(ids)
         state.skipped.extend({"split": split, "id": i, "reason": r} for i, r in skipped)
         for i, r in skipped:
@@ -407,7 +429,26 @@ def write_batches(h5: h5py.File, batches, rt: Runtime, state: _State, checkpoint
         images += len(ids) + len(skipped)
         if checkpoint is not None:
             checkpoint(split, index, rows, len(ids) + len(skipped), time.perf_counter() - t0)
-    return t_forward, t_write, images
+
+    outputs = rt.forward.map(feed())
+    t_model = 0.0
+    try:
+        while True:
+            t, pulled = time.perf_counter(), t_pull
+            feats = next(outputs, None)
+            t_model += (time.perf_counter() - t) - (t_pull - pulled)
+            if feats is None:
+                break
+            item = waiting.popleft()
+            while not len(item[3]):  # batches where every input was skipped, in their place
+                write(item, None)
+                item = waiting.popleft()
+            write(item, feats)
+        while waiting:
+            write(waiting.popleft(), None)
+    finally:
+        outputs.close()
+    return t_model, t_write, images
 
 
 def static_attrs(cfg: ExtractConfig, job: Job, fingerprint: str) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import uuid
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -271,6 +271,12 @@ class Runtime:
     def __call__(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def map(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """The features of each batch, in order.  A runtime that runs asynchronously starts a batch
+        before handing back the one before it, so the model is not idle while the caller writes."""
+        for batch in batches:
+            yield self(batch)
+
     def describe(self) -> str:
         return f"{self.name} {self.precision}"
 
@@ -323,17 +329,12 @@ class OpenVINORuntime(Runtime):
         if cache_dir is not None:
             core.set_property({"CACHE_DIR": str(cache_dir)})
         self.compiled = core.compile_model(ov_model, "CPU", config)
-        if self.streams > 1:
-            self._queue = ov.AsyncInferQueue(self.compiled, self.streams)
-            self._queue.set_callback(self._done)
-            self._parts: dict[int, np.ndarray] = {}
-        else:
-            self._request = self.compiled.create_infer_request()
+        # two sets of requests: one batch running (a request per stream), the next queued behind it
+        self._requests = [[self.compiled.create_infer_request() for _ in range(self.streams)] for _ in range(2)]
+        self._turn = 0
 
-    def _done(self, request, index: int) -> None:
-        self._parts[index] = np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def _start(self, batch: np.ndarray) -> tuple[int, list, np.ndarray]:
+        """Start ``batch`` on the next set of requests (the set must be collected already)."""
         n = batch.shape[0]
         total = self._per * self.streams
         if n != total:
@@ -341,14 +342,38 @@ class OpenVINORuntime(Runtime):
             full[:n] = batch
             batch = full
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
-        if self.streams == 1:
-            out = self._request.infer({0: batch}, share_inputs=True)
-            return np.array(out[0], dtype=np.float32, copy=True)[:n]
-        self._parts = {}
-        for i in range(self.streams):
-            self._queue.start_async({0: batch[i * self._per:(i + 1) * self._per]}, userdata=i, share_inputs=True)
-        self._queue.wait_all()
-        return np.concatenate([self._parts[i] for i in range(self.streams)])[:n]
+        requests = self._requests[self._turn]
+        self._turn ^= 1
+        for i, request in enumerate(requests):
+            request.start_async({0: batch[i * self._per:(i + 1) * self._per]}, share_inputs=True)
+        return n, requests, batch  # the batch stays referenced while the requests read it
+
+    @staticmethod
+    def _collect(job: tuple[int, list, np.ndarray]) -> np.ndarray:
+        n, requests, _ = job
+        parts = []
+        for request in requests:
+            request.wait()  # raises if the inference failed
+            parts.append(np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True))
+        return np.concatenate(parts)[:n]
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self._collect(self._start(batch))
+
+    def map(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        running = None
+        try:
+            for batch in batches:
+                done, running = running, self._start(batch)
+                if done is not None:
+                    yield self._collect(done)
+            if running is not None:
+                done, running = running, None
+                yield self._collect(done)
+        finally:
+            if running is not None:  # the caller stopped early: let the requests finish with their input
+                for request in running[1]:
+                    request.wait()
 
 
 def default_streams() -> int:

@@ -306,3 +306,94 @@ def test_mixed_precision_on_is_never_silently_dropped():
     assert rt.resolve("auto", "auto", "on", **CPU) == ("keras", "fp16")
     with pytest.raises(UsageError, match="--mixed-precision on"):
         rt.resolve("openvino", "auto", "on", **CPU)
+
+
+# ------------------------------------------------------------------------------------------- pipelining
+
+def test_openvino_map_queues_the_next_batch_and_keeps_the_order(tmp_path):
+    """``map`` starts batch i+1 before handing back batch i: same features, same order as one call
+    per batch; a caller that stops early leaves the runtime usable."""
+    ov_rt = rt.build_runtime("vgg16", "none", 32, runtime="openvino", precision="f32", batch_size=4,
+                             cache_dir=tmp_path, streams=2)
+    rng = np.random.default_rng(1)
+    batches = [rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (4, 4, 4, 4, 3)]
+    one_by_one = [ov_rt(b) for b in batches]
+    tol = 1e-5 * float(np.max(np.abs(one_by_one[0])))
+
+    def same(a, b):
+        return a.shape == b.shape and float(np.max(np.abs(a - b))) <= tol
+
+    mapped = list(ov_rt.map(iter(batches)))
+    assert len(mapped) == 5 and all(same(m, o) for m, o in zip(mapped, one_by_one))
+    assert not same(one_by_one[0], one_by_one[1])  # distinct batches: an order mix-up would show
+    early = ov_rt.map(iter(batches))
+    assert same(next(early), one_by_one[0])
+    early.close()  # batch 1 was already running
+    assert same(ov_rt(batches[2]), one_by_one[2])
+
+
+def test_writer_keeps_rows_in_order_with_a_lagging_runtime_and_all_skipped_batches(tmp_path):
+    """The writer pairs each output of an asynchronous runtime (one batch behind) with its batch,
+    including batches where every input was skipped (first, middle, last)."""
+    from pipeline.extract import Runtime as ExtractRuntime
+    from pipeline.extract import _State, write_batches
+
+    class Lagging(rt.Runtime):
+        def __call__(self, batch):
+            return batch.reshape(len(batch), -1)[:, :2].astype(np.float32)
+
+        def map(self, batches):  # yields batch i only after pulling batch i+1, as OpenVINO's does
+            previous = None
+            for batch in batches:
+                if previous is not None:
+                    yield self(previous)
+                previous = batch
+            if previous is not None:
+                yield self(previous)
+
+    def batch(split, index, values, skipped=()):
+        arr = np.zeros((4, 2, 2, 3), dtype=np.uint8)
+        for i, v in enumerate(values):
+            arr[i] = v
+        return split, index, arr, [f"{split}/{v}" for v in values], [v % 2 for v in values], \
+            [(f"{split}/bad{s}", "not an image") for s in skipped]
+
+    batches = [batch("train", 2, [], skipped=(0, 1)), batch("train", 6, [1, 2, 3, 4]), batch("train", 9, [5], (2, 3)),
+               batch("train", 11, [], (4, 5)), batch("train", 15, [6, 7, 8, 9]), batch("val", 2, [], (0, 1)),
+               batch("val", 5, [10, 11, 12]), batch("val", 7, [], (2, 3))]
+    forward = Lagging(4, 2, 2, None)
+    state = _State(fingerprint="x", batch_size=4)
+    seen = []
+    with h5py.File(tmp_path / "f.h5", "w") as h5:
+        t_model, t_write, images = write_batches(
+            h5, iter(batches), ExtractRuntime(forward, None, 2, "openvino", "f32"), state,
+            lambda split, index, rows, n, s: seen.append((split, index, rows, n)))
+        got = {s: (h5[s]["features"][:, 0].tolist(), [i.decode() for i in h5[s]["ids"][:]]) for s in ("train", "val")}
+    assert got["train"] == ([1, 2, 3, 4, 5, 6, 7, 8, 9], [f"train/{v}" for v in range(1, 10)])
+    assert got["val"] == ([10, 11, 12], ["val/10", "val/11", "val/12"])
+    assert seen == [("train", 2, 0, 2), ("train", 6, 4, 4), ("train", 9, 5, 3), ("train", 11, 5, 2),
+                    ("train", 15, 9, 4), ("val", 2, 0, 2), ("val", 5, 3, 3), ("val", 7, 3, 2)]
+    assert images == 22 and state.next_index == {"train": 15, "val": 7} and state.rows == {"train": 9, "val": 3}
+    assert [s["id"] for s in state.skipped][:2] == ["train/bad0", "train/bad1"] and len(state.skipped) == 10
+
+
+def test_decode_threads_share_and_priority_follow_the_runtime(monkeypatch, colours, tmp_path):
+    """Keras on the CPU: a quarter of the cores, at nice 10 (TensorFlow's ops stall when a thread is
+    preempted); OpenVINO (next batch queued): half the cores at normal priority; an accelerator: every
+    core at normal priority.  The run records what it used."""
+    from pipeline import extract as ex
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr(rt, "_accelerator", lambda: None)
+    assert (ex.default_workers("keras"), ex._decode_nice(None, "keras")) == (2, ex.DECODE_NICE_CPU)
+    assert (ex.default_workers("openvino"), ex._decode_nice(None, "openvino")) == (4, 0)
+    assert ex._decode_nice(5, "openvino") == 5
+    monkeypatch.setattr(rt, "_accelerator", lambda: "gpu")
+    assert (ex.default_workers("keras"), ex._decode_nice(None, "keras")) == (8, 0)
+    monkeypatch.undo()
+    out = extract(ExtractConfig(base="mobilenet_0.25", data=str(colours), weights="none", input_size=32,
+                                batch_size=4, runtime="openvino", precision="f32", out=tmp_path / "f.h5",
+                                progress=False))
+    with h5py.File(out, "r") as h5:
+        timing = json.loads(h5.attrs["timing"])
+    assert timing["decode_nice"] == 0 and timing["workers"] == ex.default_workers("openvino")
