@@ -117,8 +117,8 @@ def bases_cmd(as_json: bool) -> None:
 @click.option("--pooling", type=click.Choice(["avg", "max"]), default="avg", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=0,
-              help="Local engine: decode threads (0: a quarter of the cores with Keras on a CPU, half with OpenVINO, "
-                   "one per core with an accelerator). Ray engine: model actors (0: 1).")
+              help="Local engine: decode threads (0: a quarter of the cores with Keras on a CPU, one per core "
+                   "with OpenVINO or an accelerator). Ray engine: model actors (0: 1).")
 @click.option("--limit", type=click.IntRange(0), default=0, help="At most this many images per split (0: all).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue an interrupted run from its last completed batch.")

@@ -104,8 +104,10 @@ def default_workers(runtime: str = "keras") -> int:
     With the model on an accelerator, decoding is the bottleneck: one thread per core.
     With the Keras model on the CPU, the forward pass needs the cores and decoding costs ~10x
     less per image, so a quarter of the cores (at least one) keeps the model fed without
-    stealing CPU from it.  With OpenVINO the forward pass is 2-6x cheaper, decoding becomes
-    a third of the work or more: half the cores (measured in benchmarks/bench_extract.py).
+    stealing CPU from it.  With OpenVINO the forward pass is 2-6x cheaper and decoding can cost
+    more than it (photos shrunk to the input size: 1.6 ms against bf16's 1.4 ms per image), so
+    one thread per core: threads beyond the need wait on the prefetch bound (measured in
+    benchmarks/bench_extract.py: even on 180-px photos, +20% bf16 images/s on trashnet).
     """
     from pipeline.runtime import _accelerator
 
@@ -113,7 +115,7 @@ def default_workers(runtime: str = "keras") -> int:
     if runtime == "keras" and _accelerator() is not None:
         return max(1, cores)
     if runtime == "openvino":
-        return max(1, cores // 2)
+        return max(1, cores)
     return max(1, cores // 4)
 
 

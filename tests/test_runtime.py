@@ -379,14 +379,14 @@ def test_writer_keeps_rows_in_order_with_a_lagging_runtime_and_all_skipped_batch
 
 def test_decode_threads_share_and_priority_follow_the_runtime(monkeypatch, colours, tmp_path):
     """Keras on the CPU: a quarter of the cores, at nice 10 (TensorFlow's ops stall when a thread is
-    preempted); OpenVINO (next batch queued): half the cores at normal priority; an accelerator: every
-    core at normal priority.  The run records what it used."""
+    preempted); OpenVINO (next batch queued) and an accelerator: every core, at normal priority.
+    The run records what it used."""
     from pipeline import extract as ex
 
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     monkeypatch.setattr(rt, "_accelerator", lambda: None)
     assert (ex.default_workers("keras"), ex._decode_nice(None, "keras")) == (2, ex.DECODE_NICE_CPU)
-    assert (ex.default_workers("openvino"), ex._decode_nice(None, "openvino")) == (4, 0)
+    assert (ex.default_workers("openvino"), ex._decode_nice(None, "openvino")) == (8, 0)
     assert ex._decode_nice(5, "openvino") == 5
     monkeypatch.setattr(rt, "_accelerator", lambda: "gpu")
     assert (ex.default_workers("keras"), ex._decode_nice(None, "keras")) == (8, 0)
