@@ -39,3 +39,12 @@ class FeaturesNotFound(UsageError, FeaturesFileError):
 
 class WeightsNotFound(UsageError, WeightsUnavailable):
     """A --weights folder without the base's file (a usage error: exit code 2)."""
+
+
+class WrongFile(UsageError, FeaturesFileError):
+    """A path that is not the kind of file the command reads (not HDF5, not a tlpipe features file),
+    or features files that cannot be fused: a usage error, exit code 2."""
+
+
+class NotAModel(UsageError, DataError):
+    """A --model path that Keras cannot load as a model (a usage error: exit code 2)."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import FeaturesFileError, FeaturesNotFound, UsageError
+from pipeline.errors import FeaturesFileError, FeaturesNotFound, UsageError, WrongFile
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
         with h5py.File(path, "r") as h5:
             attrs = {k: _plain(v) for k, v in h5.attrs.items()}
     except OSError as exc:
-        raise FeaturesFileError(f"{path} is not a readable HDF5 file ({exc})") from None
+        raise WrongFile(f"{path} is not a readable HDF5 file ({exc})") from None
     for key in JSON_ATTRS:
         if isinstance(attrs.get(key), str):
             try:
@@ -134,7 +134,7 @@ def check_attrs(path: Path) -> dict[str, Any]:
     attrs = read_attrs(path)
     missing = [k for k in REQUIRED_ATTRS if k not in attrs]
     if missing:
-        raise FeaturesFileError(f"{path} is not a tlpipe features file (missing attributes: {', '.join(missing)})")
+        raise WrongFile(f"{path} is not a tlpipe features file (missing attributes: {', '.join(missing)})")
     if int(attrs["schema_version"]) != SCHEMA_VERSION:
         raise FeaturesFileError(
             f"{path} has schema version {attrs['schema_version']}, this tlpipe reads {SCHEMA_VERSION}: extract again")
@@ -237,7 +237,7 @@ def fuse(sets: list[FeatureSet], allow_mixed_precision: bool = False) -> Feature
                 else:
                     why = f"{first.attrs.get(key) if key != 'source_fingerprint' else first.attrs.get('data_source')} vs " \
                           f"{other.attrs.get(key) if key != 'source_fingerprint' else other.attrs.get('data_source')}"
-                raise FeaturesFileError(
+                raise WrongFile(
                     f"cannot fuse {first.paths[0]} and {other.paths[0]}: different {key.replace('_', ' ')}: {why}")
     splits: dict[str, Split] = {}
     for name in first.splits:
@@ -257,7 +257,7 @@ def fuse(sets: list[FeatureSet], allow_mixed_precision: bool = False) -> Feature
             parts.append(s.splits[name].X[idx])
             labels = s.splits[name].y[idx]
             if y is not None and not np.array_equal(y, labels):
-                raise FeaturesFileError("cannot fuse: the same ids carry different labels")
+                raise WrongFile("cannot fuse: the same ids carry different labels")
             y = labels
         splits[name] = Split(np.concatenate(parts, axis=1), y, np.asarray(order, dtype=object))
     attrs = dict(first.attrs)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import DataError, UsageError
+from pipeline.errors import DataError, NotAModel, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def load_exported(path: str | Path):
     try:
         model = keras.saving.load_model(path)
     except Exception as exc:  # noqa: BLE001
-        raise DataError(f"could not load {path} as a Keras model: {str(exc).strip().splitlines()[0]}") from None
+        raise NotAModel(f"could not load {path} as a Keras model: {str(exc).strip().splitlines()[0]}") from None
     with zipfile.ZipFile(path) as zf:  # load_model read it, so it is a zip
         member = zf.read(METADATA_MEMBER) if METADATA_MEMBER in zf.namelist() else None
     return model, json.loads(member) if member is not None else read_metadata(model)  # else the old form

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import TlpipeError
+from pipeline.errors import UsageError
 from pipeline.util import atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ def report(cfg: ReportConfig) -> Path:
     folders = heads_folders(cache)
     rows = collect(folders)
     if not rows:
-        raise TlpipeError(f"no fitted heads under {cache / 'heads'} or {cache / 'dvc' / 'heads'}: "
+        raise UsageError(f"no fitted heads under {cache / 'heads'} or {cache / 'dvc' / 'heads'}: "
                           "run 'tlpipe fit-head' or 'dvc repro' first")
     md = Path(cfg.out_md or cache / "report.md")
     both = any(r["pipeline"] for r in rows) and not all(r["pipeline"] for r in rows)

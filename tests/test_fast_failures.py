@@ -152,3 +152,29 @@ def test_fit_head_and_export_warn_about_stale_inputs(tmp_path, caplog):
     r = _run(["export", "--head", str(cache / "heads" / "mobilenet_0.25-logistic"), "--out",
               str(tmp_path / "m.keras")])
     assert "is stale" in r.output and "fit it again" in r.output
+
+
+def test_a_file_of_the_wrong_kind_is_a_usage_error(tmp_path):
+    """Handing a command the wrong kind of file is the user's mistake: one line, exit 2 (not 1)."""
+    from PIL import Image
+
+    from pipeline.extract import ExtractConfig, extract
+
+    data = make_folder(tmp_path / "data", per_class=6)
+    notes = tmp_path / "notes.h5"
+    notes.write_text("not hdf5")
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(photo)
+    r = _run(["info", str(notes)])
+    assert r.exit_code == 2 and "not a readable HDF5 file" in r.output
+    r = _run(["predict", "--model", str(notes), str(photo)])
+    assert r.exit_code == 2 and "could not load" in r.output and "as a Keras model" in r.output
+    r = _run(["report", "--cache-dir", str(tmp_path / "nothing")])
+    assert r.exit_code == 2 and "no fitted heads" in r.output
+    settings = dict(base="mobilenet_0.25", weights="none", input_size=32, batch_size=4, progress=False)
+    a = extract(ExtractConfig(data=str(data), out=tmp_path / "a.h5", **settings))
+    b = extract(ExtractConfig(data=str(data), limit=4, out=tmp_path / "b.h5", **settings))
+    r = _run(["fit-head", "--features", str(a), "--features", str(b), "--head", "logistic",
+              "--out", str(tmp_path / "h")])
+    assert r.exit_code == 2 and "cannot fuse" in r.output and "--limit" in r.output
+    assert not (tmp_path / "h").exists()
