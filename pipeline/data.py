@@ -161,7 +161,13 @@ def _open_folder(root: Path, split: str, limit: int | None) -> Source:
     if limit:
         items = {s: _take_balanced(v, limit) for s, v in items.items()}
     counts = {s: len(items.get(s, [])) for s in SPLITS if items.get(s)}
-    _warn_small_splits(counts, root)
+    if limit:
+        fix = f"--limit {limit} keeps at most {limit} images per split"
+    elif "train" in split_dirs:
+        fix = f"add images to its subfolder of {root}; --split does not apply to a split folder"
+    else:
+        fix = "give it a larger share with --split"
+    _warn_small_splits(counts, root, fix)
     digest = hashlib.sha256()
     digest.update(json.dumps({"classes": class_names, "split": spec_used}).encode())
     for s in SPLITS:
@@ -177,12 +183,12 @@ def _open_folder(root: Path, split: str, limit: int | None) -> Source:
 SMALL_SPLIT = 50  # fewer evaluation images than this and accuracy moves in steps of over 2 points
 
 
-def _warn_small_splits(counts: dict[str, int], root: Path) -> None:
+def _warn_small_splits(counts: dict[str, int], root: Path, fix: str) -> None:
     for split in ("val", "test"):
         n = counts.get(split, 0)
         if 0 < n < SMALL_SPLIT:
             log.warning("the %s split of %s has only %d images: its accuracy moves in steps of %.1f points "
-                        "(give it a larger share with --split)", split, root, n, 100 / n)
+                        "(%s)", split, root, n, 100 / n, fix)
 
 
 def _take_balanced(items: list[Item], limit: int) -> list[Item]:

@@ -113,12 +113,19 @@ def test_split_warnings(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         open_source(str(pre), "70/15/15")
     assert "--split 70/15/15 is not used" in caplog.text
+    # the small-split hint names what applies: the split folder, not --split; or --limit
+    assert "only 4 images" in caplog.text and "add images to its subfolder" in caplog.text
+    assert "larger share with --split" not in caplog.text
     caplog.clear()
     data = make_folder(tmp_path / "data", per_class=300)
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         src = open_source(str(data), "98/1/1")
     assert src.counts["val"] == 6
-    assert "val split" in caplog.text and "only 6 images" in caplog.text
+    assert "val split" in caplog.text and "only 6 images" in caplog.text and "larger share with --split" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        open_source(str(data), "80/10/10", None, 10)
+    assert "only 10 images" in caplog.text and "--limit 10 keeps at most 10 images per split" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         open_source(str(data), "80/10/10")
