@@ -59,6 +59,15 @@ _said_lock = threading.Lock()
 _said: set[str] = set()
 
 
+_WHY: dict[str, str] = {}  # why resolve() chose a runtime, for the one line saying which runs
+
+
+def _say_runtime(runtime: str, precision: str, detail: str = "") -> None:
+    """Log once which runtime runs: ``runtime: keras f32 (openvino is not installed)``."""
+    why = "; ".join(x for x in (detail, _WHY.get(runtime, "")) if x)
+    _say_once(f"runtime: {runtime} {precision}" + (f" ({why})" if why else ""))
+
+
 def _say_once(message: str, level: int = logging.INFO) -> None:
     """Log ``message`` once per process (which runtime runs, fallbacks)."""
     with _said_lock:
@@ -143,19 +152,20 @@ def resolve(runtime: str = "auto", precision: str = "auto", mixed_precision: str
     x86 = is_x86() if x86 is None else x86
     acc = _accelerator() if accelerator is False else accelerator
 
-    if mixed_precision == "on" and runtime == "openvino":
-        raise UsageError("--mixed-precision on is Keras float16; with --runtime openvino use --precision f32 or bf16")
-    if runtime == "auto" and mixed_precision == "on":
+    _WHY.clear()
+    fp16 = "--precision fp16" if precision == "fp16" else "--mixed-precision on" if mixed_precision == "on" else ""
+    if fp16 and runtime == "openvino":
+        raise UsageError(f"{fp16} is Keras float16; with --runtime openvino use --precision f32 or bf16")
+    if runtime == "auto" and fp16:
         runtime = "keras"  # asked for Keras float16 explicitly (as before the OpenVINO runtime)
-        _say_once("runtime: keras (--mixed-precision on)")
+        _WHY["keras"] = fp16
     if runtime == "auto":
         if acc is None and x86 and backend == "tensorflow" and openvino_ok:
             runtime = "openvino"
         else:
             runtime = "keras"
-            why = ("an accelerator" if acc is not None else "not an x86-64 CPU" if not x86
-                   else f"KERAS_BACKEND={backend}" if backend != "tensorflow" else "openvino is not installed")
-            _say_once(f"runtime: keras ({why})")
+            _WHY["keras"] = ("an accelerator" if acc is not None else "not an x86-64 CPU" if not x86
+                             else f"KERAS_BACKEND={backend}" if backend != "tensorflow" else "openvino is not installed")
     elif runtime == "openvino":
         if not openvino_ok:
             raise UsageError("--runtime openvino: the openvino package is not installed "
@@ -168,11 +178,12 @@ def resolve(runtime: str = "auto", precision: str = "auto", mixed_precision: str
         if precision == "bf16":
             raise UsageError("--precision bf16 needs --runtime openvino (Keras' bfloat16 on a CPU is slower "
                              "than float32); use f32")
-        if precision == "fp16" and acc is None:
-            raise UsageError("--precision fp16 is for GPUs (Keras mixed float16); on a CPU use f32")
         if precision == "auto":
             mixed = mixed_precision == "on" or (mixed_precision == "auto" and acc is not None)
             precision = "fp16" if mixed else "f32"
+        if precision == "fp16" and acc is None:
+            _say_once(f"{fp16 or 'float16'} on a CPU: Keras float16 is slower than float32 here (no native "
+                      "float16 math); it is meant for GPUs", logging.WARNING)
         return runtime, precision
 
     bf16 = bf16_supported() if bf16_ok is None else bf16_ok
@@ -435,7 +446,7 @@ def build_runtime(backbone, weights, input_size: int, pooling: str = "avg", runt
     runtime, precision = resolve(runtime, precision, mixed_precision)
     if runtime == "keras":
         model, winfo = _build_keras_extractor(backbone, weights, input_size, pooling, fp16=precision == "fp16")
-        _say_once(f"runtime: keras {precision}")
+        _say_runtime("keras", precision)
         return KerasRuntime(model, batch_size, input_size, winfo, precision)
 
     import keras
@@ -482,7 +493,7 @@ def build_runtime(backbone, weights, input_size: int, pooling: str = "avg", runt
         log.warning("OpenVINO could not convert or compile %s (%s); using the keras runtime", backbone.name, first)
         model, winfo = keras_model()
         return KerasRuntime(model, batch_size, input_size, winfo, "f32")
-    _say_once(f"runtime: openvino {precision} (OpenVINO {__import__('openvino').__version__}, CPU)")
+    _say_runtime("openvino", precision, f"OpenVINO {__import__('openvino').__version__}, CPU")
     return rt
 
 
@@ -512,7 +523,7 @@ def compile_keras_model(model, runtime: str = "auto", precision: str = "auto", k
     requested = str(runtime).strip().lower()
     runtime, precision = resolve(runtime, precision, "off")
     if runtime == "keras":
-        _say_once(f"runtime: keras {precision}")
+        _say_runtime("keras", precision)
         return (lambda batch: np.asarray(model.predict_on_batch(batch))), "keras", precision
     try:
         import openvino as ov
@@ -545,5 +556,5 @@ def compile_keras_model(model, runtime: str = "auto", precision: str = "auto", k
         out = request.infer({i: np.ascontiguousarray(a) for i, a in enumerate(arrays)})
         return np.array(out[0], copy=True)
 
-    _say_once(f"runtime: openvino {precision} (OpenVINO {ov.__version__}, CPU)")
+    _say_runtime("openvino", precision, f"OpenVINO {ov.__version__}, CPU")
     return call, "openvino", precision

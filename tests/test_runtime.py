@@ -83,8 +83,7 @@ def test_explicit_choices_and_bad_requests():
         (("openvino", "auto"), {"openvino_ok": False}, "openvino package is not installed"),
         (("openvino", "auto"), {"backend": "jax"}, "KERAS_BACKEND=jax"),
         (("keras", "bf16"), {}, "needs --runtime openvino"),
-        (("openvino", "fp16"), {}, "fp16 is for the Keras runtime"),
-        (("keras", "fp16"), {}, "for GPUs"),
+        (("openvino", "fp16"), {}, "--precision fp16 is Keras float16; with --runtime openvino"),
     ]
     for args, overrides, message in bad:
         with pytest.raises(UsageError, match=message):
@@ -117,7 +116,7 @@ def test_missing_openvino_falls_back_to_keras(colours, tmp_path, monkeypatch, ca
                                     out=tmp_path / "f.h5", progress=False))
     with h5py.File(out, "r") as h5:
         assert h5.attrs["runtime"] == "keras" and h5.attrs["precision"] == "f32"
-    assert "runtime: keras (openvino is not installed)" in caplog.text
+    assert "runtime: keras f32 (openvino is not installed)" in caplog.text
     r = CliRunner().invoke(cli, ["extract", "--base", "vgg16", "--data", str(colours), "--weights", "none",
                                  "--input-size", "32", "--runtime", "openvino", "--out", str(tmp_path / "g.h5")])
     assert r.exit_code == 2 and "openvino package is not installed" in _one_line(r.output)
@@ -299,13 +298,34 @@ def test_jpeg_reduced_size_decode_only_from_twice_the_target(tmp_path, wh, reduc
     np.testing.assert_array_equal(decode_image(path.read_bytes(), 64), got)
 
 
-def test_mixed_precision_on_is_never_silently_dropped():
-    """--mixed-precision on asks for Keras float16: auto honours it, openvino refuses it in one line."""
+def test_mixed_precision_on_is_never_silently_dropped(caplog):
+    """--mixed-precision on and --precision fp16 are the same request, Keras float16: auto honours both
+    (on a CPU with a warning that it is slower there), openvino refuses both in one line."""
     from pipeline.errors import UsageError
 
-    assert rt.resolve("auto", "auto", "on", **CPU) == ("keras", "fp16")
-    with pytest.raises(UsageError, match="--mixed-precision on"):
-        rt.resolve("openvino", "auto", "on", **CPU)
+    rt._said.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.runtime"):
+        assert rt.resolve("auto", "auto", "on", **CPU) == ("keras", "fp16")
+        assert rt.resolve("auto", "fp16", **CPU) == ("keras", "fp16")
+        assert rt.resolve("keras", "fp16", **CPU) == ("keras", "fp16")
+        assert rt.resolve("auto", "fp16", accelerator="gpu", **{k: v for k, v in CPU.items() if k != "accelerator"}) \
+            == ("keras", "fp16")
+    assert "slower than float32" in caplog.text
+    for args in (("openvino", "auto", "on"), ("openvino", "fp16")):
+        with pytest.raises(UsageError, match="is Keras float16; with --runtime openvino"):
+            rt.resolve(*args, **CPU)
+
+
+def test_the_runtime_is_said_once_with_its_reason(caplog):
+    """One line says which runtime runs, and why when auto did not pick OpenVINO."""
+    rt._said.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.runtime"):
+        runtime, precision = rt.resolve("auto", "auto", "on", **CPU)
+        rt._say_runtime(runtime, precision)
+        runtime, precision = rt.resolve("auto", "auto", **{**CPU, "openvino_ok": False})
+        rt._say_runtime(runtime, precision)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("runtime:")]
+    assert lines == ["runtime: keras fp16 (--mixed-precision on)", "runtime: keras f32 (openvino is not installed)"]
 
 
 # ------------------------------------------------------------------------------------------- pipelining
