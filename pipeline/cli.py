@@ -132,8 +132,8 @@ def bases_cmd(as_json: bool) -> None:
               help="auto | keras | openvino. auto: OpenVINO on x86-64 CPUs (when installed, TensorFlow backend), "
                    "Keras elsewhere (README: CPU runtime).")
 @click.option("--precision", default="auto", show_default=True,
-              help="auto | f32 | bf16 | fp16. bf16: OpenVINO on CPUs with AMX/AVX512-BF16; fp16: Keras float16 (for GPUs; slower on a CPU); "
-                   "auto: f32 on CPUs, fp16 per --mixed-precision on GPUs.")
+              help="auto | f32 | bf16 | fp16. bf16: OpenVINO on CPUs with AMX/AVX512-BF16; "
+                   "fp16: Keras float16 (for GPUs; slower on a CPU); auto: f32 on CPUs, fp16 per --mixed-precision on GPUs.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where reader, model and writer run: this process, or a Ray cluster (Ray Data).")
