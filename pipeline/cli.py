@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -53,11 +54,18 @@ class _Group(click.Group):
             click.echo(f"tlpipe: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("tlpipe: interrupted; run the same command again to resume", err=True)
+            resumable = ctx.invoked_subcommand in ("extract", "fine-tune", "baseline")
+            click.echo("tlpipe: interrupted; " + ("run the same command again to resume" if resumable else
+                       "no output was replaced (run the command again)"), err=True)
             ctx.exit(130)
         except Exception as exc:  # noqa: BLE001 - anything unexpected still ends in one line
             if (ctx.obj or {}).get("debug"):
                 raise
+            backend = os.environ.get("KERAS_BACKEND", "")
+            if isinstance(exc, ModuleNotFoundError) and backend and exc.name == backend:
+                click.echo(f"tlpipe: error: KERAS_BACKEND={backend} but the {backend} package is not installed: "
+                           f"pip install {backend}, or unset KERAS_BACKEND (TensorFlow)", err=True)
+                ctx.exit(2)
             text = str(exc).strip().splitlines()
             click.echo(f"tlpipe: error: {type(exc).__name__}: {text[0] if text else ''} "
                        "(run with --debug for the traceback)", err=True)
@@ -442,15 +450,22 @@ def export_cmd(head_dir, out, fmt, force, base, weights, cache_dir) -> None:
 @click.option("--model", "model_path", type=click.Path(path_type=Path), required=True,
               help="A model written by 'tlpipe export'.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write here instead of stdout.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Write here instead of stdout (an earlier prediction file is replaced; any other file only "
+                   "with --force).")
+@click.option("--force", is_flag=True, help="Replace an --out file that tlpipe predict did not write.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--runtime", default="auto", show_default=True,
               help="auto | keras | openvino (as for extract: OpenVINO on x86-64 CPUs when installed).")
 @click.option("--precision", default="auto", show_default=True, help="auto | f32 | bf16 (as for extract).")
-def predict_cmd(images, model_path, fmt, out, batch_size, runtime, precision) -> None:
+def predict_cmd(images, model_path, fmt, out, force, batch_size, runtime, precision) -> None:
     """Class and probability for each image file (folders are searched); unreadable files are listed."""
-    from pipeline.predict import format_result, predict
+    from pipeline.predict import format_result, is_prediction_file, predict
 
+    if out:
+        from pipeline.safety import guard_user_file
+
+        guard_user_file(out, "a prediction file", is_prediction_file, force)
     result = predict(model_path, list(images), batch_size=batch_size, runtime=runtime, precision=precision)
     text = format_result(result, fmt)
     if out:
@@ -473,15 +488,20 @@ def predict_cmd(images, model_path, fmt, out, batch_size, runtime, precision) ->
 @click.option("--split", default=None,
               help="train, val or test, for a folder with split subfolders [default: test, else val].")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Also write metrics.json, evaluation.json, mistakes.csv and figures/confusion.png here.")
+              help="Also write metrics.json, evaluation.json, mistakes.csv and figures/confusion.png here "
+                   "(an earlier evaluation there is replaced; files of those names made otherwise only with --force).")
+@click.option("--force", is_flag=True, help="Replace files in --out that tlpipe evaluate did not write.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-def evaluate_cmd(model_path, data, split, out, fmt, batch_size) -> None:
+@click.option("--runtime", default="auto", show_default=True, help="auto | keras | openvino (as for predict).")
+@click.option("--precision", default="auto", show_default=True, help="auto | f32 | bf16 (as for predict).")
+def evaluate_cmd(model_path, data, split, out, force, fmt, batch_size, runtime, precision) -> None:
     """Score a model on labelled images: accuracy, balanced accuracy, log loss, confusion matrix,
     per-class precision and recall, and the mistakes (most confident first)."""
     from pipeline.evaluate import EvaluateConfig, evaluate_model, format_result
 
-    res = evaluate_model(EvaluateConfig(model=model_path, data=data, split=split, out=out, batch_size=batch_size))
+    res = evaluate_model(EvaluateConfig(model=model_path, data=data, split=split, out=out, batch_size=batch_size,
+                                        force=force, runtime=runtime, precision=precision))
     click.echo(format_result(res, fmt), nl=False)
     if fmt == "json":
         for f in res.failed:

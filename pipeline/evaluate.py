@@ -33,6 +33,9 @@ class EvaluateConfig:
     split: str | None = None  # train | val | test (only for a split folder; default test, else val)
     out: Path | None = None  # write metrics.json, evaluation.json, mistakes.csv, figures/confusion.png here
     batch_size: int = 32
+    force: bool = False  # replace files of those names in ``out`` that tlpipe evaluate did not write
+    runtime: str = "auto"  # as for predict
+    precision: str = "auto"
 
 
 @dataclass
@@ -97,6 +100,8 @@ def evaluate_model(cfg: EvaluateConfig) -> EvaluateResult:
     from pipeline.fit_head import per_class as per_class_scores
     from pipeline.predict import load_exported, predict
 
+    if cfg.out:
+        guard_out(Path(cfg.out), cfg.force)  # before any work
     per_class, split = labelled_files(cfg.data, cfg.split)
     _, meta = load_exported(cfg.model)
     model_classes = [str(c) for c in meta["class_names"]]
@@ -109,7 +114,7 @@ def evaluate_model(cfg: EvaluateConfig) -> EvaluateResult:
         log.warning("%s has no images of %s: scoring the other classes only", cfg.data, ", ".join(missing))
     truth = {str(p): c for c, files in per_class.items() for p in files}
     files = [Path(p) for p in truth]
-    result = predict(cfg.model, files, batch_size=cfg.batch_size)
+    result = predict(cfg.model, files, batch_size=cfg.batch_size, runtime=cfg.runtime, precision=cfg.precision)
     index = {c: i for i, c in enumerate(result.class_names)}
     rows = result.rows
     y = np.array([index[truth[r["path"]]] for r in rows])
@@ -149,6 +154,31 @@ def to_json(res: EvaluateResult) -> dict[str, Any]:
     d = asdict(res)
     d["out"] = str(res.out) if res.out else None
     return d
+
+
+OUTPUT_FILES = ("metrics.json", "evaluation.json", "mistakes.csv", "figures/confusion.png")
+
+
+def _is_evaluation(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and {"model", "data", "split", "classes", "splits", "chance"} <= set(data)
+
+
+def guard_out(out: Path, force: bool) -> None:
+    """Refuse (exit 2) an --out that is a file, or a folder holding files of our names that an earlier
+    ``tlpipe evaluate`` did not write (its evaluation.json says so), unless ``force``."""
+    from pipeline.safety import OutputExists, check_out_path
+
+    check_out_path(out, "folder")
+    if force or not out.is_dir() or _is_evaluation(out / "evaluation.json"):
+        return
+    clash = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if clash:
+        raise OutputExists(f"{out} holds {', '.join(clash)}, not written by tlpipe evaluate; not replacing them: "
+                           "pass --force to replace them, or --out to write elsewhere")
 
 
 def write_outputs(res: EvaluateResult, out: Path) -> Path:

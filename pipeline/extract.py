@@ -39,6 +39,7 @@ from pipeline.data import Item, Source, open_source
 from pipeline.errors import DataError, LockedError, TlpipeError, UsageError
 from pipeline.features import SCHEMA_VERSION, extraction_fingerprint, read_attrs
 from pipeline.images import RESIZE_METHOD, DecodeError, decode_image, resize_array
+from pipeline.safety import check_out_path
 from pipeline.util import atomic_write_text, progress_bar
 
 log = logging.getLogger(__name__)
@@ -178,10 +179,11 @@ def extract(cfg: ExtractConfig) -> Path:
 
     resolve(cfg.runtime, cfg.precision, cfg.mixed_precision)  # a bad --runtime/--precision: one line, before the data
     size = cfg.input_size or backbone.input_size
+    out = cfg.output_path(shard)
+    check_out_path(out, "file")  # a folder or a path under a file: one line, before the data is listed
     source = open_source(cfg.data, cfg.split, cfg.tfds_data_dir, cfg.limit)
     if not source.splits:
         raise DataError(f"no images in {cfg.data}")
-    out = cfg.output_path(shard)
     out.parent.mkdir(parents=True, exist_ok=True)
     job = Job(backbone, weights, size, source, out, shard)
 

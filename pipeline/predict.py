@@ -146,6 +146,18 @@ def predict(model_path: str | Path, inputs: list[str | Path], batch_size: int = 
     return result
 
 
+def is_prediction_file(path: Path) -> bool:
+    """True for a file that ``tlpipe predict --out`` wrote (csv, json or table), from its first line."""
+    with open(path, encoding="utf-8") as fh:
+        first = fh.readline()
+        second = fh.readline()
+    if first.startswith("path,class,probability,") and first.rstrip("\n").endswith(",error"):
+        return True
+    if first == "{\n" and second.startswith('  "classes": '):
+        return True
+    return first.split() == ["path", "class", "probability"]
+
+
 def format_result(result: PredictResult, fmt: str) -> str:
     """``table`` (for people), ``csv`` (one row per image, failures with an error column) or ``json``."""
     if fmt == "json":

@@ -100,8 +100,41 @@ def check_replace(path: Path, what: str, differences: list[str], force: bool) ->
         return
     fix = (f"it is not in DVC's cache, so DVC stage {stage} will not replace it: move it away "
            f"(it is yours), then run again" if stage else "pass --force to replace it, or --out to write elsewhere")
+    if len(differences) == 1 and differences[0].startswith("it is not a tlpipe"):
+        raise OutputExists(f"{path} was not made by tlpipe ({differences[0]}); not replacing it: {fix}")
     raise OutputExists(f"{path} holds {what} made from other settings ({'; '.join(differences)}); "
                        f"not replacing it: {fix}")
+
+
+def check_out_path(path: Path, kind: str) -> None:
+    """Refuse, in one line (exit 2), an output path of the wrong kind before any work: ``kind`` is
+    ``"file"`` or ``"folder"``; a folder where a file goes (or the reverse), or a parent that is a file."""
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise UsageError(f"--out {path} is a folder; give a file path")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} is a file; give a folder path (this command writes a folder)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out {path}: {parent} is a file, not a folder")
+            break
+
+
+def guard_user_file(path: Path, what: str, ours, force: bool) -> None:
+    """Refuse to replace an existing file ``path`` that ``ours(path)`` does not recognise as ``what``
+    written by tlpipe (a file the user made), unless ``force``."""
+    path = Path(path)
+    check_out_path(path, "file")
+    if force or not path.exists():
+        return
+    try:
+        recognised = bool(ours(path))
+    except (OSError, ValueError, UnicodeDecodeError):
+        recognised = False
+    if not recognised:
+        raise OutputExists(f"{path} exists and is not {what} written by tlpipe; not replacing it: "
+                           "pass --force to replace it, or --out to write elsewhere")
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
@@ -128,6 +161,7 @@ def guard_head_folder(out: Path, new: dict, force: bool) -> None:
     """
     import json
 
+    check_out_path(out, "folder")
     if not out.exists() or not any(out.iterdir()):
         return
     meta = out / "model" / "head.json"
@@ -147,7 +181,10 @@ def guard_head_folder(out: Path, new: dict, force: bool) -> None:
         changed = sorted(k for k in set(before) | set(after)
                          if k != "extra" and json.dumps(before.get(k)) != json.dumps(after.get(k)))
         if changed:
-            changes.append(", ".join(f"{k} {before.get(k)} -> {after.get(k)}" for k in changed))
+            def show(v):
+                return "none" if v is None else v
+
+            changes.append(", ".join(f"{k} {show(before.get(k))} -> {show(after.get(k))}" for k in changed))
         if not changes:
             return  # same head, features and parameters: fitting again is a refresh
     if not force and os.environ.get("DVC_STAGE") and (out / "model").is_dir() and in_dvc_cache(out / "model"):

@@ -124,8 +124,8 @@ def parse_weights(spec: str | None, backbone: Backbone | None = None) -> str | P
         return found
     if not path.is_file():
         raise UsageError(
-            f"weights file not found: {text} (use --weights imagenet, --weights none, "
-            "or a path to a .h5 / .weights.h5 file)"
+            f"weights not found: {text} (use --weights imagenet, --weights none, a .h5 / .weights.h5 file, "
+            "or a folder holding the base's Keras weights file)"
         )
     if not (path.name.endswith(".h5") or path.name.endswith(".keras")):
         raise UsageError(f"weights file must be a .h5 or .weights.h5 file: {text}")

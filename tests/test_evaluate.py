@@ -112,3 +112,43 @@ def test_usage_errors(exported, tmp_path):
     assert r.exit_code == 2 and "not found" in r.output
     r = _run(["evaluate", "--model", str(model), "--data", str(root), "--split", "val"])
     assert r.exit_code == 2 and "no train/ val/ test/ subfolders" in r.output
+
+
+def test_predict_and_evaluate_never_replace_a_file_the_user_made(exported, tmp_path):
+    """predict --out replaces an earlier prediction file, not a file the user made (exit 2, unchanged)
+    unless --force; evaluate --out likewise for files of its names in the folder; a folder where a
+    file goes (or the reverse) is one line, exit 2, before any work."""
+    root, model = exported
+    mine = tmp_path / "notes.csv"
+    mine.write_text("my own notes\n")
+    r = _run(["predict", "--model", str(model), str(root), "--out", str(mine), "--format", "csv"])
+    assert r.exit_code == 2 and "not a prediction file written by tlpipe" in r.output and "--force" in r.output
+    assert mine.read_text() == "my own notes\n"
+    for fmt in ("csv", "json", "table"):
+        out = tmp_path / f"p.{fmt}"
+        for _ in range(2):  # the second run replaces the first run's file
+            r = _run(["predict", "--model", str(model), str(root / "red"), "--out", str(out), "--format", fmt])
+            assert r.exit_code == 0, r.output
+    r = _run(["predict", "--model", str(model), str(root / "red"), "--out", str(mine), "--force"])
+    assert r.exit_code == 0 and mine.read_text().startswith("path")
+    r = _run(["predict", "--model", str(model), str(root), "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "is a folder" in r.output
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "metrics.json").write_text('{"precious": 1}')
+    (folder / "other.txt").write_text("kept")
+    r = _run(["evaluate", "--model", str(model), "--data", str(root), "--out", str(folder)])
+    assert r.exit_code == 2 and "metrics.json, not written by tlpipe evaluate" in r.output
+    assert (folder / "metrics.json").read_text() == '{"precious": 1}'
+    assert not (folder / "evaluation.json").exists()
+    fresh = tmp_path / "fresh"
+    for _ in range(2):  # an earlier evaluation is replaced
+        r = _run(["evaluate", "--model", str(model), "--data", str(root), "--out", str(fresh)])
+        assert r.exit_code == 0, r.output
+    r = _run(["evaluate", "--model", str(model), "--data", str(root), "--out", str(folder), "--force",
+              "--runtime", "keras"])
+    assert r.exit_code == 0 and "precious" not in (folder / "metrics.json").read_text()
+    assert (folder / "other.txt").read_text() == "kept"
+    r = _run(["evaluate", "--model", str(model), "--data", str(root), "--out", str(mine)])
+    assert r.exit_code == 2 and "is a file" in r.output

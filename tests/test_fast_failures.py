@@ -185,3 +185,29 @@ def test_a_file_of_the_wrong_kind_is_a_usage_error(tmp_path):
               "--out", str(tmp_path / "h")])
     assert r.exit_code == 2 and "cannot fuse" in r.output and "--limit" in r.output
     assert not (tmp_path / "h").exists()
+
+
+def test_ctrl_c_says_resume_only_where_a_command_resumes(monkeypatch, tmp_path):
+    import pipeline.report
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.report, "report", interrupted)
+    r = _run(["report", "--cache-dir", str(tmp_path)])
+    assert r.exit_code == 130 and "no output was replaced" in r.output and "resume" not in r.output
+
+
+def test_a_missing_keras_backend_package_is_one_line(tmp_path):
+    """KERAS_BACKEND naming a backend whose package is not installed: one line naming the fix, exit 2."""
+    import importlib.util
+
+    backend = next((b for b in ("jax", "torch") if importlib.util.find_spec(b) is None), None)
+    if backend is None:
+        pytest.skip("jax and torch are both installed")
+    data = make_folder(tmp_path / "data", per_class=2)
+    r = _cli_subprocess("extract", "--base", "mobilenet_0.25", "--data", str(data), "--weights", "none",
+                        "--out", str(tmp_path / "f.h5"), env_extra={"KERAS_BACKEND": backend})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert f"KERAS_BACKEND={backend} but the {backend} package is not installed" in lines[0]

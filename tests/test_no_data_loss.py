@@ -225,3 +225,32 @@ def test_bytes_in_dvc_cache_only_excuse_a_dvc_stage(tmp_path, monkeypatch):
     obj.unlink()
     with pytest.raises(OutputExists, match="not in DVC's cache"):
         check_replace(mine, "features", ["limit 0 -> 10"], force=False)
+
+
+def test_an_out_path_of_the_wrong_kind_is_one_line_and_leaves_nothing(tmp_path):
+    """--out naming a folder where a file goes, a file where a folder goes, or a path under a file:
+    one line, exit 2, before any work, nothing left beside it (it used to be a Python error, exit 1,
+    with a .partial left over)."""
+    from click.testing import CliRunner
+
+    from conftest import make_folder
+    from pipeline.cli import cli
+
+    data = make_folder(tmp_path / "data", per_class=4)
+    mine = tmp_path / "mine.txt"
+    mine.write_text("mine")
+    folder = tmp_path / "folder"
+    (folder / "inner").mkdir(parents=True)
+    common = ["--base", "mobilenet_0.25", "--data", str(data), "--weights", "none", "--input-size", "32"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for out, force, message in ((folder, True, "is a folder"), (mine / "x.h5", False, "is a file, not a folder")):
+        r = CliRunner().invoke(cli, ["extract", *common, "--out", str(out), *(["--force"] if force else [])])
+        assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and mine.read_text() == "mine"
+    feats = tmp_path / "f.h5"
+    assert CliRunner().invoke(cli, ["extract", *common, "--out", str(feats)]).exit_code == 0
+    r = CliRunner().invoke(cli, ["fit-head", "--features", str(feats), "--out", str(mine)])
+    assert r.exit_code == 2 and "is a file; give a folder path" in r.output and mine.read_text() == "mine"
+    # a file tlpipe did not make at an --out: refused, in words that say so
+    r = CliRunner().invoke(cli, ["extract", *common, "--out", str(mine)])
+    assert r.exit_code == 2 and "was not made by tlpipe" in r.output and mine.read_text() == "mine"
