@@ -9,6 +9,7 @@ is no test), or the one named by ``split``. Images are decoded and predicted by
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -183,7 +184,7 @@ def guard_out(out: Path, force: bool) -> None:
 
 def write_outputs(res: EvaluateResult, out: Path) -> Path:
     """metrics.json (the figures to compare), evaluation.json (all), mistakes.csv, figures/confusion.png."""
-    from pipeline.util import write_json
+    from pipeline.util import atomic_write_text, write_json
 
     out.mkdir(parents=True, exist_ok=True)
     name = res.split or Path(res.data).name or "data"
@@ -193,10 +194,11 @@ def write_outputs(res: EvaluateResult, out: Path) -> Path:
                                     "per_class": res.per_class}},
                   "chance": {name: res.chance}, "failed": res.failed}
     write_json(out / "evaluation.json", evaluation)
-    with open(out / "mistakes.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["path", "true", "predicted", "probability", "p_true"])
-        w.writeheader()
-        w.writerows(res.mistakes)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["path", "true", "predicted", "probability", "p_true"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(res.mistakes)
+    atomic_write_text(out / "mistakes.csv", buf.getvalue())
     try:
         from pipeline.plots import confusion_figure
 
