@@ -479,6 +479,11 @@ def build_export(head_dir: str | Path, base: str | None = None, weights: str | N
         raise UsageError(f"--base {base} does not match the head, which was fitted on "
                          f"{' + '.join(head_bases)} features")
 
+    low = sorted({str(a.get("precision")) for a in all_attrs} & {"bf16", "fp16"})
+    if low:
+        log.warning("the head was fitted on %s features; the exported model computes float32 features, so its "
+                    "accuracy can differ a little from the head's reported metrics (extract with --precision f32 "
+                    "for exact agreement)", "/".join(low))
     classes = list(info["classes"])
     k, dim = len(classes), int(info["feature_size"])
     head = load_head(model_dir)

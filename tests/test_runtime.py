@@ -231,7 +231,7 @@ def test_runtime_and_precision_are_in_fingerprint_attrs_and_info(colours, tmp_pa
     assert r.exit_code == 0 and "runtime              openvino" in r.output and "precision            f32" in r.output
 
 
-def test_fusion_refuses_mixed_precisions(colours, tmp_path):
+def test_fusion_refuses_mixed_precisions(colours, tmp_path, caplog):
     f32 = extract(ExtractConfig(base="vgg16", data=str(colours), weights="none", input_size=32, batch_size=8,
                                 runtime="keras", out=tmp_path / "f32.h5", progress=False))
     bf16 = tmp_path / "bf16.h5"
@@ -244,6 +244,13 @@ def test_fusion_refuses_mixed_precisions(colours, tmp_path):
     assert "--allow-mixed-precision" in r.output
     r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "h2"), "--allow-mixed-precision"])
     assert r.exit_code == 0, r.output
+    # exporting a head fitted on bf16 features says that the float32 model can differ from its metrics
+    rt._said.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.export"):
+        r = CliRunner().invoke(cli, ["export", "--head", str(tmp_path / "h2"), "--out", str(tmp_path / "m.keras"),
+                                     "--weights", "none"])
+    assert r.exit_code == 0, r.output
+    assert "fitted on bf16 features" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------- predict
