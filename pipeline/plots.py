@@ -206,7 +206,7 @@ def write_head_figures(head_dir: str | Path) -> list[Path]:
         path = make()
         if path is not None:
             written.append(path)
-    log.info("%d figures -> %s", len(written), figures)
+    log.debug("%d figures -> %s", len(written), figures)  # head_dir is often the temporary folder
     return written
 
 
