@@ -567,6 +567,11 @@ def _up_to_date(out: Path, fingerprint: str, shard: tuple[int, int] | None = Non
         same_shard = shard is None or (attrs.get("shard_index"), attrs.get("shard_count")) == shard
         if attrs.get("fingerprint") == fingerprint and same_shard and ("shard_index" in attrs) == (shard is not None):
             log.info("%s is up to date (same fingerprint); use --force to extract again", out)
+            partial = hidden_sibling(out, ".partial")
+            if partial.exists():  # an interrupted run with other settings: kept for a rerun of those
+                log.info("an unfinished extraction with other settings is kept at %s (%.1f MB): the same "
+                         "command with those settings resumes it; delete it if you do not need it",
+                         partial, partial.stat().st_size / 1e6)
             return True
     except Exception:  # noqa: BLE001 - an unreadable file is simply not up to date
         pass

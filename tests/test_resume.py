@@ -269,3 +269,16 @@ def test_changed_settings_do_not_resume_a_checkpoint(small_ref, tmp_path, monkey
     assert "already done" not in text and "other settings" in text
     fresh = extract(ExtractConfig(data=str(data), out=tmp_path / "fresh.h5", **{**SETTINGS, "batch_size": 4}))
     assert_same_datasets(fresh, out)
+
+
+def test_an_up_to_date_run_names_an_unfinished_extraction_left_beside_it(small_ref, tmp_path, caplog):
+    """A --force run with other settings interrupted, then the same settings as the file: up to date,
+    and the unfinished file is named (kept for a rerun of those settings), not left silently."""
+    data, ref = small_ref
+    out = tmp_path / "f.h5"
+    _finish(data, out, caplog)
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_bytes(b"\0" * 2_000_000)  # what an interrupted run with other settings leaves
+    text = _finish(data, out, caplog)
+    assert "is up to date" in text and f"unfinished extraction with other settings is kept at {partial}" in text
+    assert "(2.0 MB)" in text and partial.exists()
