@@ -378,11 +378,12 @@ def baseline_cmd(data, split, input_size, epochs, lr, augment, batch_size, patie
 
 @cli.command("report")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
-def report_cmd(cache_dir) -> None:
+@click.option("--force", is_flag=True, help="Replace a report.md that tlpipe report did not write.")
+def report_cmd(cache_dir, force) -> None:
     """Compare every fitted head: CACHE/report.md, report.json and plots/comparison.csv."""
     from pipeline.report import ReportConfig, report
 
-    path = report(ReportConfig(cache_dir=cache_dir))
+    path = report(ReportConfig(cache_dir=cache_dir, force=force))
     click.echo(path.read_text())
 
 
@@ -391,14 +392,17 @@ def report_cmd(cache_dir) -> None:
 @click.option("--split", default="80/10/10", show_default=True)
 @click.option("--tfds-data-dir", default=None)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("cache/manifest.json"), show_default=True)
-def manifest_cmd(data, split, tfds_data_dir, out) -> None:
+@click.option("--force", is_flag=True, help="Replace an --out file that tlpipe manifest did not write.")
+def manifest_cmd(data, split, tfds_data_dir, out, force) -> None:
     """List the data source (classes, images per split, fingerprint) into a JSON manifest.
 
     DVC runs this on every 'dvc repro'; extraction reruns only when the manifest changes.
     """
-    from pipeline.data import open_source
+    from pipeline.data import is_manifest, open_source
+    from pipeline.safety import guard_user_file
     from pipeline.util import write_json
 
+    guard_user_file(out, "a manifest", is_manifest, force)
     src = open_source(data, split, tfds_data_dir)
     write_json(out, src.manifest())
     click.echo(f"{out}: {src.spec}, classes {len(src.class_names)}, images {json.dumps(src.counts)}")
@@ -517,12 +521,13 @@ def evaluate_cmd(model_path, data, split, out, force, fmt, batch_size, runtime, 
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output CSV [default: CACHE/learning_curves/FEATURES-HEAD.csv]; a JSON summary goes beside it.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
-def learning_curve_cmd(features, head, sizes, seeds, out, cache_dir) -> None:
+@click.option("--force", is_flag=True, help="Replace an --out CSV or JSON that tlpipe learning-curve did not write.")
+def learning_curve_cmd(features, head, sizes, seeds, out, cache_dir, force) -> None:
     """Validation accuracy against the number of training images (stratified subsamples)."""
     from pipeline.learning_curve import CurveConfig, format_summary, learning_curve
 
     path = learning_curve(CurveConfig(features=list(features), head=head, sizes=sizes, seeds=seeds, out=out,
-                                      cache_dir=cache_dir))
+                                      cache_dir=cache_dir, force=force))
     click.echo(format_summary(path))
 
 

@@ -78,6 +78,12 @@ class Source:
         }
 
 
+def is_manifest(path: Path) -> bool:
+    """True for a JSON file that ``tlpipe manifest`` wrote."""
+    data = json.loads(Path(path).read_text())
+    return isinstance(data, dict) and {"source", "kind", "split", "class_names", "counts", "fingerprint"} <= set(data)
+
+
 def parse_split(spec: str) -> tuple[float, float, float]:
     """Parse ``80/10/10`` (or ``80/20``) into train/val/test percentages summing to 100."""
     try:

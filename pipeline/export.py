@@ -554,6 +554,9 @@ def check_out(out: str | Path, fmt: str, force: bool = False) -> Path:
         raise UsageError(f"--out must end in {want} for --format {fmt}, not {out.name}")
     if fmt == "savedmodel" and out.suffix in (".keras", ".tflite", ".h5", ".pb", ".zip"):
         raise UsageError(f"--format savedmodel writes a directory: --out must be a folder name, not {out.name}")
+    from pipeline.safety import check_out_path
+
+    check_out_path(out, "folder" if fmt == "savedmodel" else "file")
     if not force:
         for path in _outputs(out, fmt):
             if path.exists() or path.is_symlink():

@@ -171,73 +171,77 @@ def fit_head(cfg: FitConfig) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    head = head_cls(k, cfg.params)
-    if cfg.tensorboard and head.name == "dense":
-        head.tensorboard = Path(cfg.tensorboard)
-    t0 = time.perf_counter()
-    rows = head.fit((train.X, train.y), (val.X, val.y))  # val: scored per epoch by dense, chooses nothing
-    fit_seconds = time.perf_counter() - t0
+    try:  # a failure or Ctrl-C leaves no half-made folder beside the output
+        head = head_cls(k, cfg.params)
+        if cfg.tensorboard and head.name == "dense":
+            head.tensorboard = Path(cfg.tensorboard)
+        t0 = time.perf_counter()
+        rows = head.fit((train.X, train.y), (val.X, val.y))  # val: scored per epoch by dense, chooses nothing
+        fit_seconds = time.perf_counter() - t0
 
-    splits: dict[str, Any] = {}
-    pred_parts: list[tuple[str, Any, np.ndarray, np.ndarray, np.ndarray]] = []  # rows made when written
-    roc_rows: list[dict[str, Any]] = []
-    for name, split in fs.splits.items():
-        proba = head.predict_proba(split.X)
-        splits[name] = {**evaluate(proba, split.y, k), **per_class(proba, split.y, classes)}
-        if name != "train":
-            pred_parts.append((name, split.ids, split.y, proba.argmax(1), proba.max(1)))
-        if name == "val" and k == 2 and len(np.unique(split.y)) == 2:
-            from sklearn.metrics import roc_curve
+        splits: dict[str, Any] = {}
+        pred_parts: list[tuple[str, Any, np.ndarray, np.ndarray, np.ndarray]] = []  # rows made when written
+        roc_rows: list[dict[str, Any]] = []
+        for name, split in fs.splits.items():
+            proba = head.predict_proba(split.X)
+            splits[name] = {**evaluate(proba, split.y, k), **per_class(proba, split.y, classes)}
+            if name != "train":
+                pred_parts.append((name, split.ids, split.y, proba.argmax(1), proba.max(1)))
+            if name == "val" and k == 2 and len(np.unique(split.y)) == 2:
+                from sklearn.metrics import roc_curve
 
-            fpr, tpr, thr = roc_curve(split.y, proba[:, 1])
-            roc_rows = [{"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))}
-                        for a, b, c in zip(fpr, tpr, thr)]
-    metrics: dict[str, Any] = {name: {"accuracy": splits[name]["accuracy"], "log_loss": splits[name]["log_loss"]}
-                               for name in ("val", "test") if name in splits}
-    metrics["fit_seconds"] = round(fit_seconds, 3)
-    attrs = [read_attrs(p) for p in fs.paths]
-    evaluation: dict[str, Any] = {
-        "base": fs.base,
-        "head": head.name,
-        "features": [str(p) for p in fs.paths],
-        "weights": [str(a.get("weights", "")) for a in attrs],
-        "data_source": str(fs.attrs.get("data_source", "")),
-        "limit": int(fs.attrs.get("limit") or 0),
-        "classes": classes,
-        "feature_size": int(train.X.shape[1]),
-        "fit_seconds": round(fit_seconds, 3),
-        "extract_images_per_second": fs.attrs.get("images_per_second"),
-        "tuning": {**head.tuning, "val_used_for_tuning": False},
-        "memory": memory,  # streamed from disk or in memory, and why
-        "splits": splits,
-        "chance": {name: float(np.bincount(s.y, minlength=k).max() / max(1, len(s.y)))
-                   for name, s in fs.splits.items()},
-        "untrained": {name: untrained_baseline(train.X, s.X, s.y, k, cfg.params.seed)
-                      for name, s in fs.splits.items() if name != "train"},
-    }
+                fpr, tpr, thr = roc_curve(split.y, proba[:, 1])
+                roc_rows = [{"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))}
+                            for a, b, c in zip(fpr, tpr, thr)]
+        metrics: dict[str, Any] = {name: {"accuracy": splits[name]["accuracy"], "log_loss": splits[name]["log_loss"]}
+                                   for name in ("val", "test") if name in splits}
+        metrics["fit_seconds"] = round(fit_seconds, 3)
+        attrs = [read_attrs(p) for p in fs.paths]
+        evaluation: dict[str, Any] = {
+            "base": fs.base,
+            "head": head.name,
+            "features": [str(p) for p in fs.paths],
+            "weights": [str(a.get("weights", "")) for a in attrs],
+            "data_source": str(fs.attrs.get("data_source", "")),
+            "limit": int(fs.attrs.get("limit") or 0),
+            "classes": classes,
+            "feature_size": int(train.X.shape[1]),
+            "fit_seconds": round(fit_seconds, 3),
+            "extract_images_per_second": fs.attrs.get("images_per_second"),
+            "tuning": {**head.tuning, "val_used_for_tuning": False},
+            "memory": memory,  # streamed from disk or in memory, and why
+            "splits": splits,
+            "chance": {name: float(np.bincount(s.y, minlength=k).max() / max(1, len(s.y)))
+                       for name, s in fs.splits.items()},
+            "untrained": {name: untrained_baseline(train.X, s.X, s.y, k, cfg.params.seed)
+                          for name, s in fs.splits.items() if name != "train"},
+        }
 
-    (tmp / "model").mkdir()
-    head.save(tmp / "model")
-    write_json(tmp / "model" / "head.json", {
-        "head": head.name, "description": head.description, "classes": classes, "base": fs.base,
-        "features": [str(p) for p in fs.paths], "feature_size": int(train.X.shape[1]),
-        "fingerprints": _fingerprints(fs), "params": asdict(cfg.params),
-        "chosen": head.chosen, "tuning": evaluation["tuning"], "tlpipe_version": __version__,
-    })
-    write_json(tmp / "metrics.json", metrics)
-    write_json(tmp / "evaluation.json", evaluation)
-    # both files always exist (DVC outputs); the one that does not apply to this head is header-only
-    dense = head.name == "dense"
-    _write_csv(tmp / "history.csv", rows if dense else [], HISTORY_COLUMNS)
-    _write_csv(tmp / "grid.csv", [] if dense else rows, GRID_COLUMNS)
-    pred_rows = ({"split": name, "id": i, "actual": classes[a], "predicted": classes[p], "probability": round(float(pr), 6)}
-                 for name, ids, ys, preds, probs in pred_parts for i, a, p, pr in zip(ids, ys, preds, probs))
-    _write_csv(tmp / "predictions.csv", pred_rows, ["split", "id", "actual", "predicted", "probability"])
-    _write_csv(tmp / "roc.csv", roc_rows, ["fpr", "tpr", "threshold"])
-    from pipeline.plots import write_head_figures
+        (tmp / "model").mkdir()
+        head.save(tmp / "model")
+        write_json(tmp / "model" / "head.json", {
+            "head": head.name, "description": head.description, "classes": classes, "base": fs.base,
+            "features": [str(p) for p in fs.paths], "feature_size": int(train.X.shape[1]),
+            "fingerprints": _fingerprints(fs), "params": asdict(cfg.params),
+            "chosen": head.chosen, "tuning": evaluation["tuning"], "tlpipe_version": __version__,
+        })
+        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "evaluation.json", evaluation)
+        # both files always exist (DVC outputs); the one that does not apply to this head is header-only
+        dense = head.name == "dense"
+        _write_csv(tmp / "history.csv", rows if dense else [], HISTORY_COLUMNS)
+        _write_csv(tmp / "grid.csv", [] if dense else rows, GRID_COLUMNS)
+        pred_rows = ({"split": name, "id": i, "actual": classes[a], "predicted": classes[p], "probability": round(float(pr), 6)}
+                     for name, ids, ys, preds, probs in pred_parts for i, a, p, pr in zip(ids, ys, preds, probs))
+        _write_csv(tmp / "predictions.csv", pred_rows, ["split", "id", "actual", "predicted", "probability"])
+        _write_csv(tmp / "roc.csv", roc_rows, ["fpr", "tpr", "threshold"])
+        from pipeline.plots import write_head_figures
 
-    write_head_figures(tmp)  # figures/: curves or C/k grid, confusion matrices (PNG)
-    replace_dir(tmp, out)  # the previous folder goes only once the new one is complete
+        write_head_figures(tmp)  # figures/: curves or C/k grid, confusion matrices (PNG)
+        replace_dir(tmp, out)  # the previous folder goes only once the new one is complete
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for split in fs.splits.values():
         if hasattr(split.X, "close"):  # streamed: the open HDF5 handles
             split.X.close()

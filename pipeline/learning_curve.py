@@ -12,6 +12,7 @@ n_train, seed, val_accuracy, val_log_loss, train_accuracy, fit_seconds) and
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class CurveConfig:
     seeds: int = 3
     out: Path | None = None  # a .csv path; default <cache>/learning_curves/<features>-<head>.csv
     cache_dir: Path = Path("cache")
+    force: bool = False  # replace an --out CSV / JSON that tlpipe learning-curve did not write
 
 
 def parse_sizes(spec: str, n_train: int) -> list[int]:
@@ -101,7 +103,14 @@ def learning_curve(cfg: CurveConfig) -> Path:
     sizes = parse_sizes(cfg.sizes, len(train.y))
     out = Path(cfg.out) if cfg.out else Path(cfg.cache_dir) / "learning_curves" / f"{fs.name}-{head_cls.name}.csv"
     if out.suffix != ".csv":
-        out = out / f"{fs.name}-{head_cls.name}.csv" if not out.suffix else out.with_suffix(".csv")
+        if out.suffix and not out.is_dir():
+            raise UsageError(f"--out {out}: give a .csv path (the JSON summary goes beside it) or a folder")
+        out = out / f"{fs.name}-{head_cls.name}.csv"
+    from pipeline.safety import guard_user_file
+
+    guard_user_file(out, "a learning curve", lambda p: p.read_text().splitlines()[0] == ",".join(COLUMNS), cfg.force)
+    guard_user_file(out.with_suffix(".json"), "a learning-curve summary",
+                    lambda p: {"features", "base", "head", "train_size"} <= set(json.loads(p.read_text())), cfg.force)
     rows: list[dict[str, Any]] = []
     for n in sizes:
         for seed in range(cfg.seeds):

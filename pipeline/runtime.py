@@ -153,6 +153,9 @@ def resolve(runtime: str = "auto", precision: str = "auto", mixed_precision: str
     acc = _accelerator() if accelerator is False else accelerator
 
     _WHY.clear()
+    if mixed_precision == "on" and precision not in ("auto", "fp16"):
+        raise UsageError(f"--precision {precision} contradicts --mixed-precision on (Keras float16): "
+                         "drop one of them")
     fp16 = "--precision fp16" if precision == "fp16" else "--mixed-precision on" if mixed_precision == "on" else ""
     if fp16 and runtime == "openvino":
         raise UsageError(f"{fp16} is Keras float16; with --runtime openvino use --precision f32 or bf16")
@@ -521,6 +524,9 @@ def compile_keras_model(model, runtime: str = "auto", precision: str = "auto", k
     Returns ``(callable, runtime, precision)``.  Under ``auto`` a failed conversion warns and uses Keras.
     """
     requested = str(runtime).strip().lower()
+    if str(precision).strip().lower() == "fp16":
+        raise UsageError("--precision fp16 is for extract (Keras float16 on GPUs); the exported model runs "
+                         "in float32 here: use --precision f32 or bf16")
     runtime, precision = resolve(runtime, precision, "off")
     if runtime == "keras":
         _say_runtime("keras", precision)

@@ -254,3 +254,64 @@ def test_an_out_path_of_the_wrong_kind_is_one_line_and_leaves_nothing(tmp_path):
     # a file tlpipe did not make at an --out: refused, in words that say so
     r = CliRunner().invoke(cli, ["extract", *common, "--out", str(mine)])
     assert r.exit_code == 2 and "was not made by tlpipe" in r.output and mine.read_text() == "mine"
+
+
+def test_every_command_writing_a_named_file_keeps_a_file_the_user_made(tmp_path, monkeypatch):
+    """manifest, learning-curve and report replace their own earlier outputs, never a file of the user's
+    (one line, exit 2, --force to replace); export refuses a path under a file before building; a
+    fit-head that fails half-way leaves no hidden folder behind."""
+    data = make_folder(tmp_path / "data", per_class=6)
+    run = CliRunner().invoke
+
+    def mine(path, text="mine"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    m = mine(tmp_path / "m.json")
+    r = run(cli, ["manifest", "--data", str(data), "--out", str(m)])
+    assert r.exit_code == 2 and "not a manifest written by tlpipe" in r.output and m.read_text() == "mine"
+    for _ in range(2):
+        assert run(cli, ["manifest", "--data", str(data), "--out", str(tmp_path / "own.json")]).exit_code == 0
+    assert run(cli, ["manifest", "--data", str(data), "--out", str(m), "--force"]).exit_code == 0
+
+    feats = tmp_path / "f.h5"
+    assert run(cli, ["extract", "--base", "mobilenet_0.25", "--data", str(data), "--weights", "none",
+                     "--input-size", "32", "--out", str(feats)]).exit_code == 0
+    lc = mine(tmp_path / "lc.csv")
+    args = ["learning-curve", "--features", str(feats), "--sizes", "4,all", "--seeds", "1"]
+    r = run(cli, [*args, "--out", str(lc)])
+    assert r.exit_code == 2 and "not a learning curve written by tlpipe" in r.output and lc.read_text() == "mine"
+    r = run(cli, [*args, "--out", str(tmp_path / "notes.txt")])
+    assert r.exit_code == 2 and "give a .csv path" in r.output
+    lc2 = tmp_path / "own.csv"
+    js = mine(tmp_path / "own.json", '{"mine": 1}')  # the summary's place beside the CSV
+    r = run(cli, [*args, "--out", str(lc2)])
+    assert r.exit_code == 2 and "learning-curve summary" in r.output and js.read_text() == '{"mine": 1}'
+    js.unlink()
+    for _ in range(2):
+        assert run(cli, [*args, "--out", str(lc2)]).exit_code == 0
+
+    cache = tmp_path / "cache"
+    assert run(cli, ["fit-head", "--features", str(feats), "--out", str(cache / "heads" / "h")]).exit_code == 0
+    md = mine(cache / "report.md", "# my notes\n")
+    r = run(cli, ["report", "--cache-dir", str(cache)])
+    assert r.exit_code == 2 and "not a report written by tlpipe" in r.output and md.read_text() == "# my notes\n"
+    md.unlink()
+    for _ in range(2):
+        assert run(cli, ["report", "--cache-dir", str(cache)]).exit_code == 0
+
+    r = run(cli, ["export", "--head", str(cache / "heads" / "h"), "--out", str(lc / "m.keras"), "--weights", "none"])
+    assert r.exit_code == 2 and "is a file, not a folder" in r.output
+
+    import pipeline.heads
+
+    def broken(self, *a, **k):
+        raise RuntimeError("fit failed")
+
+    for cls in vars(pipeline.heads).values():
+        if isinstance(cls, type) and hasattr(cls, "fit") and getattr(cls, "name", None) == "logistic":
+            monkeypatch.setattr(cls, "fit", broken)
+    r = run(cli, ["fit-head", "--features", str(feats), "--out", str(tmp_path / "h2")])
+    assert r.exit_code == 1 and "fit failed" in r.output
+    assert not (tmp_path / ".h2.tmp").exists() and not (tmp_path / "h2").exists()

@@ -424,3 +424,13 @@ def test_decode_threads_share_and_priority_follow_the_runtime(monkeypatch, colou
     with h5py.File(out, "r") as h5:
         timing = json.loads(h5.attrs["timing"])
     assert timing["decode_nice"] == 0 and timing["workers"] == ex.default_workers("openvino")
+
+
+def test_contradicting_precision_flags_and_fp16_for_predict_are_refused():
+    from pipeline.errors import UsageError
+
+    for precision in ("f32", "bf16"):
+        with pytest.raises(UsageError, match=f"--precision {precision} contradicts --mixed-precision on"):
+            rt.resolve("auto", precision, "on", **CPU)
+    with pytest.raises(UsageError, match="fp16 is for extract"):
+        rt.compile_keras_model(None, "auto", "fp16")
