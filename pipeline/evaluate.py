@@ -104,6 +104,9 @@ def evaluate_model(cfg: EvaluateConfig) -> EvaluateResult:
     if cfg.out:
         guard_out(Path(cfg.out), cfg.force)  # before any work
     per_class, split = labelled_files(cfg.data, cfg.split)
+    if split == "train":
+        log.warning("scoring the train split of %s: if the model was fitted on these images, its accuracy here "
+                    "is higher than on new photos (val or test say that)", cfg.data)
     _, meta = load_exported(cfg.model)
     model_classes = [str(c) for c in meta["class_names"]]
     unknown = sorted(set(per_class) - set(model_classes))

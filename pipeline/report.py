@@ -27,13 +27,15 @@ COLUMNS = ["features", "base", "head", "weights", "data", "data_index", "n_train
 OLD_TUNING = "val (older fit: C, k or epochs chosen on val, so val accuracy is optimistic)"
 
 
-def _head_status(head_dir: Path) -> tuple[str, str, list[str]]:
-    """(status as ``features.head_status`` says, data source, weights per features file)."""
+def _head_status(head_dir: Path) -> tuple[str, str, list[str], str]:
+    """(status as ``features.head_status`` says, data source, weights per features file, the features'
+    precisions other than f32: ``"bf16"``, or ``""``)."""
     from pipeline.features import head_status
 
     status, _, found = head_status(head_dir)
     data = _data_label(found[0].get("data_source", ""), found[0].get("limit")) if found else ""
-    return status, data, [str(a.get("weights", "")) for a in found]
+    low = sorted({str(a.get("precision")) for a in found} & {"bf16", "fp16"})
+    return status, data, [str(a.get("weights", "")) for a in found], "/".join(low)
 
 
 def _data_label(source: Any, limit: Any) -> str:
@@ -89,7 +91,7 @@ def _row(head_dir: Path) -> dict[str, Any]:
             log.warning("%s/evaluation.json is not JSON; reading metrics.json only", head_dir)
     new = "splits" in e
     name = head_dir.name
-    status, attrs_data, attrs_weights = _head_status(head_dir)
+    status, attrs_data, attrs_weights, low_precision = _head_status(head_dir)
     if status == "unknown":
         log.warning("%s: no model/head.json; cannot tell whether its features changed since", name)
     elif status != "ok":
@@ -107,6 +109,8 @@ def _row(head_dir: Path) -> dict[str, Any]:
         splits = e.get("splits") or {}
     else:
         tuned_on, data, weights, splits = OLD_TUNING, attrs_data, weights_label(attrs_weights), m
+    if low_precision:  # bf16 features: told apart from the f32 head on the same data
+        weights = f"{weights} ({low_precision} features)"
     return {
         "features": _features_name(name, head),
         "base": e.get("base") or m.get("base"),

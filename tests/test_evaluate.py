@@ -77,7 +77,7 @@ def test_flat_folder_scores_and_lists_mistakes(exported, tmp_path):
     assert "mistakes (" in table.output and "moved_" in table.output and "unreadable (1)" in table.output
 
 
-def test_split_folder_uses_test_then_val_or_the_named_split(exported, tmp_path):
+def test_split_folder_uses_test_then_val_or_the_named_split(exported, tmp_path, caplog):
     root, model = exported
     data = tmp_path / "split"
     for split, classes in (("train", ["blue", "green", "red"]), ("val", ["blue", "red"]), ("test", ["green"])):
@@ -89,6 +89,11 @@ def test_split_folder_uses_test_then_val_or_the_named_split(exported, tmp_path):
     assert res.split == "test" and res.n == 2
     res = evaluate_model(EvaluateConfig(model=model, data=data, split="val"))
     assert res.split == "val" and res.n == 4
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.evaluate"):
+        assert evaluate_model(EvaluateConfig(model=model, data=data, split="train")).split == "train"
+    assert "scoring the train split" in caplog.text
     shutil.rmtree(data / "test")
     assert evaluate_model(EvaluateConfig(model=model, data=data)).split == "val"
     r = _run(["evaluate", "--model", str(model), "--data", str(data), "--split", "test"])

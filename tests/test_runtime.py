@@ -251,6 +251,12 @@ def test_fusion_refuses_mixed_precisions(colours, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pipeline.export"):
         export_model(ExportConfig(head=tmp_path / "h2", out=tmp_path / "m.keras", weights="none"))
     assert "fitted on bf16 features" in caplog.text
+    # the report tells a head on bf16 features apart from its f32 twin
+    from pipeline.report import _row
+
+    assert _row(tmp_path / "h2")["weights"].endswith("(bf16 features)")
+    r = CliRunner().invoke(cli, ["fit-head", "--features", str(f32), "--head", "logistic", "--out", str(tmp_path / "h3")])
+    assert r.exit_code == 0 and "features)" not in _row(tmp_path / "h3")["weights"]
 
 
 # ------------------------------------------------------------------------------------------- predict
