@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -275,29 +274,16 @@ def image_batches(images: _Images, labels: np.ndarray, rows: np.ndarray, batch_s
                   seed: int, epoch: int = 0):
     """A ``keras.utils.PyDataset`` of ``(uint8 images, labels)`` over ``rows``; reshuffled per epoch
     (``seed`` + epoch), so a resumed run sees the same order as an uninterrupted one."""
-    import keras
+    from pipeline.trainloop import epoch_batches
 
-    class Batches(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__(workers=1, use_multiprocessing=False)
-            self.epoch = epoch
-            self._order()
+    def order(e):
+        return np.random.default_rng([seed, e]).permutation(rows) if shuffle else rows
 
-        def _order(self):
-            self.order = (np.random.default_rng([seed, self.epoch]).permutation(rows) if shuffle else rows)
+    def batch(drawn, i):
+        idx = drawn[i * batch_size:(i + 1) * batch_size]
+        return images.get(idx), labels[idx].astype("int32")
 
-        def __len__(self):
-            return math.ceil(len(rows) / batch_size)
-
-        def __getitem__(self, i):
-            idx = self.order[i * batch_size:(i + 1) * batch_size]
-            return images.get(idx), labels[idx].astype("int32")
-
-        def on_epoch_end(self):
-            self.epoch += 1
-            self._order()
-
-    return Batches()
+    return epoch_batches(len(rows), batch_size, epoch, order, batch)
 
 
 # ----------------------------------------------------------------------------- model

@@ -29,6 +29,34 @@ PREDICTION_COLUMNS = ["split", "id", "actual", "predicted", "probability"]
 ROC_COLUMNS = ["fpr", "tpr", "threshold"]
 
 
+
+def epoch_batches(n: int, batch_size: int, epoch: int, order: Callable[[int], Any], batch: Callable[[Any, int], Any]):
+    """A ``keras.utils.PyDataset`` of ``ceil(n / batch_size)`` batches per epoch, starting at ``epoch``:
+    ``order(epoch)`` draws the epoch's order (seeded by the epoch, so a resumed run sees what an
+    uninterrupted one would), ``batch(order, i)`` builds batch ``i`` from it."""
+    import math
+
+    import keras
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.epoch = epoch
+            self.order = order(epoch)
+
+        def __len__(self):
+            return math.ceil(n / batch_size)
+
+        def __getitem__(self, i):
+            return batch(self.order, i)
+
+        def on_epoch_end(self):
+            self.epoch += 1
+            self.order = order(self.epoch)
+
+    return Batches()
+
+
 @dataclass
 class Loop:
     """What ``train_epochs`` needs: the models, the images and the rows they train and stop on."""

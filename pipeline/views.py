@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,32 +242,19 @@ def view_batches(acts: Activations, labels: np.ndarray, fit_rows: np.ndarray, n_
                  seed: int, epoch: int):
     """A ``keras.utils.PyDataset`` over the fit rows: each epoch, one view per image (uniform over the K
     views, seeded by (seed, epoch), so a resumed run draws what an uninterrupted one would)."""
-    import keras
+    from pipeline.trainloop import epoch_batches
 
-    class Batches(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__(workers=1, use_multiprocessing=False)
-            self.epoch = epoch
-            self._order()
+    def order(e):
+        rng = np.random.default_rng([seed, e, 1])
+        return rng.permutation(len(fit_rows)), rng.integers(0, n_views, len(fit_rows))
 
-        def _order(self):
-            rng = np.random.default_rng([seed, self.epoch, 1])
-            self.order = rng.permutation(len(fit_rows))
-            self.view = rng.integers(0, n_views, len(fit_rows))
+    def batch(drawn, i):
+        perm, view = drawn
+        pos = perm[i * batch_size:(i + 1) * batch_size]
+        x = acts.get_views(pos, fit_rows[pos], view[pos])
+        return (x if len(x) > 1 else x[0]), labels[fit_rows[pos]].astype("int32")
 
-        def __len__(self):
-            return math.ceil(len(fit_rows) / batch_size)
-
-        def __getitem__(self, i):
-            pos = self.order[i * batch_size:(i + 1) * batch_size]
-            x = acts.get_views(pos, fit_rows[pos], self.view[pos])
-            return (x if len(x) > 1 else x[0]), labels[fit_rows[pos]].astype("int32")
-
-        def on_epoch_end(self):
-            self.epoch += 1
-            self._order()
-
-    return Batches()
+    return epoch_batches(len(fit_rows), batch_size, epoch, order, batch)
 
 
 def proba(top, acts: Activations, rows: np.ndarray, batch_size: int) -> np.ndarray:
