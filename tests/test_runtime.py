@@ -19,28 +19,14 @@ from pipeline import runtime as rt
 from pipeline.cli import cli
 from pipeline.errors import UsageError
 from pipeline.extract import ExtractConfig, extract
+from tests.test_export_predict import _colour_folder
 
 openvino = pytest.importorskip("openvino")
-
-COLOURS = {"red": (210, 40, 40), "green": (40, 190, 60), "blue": (40, 60, 210)}
-
-
-def _colour_folder(root: Path, per_class: int = 10) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    for name, rgb in COLOURS.items():
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            h, w = 29 + 3 * i, 37 + 5 * (i % 4)
-            arr = np.clip(np.array(rgb) + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(arr).save(root / name / f"{name}_{i:03d}.jpg")
-    return root
 
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory):
-    return _colour_folder(tmp_path_factory.mktemp("data") / "colours")
+    return _colour_folder(tmp_path_factory.mktemp("data") / "colours", per_class=10)
 
 
 def _one_line(output: str) -> str:
