@@ -14,6 +14,16 @@ SHARED = REPO.parent / "shared"  # ../shared from the repo root
 DEFAULT_DATA = SHARED / "data" / "cats_vs_dogs_small"
 DEFAULT_WEIGHTS = SHARED / "weights"
 
+# Source for the memory benchmarks' child processes (no braces: they go into str.format templates):
+# the process's resident memory now, in MiB, read from /proc
+RSS_MB_SOURCE = """def rss_mb():
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+"""
+
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, load, machine_line  # noqa: E402
+from _common import REPO, RSS_MB_SOURCE, load, machine_line  # noqa: E402
 
 CHILD = r"""
 import json, os, resource, sys, time
@@ -33,13 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pathlib import Path
 import keras, h5py, numpy  # import everything the run needs before the baseline reading
 from pipeline.extract import ExtractConfig, extract
-def rss_mb():
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-before = rss_mb()
+""" + RSS_MB_SOURCE + r"""before = rss_mb()
 t = time.perf_counter()
 extract(ExtractConfig(base={base!r}, data={data!r}, weights={weights!r}, out=Path({out!r}),
                       input_size={size!r}, batch_size={batch!r}, force=True, resume=False, progress=False))

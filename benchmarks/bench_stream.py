@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, load, machine_line  # noqa: E402
+from _common import REPO, RSS_MB_SOURCE, load, machine_line  # noqa: E402
 
 CHILD = r"""
 import json, os, resource, sys, time
@@ -32,12 +32,7 @@ from pathlib import Path
 import h5py, numpy, sklearn.linear_model, keras  # everything the fit imports, before the baseline reading
 from pipeline.fit_head import FitConfig, fit_head
 from pipeline.heads import HeadParams
-def rss_mb():
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-before = rss_mb()
+""" + RSS_MB_SOURCE + r"""before = rss_mb()
 t = time.perf_counter()
 out = fit_head(FitConfig(features=[{features!r}], head={head!r}, out=Path({out!r}), force=True,
                          stream={stream!r}, chunk_rows={chunk_rows!r},
