@@ -107,8 +107,8 @@ def default_workers(runtime: str = "keras") -> int:
     less per image, so a quarter of the cores (at least one) keeps the model fed without
     stealing CPU from it.  With OpenVINO the forward pass is 2-6x cheaper and decoding can cost
     more than it (photos shrunk to the input size: 1.6 ms against bf16's 1.4 ms per image), so
-    one thread per core: threads beyond the need wait on the prefetch bound (measured in
-    benchmarks/bench_extract.py: even on 180-px photos, +20% bf16 images/s on trashnet).
+    one thread per core; threads beyond the need wait on the prefetch bound (measured in
+    benchmarks/bench_extract.py: +20% bf16 images/s on trashnet, no change on 180-px photos).
     """
     from pipeline.runtime import _accelerator
 

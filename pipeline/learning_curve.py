@@ -108,7 +108,11 @@ def learning_curve(cfg: CurveConfig) -> Path:
         out = out / f"{fs.name}-{head_cls.name}.csv"
     from pipeline.safety import guard_user_file
 
-    guard_user_file(out, "a learning curve", lambda p: p.read_text().splitlines()[0] == ",".join(COLUMNS), cfg.force)
+    def ours(path: Path) -> bool:
+        with open(path, encoding="utf-8") as fh:
+            return fh.readline().rstrip("\r\n") == ",".join(COLUMNS)
+
+    guard_user_file(out, "a learning curve", ours, cfg.force)
     guard_user_file(out.with_suffix(".json"), "a learning-curve summary",
                     lambda p: {"features", "base", "head", "train_size"} <= set(json.loads(p.read_text())), cfg.force)
     rows: list[dict[str, Any]] = []
