@@ -23,9 +23,9 @@ from pathlib import Path
 
 from _common import DEFAULT_DATA, DEFAULT_WEIGHTS, machine_line, require
 
-from pipeline.extract import ExtractConfig, extract
-from pipeline.fit_head import FitConfig, fit_head
-from pipeline.heads import HeadParams
+from pipeline.stage1.extract import ExtractConfig, extract
+from pipeline.stage2.fit_head import FitConfig, fit_head
+from pipeline.heads.models import HeadParams
 
 
 def main() -> None:

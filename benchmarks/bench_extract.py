@@ -1,7 +1,7 @@
 """Stage-one throughput per runtime: tlpipe ``extract`` (JPEG files -> HDF5) vs each runtime's raw forward pass.
 
 For each runtime (default: Keras/TF, OpenVINO f32, OpenVINO bf16), the raw side runs
-``pipeline.runtime.build_runtime``'s object on batches already decoded in memory (through its
+``pipeline.stage1.runtime.build_runtime``'s object on batches already decoded in memory (through its
 ``map``, as extraction does: an asynchronous runtime keeps the next batch queued); the pipeline
 side runs ``extract`` with the same runtime (reads JPEGs, decodes, runs the model, writes HDF5).
 Measurements are interleaved (every runtime's raw and pipeline in each round, order reversed
@@ -62,10 +62,10 @@ def main(argv=None) -> int:
     import h5py
     import numpy as np
 
-    from pipeline.backbones import get_backbone
-    from pipeline.data import open_source
-    from pipeline.extract import ExtractConfig, decode_batch, extract
-    from pipeline.runtime import build_runtime
+    from pipeline.nets.backbones import get_backbone
+    from pipeline.data.sources import open_source
+    from pipeline.stage1.extract import ExtractConfig, decode_batch, extract
+    from pipeline.stage1.runtime import build_runtime
 
     defaults = ExtractConfig(base=args.base)
     batch_size = args.batch_size or defaults.batch_size

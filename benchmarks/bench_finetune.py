@@ -33,8 +33,8 @@ from _common import DEFAULT_WEIGHTS, SHARED, load, machine_line, require  # noqa
 
 
 def prepare_head(args) -> Path:
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.fit_head import FitConfig, fit_head
+    from pipeline.stage1.extract import ExtractConfig, extract
+    from pipeline.stage2.fit_head import FitConfig, fit_head
 
     cache = Path(args.cache_dir)
     t0 = time.perf_counter()
@@ -46,7 +46,7 @@ def prepare_head(args) -> Path:
 
 
 def run(args, head: Path, views: int | None) -> dict:
-    from pipeline.finetune import FineTuneConfig, fine_tune
+    from pipeline.stage3.finetune import FineTuneConfig, fine_tune
 
     out = Path(args.cache_dir) / "finetuned" / f"bench-{'views' if views else 'plain'}"
     shutil.rmtree(out.parent / f".{out.name}.views", ignore_errors=True)  # measure the views' build too

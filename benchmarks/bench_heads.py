@@ -32,7 +32,7 @@ def write_features(path: Path, n_train: int, n_val: int, dim: int, classes: int,
     import h5py
     import numpy as np
 
-    from pipeline.features import SCHEMA_VERSION
+    from pipeline.store.features import SCHEMA_VERSION
 
     rng = np.random.default_rng(seed)
     # A shared non-negative profile plus small per-class offsets: separable, but not trivially
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from pipeline.fit_head import FitConfig, fit_head
+    from pipeline.stage2.fit_head import FitConfig, fit_head
 
     print(machine_line())
     tmp = Path(tempfile.mkdtemp(prefix="tlpipe-bench-heads-"))

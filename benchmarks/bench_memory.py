@@ -31,7 +31,7 @@ sys.path.insert(0, {repo!r})
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pathlib import Path
 import keras, h5py, numpy  # import everything the run needs before the baseline reading
-from pipeline.extract import ExtractConfig, extract
+from pipeline.stage1.extract import ExtractConfig, extract
 """ + RSS_MB_SOURCE + r"""before = rss_mb()
 t = time.perf_counter()
 extract(ExtractConfig(base={base!r}, data={data!r}, weights={weights!r}, out=Path({out!r}),

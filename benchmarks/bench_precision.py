@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     import h5py
     import numpy as np
 
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.fit_head import FitConfig, fit_head
+    from pipeline.stage1.extract import ExtractConfig, extract
+    from pipeline.stage2.fit_head import FitConfig, fit_head
 
     work = Path(args.work or tempfile.mkdtemp(prefix="tlpipe-bench-precision-"))
     print(machine_line())

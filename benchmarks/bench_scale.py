@@ -34,8 +34,8 @@ from _common import DEFAULT_DATA, DEFAULT_WEIGHTS, REPO, load, machine_line, med
 
 
 def run_once(engine: str, workers: int, args, out: Path) -> dict:
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.features import read_attrs
+    from pipeline.stage1.extract import ExtractConfig, extract
+    from pipeline.store.features import read_attrs
 
     cfg = ExtractConfig(base=args.base, data=args.data, weights=args.weights, out=out, batch_size=args.batch_size,
                         limit=args.limit, force=True, resume=False, progress=False, engine=engine,

@@ -30,8 +30,8 @@ sys.path.insert(0, {repo!r})
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from pathlib import Path
 import h5py, numpy, sklearn.linear_model, keras  # everything the fit imports, before the baseline reading
-from pipeline.fit_head import FitConfig, fit_head
-from pipeline.heads import HeadParams
+from pipeline.stage2.fit_head import FitConfig, fit_head
+from pipeline.heads.models import HeadParams
 """ + RSS_MB_SOURCE + r"""before = rss_mb()
 t = time.perf_counter()
 out = fit_head(FitConfig(features=[{features!r}], head={head!r}, out=Path({out!r}), force=True,

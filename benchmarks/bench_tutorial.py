@@ -29,8 +29,8 @@ from _common import DEFAULT_DATA, DEFAULT_WEIGHTS, load, machine_line, require  
 
 
 def run_tlpipe(args, data: Path, tmp: Path) -> dict:
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.fit_head import FitConfig, fit_head
+    from pipeline.stage1.extract import ExtractConfig, extract
+    from pipeline.stage2.fit_head import FitConfig, fit_head
 
     t0 = time.perf_counter()
     h5 = extract(ExtractConfig(base=args.base, data=str(data), weights=args.weights,
@@ -47,8 +47,8 @@ def run_tlpipe(args, data: Path, tmp: Path) -> dict:
 def run_tutorial(args, data: Path) -> dict:
     import keras
 
-    from pipeline.backbones import get_backbone
-    from pipeline.weights import parse_weights
+    from pipeline.nets.backbones import get_backbone
+    from pipeline.nets.weights import parse_weights
 
     backbone = get_backbone(args.base)
     size = backbone.input_size

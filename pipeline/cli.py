@@ -15,8 +15,8 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.errors import TlpipeError
-from pipeline.util import quiet_tensorflow, setup_logging
+from pipeline.core.errors import TlpipeError
+from pipeline.core.util import quiet_tensorflow, setup_logging
 
 log = logging.getLogger("tlpipe")
 
@@ -92,8 +92,8 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def bases_cmd(as_json: bool) -> None:
     """List the bases: name, aliases, input size, feature size, ImageNet weights cached?"""
-    from pipeline.backbones import BACKBONES
-    from pipeline.weights import cached_weights_path, keras_cache_dir
+    from pipeline.nets.backbones import BACKBONES
+    from pipeline.nets.weights import cached_weights_path, keras_cache_dir
 
     rows = [{"name": b.name, "aliases": list(b.aliases), "input_size": b.input_size,
              "feature_size": b.feature_size, "constructor": f"keras.applications.{b.constructor}",
@@ -159,8 +159,8 @@ def extract_cmd(base, data, split, weights, out, cache_dir, input_size, pooling,
                 resume, force, tfds_data_dir, mixed_precision, runtime, precision, progress, engine, ray_address,
                 gpus_per_worker, shard_size, shard) -> None:
     """Stage one: run the frozen base once over every split, cache pooled features in HDF5."""
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.features import read_attrs
+    from pipeline.stage1.extract import ExtractConfig, extract
+    from pipeline.store.features import read_attrs
 
     path = extract(ExtractConfig(
         base=base, data=data, split=split, weights=weights, out=out, cache_dir=cache_dir,
@@ -185,8 +185,8 @@ def merge_cmd(shards, out, copy, force) -> None:
     """Join the shard files of 'tlpipe extract --shard I/N' into one features file.
 
     Checks that all N shards are there, with one fingerprint, no overlap and none truncated."""
-    from pipeline.features import read_attrs
-    from pipeline.shards import merge_shards
+    from pipeline.store.features import read_attrs
+    from pipeline.store.shards import merge_shards
 
     path = merge_shards(list(shards), out, copy=copy, force=force)
     a = read_attrs(path)
@@ -202,7 +202,7 @@ def merge_cmd(shards, out, copy, force) -> None:
               help="Re-list the data source and report whether the file is stale.")
 def info_cmd(file, cache_dir, as_json, check) -> None:
     """Show a features file: provenance, rows per split, skipped inputs, staleness."""
-    from pipeline.features import load_features, resolve_features_path, staleness
+    from pipeline.store.features import load_features, resolve_features_path, staleness
 
     path = resolve_features_path(file, cache_dir)
     fs = load_features(path, need=())
@@ -273,10 +273,10 @@ def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden,
     Features larger than memory: logistic and dense stream them from the HDF5 file in chunks
     (--stream, or automatically above --max-memory); the head folder and exports are the same.
     """
-    from pipeline.fit_head import FitConfig, fit_head, summary
-    from pipeline.heads import HeadParams, get_head
+    from pipeline.stage2.fit_head import FitConfig, fit_head, summary
+    from pipeline.heads.models import HeadParams, get_head
 
-    from pipeline.stream import parse_size
+    from pipeline.heads.stream import parse_size
 
     get_head(head)
     limit = parse_size(max_memory) if max_memory is not None else None
@@ -325,7 +325,7 @@ def fine_tune_cmd(head_dir, unfreeze, epochs, lr, augment, batch_size, patience,
     command again to resume. Writes model.keras (as 'tlpipe export'), metrics.json,
     evaluation.json, history.csv, predictions.csv, roc.csv and figures/. With --views K, epochs
     train only the top on cached activations of the frozen bottom (much faster per epoch)."""
-    from pipeline.finetune import FineTuneConfig, fine_tune, summary
+    from pipeline.stage3.finetune import FineTuneConfig, fine_tune, summary
 
     path = fine_tune(FineTuneConfig(head=head_dir, unfreeze=unfreeze, epochs=epochs, lr=lr, augment=augment,
                                     batch_size=batch_size, patience=patience, weights=weights, out=out,
@@ -367,7 +367,7 @@ def baseline_cmd(data, split, input_size, epochs, lr, augment, batch_size, patie
     tuning). A checkpoint after each epoch: run the same command again to resume. Writes
     model.keras (as 'tlpipe export'), metrics.json, evaluation.json, history.csv,
     predictions.csv, roc.csv and figures/; 'tlpipe report' lists it beside the heads."""
-    from pipeline.baseline import BaselineConfig, baseline, summary
+    from pipeline.stage3.baseline import BaselineConfig, baseline, summary
 
     path = baseline(BaselineConfig(data=data, split=split, input_size=input_size, epochs=epochs, lr=lr,
                                    augment=augment, batch_size=batch_size, patience=patience, seed=seed,
@@ -381,7 +381,7 @@ def baseline_cmd(data, split, input_size, epochs, lr, augment, batch_size, patie
 @click.option("--force", is_flag=True, help="Replace a report.md that tlpipe report did not write.")
 def report_cmd(cache_dir, force) -> None:
     """Compare every fitted head: CACHE/report.md, report.json and plots/comparison.csv."""
-    from pipeline.report import ReportConfig, report
+    from pipeline.reporting.report import ReportConfig, report
 
     path = report(ReportConfig(cache_dir=cache_dir, force=force))
     click.echo(path.read_text())
@@ -398,9 +398,9 @@ def manifest_cmd(data, split, tfds_data_dir, out, force) -> None:
 
     DVC runs this on every 'dvc repro'; extraction reruns only when the manifest changes.
     """
-    from pipeline.data import is_manifest, open_source
-    from pipeline.safety import guard_user_file
-    from pipeline.util import write_json
+    from pipeline.data.sources import is_manifest, open_source
+    from pipeline.core.safety import guard_user_file
+    from pipeline.core.util import write_json
 
     guard_user_file(out, "a manifest", is_manifest, force)
     src = open_source(data, split, tfds_data_dir)
@@ -427,14 +427,14 @@ def export_cmd(head_dir, out, fmt, force, base, weights, cache_dir) -> None:
 
     Logistic and dense heads use built-in Keras layers only: the .keras file loads with
     keras.saving.load_model and no tlpipe. svm, rbf-svm and knn heads need 'import
-    pipeline.export' first (or --format savedmodel, which runs with TensorFlow alone).
+    pipeline.deploy.export' first (or --format savedmodel, which runs with TensorFlow alone).
     Class names and provenance: tlpipe.json inside the .keras zip, assets.extra/tlpipe.json in
     a SavedModel, NAME.json and NAME.labels.txt beside a .tflite file.
 
     A head on fused features gets one branch per features file, and one image input per
     input size when the branches need several ('tlpipe predict' feeds them)."""
-    from pipeline.export import ExportConfig, custom_layer_note, export_model, read_metadata
-    from pipeline.features import head_status
+    from pipeline.deploy.export import ExportConfig, custom_layer_note, export_model, read_metadata
+    from pipeline.store.features import head_status
 
     status, why, _ = head_status(head_dir)
     if status in ("stale", "features missing"):
@@ -464,16 +464,16 @@ def export_cmd(head_dir, out, fmt, force, base, weights, cache_dir) -> None:
 @click.option("--precision", default="auto", show_default=True, help="auto | f32 | bf16 (as for extract).")
 def predict_cmd(images, model_path, fmt, out, force, batch_size, runtime, precision) -> None:
     """Class and probability for each image file (folders are searched); unreadable files are listed."""
-    from pipeline.predict import format_result, is_prediction_file, predict
+    from pipeline.deploy.predict import format_result, is_prediction_file, predict
 
     if out:
-        from pipeline.safety import guard_user_file
+        from pipeline.core.safety import guard_user_file
 
         guard_user_file(out, "a prediction file", is_prediction_file, force)
     result = predict(model_path, list(images), batch_size=batch_size, runtime=runtime, precision=precision)
     text = format_result(result, fmt)
     if out:
-        from pipeline.util import atomic_write_text
+        from pipeline.core.util import atomic_write_text
 
         atomic_write_text(out, text)
         click.echo(f"{out}: {len(result.rows)} predicted, {len(result.failed)} unreadable")
@@ -502,7 +502,7 @@ def predict_cmd(images, model_path, fmt, out, force, batch_size, runtime, precis
 def evaluate_cmd(model_path, data, split, out, force, fmt, batch_size, runtime, precision) -> None:
     """Score a model on labelled images: accuracy, balanced accuracy, log loss, confusion matrix,
     per-class precision and recall, and the mistakes (most confident first)."""
-    from pipeline.evaluate import EvaluateConfig, evaluate_model, format_result
+    from pipeline.deploy.evaluate import EvaluateConfig, evaluate_model, format_result
 
     res = evaluate_model(EvaluateConfig(model=model_path, data=data, split=split, out=out, batch_size=batch_size,
                                         force=force, runtime=runtime, precision=precision))
@@ -524,7 +524,7 @@ def evaluate_cmd(model_path, data, split, out, force, fmt, batch_size, runtime, 
 @click.option("--force", is_flag=True, help="Replace an --out CSV or JSON that tlpipe learning-curve did not write.")
 def learning_curve_cmd(features, head, sizes, seeds, out, cache_dir, force) -> None:
     """Validation accuracy against the number of training images (stratified subsamples)."""
-    from pipeline.learning_curve import CurveConfig, format_summary, learning_curve
+    from pipeline.stage2.learning_curve import CurveConfig, format_summary, learning_curve
 
     path = learning_curve(CurveConfig(features=list(features), head=head, sizes=sizes, seeds=seeds, out=out,
                                       cache_dir=cache_dir, force=force))

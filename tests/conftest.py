@@ -88,10 +88,10 @@ def subprocess_env() -> dict[str, str]:
 
 
 def extract_cmd(**cfg) -> list[str]:
-    """``python -c`` running ``pipeline.extract.extract(ExtractConfig(**cfg))``."""
+    """``python -c`` running ``pipeline.stage1.extract.extract(ExtractConfig(**cfg))``."""
     args = ", ".join(f"{k}={(str(v) if isinstance(v, Path) else v)!r}" for k, v in cfg.items())
     code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr); "
-            "from pathlib import Path; from pipeline.extract import ExtractConfig, extract; "
+            "from pathlib import Path; from pipeline.stage1.extract import ExtractConfig, extract; "
             f"print(extract(ExtractConfig({args})))")
     return [sys.executable, "-c", code]
 

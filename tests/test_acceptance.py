@@ -21,9 +21,9 @@ pytestmark = [
 
 
 def test_mobilenet_075_logistic_on_real_cats_vs_dogs(tmp_path):
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.fit_head import FitConfig, fit_head
-    from pipeline.weights import sha256_file
+    from pipeline.stage1.extract import ExtractConfig, extract
+    from pipeline.stage2.fit_head import FitConfig, fit_head
+    from pipeline.nets.weights import sha256_file
 
     out = extract(ExtractConfig(base="mobilenet_0.75", data=str(DATA), weights=str(WEIGHTS.parent),
                                 cache_dir=tmp_path, progress=False))

@@ -1,4 +1,4 @@
-"""`from pipeline import ...` for notebooks: cheap to import, names resolve lazily, submodules callable."""
+"""`from pipeline import ...` for notebooks: cheap to import, names resolve lazily to plain functions."""
 
 from __future__ import annotations
 
@@ -17,29 +17,31 @@ def _py(code: str) -> str:
 
 def test_import_pipeline_is_cheap():
     out = _py("import sys, pipeline; print(sorted(m for m in ('tensorflow', 'keras', 'sklearn', 'matplotlib', "
-              "'h5py', 'pipeline.extract') if m in sys.modules)); print(pipeline.__version__)")
+              "'h5py', 'pipeline.stage1.extract') if m in sys.modules)); print(pipeline.__version__)")
     assert out.splitlines()[0] == "[]"
 
 
-def test_names_resolve_and_submodules_are_callable():
+def test_names_resolve_to_plain_functions():
     out = _py(
-        "import pipeline.report\n"  # imported before 'from pipeline import': still callable
+        "import types\n"
         "from pipeline import (extract, ExtractConfig, fit_head, FitConfig, HeadParams, export, ExportConfig,\n"
         "    export_model, predict, evaluate, EvaluateConfig, evaluate_model, report, ReportConfig,\n"
         "    write_head_figures)\n"
-        "import pipeline.extract as m\n"
-        "assert all(map(callable, (extract, fit_head, export, predict, evaluate, report)))\n"
-        "assert extract.ExtractConfig is ExtractConfig and m is extract and export.export_model is export_model\n"
-        "assert evaluate.evaluate_model is evaluate_model and report.ReportConfig is ReportConfig\n"
+        "import pipeline.stage1.extract as m\n"
+        "fns = (extract, fit_head, export, predict, evaluate, report)\n"
+        "assert all(isinstance(f, types.FunctionType) for f in fns), fns\n"
+        "assert m.extract is extract and m.ExtractConfig is ExtractConfig\n"
+        "assert export is export_model and evaluate is evaluate_model\n"
         "import pipeline\n"
+        "assert type(pipeline) is types.ModuleType and pipeline.extract is extract\n"
         "try:\n    pipeline.nothere\nexcept AttributeError as e:\n    print('ok', e)\n")
     assert "ok module 'pipeline' has no attribute 'nothere'" in out
 
 
-def test_calling_a_submodule_calls_its_main_function(tmp_path):
-    from pipeline import report
+def test_report_from_the_api(tmp_path):
+    from pipeline import ReportConfig, report
     from tests.head_fixtures import write_head
 
     write_head(tmp_path / "heads" / "vgg16-logistic")
-    md = report(report.ReportConfig(cache_dir=tmp_path))
+    md = report(ReportConfig(cache_dir=tmp_path))
     assert md == tmp_path / "report.md" and "| vgg16 | vgg16 | logistic |" in md.read_text()

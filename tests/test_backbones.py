@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import backbones
-from pipeline.errors import UsageError
+from pipeline.nets import backbones
+from pipeline.core.errors import UsageError
 
 
 @pytest.mark.parametrize("name", backbones.names())

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline.baseline import BaselineConfig, baseline, data_name
+from pipeline.stage3.baseline import BaselineConfig, baseline, data_name
 from pipeline.cli import cli
-from pipeline.extract import ExtractConfig, extract
-from pipeline.fit_head import FitConfig, fit_head
-from pipeline.heads import HISTORY_COLUMNS, HeadParams
+from pipeline.stage1.extract import ExtractConfig, extract
+from pipeline.stage2.fit_head import FitConfig, fit_head
+from pipeline.heads.models import HISTORY_COLUMNS, HeadParams
 from tests.test_finetune import _colour_folder
 
 SCHEMA = ["model.keras", "metrics.json", "evaluation.json", "history.csv", "grid.csv", "predictions.csv",
@@ -59,7 +59,7 @@ def test_baseline_writes_the_head_folder_schema_and_a_standalone_model(data, tmp
     # the same split as extract: the same ids per split as a features file of the same source
     feats = extract(ExtractConfig(base="vgg16", data=str(data), weights="none", input_size=32, batch_size=16,
                                   split="60/20/20", cache_dir=tmp_path / "cache", progress=False))
-    from pipeline.features import load_features
+    from pipeline.store.features import load_features
 
     fs = load_features(feats)
     with open(out / "predictions.csv") as fh:
@@ -68,7 +68,7 @@ def test_baseline_writes_the_head_folder_schema_and_a_standalone_model(data, tmp
         assert sorted(r["id"] for r in rows if r["split"] == split) == sorted(fs.splits[split].ids)
 
     # model.keras: uint8 images of any size in, probabilities out, loads without tlpipe
-    from pipeline.images import decode_image
+    from pipeline.data.images import decode_image
     from tests.test_export_formats import run_without_tlpipe
 
     files = sorted((data / "blue").iterdir())[:4]
@@ -129,8 +129,8 @@ def test_tensorboard_logs_for_baseline_and_the_dense_head(data, tmp_path, caplog
 
 
 def test_report_shows_baseline_beside_frozen_and_finetuned_rows(data, tmp_path):
-    from pipeline.finetune import FineTuneConfig, fine_tune
-    from pipeline.report import ReportConfig, report
+    from pipeline.stage3.finetune import FineTuneConfig, fine_tune
+    from pipeline.reporting.report import ReportConfig, report
 
     cache = tmp_path / "cache"
     feats = extract(ExtractConfig(base="mobilenet_0.25", data=str(data), weights="none", input_size=32,

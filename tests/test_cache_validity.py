@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from conftest import assert_same_datasets, make_folder, make_presplit, write_image
-from pipeline.errors import FeaturesFileError
-from pipeline.features import fuse, load_features, read_attrs, staleness
+from pipeline.core.errors import FeaturesFileError
+from pipeline.store.features import fuse, load_features, read_attrs, staleness
 
 SETTINGS = dict(base="mobilenet_0.25", weights="none", input_size=32, batch_size=8, progress=False)
 
 
 def _extract(**kw) -> Path:
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.stage1.extract import ExtractConfig, extract
 
     return extract(ExtractConfig(**{**SETTINGS, **kw}))
 
@@ -27,8 +27,8 @@ def _extract(**kw) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One reference extraction and one per changed input (same folder unless the data changes)."""
-    import pipeline.extract as ex
-    from pipeline.backbones import get_backbone
+    import pipeline.stage1.extract as ex
+    from pipeline.nets.backbones import get_backbone
 
     tmp = tmp_path_factory.mktemp("cache")
     data = make_folder(tmp / "data", classes=("ant", "bee"), per_class=12)
@@ -95,7 +95,7 @@ def test_extract_again_is_a_no_op_and_force_re_extracts(runs, caplog):
     out = runs["ref"]
     before = os.stat(out)
     attrs = read_attrs(out)
-    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+    with caplog.at_level(logging.INFO, logger="pipeline.stage1.extract"):
         again = _extract(data=str(runs["data"]), out=out)
     assert again == out
     assert "up to date" in caplog.text
@@ -106,7 +106,7 @@ def test_extract_again_is_a_no_op_and_force_re_extracts(runs, caplog):
     copy = runs["tmp"] / "forced.h5"
     shutil.copy2(out, copy)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+    with caplog.at_level(logging.INFO, logger="pipeline.stage1.extract"):
         _extract(data=str(runs["data"]), out=copy, force=True)
     assert "up to date" not in caplog.text and "wrote" in caplog.text
     assert os.stat(copy).st_ino != os.stat(out).st_ino
@@ -115,7 +115,7 @@ def test_extract_again_is_a_no_op_and_force_re_extracts(runs, caplog):
 
 
 def test_changed_settings_never_silently_replace_the_output(runs, caplog):
-    from pipeline.safety import OutputExists
+    from pipeline.core.safety import OutputExists
 
     out = runs["tmp"] / "moving.h5"
     shutil.copy2(runs["ref"], out)
@@ -123,7 +123,7 @@ def test_changed_settings_never_silently_replace_the_output(runs, caplog):
     with pytest.raises(OutputExists, match=r"input size 32 -> 48.*--force"):
         _extract(data=str(runs["data"]), out=out, input_size=48)
     assert out.read_bytes() == before
-    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+    with caplog.at_level(logging.INFO, logger="pipeline.stage1.extract"):
         _extract(data=str(runs["data"]), out=out, input_size=48, force=True)
     assert "up to date" not in caplog.text
     assert read_attrs(out)["fingerprint"] == read_attrs(runs["input_size"])["fingerprint"]

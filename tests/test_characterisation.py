@@ -122,7 +122,7 @@ def _row_proba(row) -> list[float]:
 
 
 def test_pinned_fingerprint():
-    from pipeline.features import extraction_fingerprint
+    from pipeline.store.features import extraction_fingerprint
 
     assert extraction_fingerprint(**PINNED_FIELDS) == PINNED_FINGERPRINT
 

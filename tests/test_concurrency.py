@@ -11,13 +11,13 @@ import h5py
 import pytest
 
 from conftest import assert_same_datasets, extract_cmd, make_folder, subprocess_env
-from pipeline.errors import LockedError
+from pipeline.core.errors import LockedError
 
 SETTINGS = dict(base="mobilenet_0.25", weights="none", input_size=32, progress=False)
 
 
 def _extract(**kw) -> Path:
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.stage1.extract import ExtractConfig, extract
 
     return extract(ExtractConfig(**{**SETTINGS, **kw}))
 
@@ -46,7 +46,7 @@ def test_held_lock_refuses_without_touching_anything(tmp_path):
 
 
 def test_second_writer_refused_while_first_runs_and_readers_are_not_blocked(tmp_path):
-    from pipeline.features import load_features, read_attrs, staleness
+    from pipeline.store.features import load_features, read_attrs, staleness
 
     data = make_folder(tmp_path / "data", classes=("ant", "bee", "cow"), per_class=100)
     small = make_folder(tmp_path / "small", per_class=6)

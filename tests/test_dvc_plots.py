@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.plots import write_head_figures
-from pipeline.report import ReportConfig, report
+from pipeline.reporting.plots import write_head_figures
+from pipeline.reporting.report import ReportConfig, report
 from tests.head_fixtures import write_head
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ import pytest
 import ray  # a dependency (pyproject): a missing Ray fails here, never skips
 
 from conftest import REPO, make_folder, subprocess_env
-from pipeline.engine_ray import FAULT_ENV
-from pipeline.extract import ExtractConfig, extract, hidden_sibling
-from pipeline.features import read_attrs
+from pipeline.stage1.engine_ray import FAULT_ENV
+from pipeline.stage1.extract import ExtractConfig, extract, hidden_sibling
+from pipeline.store.features import read_attrs
 from test_shards import SETTINGS, assert_equal_files
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ RAY = dict(engine="ray", workers=2, shard_size=5)
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A 2-CPU local Ray cluster whose workers die once at the actor fault point when the marker
-    file exists (fault injection, see pipeline.engine_ray._fault); (marker, GCS address)."""
+    file exists (fault injection, see pipeline.stage1.engine_ray._fault); (marker, GCS address)."""
     marker = tmp_path_factory.mktemp("fault") / "kill-one-actor"
     old = os.environ.get(FAULT_ENV)
     os.environ[FAULT_ENV] = f"actor:{marker}"  # inherited by the workers Ray starts

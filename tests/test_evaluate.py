@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.evaluate import EvaluateConfig, evaluate_model
-from pipeline.extract import ExtractConfig, extract
-from pipeline.fit_head import FitConfig, fit_head
-from pipeline.heads import HeadParams
+from pipeline.deploy.evaluate import EvaluateConfig, evaluate_model
+from pipeline.stage1.extract import ExtractConfig, extract
+from pipeline.stage2.fit_head import FitConfig, fit_head
+from pipeline.heads.models import HeadParams
 from tests.test_export_predict import BASE, _colour_folder
 
 
@@ -91,7 +91,7 @@ def test_split_folder_uses_test_then_val_or_the_named_split(exported, tmp_path, 
     assert res.split == "val" and res.n == 4
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.deploy.evaluate"):
         assert evaluate_model(EvaluateConfig(model=model, data=data, split="train")).split == "train"
     assert "scoring the train split" in caplog.text
     shutil.rmtree(data / "test")

@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from PIL import Image, ImageOps
 
 from pipeline.cli import cli
-from pipeline.extract import ExtractConfig, extract
-from pipeline.fit_head import FitConfig, fit_head
-from pipeline.heads import HeadParams, load_head
-from pipeline.images import decode_image
+from pipeline.stage1.extract import ExtractConfig, extract
+from pipeline.stage2.fit_head import FitConfig, fit_head
+from pipeline.heads.models import HeadParams, load_head
+from pipeline.data.images import decode_image
 from tests.test_export_predict import _colour_folder
 
 BASE = "vgg16"  # random vgg16 at 32 px gives learnable features; its preprocessing is the caffe Dense(3)
@@ -124,8 +124,8 @@ def test_builtin_preprocess_equals_preprocess_input_for_every_base():
     """Every row of BACKBONES: the built-in layers equal the base's own preprocess_input on uint8 input."""
     import keras
 
-    from pipeline.backbones import BACKBONES, PREPROCESS_MODES
-    from pipeline.model import builtin_preprocess
+    from pipeline.nets.backbones import BACKBONES, PREPROCESS_MODES
+    from pipeline.nets.extractor import builtin_preprocess
 
     x = np.random.default_rng(0).integers(0, 256, (2, 9, 7, 3)).astype("uint8")
     for name, backbone in BACKBONES.items():
@@ -155,7 +155,7 @@ def test_keras_export_loads_without_tlpipe(data, key, head, sizes, tmp_path):
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
-    from pipeline.export import read_metadata
+    from pipeline.deploy.export import read_metadata
 
     meta = read_metadata(out)
     assert meta["class_names"] == sorted({"three": COLOURS, "two": ["blue", "red"]}[key])
@@ -198,7 +198,7 @@ def test_custom_layer_head_says_so_and_predict_works(data, tmp_path):
     r = _export(folder, cache, out)
     assert r.exit_code == 0, r.output
     notes = [line for line in r.stderr.splitlines() if "custom layers" in line]
-    assert len(notes) == 1 and "import pipeline.export" in notes[0] and "--format savedmodel" in notes[0]
+    assert len(notes) == 1 and "import pipeline.deploy.export" in notes[0] and "--format savedmodel" in notes[0]
     X, inputs = _val_inputs(root, files)
     with h5py.File(files[0], "r") as h5:
         ids = list(h5["val"]["ids"].asstr()[...])
@@ -243,8 +243,8 @@ def test_old_exports_still_load_and_give_metadata(tmp_path):
     layer config) still loads in tlpipe: read_metadata and 'tlpipe predict' work."""
     import keras
 
-    from pipeline.export import Probabilities, read_metadata
-    from pipeline.model import BasePreprocess
+    from pipeline.deploy.export import Probabilities, read_metadata
+    from pipeline.nets.extractor import BasePreprocess
 
     inp = keras.Input((None, None, 3), dtype="uint8", name="image")
     x = keras.layers.Resizing(32, 32, name="resize")(inp)
@@ -285,7 +285,7 @@ def test_in_graph_resize_agrees_with_tlpipe_decode_on_real_photos(name, tmp_path
     0.0014 and 0.0035. Here (heads on 100 training photos) measured: see the printed figures."""
     import keras
 
-    from pipeline.predict import predict
+    from pipeline.deploy.predict import predict
 
     root, split = REAL[name]
     cache = tmp_path / "cache"

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import cli
-from pipeline.extract import ExtractConfig, extract
-from pipeline.fit_head import FitConfig, fit_head
-from pipeline.heads import HeadParams, load_head
-from pipeline.images import decode_image
+from pipeline.stage1.extract import ExtractConfig, extract
+from pipeline.stage2.fit_head import FitConfig, fit_head
+from pipeline.heads.models import HeadParams, load_head
+from pipeline.data.images import decode_image
 
 COLOURS = {"red": (210, 40, 40), "green": (40, 190, 60), "blue": (40, 60, 210)}
 BASE = "vgg16"  # random vgg16 at 32 px gives learnable features (mobilenet_0.25 collapses them: k-NN ties)
@@ -65,7 +65,7 @@ def _val(root: Path, features: Path):
 def _head_and_predict(folder: Path, files: list[Path], model: Path, root: Path, **kwargs):
     """The head's probabilities on the cached val features (files fused in order) and what
     'predict' gives from the val images with the exported model: (expected, got, ids, result)."""
-    from pipeline.predict import predict
+    from pipeline.deploy.predict import predict
 
     Xs, ids = [], None
     for f in files:
@@ -103,7 +103,7 @@ def _export_and_compare(data, head, tmp_path):
 
 @pytest.mark.parametrize("head", ["logistic", "dense", "svm", "rbf-svm", "knn"])
 def test_export_round_trip_matches_cached_head(colours, head, tmp_path):
-    from pipeline.export import read_metadata
+    from pipeline.deploy.export import read_metadata
 
     model, out, folder = _export_and_compare(colours, head, tmp_path)
     meta = read_metadata(out)
@@ -123,7 +123,7 @@ def test_export_binary_gives_two_columns(two_colours, head, tmp_path):
 
 def test_rbf_svm_export_layer_matches_sklearn_decisions(colours):
     """The one-vs-one to one-vs-rest rewrite inside CalibratedRbfSVC is scikit-learn's, not just close."""
-    from pipeline.export import _rbf_svm_layer
+    from pipeline.deploy.export import _rbf_svm_layer
 
     root, cache, features = colours
     with h5py.File(features, "r") as h5:

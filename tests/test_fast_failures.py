@@ -45,8 +45,8 @@ class _OfflineBuilder:
 def test_tfds_offline_fails_at_once_naming_both_routes(monkeypatch):
     import tensorflow_datasets as tfds
 
-    from pipeline.data import open_source
-    from pipeline.errors import DataError
+    from pipeline.data.sources import open_source
+    from pipeline.core.errors import DataError
 
     monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: _OfflineBuilder())
     with pytest.raises(DataError) as err:
@@ -58,9 +58,9 @@ def test_tfds_offline_fails_at_once_naming_both_routes(monkeypatch):
 
 
 def test_imagenet_weights_offline_fail_before_keras_downloads(monkeypatch, tmp_path, capfd):
-    import pipeline.weights as w
-    from pipeline.backbones import get_backbone
-    from pipeline.errors import WeightsUnavailable
+    import pipeline.nets.weights as w
+    from pipeline.nets.backbones import get_backbone
+    from pipeline.core.errors import WeightsUnavailable
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     monkeypatch.setattr(w, "unreachable", lambda url, timeout=3.0: "storage.test: name lookup failed")
@@ -107,10 +107,10 @@ def test_exit_codes_and_messages_say_what_happened(tmp_path):
 
 
 def test_split_warnings(tmp_path, caplog):
-    from pipeline.data import open_source
+    from pipeline.data.sources import open_source
 
     pre = make_presplit(tmp_path / "pre", {"train": {"a": 3, "b": 3}, "val": {"a": 2, "b": 2}})
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.sources"):
         open_source(str(pre), "70/15/15")
     assert "--split 70/15/15 is not used" in caplog.text
     # the small-split hint names what applies: the split folder, not --split; or --limit
@@ -118,16 +118,16 @@ def test_split_warnings(tmp_path, caplog):
     assert "larger share with --split" not in caplog.text
     caplog.clear()
     data = make_folder(tmp_path / "data", per_class=300)
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.sources"):
         src = open_source(str(data), "98/1/1")
     assert src.counts["val"] == 6
     assert "val split" in caplog.text and "only 6 images" in caplog.text and "larger share with --split" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.sources"):
         open_source(str(data), "80/10/10", None, 10)
     assert "only 10 images" in caplog.text and "--limit 10 keeps at most 10 images per split" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.sources"):
         open_source(str(data), "80/10/10")
     assert "only" not in caplog.text
 
@@ -141,7 +141,7 @@ def test_global_flags_after_the_command(tmp_path):
 
 def test_fit_head_and_export_warn_about_stale_inputs(tmp_path, caplog):
     from conftest import write_image
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.stage1.extract import ExtractConfig, extract
 
     data = make_folder(tmp_path / "data", per_class=8)
     cache = tmp_path / "cache"
@@ -165,7 +165,7 @@ def test_a_file_of_the_wrong_kind_is_a_usage_error(tmp_path):
     """Handing a command the wrong kind of file is the user's mistake: one line, exit 2 (not 1)."""
     from PIL import Image
 
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.stage1.extract import ExtractConfig, extract
 
     data = make_folder(tmp_path / "data", per_class=6)
     notes = tmp_path / "notes.h5"
@@ -188,12 +188,12 @@ def test_a_file_of_the_wrong_kind_is_a_usage_error(tmp_path):
 
 
 def test_ctrl_c_says_resume_only_where_a_command_resumes(monkeypatch, tmp_path):
-    import pipeline.report
+    import pipeline.reporting.report
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.report, "report", interrupted)
+    monkeypatch.setattr(pipeline.reporting.report, "report", interrupted)
     r = _run(["report", "--cache-dir", str(tmp_path)])
     assert r.exit_code == 130 and "no output was replaced" in r.output and "resume" not in r.output
 

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import cli
-from pipeline.extract import ExtractConfig, extract
-from pipeline.finetune import FineTuneConfig, block_names, build_models, fine_tune, unfreeze_start
-from pipeline.fit_head import FitConfig, fit_head
-from pipeline.heads import HeadParams
+from pipeline.stage1.extract import ExtractConfig, extract
+from pipeline.stage3.finetune import FineTuneConfig, block_names, build_models, fine_tune, unfreeze_start
+from pipeline.stage2.fit_head import FitConfig, fit_head
+from pipeline.heads.models import HeadParams
 
 COLOURS = {"red": (210, 40, 40), "green": (40, 190, 60), "blue": (40, 60, 210)}
 BASE = "mobilenet_0.25"
@@ -81,8 +81,8 @@ def test_epoch0_matches_head_and_outputs(heads, head, tmp_path):
 def test_unfreeze_by_number_block_and_all_keeps_batchnorm_frozen(heads):
     import keras
 
-    from pipeline.export import _head_info
-    from pipeline.features import read_attrs
+    from pipeline.deploy.export import _head_info
+    from pipeline.store.features import read_attrs
 
     model_dir, info = _head_info(heads["dense"])
     attrs = read_attrs(heads["features"])
@@ -114,8 +114,8 @@ def test_unknown_block_lists_valid_names(heads):
 
 
 def test_augmentation_only_in_training(heads):
-    from pipeline.export import _head_info
-    from pipeline.features import read_attrs
+    from pipeline.deploy.export import _head_info
+    from pipeline.store.features import read_attrs
 
     model_dir, info = _head_info(heads["dense"])
     b = build_models(model_dir, info, read_attrs(heads["features"]), None, "3", "flip,rotate=0.2,zoom=0.2,shift=0.2,"
@@ -163,7 +163,7 @@ def test_model_works_with_predict_and_refuses_replace_without_force(heads, tmp_p
     preds = list(csv.DictReader(line for line in r.output.splitlines() if "," in line))
     assert len(preds) == 12
     # built-in layers only: loads and gives the same probabilities in a process without tlpipe
-    from pipeline.images import decode_image
+    from pipeline.data.images import decode_image
     from tests.test_export_formats import run_without_tlpipe
 
     files = sorted((heads["root"] / "blue").iterdir())[:4]
@@ -188,7 +188,7 @@ def test_bad_heads_refused(heads, tmp_path):
 
 
 def test_report_lists_finetuned_rows(heads):
-    from pipeline.report import ReportConfig, report
+    from pipeline.reporting.report import ReportConfig, report
 
     out = fine_tune(_cfg(heads, "logistic", augment="none"))
     assert out == heads["cache"] / "finetuned" / "mobilenet_0.25-logistic"

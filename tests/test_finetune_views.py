@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.finetune import fine_tune
+from pipeline.stage3.finetune import fine_tune
 from tests.test_finetune import _cfg, _history, heads  # noqa: F401 - the module-scoped fixture
 
 
@@ -23,9 +23,9 @@ def _views_file(out: Path) -> Path:
 
 
 def _items(heads):
-    from pipeline.data import open_source
-    from pipeline.features import load_features, read_attrs
-    from pipeline.finetune import _split_rows
+    from pipeline.data.sources import open_source
+    from pipeline.store.features import load_features, read_attrs
+    from pipeline.stage3.finetune import _split_rows
 
     attrs = read_attrs(heads["features"])
     source = open_source(str(attrs["data_source"]), str(attrs["split_spec"]))
@@ -34,7 +34,7 @@ def _items(heads):
 
 
 def _images(items, rows) -> np.ndarray:
-    from pipeline.extract import _decode_one
+    from pipeline.stage1.extract import _decode_one
 
     return np.stack([_decode_one(items[i], 32) for i in rows])
 
@@ -108,7 +108,7 @@ def test_views_below_one_is_one_line_exit_2(heads, k):  # noqa: F811
 def test_val_and_test_views_never_augmented(heads, tmp_path, monkeypatch):  # noqa: F811
     """--unfreeze all cuts at the base's input: the cache holds the preprocessed images themselves, so
     val/test (and every clean row) must be exactly the un-augmented images, and the train views not."""
-    from pipeline import views as views_mod
+    from pipeline.training import views as views_mod
 
     monkeypatch.setattr(views_mod, "MEMORY_BYTES", 0)  # read batches from the file, not from memory
     out = fine_tune(_cfg(heads, out=tmp_path / "ft", epochs=1, views=3, unfreeze="all",
@@ -130,7 +130,7 @@ def test_val_and_test_views_never_augmented(heads, tmp_path, monkeypatch):  # no
 def test_killed_views_build_continues_to_the_same_file(heads, tmp_path, monkeypatch):  # noqa: F811
     """A build killed in the middle continues from its last chunk; each chunk's views are seeded by
     (seed, view, chunk), so the finished file equals an uninterrupted build's."""
-    from pipeline import views as views_mod
+    from pipeline.training import views as views_mod
 
     real, calls = views_mod._aug_model, []
 

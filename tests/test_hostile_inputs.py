@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from conftest import make_folder, make_presplit, write_image
-from pipeline.data import open_source
-from pipeline.errors import DataError, UsageError
-from pipeline.images import DecodeError, decode_image
+from pipeline.data.sources import open_source
+from pipeline.core.errors import DataError, UsageError
+from pipeline.data.images import DecodeError, decode_image
 
 SETTINGS = dict(base="mobilenet_0.25", weights="none", input_size=32, batch_size=4, progress=False)
 
@@ -200,7 +200,7 @@ def _smooth(w: int, h: int, seed: int = 0) -> Image.Image:
 
 
 def _pillow_road(source, size: int, monkeypatch) -> np.ndarray:
-    import pipeline.images as images
+    import pipeline.data.images as images
 
     with monkeypatch.context() as m:
         m.setattr(images, "_decode_plain_jpeg", lambda data, size: None)
@@ -215,7 +215,7 @@ def _pillow_road(source, size: int, monkeypatch) -> np.ndarray:
 def test_plain_jpegs_take_opencvs_road_to_pillows_pixels(tmp_path, monkeypatch, variant):
     """Plain JPEGs are decoded by OpenCV (no Pillow block loop): the pixels are exactly Pillow's,
     with its draft reduction and EXIF orientation."""
-    from pipeline.images import _decode_plain_jpeg, _plain_jpeg_size
+    from pipeline.data.images import _decode_plain_jpeg, _plain_jpeg_size
 
     size = 24
     w, h = {"odd-size": (37, 29), "reduced-2": (2 * size + 1, 3 * size), "reduced-4": (4 * size, 5 * size),
@@ -245,7 +245,7 @@ def test_plain_jpegs_take_opencvs_road_to_pillows_pixels(tmp_path, monkeypatch, 
 
 def test_other_jpegs_take_pillows_road(tmp_path):
     """CMYK (Adobe marker), truncated and non-JPEG data are left to Pillow, which reports them."""
-    from pipeline.images import _plain_jpeg_size
+    from pipeline.data.images import _plain_jpeg_size
 
     buf = io.BytesIO()
     _smooth(40, 30).convert("CMYK").save(buf, format="JPEG")
@@ -308,8 +308,8 @@ def test_corrupted_bytes_only_ever_raise_decode_error(fmt):
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_extraction_keeps_every_decodable_image_and_lists_the_rest(tmp_path):
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.features import load_features, read_attrs
+    from pipeline.stage1.extract import ExtractConfig, extract
+    from pipeline.store.features import load_features, read_attrs
 
     root = tmp_path / "data"
     good, bad = {}, {}
@@ -342,7 +342,7 @@ def test_extraction_keeps_every_decodable_image_and_lists_the_rest(tmp_path):
 
 
 def test_everything_skipped_fails_clearly(tmp_path):
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.stage1.extract import ExtractConfig, extract
 
     root = tmp_path / "junk"
     for cname in ("a", "b"):
@@ -418,7 +418,7 @@ def test_val_class_absent_from_train(tmp_path):
 
 def test_train_class_absent_from_val_is_a_warning(tmp_path, caplog):
     make_presplit(tmp_path / "d", {"train": {"cat": 3, "dog": 3, "eel": 2}, "val": {"cat": 1, "dog": 1}})
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.sources"):
         source = open_source(str(tmp_path / "d"))
     assert source.class_names == ["cat", "dog", "eel"]
     assert source.counts == {"train": 8, "val": 2}
@@ -458,7 +458,7 @@ def test_bad_split_specs(tmp_path, spec, match):
 
 
 def test_extract_reports_layout_errors_before_building_a_model(tmp_path, monkeypatch):
-    from pipeline import extract as ex
+    from pipeline.stage1 import extract as ex
 
     def boom(*a, **k):  # pragma: no cover - must not be reached
         raise AssertionError("model built before the data was checked")

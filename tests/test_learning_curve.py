@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.errors import UsageError
-from pipeline.learning_curve import parse_sizes, subsample
+from pipeline.core.errors import UsageError
+from pipeline.stage2.learning_curve import parse_sizes, subsample
 
 
 def _features_file(path, n_train=120, n_val=60, dim=16, k=3, seed=0):
@@ -39,7 +39,7 @@ def _features_file(path, n_train=120, n_val=60, dim=16, k=3, seed=0):
 
 @pytest.fixture
 def features(tmp_path):
-    from pipeline.features import load_features
+    from pipeline.store.features import load_features
 
     path = _features_file(tmp_path / "syn.h5")
     load_features(path)  # the synthetic file must pass the real validation
@@ -96,7 +96,7 @@ def test_learning_curve_default_output(features, tmp_path):
 
 def test_learning_curve_never_gives_val_to_the_head(features, tmp_path, monkeypatch):
     """The head tunes inside each training sample; the val split only scores it."""
-    from pipeline.heads import LogisticHead
+    from pipeline.heads.models import LogisticHead
 
     seen = []
     original = LogisticHead.fit

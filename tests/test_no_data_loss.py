@@ -206,7 +206,7 @@ def test_failed_or_interrupted_dvc_runs_keep_every_features_file_and_head(projec
 def test_bytes_in_dvc_cache_only_excuse_a_dvc_stage(tmp_path, monkeypatch):
     """A copy of a pipeline file has its bytes in DVC's cache, yet nothing restores it at its own
     path: only a DVC stage replacing its own output may rely on the cache."""
-    from pipeline.safety import OutputExists, check_replace, in_dvc_cache
+    from pipeline.core.safety import OutputExists, check_replace, in_dvc_cache
 
     (tmp_path / ".dvc").mkdir()
     mine = tmp_path / "cache" / "features" / "copy.h5"
@@ -304,12 +304,12 @@ def test_every_command_writing_a_named_file_keeps_a_file_the_user_made(tmp_path,
     r = run(cli, ["export", "--head", str(cache / "heads" / "h"), "--out", str(lc / "m.keras"), "--weights", "none"])
     assert r.exit_code == 2 and "is a file, not a folder" in r.output
 
-    import pipeline.heads
+    import pipeline.heads.models
 
     def broken(self, *a, **k):
         raise RuntimeError("fit failed")
 
-    for cls in vars(pipeline.heads).values():
+    for cls in vars(pipeline.heads.models).values():
         if isinstance(cls, type) and hasattr(cls, "fit") and getattr(cls, "name", None) == "logistic":
             monkeypatch.setattr(cls, "fit", broken)
     r = run(cli, ["fit-head", "--features", str(feats), "--out", str(tmp_path / "h2")])

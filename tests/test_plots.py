@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from pipeline.plots import write_comparison_figure, write_head_figures
+from pipeline.reporting.plots import write_comparison_figure, write_head_figures
 from tests.conftest import REPO, subprocess_env
 from tests.head_fixtures import write_head
 
@@ -90,5 +90,5 @@ def test_comparison_axis_limits(tmp_path, monkeypatch):
 
 
 def test_import_pipeline_plots_does_not_import_matplotlib():
-    code = "import sys, pipeline.plots; assert 'matplotlib' not in sys.modules"
+    code = "import sys, pipeline.reporting.plots; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env(), cwd=REPO)

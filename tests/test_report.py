@@ -7,7 +7,7 @@ import json
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.report import ReportConfig, collect, report, weights_label
+from pipeline.reporting.report import ReportConfig, collect, report, weights_label
 from tests.head_fixtures import write_head
 
 

@@ -62,7 +62,7 @@ def _wait(pred, proc: subprocess.Popen, timeout: float = 120.0) -> bool:
 
 
 def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, caplog):
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.stage1.extract import ExtractConfig, extract
 
     data = make_folder(tmp_path / "data", classes=("ant", "bee", "cow"), per_class=140)
     # A few undecodable files: the skipped list must survive the kills too.
@@ -134,7 +134,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, caplog)
     for p in (partial, ckpt):
         shutil.copy2(p, saved / p.name)
 
-    caplog.set_level(logging.INFO, logger="pipeline.extract")
+    caplog.set_level(logging.INFO, logger="pipeline.stage1.extract")
     caplog.clear()
     final = extract(ExtractConfig(**{**cfg, "out": out}))
     assert final == out
@@ -169,7 +169,7 @@ class Crash(Exception):
 
 @pytest.fixture(scope="module")
 def small_ref(tmp_path_factory):
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.stage1.extract import ExtractConfig, extract
 
     tmp = tmp_path_factory.mktemp("resume_small")
     data = make_folder(tmp / "data", classes=("ant", "bee"), per_class=20)
@@ -179,7 +179,7 @@ def small_ref(tmp_path_factory):
 
 
 def _crash_after(monkeypatch, saves: int) -> None:
-    import pipeline.extract as ex
+    import pipeline.stage1.extract as ex
 
     original = ex._save_state
     count = {"n": 0}
@@ -194,7 +194,7 @@ def _crash_after(monkeypatch, saves: int) -> None:
 
 
 def _crashed_run(monkeypatch, data, out, saves=3, **kw):
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.stage1.extract import ExtractConfig, extract
 
     with monkeypatch.context() as m:
         _crash_after(m, saves)
@@ -207,9 +207,9 @@ def _crashed_run(monkeypatch, data, out, saves=3, **kw):
 
 
 def _finish(data, out, caplog, **kw) -> str:
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.stage1.extract import ExtractConfig, extract
 
-    caplog.set_level(logging.INFO, logger="pipeline.extract")
+    caplog.set_level(logging.INFO, logger="pipeline.stage1.extract")
     caplog.clear()
     assert extract(ExtractConfig(data=str(data), out=out, **{**SETTINGS, "batch_size": 4, **kw})) == out
     return caplog.text
@@ -260,7 +260,7 @@ def test_unusable_checkpoints_start_over(small_ref, tmp_path, monkeypatch, caplo
 
 
 def test_changed_settings_do_not_resume_a_checkpoint(small_ref, tmp_path, monkeypatch, caplog):
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.stage1.extract import ExtractConfig, extract
 
     data, _ = small_ref
     out = tmp_path / "f.h5"

@@ -1,4 +1,4 @@
-"""Stage-one runtime (pipeline/runtime.py): keras | openvino, f32 | bf16, choice, cache, fallbacks.
+"""Stage-one runtime (pipeline/stage1/runtime.py): keras | openvino, f32 | bf16, choice, cache, fallbacks.
 
 Offline and small: random weights (``weights="none"``), 32-48 px inputs, tiny synthetic folders.
 """
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline import runtime as rt
+from pipeline.stage1 import runtime as rt
 from pipeline.cli import cli
-from pipeline.errors import UsageError
-from pipeline.extract import ExtractConfig, extract
+from pipeline.core.errors import UsageError
+from pipeline.stage1.extract import ExtractConfig, extract
 from tests.test_export_predict import _colour_folder
 
 openvino = pytest.importorskip("openvino")
@@ -97,7 +97,7 @@ def test_missing_openvino_falls_back_to_keras(colours, tmp_path, monkeypatch, ca
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now fails
     assert rt.openvino_available() is False
     rt._said.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.runtime"):
+    with caplog.at_level(logging.INFO, logger="pipeline.stage1.runtime"):
         out = extract(ExtractConfig(base="vgg16", data=str(colours), weights="none", input_size=32, batch_size=8,
                                     out=tmp_path / "f.h5", progress=False))
     with h5py.File(out, "r") as h5:
@@ -163,7 +163,7 @@ def test_conversion_is_cached_and_a_corrupt_cache_is_rebuilt(tmp_path, monkeypat
     data = bytearray((folder / "model.bin").read_bytes())
     data[len(data) // 2: len(data) // 2 + 64] = b"\x7f" * 64
     (folder / "model.bin").write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="pipeline.runtime"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.stage1.runtime"):
         rebuilt = rt.build_runtime("vgg16", "none", 32, runtime="openvino", precision="f32", batch_size=2,
                                    cache_dir=tmp_path)
     assert len(calls) == 2 and "is unusable" in caplog.text
@@ -180,7 +180,7 @@ def test_conversion_failure_falls_back_under_auto_only(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(openvino, "convert_model", broken)
     monkeypatch.setattr(rt, "resolve", lambda *a, **k: ("openvino", "f32"))  # as on an x86-64 CPU
-    with caplog.at_level(logging.WARNING, logger="pipeline.runtime"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.stage1.runtime"):
         got = rt.build_runtime("vgg16", "none", 32, runtime="auto", batch_size=2, cache_dir=tmp_path)
     assert got.name == "keras" and "using the keras runtime" in caplog.text
     with pytest.raises(UsageError, match=r"could not convert or compile vgg16 \(unsupported operation Foo\); "
@@ -189,9 +189,9 @@ def test_conversion_failure_falls_back_under_auto_only(tmp_path, monkeypatch, ca
 
 
 def test_runtime_and_precision_are_in_fingerprint_attrs_and_info(colours, tmp_path, monkeypatch):
-    from pipeline.data import open_source
-    from pipeline.backbones import get_backbone
-    from pipeline.extract import _fingerprint
+    from pipeline.data.sources import open_source
+    from pipeline.nets.backbones import get_backbone
+    from pipeline.stage1.extract import _fingerprint
 
     source = open_source(str(colours), "80/10/10")
     bb = get_backbone("vgg16")
@@ -231,14 +231,14 @@ def test_fusion_refuses_mixed_precisions(colours, tmp_path, caplog):
     r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "h2"), "--allow-mixed-precision"])
     assert r.exit_code == 0, r.output
     # exporting a head fitted on bf16 features says that the float32 model can differ from its metrics
-    from pipeline.export import ExportConfig, export_model
+    from pipeline.deploy.export import ExportConfig, export_model
 
     logging.getLogger().addHandler(caplog.handler)  # the CLI runs above reset the root logger's handlers
-    with caplog.at_level(logging.WARNING, logger="pipeline.export"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.deploy.export"):
         export_model(ExportConfig(head=tmp_path / "h2", out=tmp_path / "m.keras", weights="none"))
     assert "fitted on bf16 features" in caplog.text
     # the report tells a head on bf16 features apart from its f32 twin
-    from pipeline.report import _row
+    from pipeline.reporting.report import _row
 
     assert _row(tmp_path / "h2")["weights"].endswith("(bf16 features)")
     r = CliRunner().invoke(cli, ["fit-head", "--features", str(f32), "--head", "logistic", "--out", str(tmp_path / "h3")])
@@ -248,8 +248,8 @@ def test_fusion_refuses_mixed_precisions(colours, tmp_path, caplog):
 # ------------------------------------------------------------------------------------------- predict
 
 def test_predict_with_openvino_matches_the_exported_keras_model(colours, tmp_path):
-    from pipeline.fit_head import FitConfig, fit_head
-    from pipeline.predict import predict
+    from pipeline.stage2.fit_head import FitConfig, fit_head
+    from pipeline.deploy.predict import predict
 
     cache = tmp_path / "cache"
     feats = extract(ExtractConfig(base="vgg16", data=str(colours), weights="none", input_size=32, batch_size=8,
@@ -282,7 +282,7 @@ def test_jpeg_reduced_size_decode_only_from_twice_the_target(tmp_path, wh, reduc
     scaling), then resized as always; smaller ones are decoded in full.  Deterministic either way."""
     from PIL import Image
 
-    from pipeline.images import _resize, decode_image
+    from pipeline.data.images import _resize, decode_image
 
     rng = np.random.default_rng(0)
     path = tmp_path / "x.jpg"
@@ -300,10 +300,10 @@ def test_jpeg_reduced_size_decode_only_from_twice_the_target(tmp_path, wh, reduc
 def test_mixed_precision_on_is_never_silently_dropped(caplog):
     """--mixed-precision on and --precision fp16 are the same request, Keras float16: auto honours both
     (on a CPU with a warning that it is slower there), openvino refuses both in one line."""
-    from pipeline.errors import UsageError
+    from pipeline.core.errors import UsageError
 
     rt._said.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.runtime"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.stage1.runtime"):
         assert rt.resolve("auto", "auto", "on", **CPU) == ("keras", "fp16")
         assert rt.resolve("auto", "fp16", **CPU) == ("keras", "fp16")
         assert rt.resolve("keras", "fp16", **CPU) == ("keras", "fp16")
@@ -318,7 +318,7 @@ def test_mixed_precision_on_is_never_silently_dropped(caplog):
 def test_the_runtime_is_said_once_with_its_reason(caplog):
     """One line says which runtime runs, and why when auto did not pick OpenVINO."""
     rt._said.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.runtime"):
+    with caplog.at_level(logging.INFO, logger="pipeline.stage1.runtime"):
         runtime, precision = rt.resolve("auto", "auto", "on", **CPU)
         rt._say_runtime(runtime, precision)
         runtime, precision = rt.resolve("auto", "auto", **{**CPU, "openvino_ok": False})
@@ -354,8 +354,8 @@ def test_openvino_map_queues_the_next_batch_and_keeps_the_order(tmp_path):
 def test_writer_keeps_rows_in_order_with_a_lagging_runtime_and_all_skipped_batches(tmp_path):
     """The writer pairs each output of an asynchronous runtime (one batch behind) with its batch,
     including batches where every input was skipped (first, middle, last)."""
-    from pipeline.extract import Runtime as ExtractRuntime
-    from pipeline.extract import _State, write_batches
+    from pipeline.stage1.extract import Runtime as ExtractRuntime
+    from pipeline.stage1.extract import _State, write_batches
 
     class Lagging(rt.Runtime):
         def __call__(self, batch):
@@ -400,7 +400,7 @@ def test_decode_threads_share_and_priority_follow_the_runtime(monkeypatch, colou
     """Keras on the CPU: a quarter of the cores, at nice 10 (TensorFlow's ops stall when a thread is
     preempted); OpenVINO (next batch queued) and an accelerator: every core, at normal priority.
     The run records what it used."""
-    from pipeline import extract as ex
+    from pipeline.stage1 import extract as ex
 
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     monkeypatch.setattr(rt, "_accelerator", lambda: None)
@@ -419,7 +419,7 @@ def test_decode_threads_share_and_priority_follow_the_runtime(monkeypatch, colou
 
 
 def test_contradicting_precision_flags_and_fp16_for_predict_are_refused():
-    from pipeline.errors import UsageError
+    from pipeline.core.errors import UsageError
 
     for precision in ("f32", "bf16"):
         with pytest.raises(UsageError, match=f"--precision {precision} contradicts --mixed-precision on"):

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 
 from conftest import make_folder, read_datasets
 from pipeline.cli import cli
-from pipeline.extract import ExtractConfig, extract
-from pipeline.features import read_attrs
-from pipeline.shards import parse_shard, partition
+from pipeline.stage1.extract import ExtractConfig, extract
+from pipeline.store.features import read_attrs
+from pipeline.store.shards import parse_shard, partition
 
 SETTINGS = dict(base="mobilenet_0.25", weights="none", input_size=32, batch_size=4, progress=False)
 TIMING = {"created", "extract_seconds", "images_per_second", "timing"}

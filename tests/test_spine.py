@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import cli
-from pipeline.extract import ExtractConfig, extract
-from pipeline.fit_head import FitConfig, fit_head
-from pipeline.heads import HeadParams, load_head
+from pipeline.stage1.extract import ExtractConfig, extract
+from pipeline.stage2.fit_head import FitConfig, fit_head
+from pipeline.heads.models import HeadParams, load_head
 
 COLOURS = {"red": (210, 40, 40), "green": (40, 190, 60), "blue": (40, 60, 210)}
 
@@ -171,8 +171,8 @@ def test_cli_weights_file_and_folder(tmp_path):
     """--weights PATH (a .weights.h5 file) and --weights DIR load into the base; sha256 recorded."""
     import keras
 
-    from pipeline.backbones import get_backbone
-    from pipeline.weights import sha256_file
+    from pipeline.nets.backbones import get_backbone
+    from pipeline.nets.weights import sha256_file
 
     wdir = tmp_path / "w"
     wdir.mkdir()
@@ -226,9 +226,9 @@ def test_dense_head_is_seeded_and_reproducible(colour_features, tmp_path):
 
 def test_weights_dir_picks_the_base_own_file_not_a_longer_name(tmp_path):
     """mobilenet must not take mobilenet_0.75's file (prefix match), and vice versa."""
-    from pipeline.backbones import get_backbone
-    from pipeline.errors import WeightsUnavailable
-    from pipeline.weights import find_weights_in_dir, parse_weights
+    from pipeline.nets.backbones import get_backbone
+    from pipeline.core.errors import WeightsUnavailable
+    from pipeline.nets.weights import find_weights_in_dir, parse_weights
 
     (tmp_path / "mobilenet_0.75_224_imagenet_notop.weights.h5").write_bytes(b"x")
     assert find_weights_in_dir(tmp_path, get_backbone("mobilenet")) is None

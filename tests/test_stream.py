@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.fit_head import FitConfig, fit_head, summary
-from pipeline.heads import HeadParams, load_head
+from pipeline.stage2.fit_head import FitConfig, fit_head, summary
+from pipeline.heads.models import HeadParams, load_head
 
 ATTRS = {"schema_version": 1, "base": "vgg16", "weights": "none", "input_size": 32, "pooling": "avg",
          "source_fingerprint": "src", "data_source": "synthetic", "split_spec": "70/15/15", "preprocessing": "p",
@@ -98,8 +98,8 @@ def fitted(features, tmp_path_factory):
     The streamed fits run with every ``Rows.read`` recorded and the in-memory loader refused; the
     logistic ones go through the CLI: streamed because the in-memory estimate is above
     ``--max-memory 2KB``, in memory below ``--max-memory 1GiB``."""
-    import pipeline.fit_head
-    import pipeline.stream as stream
+    import pipeline.stage2.fit_head
+    import pipeline.heads.stream as stream
 
     tmp = tmp_path_factory.mktemp("fitted")
     out: dict = {"reads": {}, "dir": tmp}
@@ -124,7 +124,7 @@ def fitted(features, tmp_path_factory):
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(stream.Rows, "read", spy)
-            mp.setattr(pipeline.fit_head, "load_feature_sets", refuse)
+            mp.setattr(pipeline.stage2.fit_head, "load_feature_sets", refuse)
             if head == "logistic":
                 r = runner.invoke(cli, [*cli_base, "--out", str(tmp / "logistic-stream"), "--max-memory", "2KB"])
                 assert r.exit_code == 0, r.output
@@ -191,7 +191,7 @@ def test_streamed_logistic_minimises_sklearns_objective(tmp_path, monkeypatch, k
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    import pipeline.stream as stream
+    import pipeline.heads.stream as stream
 
     monkeypatch.setattr(stream, "LBFGS_TOL", 1e-9)
     monkeypatch.setattr(stream, "LBFGS_MAXITER", 2000)
@@ -250,7 +250,7 @@ def test_bad_max_memory_is_one_line(features, tmp_path, value):
 
 
 def test_parse_size():
-    from pipeline.stream import parse_size
+    from pipeline.heads.stream import parse_size
 
     assert parse_size("4GB") == 4 * 10 ** 9 and parse_size("1.5GiB") == int(1.5 * 2 ** 30)
     assert parse_size("512mb") == 512 * 10 ** 6 and parse_size("1000") == 1000
@@ -274,7 +274,7 @@ def test_virtual_dataset_input(features, fitted, tmp_path):
 
 
 def test_nan_in_a_chunk_is_one_clear_error(tmp_path):
-    from pipeline.errors import FeaturesFileError
+    from pipeline.core.errors import FeaturesFileError
 
     path = write_features(tmp_path / "nan.h5", n=(600, 200, 200))
     with h5py.File(path, "r+") as h5:
@@ -301,7 +301,7 @@ def test_streamed_heads_export_without_tlpipe(tmp_path):
     import subprocess
     import sys
 
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.stage1.extract import ExtractConfig, extract
     from tests.test_export_formats import COLOURS, LOADER, _export, _val_inputs
     from tests.test_export_predict import _colour_folder
 

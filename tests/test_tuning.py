@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.fit_head import FitConfig, fit_head, summary
-from pipeline.heads import GRID_COLUMNS, HISTORY_COLUMNS, HeadParams, get_head, load_head
+from pipeline.stage2.fit_head import FitConfig, fit_head, summary
+from pipeline.heads.models import GRID_COLUMNS, HISTORY_COLUMNS, HeadParams, get_head, load_head
 
 GRID_HEADS = ["logistic", "svm", "rbf-svm", "knn"]
 
@@ -203,7 +203,7 @@ def test_head_folder_schema(tmp_path, name):
 
 
 def test_report_reads_the_new_head_folder(tmp_path):
-    from pipeline.report import collect
+    from pipeline.reporting.report import collect
 
     f = _features_file(tmp_path / "syn.h5")
     fit_head(FitConfig(features=[str(f)], head="knn", out=tmp_path / "heads" / "syn-knn"))
@@ -213,7 +213,7 @@ def test_report_reads_the_new_head_folder(tmp_path):
 
 
 def test_folds_leave_calibrated_svms_three_rows_per_class():
-    from pipeline.heads import cv_folds
+    from pipeline.heads.models import cv_folds
 
     assert cv_folds(np.array([0] * 30 + [1] * 3), 5) == 3
     assert cv_folds(np.array([0] * 30 + [1] * 3), 5, min_per_class=3) == 0

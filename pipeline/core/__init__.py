@@ -1,0 +1,1 @@
+"""Bottom layer: exceptions, atomic files, logging and progress, the never-replace guard."""

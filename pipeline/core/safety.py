@@ -1,0 +1,193 @@
+"""Never lose a file the user made: decide whether an existing output may be replaced.
+
+An output (features file, head folder) made with other settings is replaced only when
+
+  * the user asked for it (``--force``), or
+  * a DVC stage (``DVC_STAGE`` is set) replaces its own output and the old version's exact
+    bytes are in the project's DVC cache (``dvc checkout`` or ``dvc exp apply`` brings it
+    back).  A hand-run command never relies on that: a copy of a pipeline file has its bytes
+    in the cache too, yet nothing would restore it at its own path.
+
+Otherwise the command refuses in one line that names ``--force`` and ``--out``.  Outputs are
+always written under a temporary name and renamed into place, so a failed or interrupted run
+(DVC's included: the stages' outputs are ``persist``-ed, so DVC does not delete them first)
+leaves the previous file as it was.
+"""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.core.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+class OutputExists(UsageError):
+    """An output made from other settings exists and would be replaced (exit code 2)."""
+
+
+def _dvc_root(path: Path) -> Path | None:
+    """The nearest folder above ``path`` holding a ``.dvc`` folder (a DVC project), or None."""
+    for folder in [path.resolve().parent, *path.resolve().parents]:
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+def _dvc_cache_dir(root: Path) -> Path:
+    """The project's DVC cache folder (``.dvc/cache`` unless ``[cache] dir`` says otherwise)."""
+    cache = root / ".dvc" / "cache"
+    for name in ("config", "config.local"):
+        cfg = configparser.ConfigParser()
+        try:
+            cfg.read(root / ".dvc" / name)
+        except configparser.Error:
+            continue
+        for section in ("cache", "'cache'"):
+            if cfg.has_option(section, "dir"):
+                cache = (root / ".dvc" / cfg.get(section, "dir")).resolve()
+    return cache
+
+
+_md5_memo: dict[tuple[str, int, int], str] = {}
+
+
+def file_md5(path: Path) -> str:
+    """md5 of a file's bytes (DVC's content address), memoised by path, size and mtime."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _md5_memo:
+        digest = hashlib.md5()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        _md5_memo[key] = digest.hexdigest()
+    return _md5_memo[key]
+
+
+def in_dvc_cache(path: str | Path) -> bool:
+    """True when every file at ``path`` (a file, or a folder's files) has its exact bytes in the
+    DVC cache of the project ``path`` belongs to, so DVC can restore it."""
+    path = Path(path)
+    root = _dvc_root(path)
+    if root is None or not path.exists():
+        return False
+    cache = _dvc_cache_dir(root)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    if not files:
+        return False
+    for f in files:
+        md5 = file_md5(f)
+        if not any((c / md5[:2] / md5[2:]).is_file() for c in (cache / "files" / "md5", cache)):
+            return False
+    return True
+
+
+def check_replace(path: Path, what: str, differences: list[str], force: bool) -> None:
+    """Allow replacing ``path`` (made from other settings: ``differences``) or raise ``OutputExists``."""
+    if force:
+        log.warning("replacing %s (--force): %s", path, "; ".join(differences))
+        return
+    stage = os.environ.get("DVC_STAGE")
+    if stage and in_dvc_cache(path):
+        log.info("replacing %s; the previous version is in the DVC cache (dvc checkout restores it)", path)
+        return
+    fix = (f"it is not in DVC's cache, so DVC stage {stage} will not replace it: move it away "
+           f"(it is yours), then run again" if stage else "pass --force to replace it, or --out to write elsewhere")
+    if len(differences) == 1 and differences[0].startswith("it is not a tlpipe"):
+        raise OutputExists(f"{path} was not made by tlpipe ({differences[0]}); not replacing it: {fix}")
+    raise OutputExists(f"{path} holds {what} made from other settings ({'; '.join(differences)}); "
+                       f"not replacing it: {fix}")
+
+
+def check_out_path(path: Path, kind: str) -> None:
+    """Refuse, in one line (exit 2), an output path of the wrong kind before any work: ``kind`` is
+    ``"file"`` or ``"folder"``; a folder where a file goes (or the reverse), or a parent that is a file."""
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise UsageError(f"--out {path} is a folder; give a file path")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} is a file; give a folder path (this command writes a folder)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out {path}: {parent} is a file, not a folder")
+            break
+
+
+def guard_user_file(path: Path, what: str, ours, force: bool) -> None:
+    """Refuse to replace an existing file ``path`` that ``ours(path)`` does not recognise as ``what``
+    written by tlpipe (a file the user made), unless ``force``."""
+    path = Path(path)
+    check_out_path(path, "file")
+    if force or not path.exists():
+        return
+    try:
+        recognised = bool(ours(path))
+    except (OSError, ValueError, UnicodeDecodeError):
+        recognised = False
+    if not recognised:
+        raise OutputExists(f"{path} exists and is not {what} written by tlpipe; not replacing it: "
+                           "pass --force to replace it, or --out to write elsewhere")
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder ``tmp`` to ``out``; the old ``out`` is removed only afterwards."""
+    old = out.with_name(f".{out.name}.old")
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)  # put the previous one back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def guard_head_folder(out: Path, new: dict, force: bool) -> None:
+    """Refuse to replace a head folder fitted from other features, head or parameters.
+
+    ``new`` holds what the new head's ``model/head.json`` will record (``head``,
+    ``fingerprints``, ``params``); a folder whose ``model/`` DVC can restore may be replaced.
+    """
+    import json
+
+    check_out_path(out, "folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    meta = out / "model" / "head.json"
+    try:
+        old = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        old = None
+    if old is None:
+        changes = ["it is not a tlpipe head folder (no model/head.json)"]
+    else:
+        changes = []
+        if old.get("head") != new["head"]:
+            changes.append(f"head {old.get('head')} -> {new['head']}")
+        if list(old.get("fingerprints") or []) != list(new["fingerprints"]):
+            changes.append("fitted on other features (other base, weights, data or settings)")
+        before, after = old.get("params") or {}, new.get("params") or {}
+        changed = sorted(k for k in set(before) | set(after)
+                         if k != "extra" and json.dumps(before.get(k)) != json.dumps(after.get(k)))
+        if changed:
+            def show(v):
+                return "none" if v is None else v
+
+            changes.append(", ".join(f"{k} {show(before.get(k))} -> {show(after.get(k))}" for k in changed))
+        if not changes:
+            return  # same head, features and parameters: fitting again is a refresh
+    if not force and os.environ.get("DVC_STAGE") and (out / "model").is_dir() and in_dvc_cache(out / "model"):
+        log.info("replacing %s; its model is in the DVC cache (dvc checkout restores it)", out)
+        return
+    check_replace(out, "a fitted head", changes, force)

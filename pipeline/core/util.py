@@ -1,0 +1,142 @@
+"""Small helpers: atomic writes, progress bars, logging set-up."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.util
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Atomically write pretty JSON."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool = True):
+    """A tqdm bar in images (rate in images/s, ETA) on stderr; quiet when disabled."""
+    if not enabled:
+        return _NullBar()
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, unit="img", dynamic_ncols=True,
+                mininterval=0.5 if tty else 15.0, file=sys.stderr, smoothing=0.1)
+
+
+def setup_logging(verbose: int = 0) -> None:
+    """Log INFO (or DEBUG with -vv) to stderr; silence TensorFlow's C++ chatter."""
+    level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose >= 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                        force=True)
+    for noisy in ("absl", "tensorflow", "h5py", "filelock", "matplotlib", "PIL"):
+        # their warnings (e.g. tfds' "folder has no dataset_info.json") are noise to users: -v shows them
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose >= 1 else logging.ERROR)
+
+
+@contextlib.contextmanager
+def _stderr_fd_silenced():
+    """Point file descriptor 2 at /dev/null (C++ code writes there directly), then restore it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Silences stderr while ``tensorflow`` is imported: absl and oneDNN print their start-up lines
+    there from C++ during the import, whatever ``TF_CPP_MIN_LOG_LEVEL`` says."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # once: the real finders locate the package
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            exec_module = spec.loader.exec_module
+
+            def quiet_exec(module):
+                with _stderr_fd_silenced():
+                    exec_module(module)
+
+            spec.loader.exec_module = quiet_exec
+        return spec
+
+
+def quiet_tensorflow() -> None:
+    """Keep TensorFlow's start-up lines off stderr: the log level for later messages, and a silent
+    import (installed before TensorFlow is imported; ``-v`` leaves both alone)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
+def require_tensorboard() -> None:
+    """``--tensorboard`` needs the tensorboard package (Keras' TensorBoard callback writes through it)."""
+    from pipeline.core.errors import UsageError
+
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+
+
+def unreachable(url: str, timeout: float = 3.0) -> str | None:
+    """Why ``url``'s host cannot be reached (a TCP connect within ``timeout`` s), or None if it can.
+
+    Lets a download fail in seconds with one line, where the downloaders retry for minutes."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    if not u.hostname:
+        return None
+    try:
+        socket.create_connection((u.hostname, u.port or (80 if u.scheme == "http" else 443)), timeout=timeout).close()
+    except socket.gaierror:
+        return f"{u.hostname}: name lookup failed"
+    except (socket.timeout, TimeoutError):
+        return f"{u.hostname}: connection timed out"
+    except OSError as exc:
+        return f"{u.hostname}: {exc.strerror or exc}"
+    return None

@@ -1,0 +1,1 @@
+"""Data sources (folders, tensorflow-datasets) and image decoding."""

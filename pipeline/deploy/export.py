@@ -1,0 +1,697 @@
+"""Export a fitted head and its base as one model: image in, class probabilities out.
+
+The exported model holds, in one graph::
+
+    uint8[N, H, W, 3] (any size) -> Resizing (bilinear, antialiased, to the base's input size)
+      -> rounded to integer levels (as pipeline.data.images.decode_image's uint8 output)
+      -> the base's preprocess_input as built-in layers (pipeline.nets.extractor.builtin_preprocess)
+      -> frozen base + pooling -> head -> "probabilities": float32[N, K] (also for two classes)
+
+A head fitted on fused features (several ``--features`` files: other bases, or the same
+base at other input sizes) becomes one branch per file, concatenated in the head's order.
+Branches at the same input size share one image input; a model whose branches need
+several sizes takes one input per size, named ``image_<size>``, so that each branch sees
+the image resized exactly as at extraction (``tlpipe predict`` feeds them).
+
+Heads: ``dense`` reuses the saved Keras head; ``logistic`` folds the StandardScaler into
+one Dense layer + softmax (equal to scikit-learn's ``predict_proba`` up to float32
+rounding; a streamed logistic head is the same LogisticRegression).  Both use built-in Keras layers only, so their ``.keras`` file loads with
+``keras.saving.load_model`` where tlpipe is not installed.  ``svm``, ``rbf-svm`` and
+``knn`` become the custom layers ``CalibratedLinearSVC``, ``CalibratedRbfSVC`` and
+``KnnProba`` that reproduce scikit-learn's ``predict_proba``: their ``.keras`` file needs
+``import pipeline.deploy.export``; their SavedModel runs with TensorFlow alone.
+
+Formats (``FORMATS``): ``keras`` (one file), ``savedmodel`` (a folder, ``serving_default``
+signature on uint8 images of any size), ``tflite`` (fixed input of the base's input size:
+TFLite's builtin ops have no antialiased resize).  Class names and provenance go in
+``tlpipe.json``: a member of the .keras zip (Keras ignores it), ``assets.extra/`` of a
+SavedModel, ``NAME.json`` (+ ``NAME.labels.txt``) beside a .tflite file.  Models exported
+by older tlpipe versions kept them in the config of a ``tlpipe>Probabilities`` last layer;
+``read_metadata`` reads both.  Base, input size, pooling and weights default to what the
+head's features file recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from pipeline.core.errors import FeaturesFileError, TlpipeError, UsageError
+
+log = logging.getLogger(__name__)
+
+OUTPUT_LAYER = "probabilities"
+METADATA_MEMBER = "tlpipe.json"  # in the .keras zip; assets.extra/ of a SavedModel; NAME.json beside .tflite
+METADATA_VERSION = 2  # 1: metadata in the Probabilities layer's config (still read)
+FORMATS = ("keras", "savedmodel", "tflite")
+CUSTOM_LAYER_HEADS = ("svm", "rbf-svm", "knn")  # their .keras files need 'import pipeline.deploy.export' to load
+
+
+@keras.saving.register_keras_serializable(package="tlpipe")
+class Probabilities(keras.layers.Layer):
+    """Final layer of models exported by older tlpipe versions (kept so they still load): ``[N, 1]``
+    sigmoid output becomes ``[N, 2]``; carries class names and metadata.  New exports use built-in
+    layers (``_probabilities_layer``) and keep the metadata in ``tlpipe.json``."""
+
+    def __init__(self, class_names: list[str], metadata: dict[str, Any] | None = None, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.class_names = list(class_names)
+        self.metadata = dict(metadata or {})
+
+    def call(self, inputs):
+        x = keras.ops.cast(inputs, "float32")
+        if x.shape[-1] == 1 and len(self.class_names) == 2:
+            x = keras.ops.concatenate([1.0 - x, x], axis=-1)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], len(self.class_names))
+
+    def get_config(self):
+        return {**super().get_config(), "class_names": self.class_names, "metadata": self.metadata}
+
+
+def _calibrated_proba(d, slope, offset, n_folds: int, n_columns: int, binary: bool, class_index: list[int],
+                      n_classes: int):
+    """scikit-learn's sigmoid calibration of decision values ``d`` [N, folds * columns]."""
+    ops = keras.ops
+    p = ops.sigmoid(-(slope * d + offset))
+    p = ops.reshape(p, (-1, n_folds, n_columns))
+    if binary:
+        p = ops.concatenate([1.0 - p, p], axis=-1)
+    else:
+        s = ops.sum(p, axis=-1, keepdims=True)
+        p = ops.where(s > 0, p / ops.where(s > 0, s, 1.0), 1.0 / n_columns)
+    p = ops.mean(p, axis=1)  # [N, C'] over the classes the folds saw
+    scatter = np.zeros((p.shape[-1], n_classes), dtype="float64")
+    for j, k in enumerate(class_index):
+        scatter[j, k] = 1.0
+    return ops.cast(ops.matmul(p, ops.convert_to_tensor(scatter)), "float32")
+
+
+@keras.saving.register_keras_serializable(package="tlpipe")
+class CalibratedLinearSVC(keras.layers.Layer):
+    """scikit-learn ``CalibratedClassifierCV(LinearSVC, method="sigmoid")`` after a StandardScaler.
+
+    Per fold f and calibrated column c: ``d = x @ W + b`` (scaler folded in),
+    ``p = sigmoid(-(a * d + b'))``; binary folds give ``[1 - p, p]``, multi-class folds
+    are normalised (uniform where every column is 0); folds are averaged; columns are
+    scattered to the K classes through ``class_index``.
+    """
+
+    def __init__(self, n_features: int, n_folds: int, n_columns: int, n_classes: int, binary: bool,
+                 class_index: list[int], **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.n_features, self.n_folds, self.n_columns = int(n_features), int(n_folds), int(n_columns)
+        self.n_classes, self.binary, self.class_index = int(n_classes), bool(binary), list(class_index)
+        m = self.n_folds * self.n_columns
+        self.kernel = self.add_weight(shape=(self.n_features, m), initializer="zeros", trainable=False,
+                                      name="kernel", dtype="float64")
+        self.bias = self.add_weight(shape=(m,), initializer="zeros", trainable=False, name="bias", dtype="float64")
+        self.slope = self.add_weight(shape=(m,), initializer="zeros", trainable=False, name="slope", dtype="float64")
+        self.offset = self.add_weight(shape=(m,), initializer="zeros", trainable=False, name="offset",
+                                      dtype="float64")
+
+    def call(self, inputs):
+        x = keras.ops.cast(inputs, "float64")
+        d = keras.ops.matmul(x, self.kernel) + self.bias
+        return _calibrated_proba(d, self.slope, self.offset, self.n_folds, self.n_columns, self.binary,
+                                 self.class_index, self.n_classes)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.n_classes)
+
+    def get_config(self):
+        return {**super().get_config(), "n_features": self.n_features, "n_folds": self.n_folds,
+                "n_columns": self.n_columns, "n_classes": self.n_classes, "binary": self.binary,
+                "class_index": self.class_index}
+
+
+@keras.saving.register_keras_serializable(package="tlpipe")
+class CalibratedRbfSVC(keras.layers.Layer):
+    """scikit-learn ``CalibratedClassifierCV(SVC(kernel="rbf"), method="sigmoid", ensemble=False)``
+    after a StandardScaler.
+
+    ``k = exp(-gamma * |z - sv|^2)`` with ``z`` the standardised input; one decision value
+    per class pair, ``k @ pair_coef + pair_bias`` (libsvm's one-vs-one); two classes use it
+    as is, more classes turn the pairs into scikit-learn's one-vs-rest votes + confidences;
+    then the sigmoid calibration, as ``CalibratedLinearSVC``.  Computed in float64.
+    """
+
+    def __init__(self, n_features: int, n_support: int, n_classes: int, classes_seen: int, gamma: float,
+                 class_index: list[int], **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.n_features, self.n_support, self.n_classes = int(n_features), int(n_support), int(n_classes)
+        self.classes_seen, self.gamma, self.class_index = int(classes_seen), float(gamma), list(class_index)
+        c = self.classes_seen
+        self.n_pairs = 1 if c == 2 else c * (c - 1) // 2
+        self.n_columns = 1 if c == 2 else c
+
+        def weight(name, shape):
+            return self.add_weight(shape=shape, initializer="zeros", trainable=False, name=name, dtype="float64")
+
+        self.mean, self.scale = weight("mean", (self.n_features,)), weight("scale", (self.n_features,))
+        self.support = weight("support", (self.n_support, self.n_features))
+        self.pair_coef = weight("pair_coef", (self.n_support, self.n_pairs))
+        self.pair_bias = weight("pair_bias", (self.n_pairs,))
+        self.slope, self.offset = weight("slope", (self.n_columns,)), weight("offset", (self.n_columns,))
+
+    def call(self, inputs):
+        ops = keras.ops
+        z = (ops.cast(inputs, "float64") - self.mean) / self.scale
+        sq = (ops.sum(z * z, axis=-1, keepdims=True) - 2.0 * ops.matmul(z, ops.transpose(self.support))
+              + ops.sum(self.support * self.support, axis=-1)[None, :])
+        k = ops.exp(-self.gamma * ops.maximum(sq, 0.0))
+        d = ops.matmul(k, self.pair_coef) + self.pair_bias  # [N, pairs]
+        if self.classes_seen > 2:
+            d = self._ovr(d)
+        return _calibrated_proba(d, self.slope, self.offset, 1, self.n_columns, self.classes_seen == 2,
+                                 self.class_index, self.n_classes)
+
+    def _ovr(self, d):
+        """scikit-learn's ``_ovr_decision_function(d < 0, -d, C)``: votes + confidences / (3 (|c| + 1))."""
+        ops = keras.ops
+        c = self.classes_seen
+        plus, minus = np.zeros((self.n_pairs, c)), np.zeros((self.n_pairs, c))
+        p = 0
+        for i in range(c):
+            for j in range(i + 1, c):
+                plus[p, i], minus[p, j] = 1.0, 1.0
+                p += 1
+        plus, minus = ops.convert_to_tensor(plus), ops.convert_to_tensor(minus)
+        win = ops.cast(d >= 0, "float64")  # libsvm: d >= 0 votes for the first class of the pair
+        lose = 1.0 - win
+        votes = ops.matmul(win, plus) + ops.matmul(lose, minus)
+        conf = ops.matmul(d, plus) - ops.matmul(d, minus)
+        return votes + conf / (3.0 * (ops.abs(conf) + 1.0))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.n_classes)
+
+    def get_config(self):
+        return {**super().get_config(), "n_features": self.n_features, "n_support": self.n_support,
+                "n_classes": self.n_classes, "classes_seen": self.classes_seen, "gamma": self.gamma,
+                "class_index": self.class_index}
+
+
+@keras.saving.register_keras_serializable(package="tlpipe")
+class KnnProba(keras.layers.Layer):
+    """scikit-learn ``Normalizer + KNeighborsClassifier(weights="distance", euclidean)``.
+
+    Holds the L2-normalised training features; computes in float64 so exact duplicates
+    (distance 0) are found as in scikit-learn, where they take all the weight.
+    """
+
+    def __init__(self, n_train: int, n_features: int, n_classes: int, k: int, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.n_train, self.n_features, self.n_classes, self.k = int(n_train), int(n_features), int(n_classes), int(k)
+        self.points = self.add_weight(shape=(self.n_train, self.n_features), initializer="zeros", trainable=False,
+                                      name="points", dtype="float64")
+        self.onehot = self.add_weight(shape=(self.n_train, self.n_classes), initializer="zeros", trainable=False,
+                                      name="onehot", dtype="float64")
+
+    def call(self, inputs):
+        ops = keras.ops
+        x = ops.cast(inputs, "float64")
+        norm = ops.sqrt(ops.sum(x * x, axis=-1, keepdims=True))
+        x = x / ops.where(norm > 0, norm, 1.0)
+        sq = (ops.sum(x * x, axis=-1, keepdims=True) - 2.0 * ops.matmul(x, ops.transpose(self.points))
+              + ops.sum(self.points * self.points, axis=-1)[None, :])
+        dist = ops.sqrt(ops.maximum(sq, 0.0))
+        neg, idx = ops.top_k(-dist, k=self.k)
+        d = -neg
+        exact = ops.any(d == 0.0, axis=-1, keepdims=True)
+        w = ops.where(exact, ops.cast(d == 0.0, "float64"), 1.0 / ops.where(d == 0.0, 1.0, d))
+        votes = ops.take(self.onehot, idx, axis=0)  # [N, k, K]
+        proba = ops.sum(votes * w[..., None], axis=1)
+        proba = proba / ops.sum(proba, axis=-1, keepdims=True)
+        return ops.cast(proba, "float32")
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.n_classes)
+
+    def get_config(self):
+        return {**super().get_config(), "n_train": self.n_train, "n_features": self.n_features,
+                "n_classes": self.n_classes, "k": self.k}
+
+
+EXPORTABLE_HEADS = ("logistic", "dense", "svm", "rbf-svm", "knn")
+
+
+@dataclass
+class ExportConfig:
+    """Everything ``export_model`` needs."""
+
+    head: Path  # a fitted head folder (cache/heads/<features>-<head>)
+    out: Path
+    base: str | None = None  # must match the head's base when given
+    weights: str | None = None  # default: what the features file recorded
+    cache_dir: Path = Path("cache")
+    format: str = "keras"  # keras | savedmodel | tflite
+    force: bool = False  # replace an existing --out
+
+
+def _head_info(folder: Path) -> tuple[Path, dict[str, Any]]:
+    folder = Path(folder)
+    model_dir = folder / "model" if (folder / "model" / "head.json").is_file() else folder
+    meta = model_dir / "head.json"
+    if not meta.is_file():
+        raise UsageError(f"{folder} is not a fitted head folder (no head.json); run 'tlpipe fit-head' first")
+    return model_dir, json.loads(meta.read_text())
+
+
+def _features_attrs(info: dict[str, Any], cache_dir: Path) -> list[dict[str, Any]]:
+    """The attributes of every features file the head was fitted on, in the head's order."""
+    from pipeline.store.features import read_attrs, resolve_features_path
+
+    paths = info.get("features") or []
+    if not paths:
+        raise UsageError("the head records no features file; refit it with 'tlpipe fit-head'")
+    out = []
+    for path in paths:
+        try:
+            resolved = resolve_features_path(path, cache_dir)
+        except FeaturesFileError as exc:
+            raise FeaturesFileError(f"the head's features files are needed for export (base, input size, "
+                                    f"pooling, weights): {exc}") from None
+        out.append(read_attrs(resolved))
+    return out
+
+
+def _logistic_layers(model, n_classes: int, dim: int):
+    """Fold StandardScaler into the logistic regression: Dense(K) + softmax."""
+    scaler, lr = model.steps[0][1], model.steps[-1][1]
+    mean = scaler.mean_ if scaler.mean_ is not None else np.zeros(dim)
+    scale = scaler.scale_ if scaler.scale_ is not None else np.ones(dim)
+    coef, icpt = np.asarray(lr.coef_, np.float64), np.asarray(lr.intercept_, np.float64)
+    classes = [int(c) for c in lr.classes_]
+    W = np.zeros((dim, n_classes))
+    b = np.full(n_classes, -1e4)  # classes absent from train: probability 0
+    if coef.shape[0] == 1:  # binary: softmax([0, z]) == [1 - sigmoid(z), sigmoid(z)]
+        pairs = [(classes[0], np.zeros(dim), 0.0), (classes[1], coef[0], icpt[0])]
+    else:
+        pairs = [(c, coef[i], icpt[i]) for i, c in enumerate(classes)]
+    for c, w, bias in pairs:
+        W[:, c] = w / scale
+        b[c] = bias - float(np.dot(mean / scale, w))
+    dense = keras.layers.Dense(n_classes, activation="softmax", name="logistic")
+    dense.build((None, dim))
+    dense.set_weights([W.astype("float32"), b.astype("float32")])
+    return dense
+
+
+def _svm_layer(model, n_classes: int, dim: int):
+    scaler, cal = model.steps[0][1], model.steps[-1][1]
+    mean, scale = scaler.mean_, scaler.scale_
+    kernels, biases, slopes, offsets = [], [], [], []
+    for cc in cal.calibrated_classifiers_:
+        if cc.method != "sigmoid":
+            raise UsageError(f"export of the svm head supports sigmoid calibration, not {cc.method}")
+        coef, icpt = np.atleast_2d(cc.estimator.coef_), np.atleast_1d(cc.estimator.intercept_)
+        if list(cc.estimator.classes_) != list(cal.classes_):
+            raise UsageError("export of the svm head: a calibration fold saw fewer classes than the head; "
+                             "refit with more training images per class")
+        for j in range(coef.shape[0]):
+            kernels.append(coef[j] / scale)
+            biases.append(icpt[j] - float(np.dot(mean / scale, coef[j])))
+            slopes.append(cc.calibrators[j].a_)
+            offsets.append(cc.calibrators[j].b_)
+    n_folds = len(cal.calibrated_classifiers_)
+    n_columns = len(kernels) // n_folds
+    binary = len(cal.classes_) == 2
+    layer = CalibratedLinearSVC(dim, n_folds, n_columns, n_classes, binary, [int(c) for c in cal.classes_],
+                                name="svm")
+    layer.set_weights([np.stack(kernels, 1), np.array(biases), np.array(slopes, dtype=np.float64).ravel(),
+                       np.array(offsets, dtype=np.float64).ravel()])
+    return layer
+
+
+def _rbf_svm_layer(model, n_classes: int, dim: int):
+    scaler, cal = model.steps[0][1], model.steps[-1][1]
+    if len(cal.calibrated_classifiers_) != 1:
+        raise UsageError("export of the rbf-svm head expects one calibrated SVM (ensemble=False)")
+    cc = cal.calibrated_classifiers_[0]
+    svc = cc.estimator
+    if cc.method != "sigmoid" or svc.kernel != "rbf":
+        raise UsageError(f"export of the rbf-svm head supports an RBF kernel with sigmoid calibration, "
+                         f"not {svc.kernel} / {cc.method}")
+    if list(svc.classes_) != list(cal.classes_):
+        raise UsageError("export of the rbf-svm head: the SVM saw fewer classes than the head")
+    sv = np.asarray(svc.support_vectors_, np.float64)
+    dual, icpt = np.asarray(svc.dual_coef_, np.float64), np.asarray(svc.intercept_, np.float64)
+    c = len(svc.classes_)
+    if c == 2:  # scikit-learn's public dual_coef_/intercept_ already give d > 0 for classes_[1]
+        pair_coef, pair_bias = dual.T, icpt
+    else:  # libsvm one-vs-one: pair (i, j) uses class i's vectors with row j-1, class j's with row i
+        starts = np.concatenate([[0], np.cumsum(svc.n_support_)])
+        pair_coef = np.zeros((len(sv), c * (c - 1) // 2))
+        p = 0
+        for i in range(c):
+            for j in range(i + 1, c):
+                pair_coef[starts[i]:starts[i + 1], p] = dual[j - 1, starts[i]:starts[i + 1]]
+                pair_coef[starts[j]:starts[j + 1], p] = dual[i, starts[j]:starts[j + 1]]
+                p += 1
+        pair_bias = icpt
+    gamma = float(svc._gamma)
+    layer = CalibratedRbfSVC(dim, len(sv), n_classes, c, gamma, [int(k) for k in cal.classes_], name="rbf_svm")
+    mean = scaler.mean_ if scaler.mean_ is not None else np.zeros(dim)
+    scale = scaler.scale_ if scaler.scale_ is not None else np.ones(dim)
+    layer.set_weights([np.asarray(mean, np.float64), np.asarray(scale, np.float64), sv, pair_coef,
+                       np.asarray(pair_bias, np.float64),
+                       np.array([cal_.a_ for cal_ in cc.calibrators], np.float64).ravel(),
+                       np.array([cal_.b_ for cal_ in cc.calibrators], np.float64).ravel()])
+    return layer
+
+
+def _knn_layer(model, n_classes: int, dim: int):
+    knn = model.steps[-1][1]
+    X = np.asarray(knn._fit_X, np.float64)
+    y = np.asarray(knn.classes_)[np.asarray(knn._y)]
+    layer = KnnProba(len(X), dim, n_classes, int(knn.n_neighbors), name="knn")
+    layer.set_weights([X, np.eye(n_classes)[y.astype(int)]])
+    return layer
+
+
+@dataclass
+class _Branch:
+    base: str
+    size: int
+    pooling: str
+    model: Any
+    weights: Any  # WeightsInfo
+
+
+def _build_branch(attrs: dict[str, Any], weights: str | None, index: int, fused: bool) -> _Branch:
+    """The frozen base (with the weights the features were extracted with) for one features file."""
+    from pipeline.nets.backbones import get_backbone
+    from pipeline.nets.weights import build_with_weights, parse_weights, sha256_file
+
+    backbone = get_backbone(attrs["base"])
+    size, pooling = int(attrs["input_size"]), str(attrs.get("pooling", "avg"))
+    recorded = str(attrs.get("weights", "imagenet"))
+    spec = weights if weights is not None else recorded
+    resolved = parse_weights(spec, backbone)
+    want_sha = str(attrs.get("weights_sha256") or "")
+    if isinstance(resolved, Path) and want_sha and sha256_file(resolved) != want_sha:
+        raise UsageError(f"weights {resolved} differ from the ones the {backbone.name} features were extracted "
+                         f"with (sha256 {want_sha[:12]}...); the head would see different features")
+    if (resolved is None) != (recorded == "none"):
+        raise UsageError(f"--weights {spec} does not match the features file, extracted with weights {recorded}")
+    rng_state = random.getstate()
+    random.seed(0)  # as extract: --weights none gives the same random base
+    try:
+        model, winfo = build_with_weights(backbone, resolved, size, pooling)
+    finally:
+        random.setstate(rng_state)
+    if int(model.output_shape[-1]) != int(attrs["feature_size"]):
+        raise UsageError(f"{backbone.name} gives {model.output_shape[-1]} features but its features file has "
+                         f"{attrs['feature_size']}")
+    if fused:
+        model.name = f"branch{index}_{model.name}"
+    return _Branch(backbone.name, size, pooling, model, winfo)
+
+
+def _resize(x, size: int, suffix: str = ""):
+    """The in-graph resize: what ``pipeline.data.images.decode_image`` does to a photo of any size.
+
+    ``Resizing(antialias=True)`` (bilinear; antialiased when a side shrinks), then rounded to
+    integer levels as decoding to uint8 does: + 0.5, a cast to int32 (truncation: the values
+    are >= 0) and back to float32, with ``Rescaling`` layers (``Discretization`` would do it
+    too, at 10x the cost of the resize).  The identity on an image that already has the base's
+    input size (what ``tlpipe predict`` feeds).
+    """
+    x = keras.layers.Resizing(size, size, interpolation="bilinear", antialias=True, name=f"resize{suffix}")(x)
+    x = keras.layers.Rescaling(1.0, offset=0.5, dtype="float32", name=f"round_half{suffix}")(x)
+    x = keras.layers.Rescaling(1.0, dtype="int32", name=f"round{suffix}")(x)
+    return keras.layers.Rescaling(1.0, dtype="float32", name=f"to_float{suffix}")(x)
+
+
+def _probabilities_layer(x, n_classes: int):
+    """``[N, K]`` float32 probabilities named ``probabilities``, with built-in layers only.
+
+    A binary sigmoid output ``p`` ``[N, 1]`` becomes ``[1 - p, p]``: ``Rescaling(-1, offset=1)``
+    then ``Concatenate``.
+    """
+    if x.shape[-1] == 1 and n_classes == 2:
+        p = keras.layers.Activation("linear", dtype="float32", name="p_positive")(x)
+        q = keras.layers.Rescaling(-1.0, offset=1.0, dtype="float32", name="p_negative")(p)
+        return keras.layers.Concatenate(dtype="float32", name=OUTPUT_LAYER)([q, p])
+    return keras.layers.Activation("linear", dtype="float32", name=OUTPUT_LAYER)(x)
+
+
+def build_export(head_dir: str | Path, base: str | None = None, weights: str | None = None,
+                 cache_dir: str | Path = "cache", fixed_size: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Build (not save) the image -> probabilities model for a fitted head; return it and its metadata.
+
+    One features file: one ``image`` input.  Fused features: one branch per file; one input
+    per distinct input size (``image`` if they all share one, else ``image_<size>``).
+    Only built-in Keras layers, except the svm, rbf-svm and knn heads (``CUSTOM_LAYER_HEADS``).
+    ``fixed_size``: inputs of exactly the base's input size and no resize layer (for TFLite,
+    whose builtin ops have no antialiased resize).
+    """
+    from pipeline.nets.backbones import get_backbone
+    from pipeline.heads.models import load_head
+    from pipeline.nets.extractor import builtin_preprocess
+
+    model_dir, info = _head_info(Path(head_dir))
+    name = info["head"]
+    if name not in EXPORTABLE_HEADS:
+        raise UsageError(f"export supports the heads {', '.join(EXPORTABLE_HEADS)}, not '{name}'")
+    all_attrs = _features_attrs(info, Path(cache_dir))
+    fused = len(all_attrs) > 1
+    head_bases = [get_backbone(a["base"]).name for a in all_attrs]
+    if base is not None and get_backbone(base).name not in head_bases:
+        raise UsageError(f"--base {base} does not match the head, which was fitted on "
+                         f"{' + '.join(head_bases)} features")
+
+    low = sorted({str(a.get("precision")) for a in all_attrs} & {"bf16", "fp16"})
+    if low:
+        log.warning("the head was fitted on %s features; the exported model computes float32 features, so its "
+                    "accuracy can differ a little from the head's reported metrics (extract with --precision f32 "
+                    "for exact agreement)", "/".join(low))
+    classes = list(info["classes"])
+    k, dim = len(classes), int(info["feature_size"])
+    head = load_head(model_dir)
+    branches = [_build_branch(a, weights, i, fused) for i, a in enumerate(all_attrs)]
+    if sum(int(b.model.output_shape[-1]) for b in branches) != dim:
+        raise UsageError(f"the bases give {sum(int(b.model.output_shape[-1]) for b in branches)} features "
+                         f"but the head expects {dim}")
+
+    sizes = sorted({b.size for b in branches}, key=[b.size for b in branches].index)
+    inputs = {s: keras.Input(shape=(s, s, 3) if fixed_size else (None, None, 3), dtype="uint8",
+                             name="image" if len(sizes) == 1 else f"image_{s}") for s in sizes}
+    pooled = []
+    for i, b in enumerate(branches):
+        suffix = f"_{i}" if fused else ""
+        x = inputs[b.size]
+        if fixed_size:
+            x = keras.layers.Rescaling(1.0, dtype="float32", name=f"to_float{suffix}")(x)
+        else:
+            x = _resize(x, b.size, suffix)
+        for layer in builtin_preprocess(get_backbone(b.base), name=f"preprocess{suffix}"):
+            x = layer(x)
+        pooled.append(b.model(x, training=False))
+    x = keras.layers.Concatenate(name="fuse")(pooled) if fused else pooled[0]
+    if name == "dense":
+        x = head.model(x, training=False)
+    elif name == "logistic":
+        x = _logistic_layers(head.model, k, dim)(x)
+    elif name == "svm":
+        x = _svm_layer(head.model, k, dim)(x)
+    elif name == "rbf-svm":
+        x = _rbf_svm_layer(head.model, k, dim)(x)
+    else:
+        x = _knn_layer(head.model, k, dim)(x)
+    outputs = _probabilities_layer(x, k)
+    first = branches[0]
+    metadata = {"format_version": METADATA_VERSION, "class_names": classes,
+                "base": " + ".join(b.base for b in branches), "input_size": first.size, "input_sizes": sizes,
+                "inputs": ["image"] if len(sizes) == 1 else [f"image_{s}" for s in sizes],
+                "input_shape": "fixed: [N, S, S, 3] uint8, S = input_size" if fixed_size
+                else "any: [N, H, W, 3] uint8, resized inside",
+                "pooling": first.pooling, "weights": first.weights.label, "weights_sha256": first.weights.sha256,
+                "branches": [{"base": b.base, "input_size": b.size, "pooling": b.pooling,
+                              "weights": b.weights.label, "weights_sha256": b.weights.sha256} for b in branches],
+                "head": name, "head_dir": str(head_dir), "custom_layers": name in CUSTOM_LAYER_HEADS,
+                "features": info.get("features"), "fingerprints": info.get("fingerprints")}
+    model_name = "_".join(["tlpipe", *dict.fromkeys(b.base for b in branches), name])
+    model = keras.Model(list(inputs.values()) if len(sizes) > 1 else inputs[sizes[0]], outputs,
+                        name=re.sub(r"[^A-Za-z0-9_]", "_", model_name))
+    model.trainable = False
+    return model, metadata
+
+
+def build_export_model(head_dir: str | Path, base: str | None = None, weights: str | None = None,
+                       cache_dir: str | Path = "cache"):
+    """``build_export`` without the metadata (the model alone)."""
+    return build_export(head_dir, base, weights, cache_dir)[0]
+
+
+# ----------------------------------------------------------------------------- writing the formats
+
+def check_out(out: str | Path, fmt: str, force: bool = False) -> Path:
+    """Refuse an ``--out`` that does not fit ``fmt``, or that exists without ``force``."""
+    out = Path(out)
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown --format '{fmt}': {', '.join(FORMATS)}")
+    want = {"keras": ".keras", "tflite": ".tflite"}.get(fmt)
+    if want and out.suffix != want:
+        raise UsageError(f"--out must end in {want} for --format {fmt}, not {out.name}")
+    if fmt == "savedmodel" and out.suffix in (".keras", ".tflite", ".h5", ".pb", ".zip"):
+        raise UsageError(f"--format savedmodel writes a directory: --out must be a folder name, not {out.name}")
+    from pipeline.core.safety import check_out_path
+
+    check_out_path(out, "folder" if fmt == "savedmodel" else "file")
+    if not force:
+        for path in _outputs(out, fmt):
+            if path.exists() or path.is_symlink():
+                raise UsageError(f"{path} exists; pass --force to replace it")
+    return out
+
+
+def _outputs(out: Path, fmt: str) -> list[Path]:
+    """Every path the export writes (the model and, for TFLite, its sidecars)."""
+    if fmt == "tflite":
+        return [out, out.with_suffix(".json"), out.with_suffix(".labels.txt")]
+    return [out]
+
+
+def _tmp_name(out: Path) -> Path:
+    return out.with_name(f".{out.name}.tmp-{os.getpid()}{out.suffix}")
+
+
+def _save_keras(model, metadata: dict[str, Any], out: Path) -> None:
+    tmp = _tmp_name(out)
+    try:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as zf:  # keras.saving.load_model ignores members it does not know
+            zf.writestr(METADATA_MEMBER, json.dumps(metadata, indent=2))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_savedmodel(model, metadata: dict[str, Any], out: Path) -> None:
+    tmp = _tmp_name(out)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    try:
+        model.export(str(tmp), format="tf_saved_model", verbose=False)
+        (tmp / "assets.extra").mkdir(exist_ok=True)
+        (tmp / "assets.extra" / METADATA_MEMBER).write_text(json.dumps(metadata, indent=2))
+        if out.exists() or out.is_symlink():  # --force: move the old one aside, then rename
+            if out.is_dir() and not out.is_symlink():
+                out.rename(old)
+            else:
+                out.unlink()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_tflite(model, metadata: dict[str, Any], out: Path) -> None:
+    from pipeline.core.util import atomic_write_text
+
+    tmp = _tmp_name(out)
+    try:
+        try:
+            model.export(str(tmp), format="litert", verbose=False)
+        except Exception as exc:  # noqa: BLE001 - the converter's errors are long; keep the first line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TlpipeError(f"TFLite conversion failed: {first}") from exc
+        atomic_write_text(out.with_suffix(".json"), json.dumps(metadata, indent=2) + "\n")
+        atomic_write_text(out.with_suffix(".labels.txt"), "".join(f"{c}\n" for c in metadata["class_names"]))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_model(cfg: ExportConfig) -> Path:
+    """Build the exported model and save it to ``cfg.out`` in ``cfg.format``; return the path."""
+    out = check_out(cfg.out, cfg.format, cfg.force)
+    head = _head_info(Path(cfg.head))[1].get("head")
+    if cfg.format == "tflite" and head in CUSTOM_LAYER_HEADS:
+        raise UsageError(f"--format tflite supports the logistic and dense heads, not {head} (its float64 "
+                         f"layers need TensorFlow ops that TFLite lacks); use --format savedmodel")
+    model, metadata = build_export(cfg.head, cfg.base, cfg.weights, cfg.cache_dir,
+                                   fixed_size=cfg.format == "tflite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.format == "keras":
+        _save_keras(model, metadata, out)
+    elif cfg.format == "savedmodel":
+        _save_savedmodel(model, metadata, out)
+    else:
+        _save_tflite(model, metadata, out)
+    log.info("exported %s -> %s (%s)", cfg.head, out, cfg.format)
+    return out
+
+
+def custom_layer_note(head: str, fmt: str) -> str | None:
+    """One line for heads whose ``.keras`` file needs tlpipe to load, else None."""
+    if head in CUSTOM_LAYER_HEADS and fmt == "keras":
+        return (f"note: the {head} head uses tlpipe's custom layers: load this .keras file after "
+                f"'import pipeline.deploy.export' (or export with --format savedmodel to run it without tlpipe)")
+    return None
+
+
+# ----------------------------------------------------------------------------- reading metadata
+
+def _metadata_from_layer(model) -> dict[str, Any] | None:
+    """The old form (tlpipe < 0.x): metadata in the config of a ``tlpipe>Probabilities`` last layer."""
+    try:
+        layer = model.get_layer(OUTPUT_LAYER)
+    except ValueError:
+        return None
+    if not hasattr(layer, "metadata") or not hasattr(layer, "class_names"):
+        return None
+    return {**layer.metadata, "class_names": list(layer.class_names)}
+
+
+def read_metadata(source) -> dict[str, Any]:
+    """Class names and provenance of an exported model: a path (.keras, SavedModel folder, .tflite) or a
+    loaded Keras model.
+
+    New exports keep them in ``tlpipe.json`` (a member of the .keras zip, ``assets.extra/tlpipe.json``
+    in a SavedModel, ``NAME.json`` beside a .tflite file); older .keras exports kept them in the
+    config of their last layer, which is still read.
+    """
+    not_ours = ("not a model written by 'tlpipe export' (a head's model/head.keras is not one): "
+                "run 'tlpipe export --head DIR --out model.keras' first")
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir():
+            meta = path / "assets.extra" / METADATA_MEMBER
+            if not meta.is_file():
+                raise UsageError(f"{path}: {not_ours}")
+            return json.loads(meta.read_text())
+        if path.suffix == ".tflite":
+            meta = path.with_suffix(".json")
+            if not meta.is_file():
+                raise UsageError(f"{path}: no {meta.name} beside it (tlpipe export writes one)")
+            return json.loads(meta.read_text())
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                if METADATA_MEMBER in zf.namelist():
+                    return json.loads(zf.read(METADATA_MEMBER))
+        import pipeline.nets.extractor  # noqa: F401 - registers BasePreprocess for old exports
+
+        return read_metadata(keras.saving.load_model(path))
+    meta = getattr(source, "tlpipe_metadata", None) or _metadata_from_layer(source)
+    if meta is None:
+        raise UsageError(not_ours)
+    return dict(meta)

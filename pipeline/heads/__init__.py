@@ -1,0 +1,1 @@
+"""Heads fitted on cached features (in memory or streamed from HDF5)."""

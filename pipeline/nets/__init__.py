@@ -1,0 +1,1 @@
+"""Networks: the bases table, weights, and the Keras feature extractor."""

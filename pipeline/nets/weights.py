@@ -1,0 +1,207 @@
+"""Resolve ``--weights`` (imagenet | none | PATH) and build a base with them.
+
+``imagenet`` goes through Keras' own download-and-cache (``~/.keras/models`` or
+``$KERAS_HOME/models``).  When that download is impossible we raise one clear
+error naming the file Keras wanted, where to put it, and ``--weights PATH``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline.nets.backbones import Backbone
+from pipeline.core.util import unreachable
+from pipeline.core.errors import UsageError, WeightsNotFound, WeightsUnavailable
+
+log = logging.getLogger(__name__)
+
+_PATCH_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What was loaded: ``imagenet``, ``none`` or a file, with its sha256."""
+
+    kind: str  # "imagenet" | "none" | "file"
+    path: str = ""
+    sha256: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.path if self.kind == "file" else self.kind
+
+
+def keras_cache_dir() -> Path:
+    """Folder where Keras caches downloaded application weights."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "models"
+
+
+def cached_weights_path(backbone: Backbone) -> Path | None:
+    """Path of the base's ImageNet no-top weights in the Keras cache, if present."""
+    path = keras_cache_dir() / backbone.weights_file
+    return path if path.is_file() and path.stat().st_size > 0 else None
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file (memoised on path, size and mtime: weights files are large)."""
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def known_weights(backbone: Backbone, weights: str | Path | None) -> tuple[str, str] | None:
+    """``(kind, sha256)`` of parsed weights as ``build_with_weights`` will record them, when that
+    is known without building the model (None: ImageNet weights not cached yet)."""
+    if weights is None:
+        return "none", ""
+    if isinstance(weights, Path):
+        return "file", sha256_file(weights)
+    cached = cached_weights_path(backbone)
+    return ("imagenet", sha256_file(cached)) if cached is not None else None
+
+
+def find_weights_in_dir(folder: Path, backbone: Backbone) -> Path | None:
+    """A no-top weights file for ``backbone`` in ``folder``: Keras' cache name, or
+    ``<name>*notop*.h5`` / ``<name>*no_top*.h5`` (e.g. ``mobilenet_0.75_224_imagenet_notop.weights.h5``)."""
+    from pipeline.nets.backbones import BACKBONES
+
+    exact = folder / backbone.weights_file
+    if exact.is_file():
+        return exact
+    every = sorted(((n, b.name) for b in BACKBONES.values() for n in (b.name, *b.aliases)),
+                   key=lambda pair: -len(pair[0]))
+
+    def owner(filename: str) -> str | None:
+        """The base whose longest name or alias prefixes the file name (mobilenet_0.75_... is not mobilenet's)."""
+        low = filename.lower()
+        return next((base for n, base in every if low.startswith(n + "_")), None)
+
+    hits = sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and p.name.endswith(".h5") and owner(p.name) == backbone.name
+        and ("notop" in p.name.lower() or "no_top" in p.name.lower())
+    )
+    return hits[0] if hits else None
+
+
+def parse_weights(spec: str | None, backbone: Backbone | None = None) -> str | Path | None:
+    """Normalise a ``--weights`` value: "imagenet", None (for none) or an existing Path.
+
+    A folder is searched for the base's no-top weights file (see ``find_weights_in_dir``).
+    """
+    if spec is None:
+        return None
+    text = str(spec).strip()
+    if text.lower() in {"none", "null", "random", ""}:
+        return None
+    if text.lower() == "imagenet":
+        return "imagenet"
+    path = Path(text).expanduser()
+    if path.is_dir() and backbone is not None:
+        found = find_weights_in_dir(path, backbone)
+        if found is None:  # a usage error, like a --weights path that does not exist (exit 2)
+            raise WeightsNotFound(
+                f"no weights for {backbone.name} in {path}: expected {backbone.weights_file} "
+                f"or {backbone.name}_*notop*.h5 there (or pass --weights FILE / imagenet / none)"
+            )
+        return found
+    if not path.is_file():
+        raise UsageError(
+            f"weights not found: {text} (use --weights imagenet, --weights none, a .h5 / .weights.h5 file, "
+            "or a folder holding the base's Keras weights file)"
+        )
+    if not (path.name.endswith(".h5") or path.name.endswith(".keras")):
+        raise UsageError(f"weights file must be a .h5 or .weights.h5 file: {text}")
+    return path
+
+
+@contextlib.contextmanager
+def _recording_get_file(record: dict[str, Any]) -> Iterator[None]:
+    """Temporarily wrap Keras' ``get_file`` to learn which file it fetched or wanted."""
+    from keras.src.utils import file_utils
+
+    original = file_utils.get_file
+
+    def wrapper(fname=None, origin=None, *args, **kwargs):
+        record["fname"] = fname
+        record["origin"] = origin
+        record["cache_subdir"] = kwargs.get("cache_subdir", "datasets")
+        if fname and origin and not (keras_cache_dir() / fname).exists():
+            why = unreachable(origin)  # fail now, not after Keras' own download attempt
+            if why:
+                raise WeightsUnavailable(why)
+        result = original(fname, origin, *args, **kwargs)
+        record["path"] = result
+        return result
+
+    with _PATCH_LOCK:
+        file_utils.get_file = wrapper
+        try:
+            yield
+        finally:
+            file_utils.get_file = original
+
+
+def build_with_weights(
+    backbone: Backbone,
+    weights: str | Path | None,
+    input_size: int | None = None,
+    pooling: str = "avg",
+):
+    """Build ``backbone`` with resolved weights; return ``(model, WeightsInfo)``."""
+    if pooling not in {"avg", "max"}:
+        raise UsageError(f"pooling must be 'avg' or 'max', not '{pooling}'")
+    size = input_size or backbone.input_size
+    if size < backbone.min_size:
+        raise UsageError(f"{backbone.name} needs inputs of at least {backbone.min_size} pixels, not {size}")
+    if weights is None:
+        return backbone.build(None, size, pooling), WeightsInfo("none")
+    if isinstance(weights, Path):
+        try:
+            model = backbone.build(str(weights), size, pooling)
+        except Exception as exc:  # Keras raises ValueError / KeyError on mismatched files
+            raise WeightsUnavailable(
+                f"could not load weights {weights} into {backbone.name}"
+                f" (input {size}, include_top=False): {_first_line(exc)}"
+            ) from exc
+        return model, WeightsInfo("file", str(weights.resolve()), sha256_file(weights))
+
+    record: dict[str, Any] = {}
+    try:
+        with _recording_get_file(record):
+            model = backbone.build("imagenet", size, pooling)
+    except ValueError as exc:
+        raise UsageError(f"{backbone.name} with ImageNet weights: {_first_line(exc)}") from exc
+    except Exception as exc:
+        fname = record.get("fname") or backbone.weights_file
+        target = keras_cache_dir() / fname
+        raise WeightsUnavailable(
+            f"ImageNet weights for {backbone.name} are not cached and could not be downloaded "
+            f"({_first_line(exc)}): put {fname} in {target.parent}/ or pass --weights PATH "
+            "(or --weights none; with DVC: dvc exp run -S extract.weights=PATH)"
+        ) from exc
+    path = record.get("path") or ""
+    digest = sha256_file(path) if path and os.path.isfile(path) else ""
+    return model, WeightsInfo("imagenet", str(path), digest)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

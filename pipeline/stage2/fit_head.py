@@ -1,0 +1,286 @@
+"""Stage two: fit a head on cached features and evaluate it on every split.
+
+Hyper-parameters are chosen inside train only (see ``pipeline.heads.models``); val and test are
+scored, never used for tuning.  Writes ``cache/heads/<features>-<head>/``:
+  model/                     the fitted head: head.joblib | head.keras, and head.json (what, on what)
+  metrics.json               only the compared figures: val/test accuracy and log loss, fit seconds
+  evaluation.json            everything else: provenance (features, weights, data, limit), tuning
+                             (what chose which value, on which rows), per-split metrics with confusion
+                             matrices and per-class scores, chance and untrained-head baselines
+  history.csv                dense: one row per epoch (train, tune slice, val); header only otherwise
+  grid.csv                   grid heads: one row per C or k (CV and in-fold train scores); header
+                             only for dense
+  predictions.csv            val/test predictions (for DVC confusion-matrix plots)
+  roc.csv                    ROC curve of the validation split (binary tasks)
+  figures/                   PNGs: training curves or the C/k grid, confusion matrices
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.store.features import FeatureSet, fuse, load_features, read_attrs, resolve_features_path, warn_if_stale
+from pipeline.heads.models import GRID_COLUMNS, HISTORY_COLUMNS, HeadParams, get_head
+from pipeline.core.safety import guard_head_folder, replace_dir
+from pipeline.core.util import write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitConfig:
+    """Everything ``fit_head`` needs."""
+
+    features: list[str | Path]  # one file, or several to fuse (rows matched by id)
+    head: str = "logistic"
+    out: Path | None = None  # default: <cache_dir>/heads/<features>-<head>
+    cache_dir: Path = Path("cache")
+    params: HeadParams = field(default_factory=HeadParams)
+    force: bool = False  # replace a head folder fitted from other features or parameters
+    allow_mixed_precision: bool = False  # fuse features computed in different precisions (f32 + bf16)
+    stream: bool | None = None  # read the features from disk in chunks (None: when above max_memory)
+    max_memory: int | None = None  # bytes an in-memory fit may use (None: pipeline.heads.stream.MEMORY_FRACTION of RAM)
+    chunk_rows: int = 0  # streamed: rows per chunk (0: about pipeline.heads.stream.CHUNK_BYTES of features)
+    tensorboard: Path | None = None  # dense: TensorBoard logs here (other heads do not train in epochs)
+
+    def output_dir(self, fs: FeatureSet) -> Path:
+        if self.out:
+            return Path(self.out)
+        return Path(self.cache_dir) / "heads" / f"{fs.name}-{self.head}"
+
+
+def load_feature_sets(names: list[str | Path], cache_dir: str | Path, allow_mixed_precision: bool = False) -> FeatureSet:
+    """Resolve, validate and (when several) fuse feature files."""
+    if not names:
+        from pipeline.core.errors import UsageError
+
+        raise UsageError("give at least one --features FILE")
+    sets = [load_features(resolve_features_path(n, cache_dir)) for n in names]
+    return fuse(sets, allow_mixed_precision=allow_mixed_precision)
+
+
+def evaluate(proba: np.ndarray, y: np.ndarray, n_classes: int) -> dict[str, Any]:
+    """Scalar metrics of probabilities ``proba`` against labels ``y``."""
+    from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
+
+    pred = proba.argmax(1)
+    out: dict[str, Any] = {
+        "n": int(len(y)),
+        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(y) else float("nan"),
+        "log_loss": float(log_loss(y, proba, labels=np.arange(n_classes))) if len(y) else float("nan"),
+    }
+    present = np.unique(y)
+    try:
+        if n_classes == 2 and len(present) == 2:
+            out["roc_auc"] = float(roc_auc_score(y, proba[:, 1]))
+        elif len(present) == n_classes and n_classes > 2:
+            p = proba / np.clip(proba.sum(1, keepdims=True), 1e-12, None)
+            out["roc_auc"] = float(roc_auc_score(y, p, multi_class="ovr", labels=np.arange(n_classes)))
+    except ValueError:
+        pass
+    return out
+
+
+def per_class(proba: np.ndarray, y: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Confusion matrix (rows: actual) and per-class precision / recall / support."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    k = len(class_names)
+    pred = proba.argmax(1)
+    cm = confusion_matrix(y, pred, labels=np.arange(k))
+    prec, rec, f1, sup = precision_recall_fscore_support(y, pred, labels=np.arange(k), zero_division=0)
+    return {
+        "confusion_matrix": cm.tolist(),
+        "per_class": {c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
+                          "support": int(sup[i])} for i, c in enumerate(class_names)},
+    }
+
+
+def untrained_baseline(X_train: np.ndarray, X: np.ndarray, y: np.ndarray, n_classes: int, seed: int) -> dict:
+    """The tutorials' "initial accuracy": a randomly initialised linear head, before training.
+    ``X_train`` and ``X``: arrays, or ``pipeline.heads.stream.Rows`` (statistics and scores by chunks)."""
+    from pipeline.heads.stream import Rows, chunks_of
+
+    rng = np.random.default_rng(seed)
+    if isinstance(X_train, Rows):
+        mu, var = X_train.moments()
+        sd = np.sqrt(var) + 1e-6
+    else:
+        mu, sd = X_train.mean(0), X_train.std(0) + 1e-6
+    limit = np.sqrt(6.0 / (X.shape[1] + n_classes))  # Glorot uniform, as Keras initialises Dense
+    W = rng.uniform(-limit, limit, size=(X.shape[1], n_classes))
+    parts = []
+    for chunk in chunks_of(X):
+        for s in range(0, len(chunk), 1024):  # float64 temporaries of 1,024 rows, not of a whole chunk
+            logits = ((chunk[s:s + 1024] - mu) / sd) @ W
+            logits -= logits.max(1, keepdims=True)
+            proba = np.exp(logits)
+            parts.append(proba / proba.sum(1, keepdims=True))
+    return evaluate(np.concatenate(parts) if parts else np.zeros((0, n_classes)), y, n_classes)
+
+
+def fit_head(cfg: FitConfig) -> Path:
+    """Fit ``cfg.head`` on the cached features; write the head folder and return it."""
+    head_cls = get_head(cfg.head)
+    cfg = replace(cfg, head=head_cls.name)  # canonical (lower-case) name for folders and reports
+    if cfg.tensorboard and head_cls.name != "dense":
+        log.warning("--tensorboard ignored: the %s head does not train in epochs (only dense does)", head_cls.name)
+    elif cfg.tensorboard:
+        from pipeline.core.util import require_tensorboard
+
+        require_tensorboard()
+    from pipeline.heads.stream import decide, open_streamed, stream_head, stream_params
+
+    if not cfg.features:
+        from pipeline.core.errors import UsageError
+
+        raise UsageError("give at least one --features FILE")
+    paths = [resolve_features_path(n, cfg.cache_dir) for n in cfg.features]
+    streamed, memory = decide(paths, cfg.stream, cfg.max_memory, head_cls.name)  # from shapes; nothing read
+    if streamed:  # features stay on disk, read in chunks (pipeline.heads.stream)
+        head_cls = stream_head(head_cls.name)
+        fs = open_streamed(paths, cfg.chunk_rows)
+        memory["chunk_rows"] = fs.splits["train"].X.chunk_rows
+        cfg = replace(cfg, params=stream_params(cfg.params, memory["chunk_rows"]))
+    else:
+        fs = load_feature_sets(list(cfg.features), cfg.cache_dir, cfg.allow_mixed_precision)
+    warn_if_stale(fs.paths)
+    classes = fs.class_names
+    k = len(classes)
+    train, val = fs.splits["train"], fs.splits["val"]
+    present = np.unique(train.y)
+    if len(present) < 2:
+        from pipeline.core.errors import FeaturesFileError
+
+        raise FeaturesFileError(f"the train split of {fs.name} has a single class; need at least two")
+    out = cfg.output_dir(fs)
+    guard_head_folder(out, {"head": head_cls.name, "fingerprints": _fingerprints(fs),
+                            "params": asdict(cfg.params)}, cfg.force)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    try:  # a failure or Ctrl-C leaves no half-made folder beside the output
+        head = head_cls(k, cfg.params)
+        if cfg.tensorboard and head.name == "dense":
+            head.tensorboard = Path(cfg.tensorboard)
+        t0 = time.perf_counter()
+        rows = head.fit((train.X, train.y), (val.X, val.y))  # val: scored per epoch by dense, chooses nothing
+        fit_seconds = time.perf_counter() - t0
+
+        splits: dict[str, Any] = {}
+        pred_parts: list[tuple[str, Any, np.ndarray, np.ndarray, np.ndarray]] = []  # rows made when written
+        roc_rows: list[dict[str, Any]] = []
+        for name, split in fs.splits.items():
+            proba = head.predict_proba(split.X)
+            splits[name] = {**evaluate(proba, split.y, k), **per_class(proba, split.y, classes)}
+            if name != "train":
+                pred_parts.append((name, split.ids, split.y, proba.argmax(1), proba.max(1)))
+            if name == "val" and k == 2 and len(np.unique(split.y)) == 2:
+                from sklearn.metrics import roc_curve
+
+                fpr, tpr, thr = roc_curve(split.y, proba[:, 1])
+                roc_rows = [{"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))}
+                            for a, b, c in zip(fpr, tpr, thr)]
+        metrics: dict[str, Any] = {name: {"accuracy": splits[name]["accuracy"], "log_loss": splits[name]["log_loss"]}
+                                   for name in ("val", "test") if name in splits}
+        metrics["fit_seconds"] = round(fit_seconds, 3)
+        attrs = [read_attrs(p) for p in fs.paths]
+        evaluation: dict[str, Any] = {
+            "base": fs.base,
+            "head": head.name,
+            "features": [str(p) for p in fs.paths],
+            "weights": [str(a.get("weights", "")) for a in attrs],
+            "data_source": str(fs.attrs.get("data_source", "")),
+            "limit": int(fs.attrs.get("limit") or 0),
+            "classes": classes,
+            "feature_size": int(train.X.shape[1]),
+            "fit_seconds": round(fit_seconds, 3),
+            "extract_images_per_second": fs.attrs.get("images_per_second"),
+            "tuning": {**head.tuning, "val_used_for_tuning": False},
+            "memory": memory,  # streamed from disk or in memory, and why
+            "splits": splits,
+            "chance": {name: float(np.bincount(s.y, minlength=k).max() / max(1, len(s.y)))
+                       for name, s in fs.splits.items()},
+            "untrained": {name: untrained_baseline(train.X, s.X, s.y, k, cfg.params.seed)
+                          for name, s in fs.splits.items() if name != "train"},
+        }
+
+        (tmp / "model").mkdir()
+        head.save(tmp / "model")
+        write_json(tmp / "model" / "head.json", {
+            "head": head.name, "description": head.description, "classes": classes, "base": fs.base,
+            "features": [str(p) for p in fs.paths], "feature_size": int(train.X.shape[1]),
+            "fingerprints": _fingerprints(fs), "params": asdict(cfg.params),
+            "chosen": head.chosen, "tuning": evaluation["tuning"], "tlpipe_version": __version__,
+        })
+        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "evaluation.json", evaluation)
+        # both files always exist (DVC outputs); the one that does not apply to this head is header-only
+        dense = head.name == "dense"
+        _write_csv(tmp / "history.csv", rows if dense else [], HISTORY_COLUMNS)
+        _write_csv(tmp / "grid.csv", [] if dense else rows, GRID_COLUMNS)
+        pred_rows = ({"split": name, "id": i, "actual": classes[a], "predicted": classes[p], "probability": round(float(pr), 6)}
+                     for name, ids, ys, preds, probs in pred_parts for i, a, p, pr in zip(ids, ys, preds, probs))
+        _write_csv(tmp / "predictions.csv", pred_rows, ["split", "id", "actual", "predicted", "probability"])
+        _write_csv(tmp / "roc.csv", roc_rows, ["fpr", "tpr", "threshold"])
+        from pipeline.reporting.plots import write_head_figures
+
+        write_head_figures(tmp)  # figures/: curves or C/k grid, confusion matrices (PNG)
+        replace_dir(tmp, out)  # the previous folder goes only once the new one is complete
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for split in fs.splits.values():
+        if hasattr(split.X, "close"):  # streamed: the open HDF5 handles
+            split.X.close()
+    log.info("%s head on %s: val accuracy %.4f, fit %.2f s -> %s", head.name, fs.name,
+             metrics["val"]["accuracy"], fit_seconds, out)
+    return out
+
+
+def _fingerprints(fs: FeatureSet) -> list[str]:
+    return [str(read_attrs(p).get("fingerprint", "")) for p in fs.paths]
+
+
+def _write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def summary(out: Path) -> str:
+    """A few lines for the terminal: fit, what tuned what, and each split's scores."""
+    out = Path(out)
+    m = json.loads((out / "metrics.json").read_text())
+    ev = json.loads((out / "evaluation.json").read_text())
+    lines = [f"{ev['head']} head on {ev['base']} ({ev['feature_size']} features), fit in {m['fit_seconds']:.2f} s"]
+    t = ev.get("tuning") or {}
+    if t.get("chosen") is not None:
+        cv = f" (accuracy {t['cv_accuracy']:.4f}, log loss {t['cv_log_loss']:.4f})" if t.get("cv_accuracy") is not None else ""
+        what = f"best epoch {t['chosen']} of {t.get('epochs_run', '?')}" if t.get("param") == "epochs" \
+            else f"{t['param']}={t['chosen']}"
+        how = t["method"].replace("early stopping on", "chosen by early stopping on") if t.get("param") == "epochs" \
+            else f"chosen by {t['method']}"
+        lines.append(f"  {what} {how}{cv}; val and test not used for tuning")
+    for split in ("train", "val", "test"):
+        s = ev["splits"].get(split)
+        if s:
+            auc = f"  roc_auc {s['roc_auc']:.4f}" if "roc_auc" in s else ""
+            lines.append(f"  {split:5s} n={s['n']:<6d} accuracy {s['accuracy']:.4f}  log_loss {s['log_loss']:.4f}{auc}")
+    lines.append(f"  chance (val) {ev['chance'].get('val', float('nan')):.4f}   "
+                 f"untrained head (val) {ev['untrained'].get('val', {}).get('accuracy', float('nan')):.4f}")
+    lines.append(f"  -> {out}")
+    return "\n".join(lines)

@@ -1,0 +1,640 @@
+"""Stage three: fine-tune the top of the base together with a fitted head, on the images.
+
+Starts from a head fitted on cached features (``dense``, or ``logistic`` folded into a
+``Dense(K, softmax)`` as ``tlpipe export`` does), so epoch 0 already scores the head's
+accuracy.  The same base, weights, input size, data source, split and limit are read from the
+head's features file; the rows of each split are the features file's rows (files skipped at
+extraction stay out).
+
+Model (one graph, Keras 3 only)::
+
+    uint8[N, S, S, 3] -> augmentation (training model only) -> the base's preprocessing
+      -> base(training=False: BatchNorm in inference mode, and never trainable)
+      -> head -> probabilities [N, K]
+
+Built-in Keras layers only, as ``tlpipe export``: ``model.keras`` (uint8 images of any size,
+resized in the graph as decoding does) loads with ``keras.saving.load_model`` without tlpipe.
+
+Only the top of the base is trainable (``--unfreeze N`` layers, ``BLOCK`` to the top, or
+``all``).  Tuning is honest: the epochs are chosen by early stopping on a seeded, stratified
+10 % slice of train (the best epoch, epoch 0 included, is restored); val is only scored after
+each epoch for the curve.  A checkpoint after each epoch (weights, optimizer state, epoch,
+best so far, history) in ``<out>/.checkpoint/`` lets the same command resume after a kill
+or Ctrl-C.  The output folder ``cache/finetuned/FEATURES-HEAD/`` has the head-folder schema
+plus ``model.keras`` (the contract of ``tlpipe export``: uint8 images of any size in,
+probabilities out).
+
+``views=K`` (``--views K``, see ``pipeline.training.views``): the frozen bottom runs once over K views of each
+fit image and the clean image of every row, its activations are cached in HDF5, and the epochs train
+only the top (sharing its layers with the full model, which is what ``model.keras`` saves).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.core.errors import FeaturesFileError, UsageError
+from pipeline.training.views import Activations, build_cache, cache_key, check_views, split_model, view_batches
+from pipeline.training.views import cache_path as views_cache_path
+from pipeline.training.views import proba as views_proba
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AUGMENT = "flip,rotate=0.1,zoom=0.2,shift=0.1,contrast=0.1"
+SUPPORTED_HEADS = ("dense", "logistic")
+TUNE_METHOD = "early stopping on a 10% stratified slice of train"
+_AUGMENT_DEFAULTS = {"flip": None, "rotate": 0.1, "zoom": 0.2, "shift": 0.1, "contrast": 0.1}
+MEMO_BYTES = 2 << 30  # decoded training images are kept in memory up to this size
+
+
+@dataclass
+class FineTuneConfig:
+    """Everything ``fine_tune`` needs."""
+
+    head: Path  # a fitted head folder: cache/heads/FEATURES-HEAD
+    unfreeze: str = "block"  # N layers from the top, a block name, "all", or "block": the base's last block
+    epochs: int = 10
+    lr: float = 1e-5  # Adam
+    augment: str = DEFAULT_AUGMENT  # or "none"
+    batch_size: int = 32
+    patience: int = 3
+    out: Path | None = None  # default: <cache_dir>/finetuned/<head folder name>
+    force: bool = False
+    tensorboard: Path | None = None
+    weights: str | None = None  # default: as recorded in the features file
+    cache_dir: Path = Path("cache")
+    seed: int = 0
+    tune_fraction: float = 0.1
+    workers: int = 0  # decode threads (0: up to 4)
+    views: int | None = None  # K: cache the frozen bottom's activations of K views per training image
+    after_epoch: Callable[[int], None] | None = None  # test hook, called after each checkpoint
+
+    def settings(self) -> dict[str, Any]:
+        """What determines the result (recorded; a folder made from other settings is not replaced)."""
+        return {"unfreeze": str(self.unfreeze), "epochs": self.epochs, "lr": self.lr,
+                "augment": normalise_augment(self.augment), "batch_size": self.batch_size,
+                "patience": self.patience, "seed": self.seed, "tune_fraction": self.tune_fraction,
+                "weights": self.weights, **({"views": self.views} if self.views else {})}
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def parse_augment(spec: str | None) -> dict[str, float | None]:
+    """``flip,rotate=0.1,zoom=0.2,shift=0.1,contrast=0.1`` -> ``{name: factor}``; ``none`` -> {}."""
+    text = (spec or "none").strip().lower()
+    if text in ("", "none", "off", "no"):
+        return {}
+    out: dict[str, float | None] = {}
+    for part in text.split(","):
+        name, _, value = part.strip().partition("=")
+        name = name.strip()
+        if name not in _AUGMENT_DEFAULTS:
+            raise UsageError(f"--augment: unknown transform '{name}'; valid: {', '.join(_AUGMENT_DEFAULTS)} "
+                             "(e.g. flip,rotate=0.1,zoom=0.2,shift=0.1,contrast=0.1), or none")
+        if name == "flip":
+            if value:
+                raise UsageError("--augment: flip takes no value (horizontal flips)")
+            out[name] = None
+            continue
+        try:
+            factor = float(value) if value else float(_AUGMENT_DEFAULTS[name])
+        except ValueError:
+            raise UsageError(f"--augment: {name}={value} is not a number") from None
+        if not 0 < factor < 1:
+            raise UsageError(f"--augment: {name}={value} must be between 0 and 1")
+        out[name] = factor
+    return out
+
+
+def normalise_augment(spec: str | None) -> str:
+    parsed = parse_augment(spec)
+    return ",".join(k if v is None else f"{k}={v:g}" for k, v in parsed.items()) or "none"
+
+
+def augmentation_layers(spec: str | None, seed: int = 0) -> list:
+    """Keras preprocessing layers for ``spec``; active only in training (identity in inference)."""
+    import keras
+
+    layers = []
+    for i, (name, f) in enumerate(parse_augment(spec).items()):
+        s = seed + i
+        if name == "flip":
+            layers.append(keras.layers.RandomFlip("horizontal", seed=s, name="aug_flip"))
+        elif name == "rotate":
+            layers.append(keras.layers.RandomRotation(f, fill_mode="reflect", seed=s, name="aug_rotate"))
+        elif name == "zoom":
+            layers.append(keras.layers.RandomZoom(f, f, fill_mode="reflect", seed=s, name="aug_zoom"))
+        elif name == "shift":
+            layers.append(keras.layers.RandomTranslation(f, f, fill_mode="reflect", seed=s, name="aug_shift"))
+        elif name == "contrast":
+            layers.append(keras.layers.RandomContrast(f, value_range=(0, 255), seed=s, name="aug_contrast"))
+    return layers
+
+
+# ----------------------------------------------------------------------------- unfreezing
+
+
+def _is_bn(layer) -> bool:
+    import keras
+
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def block_names(base) -> list[str]:
+    """The block names of a base, in order of first appearance, found from its layer names.
+
+    A block is a prefix of layer names, cut at ``_``, that ends in a token with a digit and is
+    shared by at least two layers (``block5`` in VGG16, ``conv5``/``conv5_block3`` in ResNet,
+    ``conv_dw_13`` in MobileNet), or the name of a layer that joins branches (``mixed9`` in
+    InceptionV3)."""
+    names = [layer.name for layer in base.layers[1:]]
+    counts: dict[str, int] = {}
+    for n in names:
+        tokens = n.split("_")
+        for i in range(1, len(tokens) + 1):
+            if tokens[i - 1][-1:].isdigit():  # block5, conv5, 13 (not conv2d)
+                key = "_".join(tokens[:i])
+                counts[key] = counts.get(key, 0) + 1
+    joins = _joins(base)
+    valid = {k for k, c in counts.items() if c >= 2} | joins
+    order: list[str] = []
+    for n in names:
+        tokens = n.split("_")
+        for i in range(1, len(tokens) + 1):
+            key = "_".join(tokens[:i])
+            if key in valid and key not in order:
+                order.append(key)
+    return order
+
+
+def _joins(base) -> set[str]:
+    """Names like ``mixed9``: layers joining branches, named with a number and no ``_``."""
+    import keras
+
+    return {layer.name for layer in base.layers
+            if isinstance(layer, (keras.layers.Concatenate, keras.layers.Add)) and re.search(r"\d$", layer.name)
+            and "_" not in layer.name}
+
+
+def _in_block(name: str, block: str) -> bool:
+    return name == block or name.startswith(block + "_")
+
+
+def unfreeze_start(base, spec: str) -> int:
+    """Index in ``base.layers`` of the first layer to train, from ``N``, ``BLOCK``, ``all`` or ``block``."""
+    layers = base.layers
+    n_layers = len(layers) - 1  # the InputLayer is not counted
+    text = str(spec).strip()
+    if text.lower() == "all":
+        return 1
+    if re.fullmatch(r"\d+", text):
+        n = int(text)
+        if not 1 <= n <= n_layers:
+            raise UsageError(f"--unfreeze {n} is out of range: {base.name} has {n_layers} layers "
+                             f"(give 1..{n_layers}, a block name, or all)")
+        return len(layers) - n
+    blocks = block_names(base)
+    if text.lower() == "block":  # default: the last top-level block (not inside another block)
+        top = [b for b in blocks if not any(o != b and _in_block(b, o) for o in blocks)]
+        if not top:
+            raise UsageError(f"{base.name} has no named blocks; give --unfreeze N or all")
+        text = max(top, key=lambda b: next(i for i, l in enumerate(layers) if _in_block(l.name, b)))
+    if text not in blocks:
+        raise UsageError(f"--unfreeze: unknown block '{text}' for {base.name}; valid blocks: {', '.join(blocks)} "
+                         "(or a number of layers, or all)")
+    joins = _joins(base)
+    if text in joins:  # a layer that ends its block (InceptionV3's mixedN): from after the previous one
+        at = next(i for i, layer in enumerate(layers) if layer.name == text)
+        before = [i for i, layer in enumerate(layers[:at]) if layer.name in joins]
+        return before[-1] + 1 if before else 1
+    first = next(i for i, layer in enumerate(layers) if _in_block(layer.name, text))
+    # also take the unnamed layers just before it that belong to no other block (InceptionV3's convs
+    # before 'mixed9' belong to mixed9)
+    start = first
+    while start > 1 and not any(_in_block(layers[start - 1].name, b) for b in blocks if not _in_block(text, b)):
+        start -= 1
+    return start
+
+
+def set_trainable(base, start: int) -> list[str]:
+    """Train ``base.layers[start:]`` except BatchNorm; freeze the rest. Return the trainable layers'
+    names that hold weights."""
+    base.trainable = True
+    names = []
+    for i, layer in enumerate(base.layers):
+        layer.trainable = i >= start and not _is_bn(layer)
+        if layer.trainable and layer.weights:
+            names.append(layer.name)
+    return names
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class _Images:
+    """Decode items at one size with threads; keep decoded images in memory up to a budget."""
+
+    def __init__(self, items: list, size: int, workers: int, memo: bool):
+        self.items, self.size = items, size
+        self.pool = ThreadPoolExecutor(workers or max(1, min(4, os.cpu_count() or 1)))
+        self.memo: dict[int, np.ndarray] | None = {} if memo else None
+
+    def get(self, idx: np.ndarray) -> np.ndarray:
+        from pipeline.stage1.extract import _decode_one
+
+        def one(i: int) -> np.ndarray:
+            if self.memo is not None and i in self.memo:
+                return self.memo[i]
+            arr = _decode_one(self.items[i], self.size)
+            if self.memo is not None:
+                self.memo[i] = arr
+            return arr
+
+        return np.stack(list(self.pool.map(one, [int(i) for i in idx])))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+
+
+def image_batches(images: _Images, labels: np.ndarray, rows: np.ndarray, batch_size: int, shuffle: bool,
+                  seed: int, epoch: int = 0):
+    """A ``keras.utils.PyDataset`` of ``(uint8 images, labels)`` over ``rows``; reshuffled per epoch
+    (``seed`` + epoch), so a resumed run sees the same order as an uninterrupted one."""
+    from pipeline.training.loop import epoch_batches
+
+    def order(e):
+        return np.random.default_rng([seed, e]).permutation(rows) if shuffle else rows
+
+    def batch(drawn, i):
+        idx = drawn[i * batch_size:(i + 1) * batch_size]
+        return images.get(idx), labels[idx].astype("int32")
+
+    return epoch_batches(len(rows), batch_size, epoch, order, batch)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class _Built:
+    core: Any  # uint8[N, S, S, 3] -> probabilities
+    train: Any  # core with augmentation in front (training only)
+    export: Any  # uint8 any size -> Resizing -> core
+    base: Any
+    trainable: list[str]
+    start: int = 1  # index in base.layers of the first trainable layer
+    pre: list | None = None  # the layers before the base (cast to float32, the base's preprocessing)
+    head_fn: Any = None  # the head's layers, features -> scores (before the probabilities layer)
+    size: int = 0
+    k: int = 0
+
+
+def build_models(head_dir: Path, info: dict, attrs: dict, weights: str | None, unfreeze: str, augment: str,
+                 seed: int, metadata: dict) -> _Built:
+    """The core, training and export models sharing one set of layers."""
+    import keras
+
+    from pipeline.nets.backbones import get_backbone
+    from pipeline.deploy.export import _build_branch, _logistic_layers, _probabilities_layer
+    from pipeline.heads.models import load_head
+    from pipeline.nets.extractor import builtin_preprocess
+    from pipeline.training.loop import training_and_export
+
+    branch = _build_branch(attrs, weights, 0, False)
+    base, size, k = branch.model, branch.size, len(info["classes"])
+    head = load_head(head_dir)
+    start = unfreeze_start(base, unfreeze)
+    trainable = set_trainable(base, start)
+
+    # built-in layers only (as tlpipe export): model.keras loads with plain keras.saving.load_model
+    image = keras.Input(shape=(size, size, 3), dtype="uint8", name="image")
+    pre = [keras.layers.Rescaling(1.0, dtype="float32", name="to_float"), *builtin_preprocess(get_backbone(branch.base))]
+    x = image
+    for layer in pre:
+        x = layer(x)
+    x = base(x, training=False)  # BatchNorm in inference mode, whatever the rest does
+    head_fn = head.model if info["head"] == "dense" else _logistic_layers(head.model, k, int(info["feature_size"]))
+    x = head_fn(x)
+    x = _probabilities_layer(x, k)
+    metadata.update({"base": branch.base, "input_size": size, "input_sizes": [size], "pooling": branch.pooling,
+                     "weights": branch.weights.label, "weights_sha256": branch.weights.sha256,
+                     "class_names": list(info["classes"])})  # saved in the .keras zip, as export does
+    name = re.sub(r"[^A-Za-z0-9_]", "_", f"tlpipe_{branch.base}_{info['head']}_ft")
+    core = keras.Model(image, x, name="finetuned")
+    train, export = training_and_export(core, size, augment, seed, name)  # export: the same resize as decoding
+    return _Built(core, train, export, base, trainable, start, pre, head_fn, size, k)
+
+
+def _proba(model, images: _Images, rows: np.ndarray, batch_size: int) -> np.ndarray:
+    out = []
+    for s in range(0, len(rows), batch_size):
+        out.append(np.asarray(model.predict_on_batch(images.get(rows[s:s + batch_size])), np.float64))
+    p = np.concatenate(out) if out else np.zeros((0, 1))
+    return p / np.clip(p.sum(1, keepdims=True), 1e-12, None)
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def _save_checkpoint(ckpt: Path, model, optimizer, state: dict, best_weights: Path | None) -> None:
+    """Weights, optimizer state and progress, written to a temp folder then renamed into place."""
+    import keras
+
+    from pipeline.core.safety import replace_dir
+    from pipeline.core.util import write_json
+
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_weights(tmp / "last.weights.h5")
+    np.savez(tmp / "optimizer.npz", *[keras.ops.convert_to_numpy(v) for v in optimizer.variables])
+    if best_weights is not None and best_weights.is_file():
+        shutil.copy2(best_weights, tmp / "best.weights.h5")
+    write_json(tmp / "state.json", state)
+    replace_dir(tmp, ckpt)
+
+
+def _load_weights(model, path: Path) -> None:
+    """Model weights only (the optimizer state travels separately, in optimizer.npz)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(path)
+
+
+def _load_checkpoint(ckpt: Path, model, optimizer, key: dict, train_vars=None) -> dict | None:
+    state_path = ckpt / "state.json"
+    if not state_path.is_file():
+        return None
+    try:
+        state = json.loads(state_path.read_text())
+        if state.get("key") != key:
+            log.warning("%s was made with other settings; starting over", ckpt)
+            return None
+        _load_weights(model, ckpt / "last.weights.h5")
+        saved = np.load(ckpt / "optimizer.npz")
+        arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        optimizer.build(model.trainable_variables if train_vars is None else train_vars)
+        if len(arrays) != len(optimizer.variables):
+            raise ValueError("optimizer state does not match")
+        for var, arr in zip(optimizer.variables, arrays):
+            var.assign(arr)
+    except Exception as exc:  # noqa: BLE001 - an unusable checkpoint: start over
+        log.warning("checkpoint %s is unusable (%s); starting over", ckpt, exc)
+        return None
+    return state
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _read_head(head_dir: Path, cache_dir: Path) -> tuple[Path, dict, Path, dict, dict]:
+    """(model dir, head.json, features path, features attrs, head evaluation.json); bad input -> UsageError."""
+    from pipeline.deploy.export import _head_info
+    from pipeline.store.features import read_attrs, resolve_features_path
+
+    if not Path(head_dir).exists():
+        raise UsageError(f"head folder not found: {head_dir} (fit one with 'tlpipe fit-head')")
+    model_dir, info = _head_info(Path(head_dir))
+    if info.get("head") not in SUPPORTED_HEADS:
+        raise UsageError(f"fine-tune starts from a dense or logistic head, not '{info.get('head')}'")
+    feats = info.get("features") or []
+    if len(feats) != 1:
+        raise UsageError(f"fine-tune cannot rebuild a head fitted on fused features ({len(feats)} files); "
+                         "fit a head on one features file")
+    try:
+        path = resolve_features_path(feats[0], cache_dir)
+        attrs = read_attrs(path)
+    except (FeaturesFileError, OSError) as exc:
+        raise UsageError(f"the head's features file is needed to rebuild its data and base: {exc}") from None
+    if attrs.get("fingerprint") != (info.get("fingerprints") or [None])[0]:
+        raise UsageError(f"{path} was extracted again after {head_dir} was fitted (stale head); "
+                         "fit the head again first")
+    ev_path = Path(head_dir) / "evaluation.json"
+    evaluation = json.loads(ev_path.read_text()) if ev_path.is_file() else {}
+    return model_dir, info, path, attrs, evaluation
+
+
+def _split_rows(fs, source) -> tuple[list, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, list[str]]]:
+    """All items of the splits (features-file order) and per split the item rows, labels and ids."""
+    items: list = []
+    rows, labels, ids = {}, {}, {}
+    for name, split in fs.splits.items():
+        by_id = {it.id: it for it in source.iter_items(name)}
+        missing = [i for i in split.ids if i not in by_id]
+        if missing:
+            raise UsageError(f"{len(missing)} {name} images of the features file are no longer in the data "
+                             f"(e.g. {missing[0]}); extract again")
+        rows[name] = np.arange(len(items), len(items) + len(split.ids))
+        items += [by_id[i] for i in split.ids]
+        labels[name] = np.asarray(split.y)
+        ids[name] = list(split.ids)
+    return items, rows, labels, ids
+
+
+def output_dir(cfg: FineTuneConfig) -> Path:
+    return Path(cfg.out) if cfg.out else Path(cfg.cache_dir) / "finetuned" / Path(cfg.head).resolve().name
+
+
+def _guard(out: Path, new: dict, force: bool) -> None:
+    from pipeline.core.safety import guard_head_folder
+
+    if out.exists() and all(p.name == ".checkpoint" for p in out.iterdir()):
+        return  # only our own checkpoint: resume
+    guard_head_folder(out, new, force)
+
+
+def fine_tune(cfg: FineTuneConfig) -> Path:
+    """Fine-tune the head's base and head on the images; write the output folder and return it."""
+    import keras
+
+    from pipeline.data.sources import open_source
+    from pipeline.store.features import load_features
+    from pipeline.heads.models import DenseHead, HeadParams
+    from pipeline.core.safety import replace_dir
+    from pipeline.training.loop import Loop, score_splits, train_epochs, tuning_record, write_outputs
+
+    if cfg.epochs < 1 or cfg.patience < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
+        raise UsageError("--epochs, --patience and --batch-size must be at least 1 and --lr above 0")
+    check_views(cfg.views)
+    parse_augment(cfg.augment)
+    if cfg.tensorboard:
+        from pipeline.core.util import require_tensorboard
+
+        require_tensorboard()
+    head_dir = Path(cfg.head)
+    model_dir, info, feat_path, attrs, head_eval = _read_head(head_dir, Path(cfg.cache_dir))
+    out = output_dir(cfg)
+    ft_name = f"{info['head']}+ft"
+    settings = cfg.settings()
+    new_meta = {"head": ft_name, "fingerprints": list(info.get("fingerprints") or []), "params": settings}
+    _guard(out, new_meta, cfg.force)
+
+    fs = load_features(feat_path)
+    source = open_source(str(attrs["data_source"]), str(attrs.get("split_spec") or "80/10/10"),
+                         limit=int(attrs.get("limit") or 0) or None)
+    if attrs.get("source_fingerprint") and source.fingerprint != attrs.get("source_fingerprint"):
+        raise UsageError(f"the images of {attrs['data_source']} changed since {feat_path} was extracted; "
+                         "extract again, then fit the head again")
+    classes = list(info["classes"])
+    k = len(classes)
+    items, rows, labels, ids = _split_rows(fs, source)
+    all_labels = np.concatenate([labels[s] for s in fs.splits])
+
+    keras.utils.set_random_seed(cfg.seed)
+    metadata = {"head": ft_name, "head_dir": str(head_dir), "features": info.get("features"),
+                "fingerprints": info.get("fingerprints"), "fine_tune": settings}
+    built = build_models(model_dir, info, attrs, cfg.weights, cfg.unfreeze, cfg.augment, cfg.seed, metadata)
+    size = int(attrs["input_size"])
+    memo = not cfg.views and len(items) * size * size * 3 <= MEMO_BYTES  # views: each image is decoded once
+    images = _Images(items, size, cfg.workers, memo)
+    tuner = DenseHead(k, HeadParams(seed=cfg.seed, tune_fraction=cfg.tune_fraction))
+    fit_idx, tune_idx = tuner.tune_split(labels["train"])
+    fit_rows, tune_rows = rows["train"][fit_idx], rows["train"][tune_idx]
+    optimizer = keras.optimizers.Adam(cfg.lr)
+    views_info: dict[str, Any] | None = None
+    acts = None
+    if cfg.views:  # the frozen bottom runs once, over K views of the fit images and the clean image of every row
+        split = split_model(built)
+        key_fields = {"features_fingerprint": attrs.get("fingerprint"), "weights": metadata.get("weights"),
+                      "weights_sha256": metadata.get("weights_sha256"), "input_size": size,
+                      "start": built.start, "start_layer": split.start_layer, "views": cfg.views,
+                      "augment": normalise_augment(cfg.augment), "seed": cfg.seed,
+                      "tune_fraction": cfg.tune_fraction, "n_rows": len(items),
+                      "fit_rows": hashlib.sha256(np.asarray(fit_rows, np.int64).tobytes()).hexdigest()}
+        path = views_cache_path(output_dir(cfg), cache_key(key_fields))
+        try:
+            views_info = build_cache(path, key_fields, split, images, len(items), fit_rows, cfg.views, cfg.augment,
+                                     cfg.seed, cfg.batch_size)
+        except BaseException:
+            images.close()
+            raise
+        acts = Activations(path, len(split.shapes))
+        views_info.update(start_layer=split.start_layer, shapes=[list(s) for s in split.shapes],
+                          in_memory=acts.in_memory)
+        fit_model = split.top
+    else:
+        fit_model = built.train
+    fit_model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                      jit_compile=False)
+    built.core.compile(jit_compile=False)
+
+    ckpt = out / ".checkpoint"
+    key = {"settings": settings, "head_fingerprints": info.get("fingerprints"), "head": str(head_dir.resolve()),
+           "head_mtime": (model_dir / "head.json").stat().st_mtime_ns}
+    tmp_best = out.with_name(f".{out.name}.best.weights.h5")
+    out.mkdir(parents=True, exist_ok=True)
+
+    def proba_of(split_rows):
+        if acts is not None:
+            return views_proba(split.top, acts, split_rows, cfg.batch_size)
+        return _proba(built.core, images, split_rows, cfg.batch_size)
+
+    def views_batches(epoch):
+        return view_batches(acts, all_labels, fit_rows, cfg.views, cfg.batch_size, cfg.seed, epoch)
+
+    def epoch0(val_accuracy):
+        head_val = (head_eval.get("splits") or {}).get("val", {}).get("accuracy")
+        if head_val is not None and abs(val_accuracy - head_val) > 0.005:
+            log.warning("epoch 0 val accuracy %.4f differs from the head's %.4f: the rebuilt base or data "
+                        "differ from the features'", val_accuracy, head_val)
+        return {"val_accuracy": val_accuracy, "head_val_accuracy": head_val}
+
+    state = train_epochs(Loop(train=built.train, core=built.core, optimizer=optimizer, images=images,
+                              labels=all_labels, fit_rows=fit_rows, tune_rows=tune_rows, val_rows=rows["val"],
+                              epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size, seed=cfg.seed,
+                              ckpt=ckpt, key=key, best=tmp_best, tensorboard=cfg.tensorboard,
+                              after_epoch=cfg.after_epoch, fit_model=fit_model,
+                              batches=views_batches if acts is not None else None, proba=proba_of,
+                              on_abort=acts.close if acts is not None else None),
+                         epoch0)  # the best epoch (0: the head as fitted)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    splits, pred_rows, roc_rows = score_splits(built.core, images, rows, labels, ids, classes, cfg.batch_size,
+                                               proba=proba_of)
+    if acts is not None:  # the shipped model on the images against its top on the cached activations
+        check = rows["val"][:16] if len(rows["val"]) else rows["train"][:16]
+        diff = np.abs(_proba(built.core, images, check, cfg.batch_size) - proba_of(check)).max()
+        views_info["check_rows"], views_info["check_max_abs_diff"] = int(len(check)), float(diff)
+        acts.close()
+    images.close()
+    hist = state["history"]
+    best = int(state["best_epoch"])
+    fine = {"from_head": str(head_dir), "from_head_name": info["head"], "unfreeze": str(cfg.unfreeze),
+            "trainable_layers": built.trainable, "n_trainable_layers": len(built.trainable),
+            "trainable_parameters": int(sum(np.prod(v.shape) for v in built.train.trainable_variables)),
+            "lr": cfg.lr, "optimizer": "adam", "augment": normalise_augment(cfg.augment),
+            "batch_size": cfg.batch_size, "patience": cfg.patience, "epochs_max": cfg.epochs,
+            "epochs_run": int(state["epoch"]), "best_epoch": best, "seconds": round(state["seconds"], 3),
+            "seconds_per_epoch": round(state["seconds"] / max(1, state["epoch"]), 3),
+            "epoch0_val_accuracy": state["epoch0"]["val_accuracy"],
+            "head_val_accuracy": state["epoch0"]["head_val_accuracy"],
+            "batchnorm": "inference mode, frozen"}
+    if cfg.views:
+        fine["views"] = cfg.views
+        fine["views_sampling"] = ("each epoch, one view per fit image, drawn uniformly from the K cached views "
+                                  "(view 0: un-augmented); tune slice, val and test scored on un-augmented images")
+        fine["views_cache"] = views_info
+    tuning = tuning_record(state, cfg.tune_fraction, len(tune_rows))
+    metrics: dict[str, Any] = {s: {"accuracy": splits[s]["accuracy"], "log_loss": splits[s]["log_loss"]}
+                               for s in ("val", "test") if s in splits}
+    metrics["fit_seconds"] = round(state["seconds"], 3)
+    evaluation = {
+        "base": fs.base, "head": ft_name, "features": [str(feat_path)], "weights": [str(attrs.get("weights", ""))],
+        "data_source": str(attrs.get("data_source", "")), "limit": int(attrs.get("limit") or 0),
+        "classes": classes, "feature_size": int(info["feature_size"]), "fit_seconds": metrics["fit_seconds"],
+        "extract_images_per_second": None, "tuning": tuning, "fine_tune": fine, "splits": splits,
+        "chance": {s: float(np.bincount(labels[s], minlength=k).max() / max(1, len(labels[s]))) for s in fs.splits},
+        "untrained": head_eval.get("untrained", {}),
+        "head_before": {s: (head_eval.get("splits") or {}).get(s, {}).get("accuracy") for s in fs.splits},
+    }
+    head_json = {**new_meta, "description": "fine-tuned base top + head, end to end on the images",
+                 "classes": classes, "base": fs.base, "features": [str(feat_path)],
+                 "feature_size": int(info["feature_size"]), "from_head": str(head_dir), "tuning": tuning,
+                 "tlpipe_version": __version__}
+    write_outputs(tmp, head_json=head_json, metrics=metrics, evaluation=evaluation, history=hist,
+                  pred_rows=pred_rows, roc_rows=roc_rows, export_model=built.export, metadata=metadata)
+    replace_dir(tmp, out)  # the checkpoint goes with the previous folder: the run is complete
+    tmp_best.unlink(missing_ok=True)
+    log.info("%s on %s: val accuracy %.4f (head %.4f), %d epochs, %.1f s -> %s", ft_name, fs.base,
+             metrics["val"]["accuracy"], fine["head_val_accuracy"] or float("nan"), state["epoch"],
+             state["seconds"], out)
+    return out
+
+
+def summary(out: Path) -> str:
+    """A few lines for the terminal."""
+    out = Path(out)
+    ev = json.loads((out / "evaluation.json").read_text())
+    f = ev["fine_tune"]
+    lines = [f"{ev['head']} on {ev['base']}: {f['n_trainable_layers']} layers with weights trainable "
+             f"(--unfreeze {f['unfreeze']}), lr {f['lr']:g}, augment {f['augment']}",
+             f"  best epoch {f['best_epoch']} of {f['epochs_run']} chosen by {ev['tuning']['method']}; "
+             f"val and test not used for tuning; {f['seconds']:.1f} s ({f['seconds_per_epoch']:.1f} s/epoch)"]
+    if f.get("views"):
+        c = f.get("views_cache") or {}
+        built = "reused" if c.get("reused") else f"built in {c.get('build_seconds', 0):.1f} s"
+        lines.append(f"  --views {f['views']}: bottom activations at {c.get('start_layer')} cached ({built}): "
+                     f"{c.get('path')}")
+    for split in ("train", "val", "test"):
+        s = ev["splits"].get(split)
+        if s:
+            before = ev.get("head_before", {}).get(split)
+            b = f"  (head {before:.4f})" if before is not None else ""
+            lines.append(f"  {split:5s} n={s['n']:<6d} accuracy {s['accuracy']:.4f}  log_loss {s['log_loss']:.4f}{b}")
+    lines.append(f"  -> {out}")
+    return "\n".join(lines)

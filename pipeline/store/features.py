@@ -1,0 +1,330 @@
+"""Reading, validating and fusing cached feature files (the contract between the stages).
+
+Layout of a features file (schema 1)::
+
+    /<split>/features  float32 [N, D]     split in train, val, test
+    /<split>/labels    int64   [N]
+    /<split>/ids       str     [N]        relative file path or tfds id
+    attrs: base, weights, weights_sha256, input_size, pooling, preprocessing,
+           data_source, split_spec, class_names (JSON), counts (JSON), skipped (JSON),
+           fingerprint, source_fingerprint, versions, timings ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.errors import FeaturesFileError, FeaturesNotFound, UsageError, WrongFile
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+REQUIRED_ATTRS = ("schema_version", "base", "weights", "input_size", "pooling", "data_source",
+                  "split_spec", "class_names", "fingerprint", "source_fingerprint", "feature_size")
+JSON_ATTRS = ("class_names", "counts", "skipped", "splits", "constructor_kwargs")
+
+
+def extraction_fingerprint(**fields: Any) -> str:
+    """sha256 over everything that determines the features (base, weights, data, split...)."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resolve_features_path(name: str | Path, cache_dir: str | Path = "cache") -> Path:
+    """A path as given, or a bare name (``resnet50`` / ``resnet50.h5``) in ``<cache>/features/``, then in
+    the DVC pipeline's ``<cache>/dvc/features/``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    folder = Path(cache_dir) / "features"
+    # bare names: the CLI's own folder first, then the DVC pipeline's (cache/dvc/features)
+    for where in (folder, Path(cache_dir) / "dvc" / "features"):
+        for cand in (where / path.name, where / f"{path.name}.h5"):
+            if cand.is_file():
+                return cand
+    where = [folder, Path(cache_dir) / "dvc" / "features"]
+    have = sorted(str(f / p.name) for f in where if f.is_dir() for p in f.glob("*.h5"))
+    hint = (f"; available: {', '.join(have)}" if have
+            else f" (nothing in {where[0]} or {where[1]}; run 'tlpipe extract' or 'dvc repro' first)")
+    raise FeaturesNotFound(f"features file not found: {name}{hint}")
+
+
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    """File attributes with JSON attributes decoded."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            attrs = {k: _plain(v) for k, v in h5.attrs.items()}
+    except OSError as exc:
+        raise WrongFile(f"{path} is not a readable HDF5 file ({exc})") from None
+    for key in JSON_ATTRS:
+        if isinstance(attrs.get(key), str):
+            try:
+                attrs[key] = json.loads(attrs[key])
+            except ValueError:
+                pass
+    return attrs
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+@dataclass
+class Split:
+    """One split in memory."""
+
+    X: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+
+
+@dataclass
+class FeatureSet:
+    """A validated features file (or several fused) loaded in memory."""
+
+    paths: list[Path]
+    attrs: dict[str, Any]
+    splits: dict[str, Split]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs["class_names"])
+
+    @property
+    def base(self) -> str:
+        return str(self.attrs["base"])
+
+    @property
+    def name(self) -> str:
+        """Name used for head folders: the file stems, joined by '+' when fused."""
+        return "+".join(p.stem for p in self.paths)
+
+
+def load_features(path: str | Path, need: tuple[str, ...] = ("train", "val")) -> FeatureSet:
+    """Load and validate a features file; one clear ``FeaturesFileError`` if anything is off."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeaturesNotFound(f"features file not found: {path}")
+    try:
+        return _load_features(path, need)
+    except FeaturesFileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed attributes or datasets of any kind
+        raise FeaturesFileError(
+            f"{path} is not a valid tlpipe features file ({type(exc).__name__}: {exc}); extract again"
+        ) from None
+
+
+def check_attrs(path: Path) -> dict[str, Any]:
+    """The file's attributes, once the ones every stage relies on are present and sane."""
+    attrs = read_attrs(path)
+    missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+    if missing:
+        raise WrongFile(f"{path} is not a tlpipe features file (missing attributes: {', '.join(missing)})")
+    if int(attrs["schema_version"]) != SCHEMA_VERSION:
+        raise FeaturesFileError(
+            f"{path} has schema version {attrs['schema_version']}, this tlpipe reads {SCHEMA_VERSION}: extract again")
+    classes = attrs["class_names"]
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise FeaturesFileError(f"{path} has bad class_names attribute: {classes!r}")
+    if "num_classes" in attrs and int(attrs["num_classes"]) != len(classes):
+        raise FeaturesFileError(f"{path}: num_classes {attrs['num_classes']} but {len(classes)} class names")
+    if int(attrs["feature_size"]) < 1:
+        raise FeaturesFileError(f"{path} has bad feature_size attribute: {attrs['feature_size']!r}")
+    return attrs
+
+
+def check_split(path: Path, name: str, group: Any, attrs: dict[str, Any]) -> int:
+    """Check one split's datasets by their shapes and types (nothing is read); return its rows."""
+    import h5py
+
+    dim = int(attrs["feature_size"])
+    counts = attrs.get("counts") if isinstance(attrs.get("counts"), dict) else {}
+    for key in ("features", "labels", "ids"):
+        if key not in group:
+            raise FeaturesFileError(f"{path}: split '{name}' has no '{key}' dataset")
+    if h5py.check_string_dtype(group["ids"].dtype) is None:
+        raise FeaturesFileError(f"{path}: {name}/ids is {group['ids'].dtype}, expected strings")
+    if group["labels"].dtype.kind not in "iu":
+        raise FeaturesFileError(f"{path}: {name}/labels is {group['labels'].dtype}, expected integers")
+    shape, n_y, n_ids = group["features"].shape, group["labels"].shape[0], group["ids"].shape[0]
+    if len(shape) != 2 or shape[1] != dim:
+        raise FeaturesFileError(f"{path}: {name}/features has shape {shape}, expected [N, {dim}]")
+    if not (shape[0] == n_y == n_ids):
+        raise FeaturesFileError(f"{path}: {name} has {shape[0]} features, {n_y} labels, {n_ids} ids")
+    if group["features"].dtype != np.float32:
+        raise FeaturesFileError(f"{path}: {name}/features is {group['features'].dtype}, expected float32")
+    if name in counts and int(counts[name]) != n_y:
+        raise FeaturesFileError(f"{path}: {name} has {n_y} rows but the counts attribute says {counts[name]}")
+    return int(n_y)
+
+
+def check_labels(path: Path, name: str, y: np.ndarray, n_classes: int) -> None:
+    if len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise FeaturesFileError(f"{path}: {name}/labels outside 0..{n_classes - 1}")
+
+
+def _load_features(path: Path, need: tuple[str, ...]) -> FeatureSet:
+    import h5py
+
+    attrs = check_attrs(path)
+    classes = attrs["class_names"]
+    splits: dict[str, Split] = {}
+    with h5py.File(path, "r") as h5:
+        from pipeline.store.shards import check_virtual_sources
+
+        check_virtual_sources(path, h5)  # a merged (virtual) file whose shards are gone would read zeros
+        for name in ("train", "val", "test"):
+            if name not in h5:
+                continue
+            group = h5[name]
+            check_split(path, name, group, attrs)
+            X = group["features"][...]
+            y = group["labels"][...]
+            ids = group["ids"].asstr()[...]
+            check_labels(path, name, y, len(classes))
+            if not np.isfinite(X).all():
+                raise FeaturesFileError(f"{path}: {name}/features contains NaN or infinity")
+            splits[name] = Split(X, y.astype(np.int64), ids)
+    for name in need:
+        if name not in splits or len(splits[name].y) == 0:
+            raise FeaturesFileError(f"{path} has no '{name}' rows (splits present: {', '.join(splits) or 'none'})")
+    return FeatureSet([path], attrs, splits)
+
+
+def feature_precision(attrs: dict[str, Any]) -> str:
+    """The precision a features file was computed in (files from before the option: f32, or fp16 when
+    made with Keras mixed precision)."""
+    return str(attrs.get("precision") or ("fp16" if attrs.get("mixed_precision") else "f32"))
+
+
+def fuse(sets: list[FeatureSet], allow_mixed_precision: bool = False) -> FeatureSet:
+    """Concatenate features of several bases, rows matched by id.
+
+    Refused unless every file comes from the same data source, split and classes, and (unless
+    ``allow_mixed_precision``) was computed in the same precision (f32 / bf16 / fp16).
+    """
+    if len(sets) == 1:
+        return sets[0]
+    first = sets[0]
+    precisions = [feature_precision(s.attrs) for s in sets]
+    if len(set(precisions)) > 1 and not allow_mixed_precision:
+        odd = next(i for i, p in enumerate(precisions) if p != precisions[0])
+        raise UsageError(f"cannot fuse {first.paths[0]} ({precisions[0]}) and {sets[odd].paths[0]} "
+                         f"({precisions[odd]}): features of different precisions; extract them with the same "
+                         "--precision, or pass --allow-mixed-precision")
+    for other in sets[1:]:
+        for key in ("source_fingerprint", "split_spec", "class_names"):
+            if other.attrs.get(key) != first.attrs.get(key):
+                if key == "source_fingerprint" and other.attrs.get("data_source") == first.attrs.get("data_source"):
+                    why = (f"the same source {first.attrs.get('data_source')} listed differently "
+                           f"(--limit {first.attrs.get('limit') or 'none'} vs {other.attrs.get('limit') or 'none'}, "
+                           "or images added/removed between the extractions)")
+                else:
+                    why = f"{first.attrs.get(key) if key != 'source_fingerprint' else first.attrs.get('data_source')} vs " \
+                          f"{other.attrs.get(key) if key != 'source_fingerprint' else other.attrs.get('data_source')}"
+                raise WrongFile(
+                    f"cannot fuse {first.paths[0]} and {other.paths[0]}: different {key.replace('_', ' ')}: {why}")
+    splits: dict[str, Split] = {}
+    for name in first.splits:
+        if not all(name in s.splits for s in sets):
+            continue
+        common = set(first.splits[name].ids)
+        for s in sets[1:]:
+            common &= set(s.splits[name].ids)
+        dropped = max(len(s.splits[name].ids) for s in sets) - len(common)
+        if dropped:
+            log.warning("fusion: %d %s rows are missing from some files and are left out", dropped, name)
+        order = [i for i in first.splits[name].ids if i in common]
+        parts, y = [], None
+        for s in sets:
+            pos = {v: k for k, v in enumerate(s.splits[name].ids)}
+            idx = np.fromiter((pos[i] for i in order), dtype=np.int64, count=len(order))
+            parts.append(s.splits[name].X[idx])
+            labels = s.splits[name].y[idx]
+            if y is not None and not np.array_equal(y, labels):
+                raise WrongFile("cannot fuse: the same ids carry different labels")
+            y = labels
+        splits[name] = Split(np.concatenate(parts, axis=1), y, np.asarray(order, dtype=object))
+    attrs = dict(first.attrs)
+    attrs["base"] = "+".join(s.base for s in sets)
+    attrs["feature_size"] = sum(int(s.attrs["feature_size"]) for s in sets)
+    attrs["fused_from"] = [str(s.paths[0]) for s in sets]
+    return FeatureSet([p for s in sets for p in s.paths], attrs, splits)
+
+
+def staleness(path: str | Path) -> tuple[bool, str]:
+    """Re-list the file's data source and compare with what was extracted."""
+    from pipeline.data.sources import open_source
+
+    attrs = read_attrs(path)
+    source = attrs.get("data_source", "")
+    if attrs.get("data_kind") == "tfds":
+        name = source.split(":")[1] if source.count(":") >= 1 else source
+        spec = f"tfds:{name}"
+    else:
+        spec = source
+    split = attrs.get("split_spec", "80/10/10")
+    data_log = logging.getLogger("pipeline.data.sources")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)  # the listing's own warnings were given at extraction
+    try:
+        current = open_source(spec, "80/10/10" if split == "as-given" else split,
+                              limit=int(attrs.get("limit") or 0) or None)
+    except (UsageError, Exception) as exc:  # noqa: BLE001 - any failure means we cannot confirm
+        return True, f"cannot re-read the data source {spec}: {exc}"
+    finally:
+        data_log.setLevel(level)
+    if current.fingerprint != attrs.get("source_fingerprint"):
+        return True, f"the images under {spec} changed since extraction (files added, removed or resized)"
+    return False, "inputs unchanged"
+
+
+def warn_if_stale(paths: list[Path]) -> list[str]:
+    """Log a warning for each features file whose image folder changed since extraction (folder
+    sources only: re-listing a tfds dataset is not cheap); return the warnings."""
+    out = []
+    for path in paths:
+        try:
+            if read_attrs(path).get("data_kind") != "folder":
+                continue
+        except FeaturesFileError:
+            continue
+        stale, why = staleness(path)
+        if stale:
+            out.append(f"{path} is stale: {why}; extract again with --force to refresh it")
+            log.warning(out[-1])
+    return out
+
+
+def head_status(head_dir: str | Path) -> tuple[str, str, list[dict[str, Any]]]:
+    """("ok" | "stale" | "features missing" | "unknown", why, attributes of its features files) for a
+    fitted head folder: the fingerprints recorded at fit time against the features files now."""
+    meta_path = Path(head_dir) / "model" / "head.json"
+    if not meta_path.is_file():
+        return "unknown", "no model/head.json", []
+    meta = json.loads(meta_path.read_text())
+    status, why, found = "ok", "features unchanged since the fit", []
+    for path, fingerprint in zip(meta.get("features", []), meta.get("fingerprints", [])):
+        try:
+            attrs = read_attrs(path)
+        except Exception:  # noqa: BLE001 - a missing or unreadable file
+            return "features missing", f"{path} is missing or unreadable", found
+        found.append(attrs)
+        if attrs.get("fingerprint") != fingerprint and status == "ok":
+            status, why = "stale", f"{path} was extracted again (other settings or data) after this head was fitted"
+    return status, why, found
