@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
     defaults = ExtractConfig(base=args.base)
     batch_size = args.batch_size or defaults.batch_size
-    workers = args.workers if args.workers is not None else defaults.workers
+    workers = args.workers if args.workers is not None else defaults.decode_threads
     print(machine_line())
     print(f"base={args.base} data={data} weights={args.weights} batch_size={batch_size} "
           f"workers={workers or 'auto'} {load()}")
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     def pipeline(label):
         _, rt, prec = next(c for c in configs if c[0] == label)
         cfg = ExtractConfig(base=args.base, data=str(data), split=args.split, weights=args.weights, out=out_path,
-                            input_size=size, batch_size=batch_size, workers=workers, limit=args.limit,
+                            input_size=size, batch_size=batch_size, decode_threads=workers, limit=args.limit,
                             decode_nice=args.decode_nice, prefetch=args.prefetch, runtime=rt, precision=prec,
                             resume=False, force=True, progress=False)
         c0, t0 = cpu_seconds(), time.perf_counter()
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
                     tm = res["timing"]
                     extra = (f" (loop {tm.get('seconds', 0):.1f}s = forward {tm.get('forward', 0):.1f}s + decode wait "
                              f"{tm.get('decode_wait', 0):.1f}s + write {tm.get('write', 0):.1f}s; "
-                             f"workers {tm.get('workers')}, nice {tm.get('decode_nice')})")
+                             f"workers {tm.get('decode_threads')}, nice {tm.get('decode_nice')})")
                 print(f"  [{r + 1}/{args.repeats}] {label:14s} {side:8s} {res['img_s']:7.1f} img/s{extra}  "
                       f"cpu {res['cpu_ms']:.2f} ms/img  {res['load']}", flush=True)
     finally:

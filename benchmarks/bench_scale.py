@@ -6,8 +6,8 @@ each, because the cores may be shared.  Every run extracts the same images from 
 
 Printed per run: wall seconds of the whole call (model build, decode, forward, write, and for Ray
 the actor start-up, the shard files and their merge), images/s over that wall time, and the rate of
-the busy part (local: the extraction loop after compile; Ray: images / (actor busy seconds / workers),
-forward + write of the actors).  Ray overhead per image = (Ray x1 wall - local wall) / images.
+the busy part (local: the extraction loop after compile; Ray: images / (actor busy seconds / actors),
+decode + forward + write of the actors: each actor runs the same runner as the local engine).  Ray overhead per image = (Ray x1 wall - local wall) / images.
 
 Then a projection, from the measured per-worker busy rates, of the workers a run of --images images
 needs to finish within each of --hours hours (pure arithmetic: rate x workers, no coordination cost),
@@ -39,7 +39,7 @@ def run_once(engine: str, workers: int, args, out: Path) -> dict:
 
     cfg = ExtractConfig(base=args.base, data=args.data, weights=args.weights, out=out, batch_size=args.batch_size,
                         limit=args.limit, force=True, resume=False, progress=False, engine=engine,
-                        workers=workers if engine == "ray" else 0, shard_size=args.shard_size)
+                        actors=workers if engine == "ray" else 0, shard_size=args.shard_size)
     before = load()
     t = time.perf_counter()
     extract(cfg)
@@ -51,9 +51,8 @@ def run_once(engine: str, workers: int, args, out: Path) -> dict:
         busy_rate = images / timing["seconds"]
     else:
         busy_rate = images / (timing["actor_seconds"] / workers) if timing["actor_seconds"] else float("nan")
-    decode_rate = images / timing["decode_seconds"] if timing.get("decode_seconds") else float("nan")
     out.unlink()
-    return {"decode_rate": decode_rate, "engine": engine, "workers": workers, "images": images, "wall": wall, "rate": images / wall,
+    return {"engine": engine, "workers": workers, "images": images, "wall": wall, "rate": images / wall,
             "busy_rate": busy_rate, "per_worker": busy_rate / max(1, workers), "load_before": before,
             "load_after": load()}
 
@@ -106,18 +105,16 @@ def main(argv=None) -> int:
     overhead = (med("ray", 1, "wall") - med("local", 0, "wall")) / images
     print(f"Ray overhead (1 worker vs local, whole call, {images} images): "
           f"{med('ray', 1, 'wall') - med('local', 0, 'wall'):.1f} s = {1000 * overhead:.1f} ms per image "
-          f"(mostly fixed: Ray Data start, actor start and model build, shard files and merge)")
+          f"(mostly fixed: Ray start, actor start and model build, shard files and merge)")
     print(f"speed-up 2 vs 1 Ray workers (wall): {med('ray', 2, 'rate') / med('ray', 1, 'rate'):.2f}x "
           f"on {os.cpu_count()} CPUs")
 
-    decode = median([x["decode_rate"] for x in rows if x["engine"] == "ray"])
     per_worker = {"local process (decode+model)": med("local", 0, "busy_rate"),
                   "ray model actor (x1)": med("ray", 1, "per_worker"),
-                  "ray model actor (x2)": med("ray", 2, "per_worker"),
-                  "ray decode task (1 CPU)": decode}
+                  "ray model actor (x2)": med("ray", 2, "per_worker")}
     print(f"\nprojection: workers needed for {args.images:,.0f} images (measured per-worker busy rates, "
-          "this CPU; linear scaling assumed, start-up and merge not counted). Ray model actors exclude "
-          "decoding: add the decode tasks' CPUs.")
+          "this CPU; linear scaling assumed, start-up and merge not counted). Ray model actors decode "
+          "their own shards.")
     hours = [float(h) for h in args.hours.split(",")]
     print("  rate source                   img/s/worker  " + "  ".join(f"{h:g} h".rjust(9) for h in hours))
     for name, rate in per_worker.items():

@@ -124,9 +124,13 @@ def bases_cmd(as_json: bool) -> None:
               help="Square input size (0: the base's own default).")
 @click.option("--pooling", type=click.Choice(["avg", "max"]), default="avg", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--decode-threads", type=click.IntRange(0), default=None,
+              help="Decode threads per model (this process, or each Ray actor). 0: a quarter of the cores with "
+                   "Keras on a CPU, one per core with OpenVINO or an accelerator.  [default: 0]")
+@click.option("--actors", type=click.IntRange(0), default=None,
+              help="Ray engine: model actors (0: 1).  [default: 0]")
 @click.option("--workers", type=click.IntRange(0), default=0,
-              help="Local engine: decode threads (0: a quarter of the cores with Keras on a CPU, one per core "
-                   "with OpenVINO or an accelerator). Ray engine: model actors (0: 1).")
+              help="Older name: --decode-threads with the local engine, --actors with the ray engine.")
 @click.option("--limit", type=click.IntRange(0), default=0, help="At most this many images per split (0: all).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue an interrupted run from its last completed batch.")
@@ -144,7 +148,8 @@ def bases_cmd(as_json: bool) -> None:
                    "fp16: Keras float16 (for GPUs; slower on a CPU); auto: f32 on CPUs, fp16 per --mixed-precision on GPUs.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="Where reader, model and writer run: this process, or a Ray cluster (Ray Data).")
+              help="Who runs the partitions: this process, or model actors on a Ray cluster "
+                   '(needs pip install "tlpipe[ray]").')
 @click.option("--ray-address", default=None,
               help="Ray engine: a running cluster (HOST:PORT of 'ray start --head', ray://HOST:PORT, or auto); "
                    "default: start a local one.")
@@ -155,16 +160,21 @@ def bases_cmd(as_json: bool) -> None:
 @click.option("--shard", default=None, metavar="I/N",
               help="Write only shard I of N (0 <= I < N; a deterministic part of every split) to a shard file, "
                    "e.g. one per Slurm array task; join them with 'tlpipe merge'.")
-def extract_cmd(base, data, split, weights, out, cache_dir, input_size, pooling, batch_size, workers, limit,
-                resume, force, tfds_data_dir, mixed_precision, runtime, precision, progress, engine, ray_address,
-                gpus_per_worker, shard_size, shard) -> None:
+def extract_cmd(base, data, split, weights, out, cache_dir, input_size, pooling, batch_size, decode_threads, actors,
+                workers, limit, resume, force, tfds_data_dir, mixed_precision, runtime, precision, progress, engine,
+                ray_address, gpus_per_worker, shard_size, shard) -> None:
     """Stage one: run the frozen base once over every split, cache pooled features in HDF5."""
     from pipeline.stage1.extract import ExtractConfig, extract
     from pipeline.store.features import read_attrs
 
+    if decode_threads is None:
+        decode_threads = workers if engine == "local" else 0
+    if actors is None:
+        actors = workers if engine == "ray" else 0
     path = extract(ExtractConfig(
         base=base, data=data, split=split, weights=weights, out=out, cache_dir=cache_dir,
-        input_size=input_size or None, pooling=pooling, batch_size=batch_size, workers=workers, limit=limit or None,
+        input_size=input_size or None, pooling=pooling, batch_size=batch_size, decode_threads=decode_threads,
+        actors=actors, limit=limit or None,
         resume=resume, force=force, tfds_data_dir=tfds_data_dir, mixed_precision=mixed_precision,
         runtime=runtime, precision=precision, progress=progress, engine=engine, ray_address=ray_address,
         gpus_per_worker=gpus_per_worker, shard_size=shard_size, shard=shard))

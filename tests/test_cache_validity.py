@@ -27,7 +27,7 @@ def _extract(**kw) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One reference extraction and one per changed input (same folder unless the data changes)."""
-    import pipeline.stage1.extract as ex
+    import pipeline as ex
     from pipeline.nets.backbones import get_backbone
 
     tmp = tmp_path_factory.mktemp("cache")
@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
 
     out = {}
     out["ref"] = _extract(data=str(data), out=tmp / "ref.h5")
-    out["same"] = _extract(data=str(data), out=tmp / "same.h5", batch_size=5, workers=1)
+    out["same"] = _extract(data=str(data), out=tmp / "same.h5", batch_size=5, decode_threads=1)
     out["data_added"] = _extract(data=str(more), out=tmp / "more.h5")
     out["data_resized"] = _extract(data=str(resized), out=tmp / "resized.h5")
     out["pooling"] = _extract(data=str(data), out=tmp / "max.h5", pooling="max")
@@ -95,7 +95,7 @@ def test_extract_again_is_a_no_op_and_force_re_extracts(runs, caplog):
     out = runs["ref"]
     before = os.stat(out)
     attrs = read_attrs(out)
-    with caplog.at_level(logging.INFO, logger="pipeline.stage1.extract"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         again = _extract(data=str(runs["data"]), out=out)
     assert again == out
     assert "up to date" in caplog.text
@@ -106,7 +106,7 @@ def test_extract_again_is_a_no_op_and_force_re_extracts(runs, caplog):
     copy = runs["tmp"] / "forced.h5"
     shutil.copy2(out, copy)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.stage1.extract"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         _extract(data=str(runs["data"]), out=copy, force=True)
     assert "up to date" not in caplog.text and "wrote" in caplog.text
     assert os.stat(copy).st_ino != os.stat(out).st_ino
@@ -123,7 +123,7 @@ def test_changed_settings_never_silently_replace_the_output(runs, caplog):
     with pytest.raises(OutputExists, match=r"input size 32 -> 48.*--force"):
         _extract(data=str(runs["data"]), out=out, input_size=48)
     assert out.read_bytes() == before
-    with caplog.at_level(logging.INFO, logger="pipeline.stage1.extract"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         _extract(data=str(runs["data"]), out=out, input_size=48, force=True)
     assert "up to date" not in caplog.text
     assert read_attrs(out)["fingerprint"] == read_attrs(runs["input_size"])["fingerprint"]

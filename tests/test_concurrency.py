@@ -55,7 +55,7 @@ def test_second_writer_refused_while_first_runs_and_readers_are_not_blocked(tmp_
     out = tmp_path / "out" / "busy.h5"
     ckpt = out.with_name(".busy.h5.progress.json")
     log = tmp_path / "first.log"
-    cfg = dict(data=str(data), out=str(out), batch_size=1, workers=1, **SETTINGS)
+    cfg = dict(data=str(data), out=str(out), batch_size=1, decode_threads=1, **SETTINGS)
     with open(log, "w") as err:
         proc = subprocess.Popen(extract_cmd(**cfg), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=err)
     try:

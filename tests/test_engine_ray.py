@@ -1,6 +1,6 @@
-"""The Ray engine on a local Ray cluster (``ray.init(num_cpus=2)``, shared by this module), 2 workers:
+"""The Ray engine on a local Ray cluster (``ray.init(num_cpus=2)``, shared by this module), 2 actors:
 its file equals the local engine's, even when a model actor is SIGKILLed mid-shard; a rerun after
-the driver was killed resumes from the finished shards."""
+the driver was killed resumes from the finished shards.  Faults are injected by tests/ray_faults.py."""
 
 from __future__ import annotations
 
@@ -8,37 +8,42 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-import ray  # a dependency (pyproject): a missing Ray fails here, never skips
+import ray  # in the test extra (pyproject): a missing Ray fails here, never skips
 
 from conftest import REPO, make_folder, subprocess_env
-from pipeline.stage1.engine_ray import FAULT_ENV
 from pipeline.stage1.extract import ExtractConfig, extract, hidden_sibling
 from pipeline.store.features import read_attrs
+from ray_faults import ACTOR_ENV
 from test_shards import SETTINGS, assert_equal_files
 
 pytestmark = pytest.mark.slow
 
-RAY = dict(engine="ray", workers=2, shard_size=5)
+RAY = dict(engine="ray", actors=2, shard_size=5)
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A 2-CPU local Ray cluster whose workers die once at the actor fault point when the marker
-    file exists (fault injection, see pipeline.stage1.engine_ray._fault); (marker, GCS address)."""
+    """A 2-CPU local Ray cluster whose model actors die once, mid-shard, when the marker file exists
+    (``ray_faults.arm_actors`` as the workers' setup hook); (marker, GCS address)."""
     marker = tmp_path_factory.mktemp("fault") / "kill-one-actor"
-    old = os.environ.get(FAULT_ENV)
-    os.environ[FAULT_ENV] = f"actor:{marker}"  # inherited by the workers Ray starts
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    saved = {k: os.environ.get(k) for k in (ACTOR_ENV, "PYTHONPATH")}
+    os.environ[ACTOR_ENV] = str(marker)  # inherited by the workers Ray starts
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"worker_process_setup_hook": "ray_faults.arm_actors"})
     try:
         yield marker, ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
-        if old is None:
-            os.environ.pop(FAULT_ENV, None)
-        else:
-            os.environ[FAULT_ENV] = old
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +74,12 @@ def test_rerun_after_killed_driver_resumes_from_finished_shards(cluster, local, 
     out = tmp_path / "ray.h5"
     driver_marker = tmp_path / "kill-driver"
     driver_marker.touch()
-    env = {**subprocess_env(), FAULT_ENV: f"driver:{driver_marker}"}  # killed after its first finished shard
-    cmd = [sys.executable, "-m", "pipeline.cli", "extract", "--base", SETTINGS["base"], "--weights", "none",
+    env = subprocess_env()
+    env["PYTHONPATH"] = str(TESTS) + os.pathsep + env["PYTHONPATH"]
+    # the driver is killed after its first finished shard (ray_faults.arm_driver)
+    code = ("import sys, ray_faults; ray_faults.arm_driver(sys.argv[1]); from pipeline.cli import main; "
+            "sys.argv = ['tlpipe'] + sys.argv[2:]; main()")
+    cmd = [sys.executable, "-c", code, str(driver_marker), "extract", "--base", SETTINGS["base"], "--weights", "none",
            "--input-size", "32", "--batch-size", "4", "--no-progress", "--data", str(data), "--out", str(out),
            "--engine", "ray", "--ray-address", address, "--workers", "1", "--shard-size", "5"]
     proc = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=300)

@@ -463,7 +463,7 @@ def test_extract_reports_layout_errors_before_building_a_model(tmp_path, monkeyp
     def boom(*a, **k):  # pragma: no cover - must not be reached
         raise AssertionError("model built before the data was checked")
 
-    monkeypatch.setattr(ex, "_extract_locked", boom)
+    monkeypatch.setattr(ex, "extract_local", boom)
     with pytest.raises(DataError, match="data folder not found"):
         ex.extract(ex.ExtractConfig(data=str(tmp_path / "missing"), out=tmp_path / "f.h5", **SETTINGS))
     make_folder(tmp_path / "one", classes=("x",), per_class=3)

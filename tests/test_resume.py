@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 SEED = int(os.environ.get("TLPIPE_TEST_KILL_SEED", "20240611"))
 SETTINGS = dict(base="mobilenet_0.25", weights="none", input_size=32, batch_size=2, progress=False,
-                workers=2)
+                decode_threads=2)
 
 
 def _ckpt_state(ckpt: Path) -> tuple[int, int]:
@@ -134,7 +134,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, caplog)
     for p in (partial, ckpt):
         shutil.copy2(p, saved / p.name)
 
-    caplog.set_level(logging.INFO, logger="pipeline.stage1.extract")
+    caplog.set_level(logging.INFO, logger="pipeline")
     caplog.clear()
     final = extract(ExtractConfig(**{**cfg, "out": out}))
     assert final == out
@@ -179,9 +179,9 @@ def small_ref(tmp_path_factory):
 
 
 def _crash_after(monkeypatch, saves: int) -> None:
-    import pipeline.stage1.extract as ex
+    import pipeline.stage1.local as ex
 
-    original = ex._save_state
+    original = ex.save_state
     count = {"n": 0}
 
     def save(*args, **kwargs):
@@ -190,7 +190,7 @@ def _crash_after(monkeypatch, saves: int) -> None:
         if count["n"] >= saves:
             raise Crash
 
-    monkeypatch.setattr(ex, "_save_state", save)
+    monkeypatch.setattr(ex, "save_state", save)
 
 
 def _crashed_run(monkeypatch, data, out, saves=3, **kw):
@@ -209,7 +209,7 @@ def _crashed_run(monkeypatch, data, out, saves=3, **kw):
 def _finish(data, out, caplog, **kw) -> str:
     from pipeline.stage1.extract import ExtractConfig, extract
 
-    caplog.set_level(logging.INFO, logger="pipeline.stage1.extract")
+    caplog.set_level(logging.INFO, logger="pipeline")
     caplog.clear()
     assert extract(ExtractConfig(data=str(data), out=out, **{**SETTINGS, "batch_size": 4, **kw})) == out
     return caplog.text

@@ -191,11 +191,11 @@ def test_conversion_failure_falls_back_under_auto_only(tmp_path, monkeypatch, ca
 def test_runtime_and_precision_are_in_fingerprint_attrs_and_info(colours, tmp_path, monkeypatch):
     from pipeline.data.sources import open_source
     from pipeline.nets.backbones import get_backbone
-    from pipeline.stage1.extract import _fingerprint
+    from pipeline.store.schema import fingerprint
 
     source = open_source(str(colours), "80/10/10")
     bb = get_backbone("vgg16")
-    prints = {(r, p): _fingerprint(bb, "none", "", 32, "avg", source, r, p)
+    prints = {(r, p): fingerprint(bb, ("none", ""), 32, "avg", source, (r, p))
               for r, p in (("keras", "f32"), ("openvino", "f32"), ("openvino", "bf16"))}
     assert len(set(prints.values())) == 3
 
@@ -319,10 +319,10 @@ def test_the_runtime_is_said_once_with_its_reason(caplog):
     """One line says which runtime runs, and why when auto did not pick OpenVINO."""
     rt._said.clear()
     with caplog.at_level(logging.INFO, logger="pipeline.stage1.runtime"):
-        runtime, precision = rt.resolve("auto", "auto", "on", **CPU)
-        rt._say_runtime(runtime, precision)
-        runtime, precision = rt.resolve("auto", "auto", **{**CPU, "openvino_ok": False})
-        rt._say_runtime(runtime, precision)
+        choice = rt.resolve_choice("auto", "auto", "on", **CPU)
+        rt.say_runtime(choice.runtime, choice.precision, why=choice.why)
+        choice = rt.resolve_choice("auto", "auto", **{**CPU, "openvino_ok": False})
+        rt.say_runtime(choice.runtime, choice.precision, why=choice.why)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("runtime:")]
     assert lines == ["runtime: keras fp16 (--mixed-precision on)", "runtime: keras f32 (openvino is not installed)"]
 
@@ -354,8 +354,8 @@ def test_openvino_map_queues_the_next_batch_and_keeps_the_order(tmp_path):
 def test_writer_keeps_rows_in_order_with_a_lagging_runtime_and_all_skipped_batches(tmp_path):
     """The writer pairs each output of an asynchronous runtime (one batch behind) with its batch,
     including batches where every input was skipped (first, middle, last)."""
-    from pipeline.stage1.extract import Runtime as ExtractRuntime
-    from pipeline.stage1.extract import _State, write_batches
+    from pipeline.stage1.sink import State, write_batches
+    from pipeline.store.writer import FeaturesWriter
 
     class Lagging(rt.Runtime):
         def __call__(self, batch):
@@ -381,12 +381,13 @@ def test_writer_keeps_rows_in_order_with_a_lagging_runtime_and_all_skipped_batch
                batch("train", 11, [], (4, 5)), batch("train", 15, [6, 7, 8, 9]), batch("val", 2, [], (0, 1)),
                batch("val", 5, [10, 11, 12]), batch("val", 7, [], (2, 3))]
     forward = Lagging(4, 2, 2, None)
-    state = _State(fingerprint="x", batch_size=4)
+    state = State(fingerprint="x", batch_size=4)
     seen = []
-    with h5py.File(tmp_path / "f.h5", "w") as h5:
+    with FeaturesWriter(tmp_path / "f.h5", "w") as writer:
         t_model, t_write, images = write_batches(
-            h5, iter(batches), ExtractRuntime(forward, None, 2, "openvino", "f32"), state,
+            writer, iter(batches), forward, state,
             lambda split, index, rows, n, s: seen.append((split, index, rows, n)))
+        h5 = writer.h5
         got = {s: (h5[s]["features"][:, 0].tolist(), [i.decode() for i in h5[s]["ids"][:]]) for s in ("train", "val")}
     assert got["train"] == ([1, 2, 3, 4, 5, 6, 7, 8, 9], [f"train/{v}" for v in range(1, 10)])
     assert got["val"] == ([10, 11, 12], ["val/10", "val/11", "val/12"])
@@ -400,22 +401,22 @@ def test_decode_threads_share_and_priority_follow_the_runtime(monkeypatch, colou
     """Keras on the CPU: a quarter of the cores, at nice 10 (TensorFlow's ops stall when a thread is
     preempted); OpenVINO (next batch queued) and an accelerator: every core, at normal priority.
     The run records what it used."""
-    from pipeline.stage1 import extract as ex
+    from pipeline.stage1 import reader as ex
 
     monkeypatch.setattr("os.cpu_count", lambda: 8)
-    monkeypatch.setattr(rt, "_accelerator", lambda: None)
-    assert (ex.default_workers("keras"), ex._decode_nice(None, "keras")) == (2, ex.DECODE_NICE_CPU)
-    assert (ex.default_workers("openvino"), ex._decode_nice(None, "openvino")) == (8, 0)
-    assert ex._decode_nice(5, "openvino") == 5
-    monkeypatch.setattr(rt, "_accelerator", lambda: "gpu")
-    assert (ex.default_workers("keras"), ex._decode_nice(None, "keras")) == (8, 0)
+    monkeypatch.setattr(rt, "detect_accelerator", lambda: None)
+    assert (ex.default_decode_threads("keras"), ex.decode_nice(None, "keras")) == (2, ex.DECODE_NICE_CPU)
+    assert (ex.default_decode_threads("openvino"), ex.decode_nice(None, "openvino")) == (8, 0)
+    assert ex.decode_nice(5, "openvino") == 5
+    monkeypatch.setattr(rt, "detect_accelerator", lambda: "gpu")
+    assert (ex.default_decode_threads("keras"), ex.decode_nice(None, "keras")) == (8, 0)
     monkeypatch.undo()
     out = extract(ExtractConfig(base="mobilenet_0.25", data=str(colours), weights="none", input_size=32,
                                 batch_size=4, runtime="openvino", precision="f32", out=tmp_path / "f.h5",
                                 progress=False))
     with h5py.File(out, "r") as h5:
         timing = json.loads(h5.attrs["timing"])
-    assert timing["decode_nice"] == 0 and timing["workers"] == ex.default_workers("openvino")
+    assert timing["decode_nice"] == 0 and timing["decode_threads"] == ex.default_decode_threads("openvino")
 
 
 def test_contradicting_precision_flags_and_fp16_for_predict_are_refused():

@@ -133,6 +133,18 @@ def test_shard_rerun_is_up_to_date(shards):
     assert files[0].stat().st_mtime_ns == before
 
 
+def test_engine_ray_without_ray_installed_names_the_extra(tmp_path, monkeypatch):
+    """Ray is an extra: without it, --engine ray is one line naming it (exit 2), before anything runs."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when not installed
+    data = make_folder(tmp_path / "data", per_class=4)
+    r = run("extract", "--base", "mobilenet_0.25", "--weights", "none", "--data", data, "--engine", "ray",
+            "--out", tmp_path / "f.h5")
+    assert 'pip install "tlpipe[ray]"' in one_line_error(r, 2)
+    assert not (tmp_path / "f.h5").exists()
+
+
 def test_unreachable_ray_address_fails_fast(tmp_path):
     import socket
 

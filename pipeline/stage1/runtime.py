@@ -34,6 +34,7 @@ import sys
 import threading
 import uuid
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -59,13 +60,10 @@ _said_lock = threading.Lock()
 _said: set[str] = set()
 
 
-_WHY: dict[str, str] = {}  # why resolve() chose a runtime, for the one line saying which runs
-
-
-def _say_runtime(runtime: str, precision: str, detail: str = "") -> None:
+def say_runtime(runtime: str, precision: str, detail: str = "", why: str = "") -> None:
     """Log once which runtime runs: ``runtime: keras f32 (openvino is not installed)``."""
-    why = "; ".join(x for x in (detail, _WHY.get(runtime, "")) if x)
-    _say_once(f"runtime: {runtime} {precision}" + (f" ({why})" if why else ""))
+    text = "; ".join(x for x in (detail, why) if x)
+    _say_once(f"runtime: {runtime} {precision}" + (f" ({text})" if text else ""))
 
 
 def _say_once(message: str, level: int = logging.INFO) -> None:
@@ -112,7 +110,7 @@ def bf16_supported() -> bool:
         return False
 
 
-def _accelerator() -> str | None:
+def detect_accelerator() -> str | None:
     """The Keras backend's accelerator, without importing TensorFlow where no GPU device node exists
     (so that an up-to-date check stays fast)."""
     import keras
@@ -133,10 +131,27 @@ def _backend() -> str:
 
 # --------------------------------------------------------------------------------------------- choice
 
-def resolve(runtime: str = "auto", precision: str = "auto", mixed_precision: str = "auto", *,
-            openvino_ok: bool | None = None, bf16_ok: bool | None = None, accelerator: str | None | bool = False,
-            backend: str | None = None, x86: bool | None = None) -> tuple[str, str]:
+@dataclass(frozen=True)
+class Choice:
+    """The runtime and precision a request resolves to, and why (for the one line saying which runs)."""
+
+    runtime: str
+    precision: str
+    why: str = ""
+
+
+def resolve(runtime: str = "auto", precision: str = "auto", mixed_precision: str = "auto", **probes) -> tuple[str, str]:
     """``(runtime, precision)`` actually used for a request; ``UsageError`` (exit 2) when impossible.
+    (``resolve_choice`` also says why.)"""
+    choice = resolve_choice(runtime, precision, mixed_precision, **probes)
+    return choice.runtime, choice.precision
+
+
+def resolve_choice(runtime: str = "auto", precision: str = "auto", mixed_precision: str = "auto", *,
+                   openvino_ok: bool | None = None, bf16_ok: bool | None = None,
+                   accelerator: str | None | bool = False, backend: str | None = None,
+                   x86: bool | None = None) -> Choice:
+    """The ``Choice`` for a request; ``UsageError`` (exit 2) when impossible.
 
     The keyword arguments override the probes (tests simulate other machines with them).
     ``mixed_precision`` is the older ``--mixed-precision`` option (Keras float16 on GPUs).
@@ -150,45 +165,10 @@ def resolve(runtime: str = "auto", precision: str = "auto", mixed_precision: str
     openvino_ok = openvino_available() if openvino_ok is None else openvino_ok
     backend = _backend() if backend is None else backend
     x86 = is_x86() if x86 is None else x86
-    acc = _accelerator() if accelerator is False else accelerator
-
-    _WHY.clear()
-    if mixed_precision == "on" and precision not in ("auto", "fp16"):
-        raise UsageError(f"--precision {precision} contradicts --mixed-precision on (Keras float16): "
-                         "drop one of them")
-    fp16 = "--precision fp16" if precision == "fp16" else "--mixed-precision on" if mixed_precision == "on" else ""
-    if fp16 and runtime == "openvino":
-        raise UsageError(f"{fp16} is Keras float16; with --runtime openvino use --precision f32 or bf16")
-    if runtime == "auto" and fp16:
-        runtime = "keras"  # asked for Keras float16 explicitly (as before the OpenVINO runtime)
-        _WHY["keras"] = fp16
-    if runtime == "auto":
-        if acc is None and x86 and backend == "tensorflow" and openvino_ok:
-            runtime = "openvino"
-        else:
-            runtime = "keras"
-            _WHY["keras"] = ("an accelerator" if acc is not None else "not an x86-64 CPU" if not x86
-                             else f"KERAS_BACKEND={backend}" if backend != "tensorflow" else "openvino is not installed")
-    elif runtime == "openvino":
-        if not openvino_ok:
-            raise UsageError("--runtime openvino: the openvino package is not installed "
-                             "(pip install openvino), or use --runtime keras")
-        if backend != "tensorflow":
-            raise UsageError(f"--runtime openvino converts the TensorFlow-backend model; KERAS_BACKEND={backend}: "
-                             "use --runtime keras (or auto)")
-
+    acc = detect_accelerator() if accelerator is False else accelerator
+    runtime, why = _choose_runtime(runtime, precision, mixed_precision, acc, x86, backend, openvino_ok)
     if runtime == "keras":
-        if precision == "bf16":
-            raise UsageError("--precision bf16 needs --runtime openvino (Keras' bfloat16 on a CPU is slower "
-                             "than float32); use f32")
-        if precision == "auto":
-            mixed = mixed_precision == "on" or (mixed_precision == "auto" and acc is not None)
-            precision = "fp16" if mixed else "f32"
-        if precision == "fp16" and acc is None:
-            _say_once(f"{fp16 or 'float16'} on a CPU: Keras float16 is slower than float32 here (no native "
-                      "float16 math); it is meant for GPUs", logging.WARNING)
-        return runtime, precision
-
+        return Choice("keras", _keras_precision(precision, mixed_precision, acc), why)
     bf16 = bf16_supported() if bf16_ok is None else bf16_ok
     if precision == "fp16":
         raise UsageError("--precision fp16 is for the Keras runtime on GPUs; with openvino use f32 or bf16")
@@ -197,7 +177,48 @@ def resolve(runtime: str = "auto", precision: str = "auto", mixed_precision: str
                          "use --precision f32")
     if precision == "auto":
         precision = "bf16" if (bf16 and AUTO_PRECISION_BF16) else "f32"
-    return runtime, precision
+    return Choice(runtime, precision, why)
+
+
+def _choose_runtime(runtime: str, precision: str, mixed_precision: str, acc, x86: bool, backend: str,
+                    openvino_ok: bool) -> tuple[str, str]:
+    """The runtime (keras | openvino) for a request, and why Keras when auto did not pick OpenVINO."""
+    if mixed_precision == "on" and precision not in ("auto", "fp16"):
+        raise UsageError(f"--precision {precision} contradicts --mixed-precision on (Keras float16): "
+                         "drop one of them")
+    fp16 = "--precision fp16" if precision == "fp16" else "--mixed-precision on" if mixed_precision == "on" else ""
+    if fp16 and runtime == "openvino":
+        raise UsageError(f"{fp16} is Keras float16; with --runtime openvino use --precision f32 or bf16")
+    if runtime == "auto" and fp16:
+        return "keras", fp16  # asked for Keras float16 explicitly (as before the OpenVINO runtime)
+    if runtime == "auto":
+        if acc is None and x86 and backend == "tensorflow" and openvino_ok:
+            return "openvino", ""
+        return "keras", ("an accelerator" if acc is not None else "not an x86-64 CPU" if not x86
+                         else f"KERAS_BACKEND={backend}" if backend != "tensorflow" else "openvino is not installed")
+    if runtime == "openvino":
+        if not openvino_ok:
+            raise UsageError("--runtime openvino: the openvino package is not installed "
+                             "(pip install openvino), or use --runtime keras")
+        if backend != "tensorflow":
+            raise UsageError(f"--runtime openvino converts the TensorFlow-backend model; KERAS_BACKEND={backend}: "
+                             "use --runtime keras (or auto)")
+    return runtime, ""
+
+
+def _keras_precision(precision: str, mixed_precision: str, acc) -> str:
+    """The Keras runtime's precision for a request (f32, or fp16: mixed float16)."""
+    fp16 = "--precision fp16" if precision == "fp16" else "--mixed-precision on" if mixed_precision == "on" else ""
+    if precision == "bf16":
+        raise UsageError("--precision bf16 needs --runtime openvino (Keras' bfloat16 on a CPU is slower "
+                         "than float32); use f32")
+    if precision == "auto":
+        mixed = mixed_precision == "on" or (mixed_precision == "auto" and acc is not None)
+        precision = "fp16" if mixed else "f32"
+    if precision == "fp16" and acc is None:
+        _say_once(f"{fp16 or 'float16'} on a CPU: Keras float16 is slower than float32 here (no native "
+                  "float16 math); it is meant for GPUs", logging.WARNING)
+    return precision
 
 
 # --------------------------------------------------------------------------------------------- cache
@@ -429,33 +450,63 @@ def _build_keras_extractor(backbone, weights, input_size: int, pooling: str, fp1
     return model, winfo
 
 
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """What building a runtime needs, resolved once (picklable: Ray actors build their own from it).
+
+    ``requested`` is the ``--runtime`` asked for: under ``auto`` a failed OpenVINO conversion falls
+    back to Keras, under ``openvino`` it is an error naming ``--runtime keras``."""
+
+    base: str
+    weights: Any  # parsed --weights (pipeline.nets.weights.parse_weights)
+    size: int
+    pooling: str
+    batch_size: int
+    choice: Choice
+    requested: str = "auto"
+
+
+def build(spec: RuntimeSpec) -> "Runtime":
+    """THE model factory of stage one: every distributor builds its runtime here."""
+    return build_runtime(spec.base, spec.weights, spec.size, spec.pooling, runtime=spec.requested,
+                         batch_size=spec.batch_size, choice=spec.choice)
+
+
 def build_runtime(backbone, weights, input_size: int, pooling: str = "avg", runtime: str = "auto",
                   precision: str = "auto", batch_size: int = 32, mixed_precision: str = "auto",
-                  cache_dir: Path | None = None, streams: int | None = None) -> Runtime:
+                  cache_dir: Path | None = None, streams: int | None = None, choice: Choice | None = None) -> Runtime:
     """Build the stage-one runtime from plain arguments.
 
     ``backbone`` is a ``Backbone`` or a base name; ``weights`` is what ``weights.parse_weights``
     returns (``None``, ``"imagenet"`` or a ``Path``), or the raw ``--weights`` string.
+    ``choice``: the runtime and precision already resolved (else resolved here from the request).
     Under ``runtime="auto"`` a failed conversion warns and falls back to Keras; with
     ``runtime="openvino"`` it is a ``UsageError`` naming the fallback.
+    (It seeds Keras' initializers so that ``--weights none`` gives the same random base everywhere.)
     """
     from pipeline.nets.backbones import Backbone, get_backbone
-    from pipeline.nets.weights import known_weights, parse_weights
+    from pipeline.nets.weights import parse_weights
 
     backbone = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
     if isinstance(weights, str) and weights not in ("imagenet",):
         weights = parse_weights(weights, backbone)
     requested = str(runtime).strip().lower()
-    runtime, precision = resolve(runtime, precision, mixed_precision)
-    if runtime == "keras":
-        model, winfo = _build_keras_extractor(backbone, weights, input_size, pooling, fp16=precision == "fp16")
-        _say_runtime("keras", precision)
-        return KerasRuntime(model, batch_size, input_size, winfo, precision)
+    choice = choice or resolve_choice(runtime, precision, mixed_precision)
+    if choice.runtime == "keras":
+        model, winfo = _build_keras_extractor(backbone, weights, input_size, pooling, fp16=choice.precision == "fp16")
+        say_runtime("keras", choice.precision, why=choice.why)
+        return KerasRuntime(model, batch_size, input_size, winfo, choice.precision)
+    return _build_openvino(backbone, weights, input_size, pooling, choice.precision, batch_size,
+                           requested == "openvino", cache_dir, streams)
 
+
+def _build_openvino(backbone, weights, input_size: int, pooling: str, precision: str, batch_size: int,
+                    strict: bool, cache_dir: Path | None, streams: int | None) -> Runtime:
+    """The OpenVINO runtime (converted once, cached); on failure Keras, or a ``UsageError`` if ``strict``."""
     import keras
 
     from pipeline import __version__
-    from pipeline.nets.weights import WeightsInfo
+    from pipeline.nets.weights import WeightsInfo, known_weights
 
     built: dict[str, Any] = {}
 
@@ -490,13 +541,13 @@ def build_runtime(backbone, weights, input_size: int, pooling: str = "avg", runt
         raise
     except Exception as exc:  # noqa: BLE001 - conversion / compilation failures of any kind
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if requested == "openvino":
+        if strict:
             raise UsageError(f"OpenVINO could not convert or compile {backbone.name} ({first}); "
                              "use --runtime keras") from None
         log.warning("OpenVINO could not convert or compile %s (%s); using the keras runtime", backbone.name, first)
         model, winfo = keras_model()
         return KerasRuntime(model, batch_size, input_size, winfo, "f32")
-    _say_runtime("openvino", precision, f"OpenVINO {__import__('openvino').__version__}, CPU")
+    say_runtime("openvino", precision, f"OpenVINO {__import__('openvino').__version__}, CPU")
     return rt
 
 
@@ -527,9 +578,10 @@ def compile_keras_model(model, runtime: str = "auto", precision: str = "auto", k
     if str(precision).strip().lower() == "fp16":
         raise UsageError("--precision fp16 is for extract (Keras float16 on GPUs); the exported model runs "
                          "in float32 here: use --precision f32 or bf16")
-    runtime, precision = resolve(runtime, precision, "off")
+    choice = resolve_choice(runtime, precision, "off")
+    runtime, precision = choice.runtime, choice.precision
     if runtime == "keras":
-        _say_runtime("keras", precision)
+        say_runtime("keras", precision, why=choice.why)
         return (lambda batch: np.asarray(model.predict_on_batch(batch))), "keras", precision
     try:
         import openvino as ov
@@ -562,5 +614,5 @@ def compile_keras_model(model, runtime: str = "auto", precision: str = "auto", k
         out = request.infer({i: np.ascontiguousarray(a) for i, a in enumerate(arrays)})
         return np.array(out[0], copy=True)
 
-    _say_runtime("openvino", precision, f"OpenVINO {ov.__version__}, CPU")
+    say_runtime("openvino", precision, f"OpenVINO {ov.__version__}, CPU")
     return call, "openvino", precision

@@ -1,18 +1,11 @@
 """Reading, validating and fusing cached feature files (the contract between the stages).
 
-Layout of a features file (schema 1)::
-
-    /<split>/features  float32 [N, D]     split in train, val, test
-    /<split>/labels    int64   [N]
-    /<split>/ids       str     [N]        relative file path or tfds id
-    attrs: base, weights, weights_sha256, input_size, pooling, preprocessing,
-           data_source, split_spec, class_names (JSON), counts (JSON), skipped (JSON),
-           fingerprint, source_fingerprint, versions, timings ...
+The layout and attributes are described in ``pipeline.store.schema``; ``pipeline.store.writer``
+writes them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -22,18 +15,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import FeaturesFileError, FeaturesNotFound, UsageError, WrongFile
+from pipeline.store.schema import JSON_ATTRS, REQUIRED_ATTRS, SCHEMA_VERSION, extraction_fingerprint
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-REQUIRED_ATTRS = ("schema_version", "base", "weights", "input_size", "pooling", "data_source",
-                  "split_spec", "class_names", "fingerprint", "source_fingerprint", "feature_size")
-JSON_ATTRS = ("class_names", "counts", "skipped", "splits", "constructor_kwargs")
-
-
-def extraction_fingerprint(**fields: Any) -> str:
-    """sha256 over everything that determines the features (base, weights, data, split...)."""
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+__all__ = ["SCHEMA_VERSION", "REQUIRED_ATTRS", "JSON_ATTRS", "extraction_fingerprint", "read_attrs", "load_features",
+           "FeatureSet", "Split", "fuse", "staleness", "warn_if_stale", "head_status", "resolve_features_path"]
 
 
 def resolve_features_path(name: str | Path, cache_dir: str | Path = "cache") -> Path:
@@ -185,8 +172,6 @@ def _load_features(path: Path, need: tuple[str, ...]) -> FeatureSet:
     classes = attrs["class_names"]
     splits: dict[str, Split] = {}
     with h5py.File(path, "r") as h5:
-        from pipeline.store.shards import check_virtual_sources
-
         check_virtual_sources(path, h5)  # a merged (virtual) file whose shards are gone would read zeros
         for name in ("train", "val", "test"):
             if name not in h5:
@@ -328,3 +313,19 @@ def head_status(head_dir: str | Path) -> tuple[str, str, list[dict[str, Any]]]:
         if attrs.get("fingerprint") != fingerprint and status == "ok":
             status, why = "stale", f"{path} was extracted again (other settings or data) after this head was fitted"
     return status, why, found
+
+
+def check_virtual_sources(path: Path, h5) -> None:
+    """Refuse a virtual features file whose shard files are gone (HDF5 would read zeros)."""
+    missing = set()
+    for split in ("train", "val", "test"):
+        if split not in h5 or not h5[split]["features"].is_virtual:
+            continue
+        for vs in h5[split]["features"].virtual_sources():
+            src = Path(vs.file_name)
+            if vs.file_name != "." and not (src if src.is_absolute() else Path(path).parent / src).is_file():
+                missing.add(vs.file_name)
+    if missing:
+        raise FeaturesFileError(f"{path} is a merged (virtual) file whose shard files are missing: "
+                                f"{', '.join(sorted(missing)[:3])} (keep the shards beside it, or merge with --copy)")
+

@@ -25,12 +25,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.sources import SPLITS
 from pipeline.core.errors import FeaturesFileError, UsageError
+from pipeline.core.safety import OutputExists
+from pipeline.data.sources import SPLITS
+from pipeline.store.features import read_attrs
+from pipeline.store.schema import SHARD_ATTRS
+from pipeline.store.writer import append_rows, open_datasets
 
 log = logging.getLogger(__name__)
 
-SHARD_ATTRS = ("shard_index", "shard_count", "shard_ranges")
+__all__ = ["SHARD_ATTRS", "parse_shard", "partition", "shard_name", "shard_info", "finished_shards", "check_shards",
+           "merged_attrs", "merge_shards"]
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -72,8 +77,6 @@ def shard_name(stem: str, index: int, count: int) -> str:
 def shard_info(path: Path) -> dict[str, Any]:
     """Attributes of a complete shard file, checked against its datasets (one clear error if not)."""
     import h5py
-
-    from pipeline.store.features import read_attrs
 
     attrs = read_attrs(path)  # raises FeaturesFileError for a truncated or non-HDF5 file
     if not all(k in attrs for k in (*SHARD_ATTRS, "fingerprint", "counts")):
@@ -185,9 +188,6 @@ def merge_shards(paths: list[Path], out: Path, copy: bool = False, force: bool =
     """Join shard files into the features file ``out`` (virtual dataset, or a copy); return ``out``."""
     import h5py
 
-    from pipeline.stage1.extract import append_rows, open_datasets
-    from pipeline.core.safety import OutputExists
-
     out = Path(out)
     if out.exists() and not force:
         raise OutputExists(f"{out} exists; pass --force to replace it")
@@ -209,7 +209,7 @@ def merge_shards(paths: list[Path], out: Path, copy: bool = False, force: bool =
                     continue
                 counts[split] = sum(n for _, n in parts)
                 if copy:
-                    _copy_split(h5, split, parts, open_datasets, append_rows)
+                    _copy_split(h5, split, parts)
                 else:
                     _virtual_split(h5, split, parts, out.parent)
             if sum(counts.values()) == 0:
@@ -224,7 +224,7 @@ def merge_shards(paths: list[Path], out: Path, copy: bool = False, force: bool =
     return out
 
 
-def _copy_split(h5, split: str, parts: list[tuple[Path, int]], open_datasets, append_rows) -> None:
+def _copy_split(h5, split: str, parts: list[tuple[Path, int]]) -> None:
     import h5py
 
     dsets = None
@@ -257,19 +257,3 @@ def _virtual_split(h5, split: str, parts: list[tuple[Path, int]], folder: Path) 
                 layout[pos:pos + n] = h5py.VirtualSource(rel, f"{split}/{key}", shape=(n, *tail))
             pos += n
         group.create_virtual_dataset(key, layout)
-
-
-def check_virtual_sources(path: Path, h5) -> None:
-    """Refuse a virtual features file whose shard files are gone (HDF5 would read zeros)."""
-    missing = set()
-    for split in SPLITS:
-        if split not in h5 or not h5[split]["features"].is_virtual:
-            continue
-        for vs in h5[split]["features"].virtual_sources():
-            src = Path(vs.file_name)
-            if vs.file_name != "." and not (src if src.is_absolute() else Path(path).parent / src).is_file():
-                missing.add(vs.file_name)
-    if missing:
-        raise FeaturesFileError(f"{path} is a merged (virtual) file whose shard files are missing: "
-                                f"{', '.join(sorted(missing)[:3])} (keep the shards beside it, or merge with --copy)")
-
