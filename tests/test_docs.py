@@ -24,14 +24,23 @@ def site(tmp_path_factory) -> Path:
     for module in ("mkdocs", "material", "mkdocs_click", "mkdocstrings_handlers.python"):
         pytest.importorskip(module, reason=f"{module} is not installed: pip install -e '.[docs]'")
     out = tmp_path_factory.mktemp("site")
+    env = subprocess_env()  # offline: any download a theme or plugin tried would go to a closed port
+    env.update({k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")})
+    env.update(NO_PROXY="", no_proxy="", NO_MKDOCS_2_WARNING="1")
     r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
-                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"mkdocs build --strict failed:\n{r.stdout}\n{r.stderr}"
     return out
 
 
 def _ids(page: Path) -> set[str]:
     return set(re.findall(r'\bid="([^"]+)"', page.read_text(encoding="utf-8")))
+
+
+def test_site_loads_nothing_from_the_network(site):
+    remote = [f"{page.relative_to(site)}: {m}" for page in site.rglob("*.html")
+              for m in re.findall(r'<(?:script|link|img)\b[^>]*\b(?:src|href)="(?:https?:)?//[^"]*"', page.read_text("utf-8"))]
+    assert not remote, f"pages load remote resources (no CDN, no web fonts): {remote[:5]}"
 
 
 def test_cli_reference_lists_every_command(site):
