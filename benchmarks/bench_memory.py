@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     ratio = many["peak_rss_mb"] / one["peak_rss_mb"]
     print(f"peak RSS {args.factor}x / 1x = {ratio:.3f} (target <= 1.1)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "ratio": ratio, "args": vars(args)}, indent=1))
+        Path(args.json).write_text(json.dumps({"results": results, "ratio": ratio, "args": vars(args)}, indent=1, default=str))
     return 0
 
 
