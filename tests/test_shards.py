@@ -199,3 +199,24 @@ def test_shard_never_replaces_another_shard_or_the_whole_file(shards):
         assert r.output.strip().splitlines()[-1].startswith("tlpipe: error:") and "--force" in r.output
         assert target.read_bytes() == before
         assert not list(target.parent.glob(".*.lock"))  # a refused run leaves no lock file behind
+
+
+def test_ray_shard_descriptors_carry_file_paths_never_pixels(tmp_path):
+    """What the Ray driver hands an actor: a folder shard's file paths (no decoded arrays), and for a
+    tfds source no items at all (the actor opens the source itself)."""
+    import dataclasses
+    import pickle
+
+    from pipeline.stage1.distribute_ray import shard_descriptor
+    from pipeline.stage1.plan import plan
+
+    data = make_folder(tmp_path / "data", per_class=6)
+    p = plan(ExtractConfig(data=str(data), out=tmp_path / "f.h5", **SETTINGS))
+    ranges = partition({s: stop for s, (_, stop) in p.ranges.items()}, 3)[1]
+    work = shard_descriptor(p, 1, 3, ranges)
+    items = [item for _, listed in work["items"].items.values() for item in listed]
+    assert len(items) == sum(b - a for a, b in ranges.values()) > 0
+    assert all(item.path is not None and item.array is None for item in items)
+    assert len(pickle.dumps(work)) < 1000 + 300 * len(items)  # paths and labels, no pixels
+    tfds = dataclasses.replace(p, source=dataclasses.replace(p.source, kind="tfds"))
+    assert shard_descriptor(tfds, 1, 3, ranges)["items"] is None

@@ -174,7 +174,7 @@ def _merge(p: Plan, files: list[Path], overrides: dict[str, Any]) -> None:
     os.replace(partial, p.out)
 
 
-def _descriptor(p: Plan, index: int, count: int, ranges: dict[str, tuple[int, int]]) -> dict[str, Any]:
+def shard_descriptor(p: Plan, index: int, count: int, ranges: dict[str, tuple[int, int]]) -> dict[str, Any]:
     """What an actor needs for one shard: never pixels; a folder's file paths, or nothing for tfds."""
     items = ListedItems.of(p.source, ranges) if p.source.kind == "folder" else None
     return {"index": index, "count": count, "name": shard_name(p.out.stem, index, count),
@@ -196,7 +196,7 @@ def _run(p: Plan, spec: RuntimeSpec, pending: list, n: int, folder: Path, attrs:
         def submit(actor) -> None:
             nxt = next(queue, None)
             if nxt is not None:
-                in_flight[actor.run.remote(_descriptor(p, nxt[0], n, nxt[1]))] = actor
+                in_flight[actor.run.remote(shard_descriptor(p, nxt[0], n, nxt[1]))] = actor
 
         for actor in workers:
             for _ in range(IN_FLIGHT_PER_ACTOR):
