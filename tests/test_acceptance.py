@@ -23,7 +23,7 @@ pytestmark = [
 def test_mobilenet_075_logistic_on_real_cats_vs_dogs(tmp_path):
     from pipeline.stage1.extract import ExtractConfig, extract
     from pipeline.stage2.fit_head import FitConfig, fit_head
-    from pipeline.nets.weights import sha256_file
+    from pipeline.core.util import sha256_file
 
     out = extract(ExtractConfig(base="mobilenet_0.75", data=str(DATA), weights=str(WEIGHTS.parent),
                                 cache_dir=tmp_path, progress=False))

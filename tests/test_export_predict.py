@@ -123,14 +123,14 @@ def test_export_binary_gives_two_columns(two_colours, head, tmp_path):
 
 def test_rbf_svm_export_layer_matches_sklearn_decisions(colours):
     """The one-vs-one to one-vs-rest rewrite inside CalibratedRbfSVC is scikit-learn's, not just close."""
-    from pipeline.deploy.export import _rbf_svm_layer
+    from pipeline.deploy.export import rbf_svm_layer
 
     root, cache, features = colours
     with h5py.File(features, "r") as h5:
         X, y = h5["train"]["features"][...], h5["train"]["labels"][...]
     head = load_head(fit_head(FitConfig(features=[str(features)], head="rbf-svm", cache_dir=cache,
                                         out=Path(cache) / "rbf3")))
-    layer = _rbf_svm_layer(head.model, 3, X.shape[1])
+    layer = rbf_svm_layer(head.model, 3, X.shape[1])
     probe = np.concatenate([X, X[:5] * 1.7, X[:5][::-1] * 0.3])
     np.testing.assert_allclose(np.asarray(layer(probe)), head.predict_proba(probe), atol=1e-6)
 

@@ -81,10 +81,10 @@ def test_epoch0_matches_head_and_outputs(heads, head, tmp_path):
 def test_unfreeze_by_number_block_and_all_keeps_batchnorm_frozen(heads):
     import keras
 
-    from pipeline.deploy.export import _head_info
+    from pipeline.heads.folder import read_head_info
     from pipeline.store.features import read_attrs
 
-    model_dir, info = _head_info(heads["dense"])
+    model_dir, info = read_head_info(heads["dense"])
     attrs = read_attrs(heads["features"])
 
     def trainable(spec):
@@ -114,10 +114,10 @@ def test_unknown_block_lists_valid_names(heads):
 
 
 def test_augmentation_only_in_training(heads):
-    from pipeline.deploy.export import _head_info
+    from pipeline.heads.folder import read_head_info
     from pipeline.store.features import read_attrs
 
-    model_dir, info = _head_info(heads["dense"])
+    model_dir, info = read_head_info(heads["dense"])
     b = build_models(model_dir, info, read_attrs(heads["features"]), None, "3", "flip,rotate=0.2,zoom=0.2,shift=0.2,"
                      "contrast=0.3", 0, {})
     x = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)).astype("uint8")

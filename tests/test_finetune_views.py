@@ -25,18 +25,18 @@ def _views_file(out: Path) -> Path:
 def _items(heads):
     from pipeline.data.sources import open_source
     from pipeline.store.features import load_features, read_attrs
-    from pipeline.stage3.finetune import _split_rows
+    from pipeline.stage3.finetune import split_rows
 
     attrs = read_attrs(heads["features"])
     source = open_source(str(attrs["data_source"]), str(attrs["split_spec"]))
-    items, rows, _, _ = _split_rows(load_features(heads["features"]), source)
+    items, rows, _, _ = split_rows(load_features(heads["features"]), source)
     return items, rows
 
 
 def _images(items, rows) -> np.ndarray:
-    from pipeline.stage1.extract import _decode_one
+    from pipeline.data.sources import decode_item
 
-    return np.stack([_decode_one(items[i], 32) for i in rows])
+    return np.stack([decode_item(items[i], 32) for i in rows])
 
 
 def test_views_model_same_contract_as_end_to_end(heads, tmp_path):  # noqa: F811

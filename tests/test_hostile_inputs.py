@@ -203,7 +203,7 @@ def _pillow_road(source, size: int, monkeypatch) -> np.ndarray:
     import pipeline.data.images as images
 
     with monkeypatch.context() as m:
-        m.setattr(images, "_decode_plain_jpeg", lambda data, size: None)
+        m.setattr(images, "decode_plain_jpeg", lambda data, size: None)
         return images.decode_image(source, size)
 
 
@@ -215,7 +215,7 @@ def _pillow_road(source, size: int, monkeypatch) -> np.ndarray:
 def test_plain_jpegs_take_opencvs_road_to_pillows_pixels(tmp_path, monkeypatch, variant):
     """Plain JPEGs are decoded by OpenCV (no Pillow block loop): the pixels are exactly Pillow's,
     with its draft reduction and EXIF orientation."""
-    from pipeline.data.images import _decode_plain_jpeg, _plain_jpeg_size
+    from pipeline.data.images import decode_plain_jpeg, plain_jpeg_size
 
     size = 24
     w, h = {"odd-size": (37, 29), "reduced-2": (2 * size + 1, 3 * size), "reduced-4": (4 * size, 5 * size),
@@ -236,8 +236,8 @@ def test_plain_jpegs_take_opencvs_road_to_pillows_pixels(tmp_path, monkeypatch, 
     path = tmp_path / "x.jpg"
     img.save(path, format="JPEG", **kwargs)
     data = path.read_bytes()
-    assert _plain_jpeg_size(data) == (h, w)
-    assert _decode_plain_jpeg(data, size) is not None  # the fast road is taken ...
+    assert plain_jpeg_size(data) == (h, w)
+    assert decode_plain_jpeg(data, size) is not None  # the fast road is taken ...
     got = decode_image(path, size)
     np.testing.assert_array_equal(got, _pillow_road(path, size, monkeypatch))  # ... to the same pixels
     np.testing.assert_array_equal(decode_image(data, size), got)
@@ -245,24 +245,24 @@ def test_plain_jpegs_take_opencvs_road_to_pillows_pixels(tmp_path, monkeypatch, 
 
 def test_other_jpegs_take_pillows_road(tmp_path):
     """CMYK (Adobe marker), truncated and non-JPEG data are left to Pillow, which reports them."""
-    from pipeline.data.images import _plain_jpeg_size
+    from pipeline.data.images import plain_jpeg_size
 
     buf = io.BytesIO()
     _smooth(40, 30).convert("CMYK").save(buf, format="JPEG")
-    assert _plain_jpeg_size(buf.getvalue()) is None
+    assert plain_jpeg_size(buf.getvalue()) is None
     buf = io.BytesIO()
     _smooth(64, 64).save(buf, format="JPEG", quality=95)
     data = buf.getvalue()
-    assert _plain_jpeg_size(data) == (64, 64)
+    assert plain_jpeg_size(data) == (64, 64)
     for cut in (len(data) - 2, len(data) // 2, 200):
-        assert _plain_jpeg_size(data[:cut]) is None
+        assert plain_jpeg_size(data[:cut]) is None
     with pytest.raises(DecodeError, match="truncated"):
         decode_image(data[: len(data) // 2], 16)
     png = io.BytesIO()
     _smooth(8, 8).save(png, format="PNG")
-    assert _plain_jpeg_size(png.getvalue()) is None
-    assert _plain_jpeg_size(b"\xff\xd8\xff") is None
-    assert _plain_jpeg_size(b"") is None
+    assert plain_jpeg_size(png.getvalue()) is None
+    assert plain_jpeg_size(b"\xff\xd8\xff") is None
+    assert plain_jpeg_size(b"") is None
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

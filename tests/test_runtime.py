@@ -238,11 +238,11 @@ def test_fusion_refuses_mixed_precisions(colours, tmp_path, caplog):
         export_model(ExportConfig(head=tmp_path / "h2", out=tmp_path / "m.keras", weights="none"))
     assert "fitted on bf16 features" in caplog.text
     # the report tells a head on bf16 features apart from its f32 twin
-    from pipeline.reporting.report import _row
+    from pipeline.reporting.report import head_row
 
-    assert _row(tmp_path / "h2")["weights"].endswith("(bf16 features)")
+    assert head_row(tmp_path / "h2")["weights"].endswith("(bf16 features)")
     r = CliRunner().invoke(cli, ["fit-head", "--features", str(f32), "--head", "logistic", "--out", str(tmp_path / "h3")])
-    assert r.exit_code == 0 and "features)" not in _row(tmp_path / "h3")["weights"]
+    assert r.exit_code == 0 and "features)" not in head_row(tmp_path / "h3")["weights"]
 
 
 # ------------------------------------------------------------------------------------------- predict
@@ -282,7 +282,7 @@ def test_jpeg_reduced_size_decode_only_from_twice_the_target(tmp_path, wh, reduc
     scaling), then resized as always; smaller ones are decoded in full.  Deterministic either way."""
     from PIL import Image
 
-    from pipeline.data.images import _resize, decode_image
+    from pipeline.data.images import decode_image, resize_image
 
     rng = np.random.default_rng(0)
     path = tmp_path / "x.jpg"
@@ -291,7 +291,7 @@ def test_jpeg_reduced_size_decode_only_from_twice_the_target(tmp_path, wh, reduc
         img.draft("RGB", (64, 64))
         img.load()
         assert img.size == (reduced or wh)
-        expected = _resize(img.convert("RGB"), 64)
+        expected = resize_image(img.convert("RGB"), 64)
     got = decode_image(path, 64)
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(decode_image(path.read_bytes(), 64), got)

@@ -172,7 +172,7 @@ def test_cli_weights_file_and_folder(tmp_path):
     import keras
 
     from pipeline.nets.backbones import get_backbone
-    from pipeline.nets.weights import sha256_file
+    from pipeline.core.util import sha256_file
 
     wdir = tmp_path / "w"
     wdir.mkdir()

@@ -1,8 +1,10 @@
-"""Small helpers: atomic writes, progress bars, logging set-up."""
+"""Small helpers: atomic writes, the file hasher, progress bars, logging set-up."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import importlib.abc
 import importlib.util
 import json
@@ -12,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from pipeline.core.errors import UsageError
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -34,6 +38,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, data: Any) -> None:
     """Atomically write pretty JSON."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, the one file hasher of tlpipe (memoised on path, size and mtime: weights
+    files are large)."""
+    st = os.stat(path)
+    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class _NullBar:
@@ -113,8 +133,6 @@ def quiet_tensorflow() -> None:
 
 def require_tensorboard() -> None:
     """``--tensorboard`` needs the tensorboard package (Keras' TensorBoard callback writes through it)."""
-    from pipeline.core.errors import UsageError
-
     try:
         import tensorboard  # noqa: F401
     except ImportError:

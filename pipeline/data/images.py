@@ -4,7 +4,7 @@ Pillow decodes JPEG (with reduced-size DCT decoding via ``draft``), PNG (8- and
 16-bit), GIF (first frame), BMP, WebP and TIFF; EXIF orientation is honoured,
 CMYK / grayscale / palette / alpha images become RGB (alpha composited on white).
 The resize is the exported model's in-graph one (antialiased bilinear, rounded to integer
-levels; see ``_resize``), so that a model fed the original photo gives what extraction and
+levels; see ``resize_image``), so that a model fed the original photo gives what extraction and
 ``tlpipe predict`` give.
 Plain 8-bit JPEGs (baseline or progressive, grayscale or YCbCr: nearly every photo) take a
 faster road to the same pixels: OpenCV's libjpeg-turbo decode, reduced-size decoding and EXIF
@@ -29,7 +29,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 Image.MAX_IMAGE_PIXELS = 250_000_000
 
 
-# How _resize works; the features depend on it (for the extraction fingerprint). v2: antialiased
+# How resize_image works; the features depend on it (for the extraction fingerprint). v2: antialiased
 # bilinear rounded to uint8 (the exported model's in-graph resize); v1 was OpenCV INTER_AREA / INTER_LINEAR.
 RESIZE_METHOD = "antialiased-bilinear-rounded-v2"
 
@@ -55,7 +55,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _resize(img: Image.Image, size: int) -> np.ndarray:
+def resize_image(img: Image.Image, size: int) -> np.ndarray:
     """RGB image -> ``uint8[size, size, 3]`` (see ``_resize_array``)."""
     return _resize_array(np.asarray(img, dtype=np.uint8), size)
 
@@ -93,7 +93,7 @@ _SOF_ALL = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # every start-of-f
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
 
 
-def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
+def plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
     """``(height, width)`` of a plain JPEG that OpenCV decodes exactly as Pillow does, else None.
 
     Plain: Huffman-coded (baseline or progressive), 8-bit, 1 or 3 components, no Adobe APP14
@@ -127,11 +127,11 @@ def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _decode_plain_jpeg(data: bytes, size: int) -> np.ndarray | None:
-    """OpenCV's decode of a plain JPEG (see ``_plain_jpeg_size``) to ``uint8[size, size, 3]`` RGB,
+def decode_plain_jpeg(data: bytes, size: int) -> np.ndarray | None:
+    """OpenCV's decode of a plain JPEG (see ``plain_jpeg_size``) to ``uint8[size, size, 3]`` RGB,
     with Pillow's ``draft`` reduction (1/2, 1/4, 1/8 while both sides stay >= size) and EXIF
     orientation; None when the file is not plain or OpenCV fails (Pillow then decides)."""
-    dims = _plain_jpeg_size(data)
+    dims = plain_jpeg_size(data)
     if dims is None:
         return None
     height, width = dims
@@ -159,7 +159,7 @@ def decode_image(source: str | Path | bytes, size: int) -> np.ndarray:
                 data = fh.read()
         if not data:
             raise DecodeError("empty file")
-        fast = _decode_plain_jpeg(data, size)
+        fast = decode_plain_jpeg(data, size)
         if fast is not None:
             return fast
         with io.BytesIO(data) as fh:
@@ -174,7 +174,7 @@ def decode_image(source: str | Path | bytes, size: int) -> np.ndarray:
                 img.draft("RGB", (size, size))
             img.load()
             img = ImageOps.exif_transpose(img)
-            arr = _resize(_to_rgb(img), size)
+            arr = resize_image(_to_rgb(img), size)
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -200,4 +200,4 @@ def resize_array(array: np.ndarray, size: int) -> np.ndarray:
         arr = arr[..., 0]
     if arr.dtype != np.uint8:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
-    return _resize(_to_rgb(Image.fromarray(arr)), size)
+    return resize_image(_to_rgb(Image.fromarray(arr)), size)

@@ -23,7 +23,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.core.errors import DataError, DataNotFound, UsageError
-from pipeline.data.images import IMAGE_EXTENSIONS
+from pipeline.core.util import unreachable
+from pipeline.data.images import IMAGE_EXTENSIONS, DecodeError, decode_image, resize_array
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,19 @@ class Source:
             "counts": self.counts,
             "fingerprint": self.fingerprint,
         }
+
+
+def decode_item(item: Item, size: int) -> np.ndarray:
+    """``uint8[size, size, 3]`` of one item, as extraction decodes it (a file, or a tfds array);
+    ``DecodeError`` when it cannot be decoded."""
+    if item.path is not None:
+        return decode_image(item.path, size)
+    if item.array is None:
+        raise DecodeError("no image data")
+    try:
+        return resize_array(item.array, size)
+    except Exception as exc:
+        raise DecodeError(f"{type(exc).__name__}: {exc}") from None
 
 
 def is_manifest(path: Path) -> bool:
@@ -370,8 +384,6 @@ OFFLINE_HINT = ("use local images instead: tlpipe ... --data PATH (a folder of c
 
 def _check_download_hosts(builder, name: str, data_dir: str | None) -> None:
     """Fail in seconds, not after minutes of retries, when the dataset's download host is unreachable."""
-    from pipeline.core.util import unreachable
-
     try:
         urls = list(builder.url_infos or {})
     except Exception:  # noqa: BLE001 - no recorded URLs (manual downloads): nothing to probe

@@ -19,6 +19,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import DataError, DataNotFound, UsageError
+from pipeline.core.safety import OutputExists, check_out_path
+from pipeline.core.util import atomic_write_text, write_json
+from pipeline.deploy.predict import load_exported, predict
+from pipeline.heads.metrics import normalise_proba, split_scores
+from pipeline.reporting.plots import confusion_figure
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +71,7 @@ def _subdirs(folder: Path) -> list[Path]:
 
 def labelled_files(data: Path, split: str | None = None) -> tuple[dict[str, list[Path]], str | None]:
     """``{class: [image files]}`` of the folder (or of its chosen split) and the split's name."""
-    from pipeline.data.images import IMAGE_EXTENSIONS
+    from pipeline.data.images import IMAGE_EXTENSIONS  # OpenCV: not before the one-line checks
 
     data = Path(data)
     if not data.exists():
@@ -97,10 +102,6 @@ def labelled_files(data: Path, split: str | None = None) -> tuple[dict[str, list
 
 def evaluate_model(cfg: EvaluateConfig) -> EvaluateResult:
     """Predict every image of the labelled folder with the exported model and score it."""
-    from pipeline.stage2.fit_head import evaluate as evaluate_scores
-    from pipeline.stage2.fit_head import per_class as per_class_scores
-    from pipeline.deploy.predict import load_exported, predict
-
     if cfg.out:
         guard_out(Path(cfg.out), cfg.force)  # before any work
     per_class, split = labelled_files(cfg.data, cfg.split)
@@ -125,8 +126,8 @@ def evaluate_model(cfg: EvaluateConfig) -> EvaluateResult:
     proba = np.array([[r["probabilities"][c] for c in result.class_names] for r in rows], dtype=np.float64)
     k = len(result.class_names)
     proba = np.clip(proba, 1e-15, 1)
-    proba /= proba.sum(1, keepdims=True)  # float32 softmax outputs sum to 1 only within ~1e-7
-    s = {**evaluate_scores(proba, y, k), **per_class_scores(proba, y, result.class_names)}
+    proba = normalise_proba(proba)  # float32 softmax outputs sum to 1 only within ~1e-7
+    s = split_scores(proba, y, result.class_names)
     mistakes = [{"path": r["path"], "true": truth[r["path"]], "predicted": r["class"],
                  "probability": r["probability"], "p_true": r["probabilities"][truth[r["path"]]]}
                 for r in rows if r["class"] != truth[r["path"]]]
@@ -174,8 +175,6 @@ def _is_evaluation(path: Path) -> bool:
 def guard_out(out: Path, force: bool) -> None:
     """Refuse (exit 2) an --out that is a file, or a folder holding files of our names that an earlier
     ``tlpipe evaluate`` did not write (its evaluation.json says so), unless ``force``."""
-    from pipeline.core.safety import OutputExists, check_out_path
-
     check_out_path(out, "folder")
     if force or not out.is_dir() or _is_evaluation(out / "evaluation.json"):
         return
@@ -187,8 +186,6 @@ def guard_out(out: Path, force: bool) -> None:
 
 def write_outputs(res: EvaluateResult, out: Path) -> Path:
     """metrics.json (the figures to compare), evaluation.json (all), mistakes.csv, figures/confusion.png."""
-    from pipeline.core.util import atomic_write_text, write_json
-
     out.mkdir(parents=True, exist_ok=True)
     name = res.split or Path(res.data).name or "data"
     write_json(out / "metrics.json", {name: {"accuracy": res.accuracy, "log_loss": res.log_loss}})
@@ -203,8 +200,6 @@ def write_outputs(res: EvaluateResult, out: Path) -> Path:
     w.writerows(res.mistakes)
     atomic_write_text(out / "mistakes.csv", buf.getvalue())
     try:
-        from pipeline.reporting.plots import confusion_figure
-
         confusion_figure(evaluation, out / "figures" / "confusion.png",
                          title=f"{Path(res.model).name} on {res.data}" + (f" ({res.split})" if res.split else ""))
     except ImportError as exc:

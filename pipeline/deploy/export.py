@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import zipfile
@@ -48,11 +47,27 @@ import keras
 import numpy as np
 
 from pipeline.core.errors import FeaturesFileError, TlpipeError, UsageError
+from pipeline.core.safety import check_out_path
+from pipeline.core.util import atomic_write_text
+from pipeline.heads.folded import logistic_layers
+from pipeline.heads.folder import read_head_info
+from pipeline.heads.models import load_head
+from pipeline.nets.backbones import get_backbone
+from pipeline.nets.extractor import builtin_preprocess
+from pipeline.nets.graph import (
+    METADATA_MEMBER,
+    OUTPUT_LAYER,
+    Branch,
+    build_branch,
+    probabilities_layer,
+    resize_in_graph,
+    save_keras,
+    temp_name,
+)
+from pipeline.store.features import read_attrs, resolve_features_path
 
 log = logging.getLogger(__name__)
 
-OUTPUT_LAYER = "probabilities"
-METADATA_MEMBER = "tlpipe.json"  # in the .keras zip; assets.extra/ of a SavedModel; NAME.json beside .tflite
 METADATA_VERSION = 2  # 1: metadata in the Probabilities layer's config (still read)
 FORMATS = ("keras", "savedmodel", "tflite")
 CUSTOM_LAYER_HEADS = ("svm", "rbf-svm", "knn")  # their .keras files need 'import pipeline.deploy.export' to load
@@ -62,7 +77,7 @@ CUSTOM_LAYER_HEADS = ("svm", "rbf-svm", "knn")  # their .keras files need 'impor
 class Probabilities(keras.layers.Layer):
     """Final layer of models exported by older tlpipe versions (kept so they still load): ``[N, 1]``
     sigmoid output becomes ``[N, 2]``; carries class names and metadata.  New exports use built-in
-    layers (``_probabilities_layer``) and keep the metadata in ``tlpipe.json``."""
+    layers (``pipeline.nets.graph.probabilities_layer``) and keep the metadata in ``tlpipe.json``."""
 
     def __init__(self, class_names: list[str], metadata: dict[str, Any] | None = None, **kwargs):
         kwargs.setdefault("dtype", "float32")
@@ -266,19 +281,8 @@ class ExportConfig:
     force: bool = False  # replace an existing --out
 
 
-def _head_info(folder: Path) -> tuple[Path, dict[str, Any]]:
-    folder = Path(folder)
-    model_dir = folder / "model" if (folder / "model" / "head.json").is_file() else folder
-    meta = model_dir / "head.json"
-    if not meta.is_file():
-        raise UsageError(f"{folder} is not a fitted head folder (no head.json); run 'tlpipe fit-head' first")
-    return model_dir, json.loads(meta.read_text())
-
-
 def _features_attrs(info: dict[str, Any], cache_dir: Path) -> list[dict[str, Any]]:
     """The attributes of every features file the head was fitted on, in the head's order."""
-    from pipeline.store.features import read_attrs, resolve_features_path
-
     paths = info.get("features") or []
     if not paths:
         raise UsageError("the head records no features file; refit it with 'tlpipe fit-head'")
@@ -291,28 +295,6 @@ def _features_attrs(info: dict[str, Any], cache_dir: Path) -> list[dict[str, Any
                                     f"pooling, weights): {exc}") from None
         out.append(read_attrs(resolved))
     return out
-
-
-def _logistic_layers(model, n_classes: int, dim: int):
-    """Fold StandardScaler into the logistic regression: Dense(K) + softmax."""
-    scaler, lr = model.steps[0][1], model.steps[-1][1]
-    mean = scaler.mean_ if scaler.mean_ is not None else np.zeros(dim)
-    scale = scaler.scale_ if scaler.scale_ is not None else np.ones(dim)
-    coef, icpt = np.asarray(lr.coef_, np.float64), np.asarray(lr.intercept_, np.float64)
-    classes = [int(c) for c in lr.classes_]
-    W = np.zeros((dim, n_classes))
-    b = np.full(n_classes, -1e4)  # classes absent from train: probability 0
-    if coef.shape[0] == 1:  # binary: softmax([0, z]) == [1 - sigmoid(z), sigmoid(z)]
-        pairs = [(classes[0], np.zeros(dim), 0.0), (classes[1], coef[0], icpt[0])]
-    else:
-        pairs = [(c, coef[i], icpt[i]) for i, c in enumerate(classes)]
-    for c, w, bias in pairs:
-        W[:, c] = w / scale
-        b[c] = bias - float(np.dot(mean / scale, w))
-    dense = keras.layers.Dense(n_classes, activation="softmax", name="logistic")
-    dense.build((None, dim))
-    dense.set_weights([W.astype("float32"), b.astype("float32")])
-    return dense
 
 
 def _svm_layer(model, n_classes: int, dim: int):
@@ -341,7 +323,7 @@ def _svm_layer(model, n_classes: int, dim: int):
     return layer
 
 
-def _rbf_svm_layer(model, n_classes: int, dim: int):
+def rbf_svm_layer(model, n_classes: int, dim: int):
     scaler, cal = model.steps[0][1], model.steps[-1][1]
     if len(cal.calibrated_classifiers_) != 1:
         raise UsageError("export of the rbf-svm head expects one calibrated SVM (ensemble=False)")
@@ -387,73 +369,6 @@ def _knn_layer(model, n_classes: int, dim: int):
     return layer
 
 
-@dataclass
-class _Branch:
-    base: str
-    size: int
-    pooling: str
-    model: Any
-    weights: Any  # WeightsInfo
-
-
-def _build_branch(attrs: dict[str, Any], weights: str | None, index: int, fused: bool) -> _Branch:
-    """The frozen base (with the weights the features were extracted with) for one features file."""
-    from pipeline.nets.backbones import get_backbone
-    from pipeline.nets.weights import build_with_weights, parse_weights, sha256_file
-
-    backbone = get_backbone(attrs["base"])
-    size, pooling = int(attrs["input_size"]), str(attrs.get("pooling", "avg"))
-    recorded = str(attrs.get("weights", "imagenet"))
-    spec = weights if weights is not None else recorded
-    resolved = parse_weights(spec, backbone)
-    want_sha = str(attrs.get("weights_sha256") or "")
-    if isinstance(resolved, Path) and want_sha and sha256_file(resolved) != want_sha:
-        raise UsageError(f"weights {resolved} differ from the ones the {backbone.name} features were extracted "
-                         f"with (sha256 {want_sha[:12]}...); the head would see different features")
-    if (resolved is None) != (recorded == "none"):
-        raise UsageError(f"--weights {spec} does not match the features file, extracted with weights {recorded}")
-    rng_state = random.getstate()
-    random.seed(0)  # as extract: --weights none gives the same random base
-    try:
-        model, winfo = build_with_weights(backbone, resolved, size, pooling)
-    finally:
-        random.setstate(rng_state)
-    if int(model.output_shape[-1]) != int(attrs["feature_size"]):
-        raise UsageError(f"{backbone.name} gives {model.output_shape[-1]} features but its features file has "
-                         f"{attrs['feature_size']}")
-    if fused:
-        model.name = f"branch{index}_{model.name}"
-    return _Branch(backbone.name, size, pooling, model, winfo)
-
-
-def _resize(x, size: int, suffix: str = ""):
-    """The in-graph resize: what ``pipeline.data.images.decode_image`` does to a photo of any size.
-
-    ``Resizing(antialias=True)`` (bilinear; antialiased when a side shrinks), then rounded to
-    integer levels as decoding to uint8 does: + 0.5, a cast to int32 (truncation: the values
-    are >= 0) and back to float32, with ``Rescaling`` layers (``Discretization`` would do it
-    too, at 10x the cost of the resize).  The identity on an image that already has the base's
-    input size (what ``tlpipe predict`` feeds).
-    """
-    x = keras.layers.Resizing(size, size, interpolation="bilinear", antialias=True, name=f"resize{suffix}")(x)
-    x = keras.layers.Rescaling(1.0, offset=0.5, dtype="float32", name=f"round_half{suffix}")(x)
-    x = keras.layers.Rescaling(1.0, dtype="int32", name=f"round{suffix}")(x)
-    return keras.layers.Rescaling(1.0, dtype="float32", name=f"to_float{suffix}")(x)
-
-
-def _probabilities_layer(x, n_classes: int):
-    """``[N, K]`` float32 probabilities named ``probabilities``, with built-in layers only.
-
-    A binary sigmoid output ``p`` ``[N, 1]`` becomes ``[1 - p, p]``: ``Rescaling(-1, offset=1)``
-    then ``Concatenate``.
-    """
-    if x.shape[-1] == 1 and n_classes == 2:
-        p = keras.layers.Activation("linear", dtype="float32", name="p_positive")(x)
-        q = keras.layers.Rescaling(-1.0, offset=1.0, dtype="float32", name="p_negative")(p)
-        return keras.layers.Concatenate(dtype="float32", name=OUTPUT_LAYER)([q, p])
-    return keras.layers.Activation("linear", dtype="float32", name=OUTPUT_LAYER)(x)
-
-
 def build_export(head_dir: str | Path, base: str | None = None, weights: str | None = None,
                  cache_dir: str | Path = "cache", fixed_size: bool = False) -> tuple[Any, dict[str, Any]]:
     """Build (not save) the image -> probabilities model for a fitted head; return it and its metadata.
@@ -464,37 +379,48 @@ def build_export(head_dir: str | Path, base: str | None = None, weights: str | N
     ``fixed_size``: inputs of exactly the base's input size and no resize layer (for TFLite,
     whose builtin ops have no antialiased resize).
     """
-    from pipeline.nets.backbones import get_backbone
-    from pipeline.heads.models import load_head
-    from pipeline.nets.extractor import builtin_preprocess
-
-    model_dir, info = _head_info(Path(head_dir))
+    model_dir, info = read_head_info(head_dir)
     name = info["head"]
     if name not in EXPORTABLE_HEADS:
         raise UsageError(f"export supports the heads {', '.join(EXPORTABLE_HEADS)}, not '{name}'")
     all_attrs = _features_attrs(info, Path(cache_dir))
-    fused = len(all_attrs) > 1
-    head_bases = [get_backbone(a["base"]).name for a in all_attrs]
-    if base is not None and get_backbone(base).name not in head_bases:
-        raise UsageError(f"--base {base} does not match the head, which was fitted on "
-                         f"{' + '.join(head_bases)} features")
-
+    _check_base(base, all_attrs)
     low = sorted({str(a.get("precision")) for a in all_attrs} & {"bf16", "fp16"})
     if low:
         log.warning("the head was fitted on %s features; the exported model computes float32 features, so its "
                     "accuracy can differ a little from the head's reported metrics (extract with --precision f32 "
                     "for exact agreement)", "/".join(low))
-    classes = list(info["classes"])
-    k, dim = len(classes), int(info["feature_size"])
-    head = load_head(model_dir)
-    branches = [_build_branch(a, weights, i, fused) for i, a in enumerate(all_attrs)]
+    k, dim = len(info["classes"]), int(info["feature_size"])
+    fused = len(all_attrs) > 1
+    head_model = load_head(model_dir).model
+    branches = [build_branch(a, weights, i, fused) for i, a in enumerate(all_attrs)]
     if sum(int(b.model.output_shape[-1]) for b in branches) != dim:
         raise UsageError(f"the bases give {sum(int(b.model.output_shape[-1]) for b in branches)} features "
                          f"but the head expects {dim}")
-
     sizes = sorted({b.size for b in branches}, key=[b.size for b in branches].index)
     inputs = {s: keras.Input(shape=(s, s, 3) if fixed_size else (None, None, 3), dtype="uint8",
                              name="image" if len(sizes) == 1 else f"image_{s}") for s in sizes}
+    x = _base_outputs(branches, inputs, fixed_size)
+    outputs = probabilities_layer(_head_layer(name, head_model, k, dim)(x), k)
+    metadata = _metadata(info, branches, sizes, str(head_dir), fixed_size)
+    model_name = "_".join(["tlpipe", *dict.fromkeys(b.base for b in branches), name])
+    model = keras.Model(list(inputs.values()) if len(sizes) > 1 else inputs[sizes[0]], outputs,
+                        name=re.sub(r"[^A-Za-z0-9_]", "_", model_name))
+    model.trainable = False
+    return model, metadata
+
+
+def _check_base(base: str | None, all_attrs: list[dict[str, Any]]) -> None:
+    """``--base``, when given, must be one the head was fitted on."""
+    head_bases = [get_backbone(a["base"]).name for a in all_attrs]
+    if base is not None and get_backbone(base).name not in head_bases:
+        raise UsageError(f"--base {base} does not match the head, which was fitted on "
+                         f"{' + '.join(head_bases)} features")
+
+
+def _base_outputs(branches: list[Branch], inputs: dict[int, Any], fixed_size: bool):
+    """Every branch on its input (resized as decoding does, unless ``fixed_size``), concatenated when fused."""
+    fused = len(branches) > 1
     pooled = []
     for i, b in enumerate(branches):
         suffix = f"_{i}" if fused else ""
@@ -502,38 +428,40 @@ def build_export(head_dir: str | Path, base: str | None = None, weights: str | N
         if fixed_size:
             x = keras.layers.Rescaling(1.0, dtype="float32", name=f"to_float{suffix}")(x)
         else:
-            x = _resize(x, b.size, suffix)
+            x = resize_in_graph(x, b.size, suffix)
         for layer in builtin_preprocess(get_backbone(b.base), name=f"preprocess{suffix}"):
             x = layer(x)
         pooled.append(b.model(x, training=False))
-    x = keras.layers.Concatenate(name="fuse")(pooled) if fused else pooled[0]
+    return keras.layers.Concatenate(name="fuse")(pooled) if fused else pooled[0]
+
+
+def _head_layer(name: str, model, k: int, dim: int):
+    """The fitted head as a layer (or a model called as one)."""
     if name == "dense":
-        x = head.model(x, training=False)
-    elif name == "logistic":
-        x = _logistic_layers(head.model, k, dim)(x)
-    elif name == "svm":
-        x = _svm_layer(head.model, k, dim)(x)
-    elif name == "rbf-svm":
-        x = _rbf_svm_layer(head.model, k, dim)(x)
-    else:
-        x = _knn_layer(head.model, k, dim)(x)
-    outputs = _probabilities_layer(x, k)
-    first = branches[0]
-    metadata = {"format_version": METADATA_VERSION, "class_names": classes,
-                "base": " + ".join(b.base for b in branches), "input_size": first.size, "input_sizes": sizes,
-                "inputs": ["image"] if len(sizes) == 1 else [f"image_{s}" for s in sizes],
-                "input_shape": "fixed: [N, S, S, 3] uint8, S = input_size" if fixed_size
-                else "any: [N, H, W, 3] uint8, resized inside",
-                "pooling": first.pooling, "weights": first.weights.label, "weights_sha256": first.weights.sha256,
-                "branches": [{"base": b.base, "input_size": b.size, "pooling": b.pooling,
-                              "weights": b.weights.label, "weights_sha256": b.weights.sha256} for b in branches],
-                "head": name, "head_dir": str(head_dir), "custom_layers": name in CUSTOM_LAYER_HEADS,
-                "features": info.get("features"), "fingerprints": info.get("fingerprints")}
-    model_name = "_".join(["tlpipe", *dict.fromkeys(b.base for b in branches), name])
-    model = keras.Model(list(inputs.values()) if len(sizes) > 1 else inputs[sizes[0]], outputs,
-                        name=re.sub(r"[^A-Za-z0-9_]", "_", model_name))
-    model.trainable = False
-    return model, metadata
+        return lambda x: model(x, training=False)
+    if name == "logistic":
+        return logistic_layers(model, k, dim)
+    if name == "svm":
+        return _svm_layer(model, k, dim)
+    if name == "rbf-svm":
+        return rbf_svm_layer(model, k, dim)
+    return _knn_layer(model, k, dim)
+
+
+def _metadata(info: dict[str, Any], branches: list[Branch], sizes: list[int], head_dir: str,
+              fixed_size: bool) -> dict[str, Any]:
+    """tlpipe.json: class names and provenance."""
+    first, name = branches[0], info["head"]
+    return {"format_version": METADATA_VERSION, "class_names": list(info["classes"]),
+            "base": " + ".join(b.base for b in branches), "input_size": first.size, "input_sizes": sizes,
+            "inputs": ["image"] if len(sizes) == 1 else [f"image_{s}" for s in sizes],
+            "input_shape": "fixed: [N, S, S, 3] uint8, S = input_size" if fixed_size
+            else "any: [N, H, W, 3] uint8, resized inside",
+            "pooling": first.pooling, "weights": first.weights.label, "weights_sha256": first.weights.sha256,
+            "branches": [{"base": b.base, "input_size": b.size, "pooling": b.pooling,
+                          "weights": b.weights.label, "weights_sha256": b.weights.sha256} for b in branches],
+            "head": name, "head_dir": head_dir, "custom_layers": name in CUSTOM_LAYER_HEADS,
+            "features": info.get("features"), "fingerprints": info.get("fingerprints")}
 
 
 def build_export_model(head_dir: str | Path, base: str | None = None, weights: str | None = None,
@@ -554,8 +482,6 @@ def check_out(out: str | Path, fmt: str, force: bool = False) -> Path:
         raise UsageError(f"--out must end in {want} for --format {fmt}, not {out.name}")
     if fmt == "savedmodel" and out.suffix in (".keras", ".tflite", ".h5", ".pb", ".zip"):
         raise UsageError(f"--format savedmodel writes a directory: --out must be a folder name, not {out.name}")
-    from pipeline.core.safety import check_out_path
-
     check_out_path(out, "folder" if fmt == "savedmodel" else "file")
     if not force:
         for path in _outputs(out, fmt):
@@ -571,23 +497,8 @@ def _outputs(out: Path, fmt: str) -> list[Path]:
     return [out]
 
 
-def _tmp_name(out: Path) -> Path:
-    return out.with_name(f".{out.name}.tmp-{os.getpid()}{out.suffix}")
-
-
-def _save_keras(model, metadata: dict[str, Any], out: Path) -> None:
-    tmp = _tmp_name(out)
-    try:
-        model.save(tmp)
-        with zipfile.ZipFile(tmp, "a") as zf:  # keras.saving.load_model ignores members it does not know
-            zf.writestr(METADATA_MEMBER, json.dumps(metadata, indent=2))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_savedmodel(model, metadata: dict[str, Any], out: Path) -> None:
-    tmp = _tmp_name(out)
+    tmp = temp_name(out)
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     try:
         model.export(str(tmp), format="tf_saved_model", verbose=False)
@@ -605,9 +516,7 @@ def _save_savedmodel(model, metadata: dict[str, Any], out: Path) -> None:
 
 
 def _save_tflite(model, metadata: dict[str, Any], out: Path) -> None:
-    from pipeline.core.util import atomic_write_text
-
-    tmp = _tmp_name(out)
+    tmp = temp_name(out)
     try:
         try:
             model.export(str(tmp), format="litert", verbose=False)
@@ -624,7 +533,7 @@ def _save_tflite(model, metadata: dict[str, Any], out: Path) -> None:
 def export_model(cfg: ExportConfig) -> Path:
     """Build the exported model and save it to ``cfg.out`` in ``cfg.format``; return the path."""
     out = check_out(cfg.out, cfg.format, cfg.force)
-    head = _head_info(Path(cfg.head))[1].get("head")
+    head = read_head_info(cfg.head)[1].get("head")
     if cfg.format == "tflite" and head in CUSTOM_LAYER_HEADS:
         raise UsageError(f"--format tflite supports the logistic and dense heads, not {head} (its float64 "
                          f"layers need TensorFlow ops that TFLite lacks); use --format savedmodel")
@@ -632,7 +541,7 @@ def export_model(cfg: ExportConfig) -> Path:
                                    fixed_size=cfg.format == "tflite")
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.format == "keras":
-        _save_keras(model, metadata, out)
+        save_keras(model, metadata, out)
     elif cfg.format == "savedmodel":
         _save_savedmodel(model, metadata, out)
     else:

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import DataError, NotAModel, UsageError
+from pipeline.core.util import sha256_file
+from pipeline.stage1.runtime import compile_keras_model, resolve
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class PredictResult:
 
 def list_inputs(inputs: list[str | Path]) -> list[Path]:
     """Files as given; folders expanded (recursively) to their image files, sorted."""
-    from pipeline.data.images import IMAGE_EXTENSIONS
+    from pipeline.data.images import IMAGE_EXTENSIONS  # OpenCV: not before the one-line checks
 
     out: list[Path] = []
     for item in inputs:
@@ -94,8 +96,7 @@ def predict(model_path: str | Path, inputs: list[str | Path], batch_size: int = 
     ``runtime``/``precision`` as for extraction (``pipeline.stage1.runtime``): with OpenVINO the exported
     Keras model is converted once (cached, keyed by the file's sha256) and run on the CPU.
     """
-    from pipeline.data.images import DecodeError, decode_image
-    from pipeline.stage1.runtime import compile_keras_model, resolve
+    from pipeline.data.images import DecodeError, decode_image  # OpenCV: not before the one-line checks
 
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
@@ -105,8 +106,6 @@ def predict(model_path: str | Path, inputs: list[str | Path], batch_size: int = 
     if not files:
         raise UsageError("no images given (pass image files or folders)")
     model, meta = load_exported(model_path)
-    from pipeline.nets.weights import sha256_file
-
     # one input per input size (fused bases at several sizes): each sees the image resized as at extraction
     sizes = [int(s) for s in meta.get("input_sizes") or [meta["input_size"]]]
     forward, result_runtime, result_precision = compile_keras_model(

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import UsageError
+from pipeline.heads.metrics import accuracy_and_log_loss, normalise_proba
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,6 @@ class HeadParams:
     tune_fraction: float = 0.1  # dense: share of train held out for early stopping
     class_weight: str | None = None  # None or "balanced"
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _scores(proba: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(accuracy, log loss) of probabilities against labels."""
-    from sklearn.metrics import log_loss
-
-    return float((proba.argmax(1) == y).mean()), float(log_loss(y, proba, labels=np.arange(proba.shape[1])))
 
 
 class Head:
@@ -425,7 +419,7 @@ class DenseHead(Head):
         p = np.asarray(self.model.predict(X, batch_size=1024, verbose=0), dtype=np.float64)
         if self.n_classes == 2:
             p = np.concatenate([1 - p, p], axis=1)
-        return p / np.clip(p.sum(1, keepdims=True), 1e-12, None)  # exact in float64
+        return normalise_proba(p)  # exact in float64
 
     def save(self, folder):
         path = Path(folder) / self.file
@@ -478,7 +472,7 @@ class _Monitor:
                 if val is None or not len(val[1]):
                     self.scores.append((None, None))
                     return
-                self.scores.append(_scores(head.predict_proba(val[0]), val[1]))
+                self.scores.append(accuracy_and_log_loss(head.predict_proba(val[0]), val[1]))
 
         return Monitor()
 

@@ -33,7 +33,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.core.errors import FeaturesFileError, UsageError
+from pipeline.heads.metrics import normalise_proba
 from pipeline.heads.models import DenseHead, Head, HeadParams, LogisticHead, tune_split
+from pipeline.store.features import FeatureSet, check_attrs, check_labels, check_split
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +196,6 @@ def open_streamed(paths: list[Path], chunk_rows: int = 0):
     """A ``FeatureSet`` whose splits are ``StreamSplit``: checked by shapes and types, labels read,
     features left on disk (checked finite chunk by chunk as they are read)."""
     import h5py
-
-    from pipeline.store.features import FeatureSet, check_attrs, check_labels, check_split
 
     if len(paths) != 1:
         raise UsageError("streamed fits read one features file; fused features (several --features) are "
@@ -555,7 +555,7 @@ class StreamDenseHead(DenseHead):
         p = np.concatenate(parts) if parts else np.zeros((0, 1 if self.n_classes == 2 else self.n_classes))
         if self.n_classes == 2:
             p = np.concatenate([1 - p, p], axis=1)
-        return p / np.clip(p.sum(1, keepdims=True), 1e-12, None)
+        return normalise_proba(p)
 
 
 def stream_head(name: str) -> type[Head]:

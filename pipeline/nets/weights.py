@@ -8,18 +8,17 @@ error naming the file Keras wanted, where to put it, and ``--weights PATH``.
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import logging
 import os
+import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.nets.backbones import Backbone
-from pipeline.core.util import unreachable
 from pipeline.core.errors import UsageError, WeightsNotFound, WeightsUnavailable
+from pipeline.core.util import sha256_file, unreachable
+from pipeline.nets.backbones import BACKBONES, Backbone
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +50,18 @@ def cached_weights_path(backbone: Backbone) -> Path | None:
     return path if path.is_file() and path.stat().st_size > 0 else None
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file (memoised on path, size and mtime: weights files are large)."""
-    st = os.stat(path)
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+@contextlib.contextmanager
+def seeded_init() -> Iterator[None]:
+    """Python's ``random`` seeded with 0 while a base is built, then restored: the one seeding that
+    makes ``--weights none`` reproducible (Keras draws its initial weights from it).  Extraction,
+    export and fine-tune build their bases under it; if it changed, exported models would stop
+    matching their features."""
+    state = random.getstate()
+    random.seed(0)
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 def known_weights(backbone: Backbone, weights: str | Path | None) -> tuple[str, str] | None:
@@ -80,8 +78,6 @@ def known_weights(backbone: Backbone, weights: str | Path | None) -> tuple[str, 
 def find_weights_in_dir(folder: Path, backbone: Backbone) -> Path | None:
     """A no-top weights file for ``backbone`` in ``folder``: Keras' cache name, or
     ``<name>*notop*.h5`` / ``<name>*no_top*.h5`` (e.g. ``mobilenet_0.75_224_imagenet_notop.weights.h5``)."""
-    from pipeline.nets.backbones import BACKBONES
-
     exact = folder / backbone.weights_file
     if exact.is_file():
         return exact

@@ -210,6 +210,24 @@ def write_head_figures(head_dir: str | Path) -> list[Path]:
     return written
 
 
+def _bar_label(row: dict[str, Any]) -> str:
+    """A comparison bar's label: the model, or features-head; marked when its weights were random."""
+    label = row.get("model") or f"{row.get('features')}-{row.get('head')}"
+    if "none" in str(row.get("weights") or "").split(", "):
+        label += "  [RANDOM WEIGHTS]"
+    return label
+
+
+def _zoomed_range(values) -> tuple[float, float]:
+    """An accuracy axis zoomed to ``values`` (padded, within 0..1, at least 2 points wide)."""
+    lo, hi = float(values.min()), float(values.max())
+    pad = max(0.01, 0.15 * (hi - lo))
+    x0, x1 = max(0.0, lo - pad), min(1.0, hi + pad)
+    if x1 - x0 < 0.02:
+        x0, x1 = max(0.0, x1 - 0.02), max(x1, 0.02)
+    return x0, x1
+
+
 def write_comparison_figure(rows: Iterable[dict[str, Any]], path: str | Path) -> Path | None:
     """Horizontal bars of val (and test) accuracy per features-head, best on top.
 
@@ -222,23 +240,12 @@ def write_comparison_figure(rows: Iterable[dict[str, Any]], path: str | Path) ->
     if not rows:
         return None
     rows.sort(key=lambda r: r["val_accuracy"])  # barh draws bottom up: best on top
-    labels = []
-    for r in rows:
-        label = r.get("model") or f"{r.get('features')}-{r.get('head')}"
-        weights = str(r.get("weights") or "")
-        if "none" in weights.split(", "):
-            label += "  [RANDOM WEIGHTS]"
-        labels.append(label)
+    labels = [_bar_label(r) for r in rows]
     val = np.array([r["val_accuracy"] for r in rows], dtype=float)
     test = np.array([r.get("test_accuracy") if isinstance(r.get("test_accuracy"), (int, float)) else np.nan
                      for r in rows], dtype=float)
     has_test = bool(np.isfinite(test).any())
-    values = np.concatenate([val, test[np.isfinite(test)]])
-    lo, hi = float(values.min()), float(values.max())
-    pad = max(0.01, 0.15 * (hi - lo))
-    x0, x1 = max(0.0, lo - pad), min(1.0, hi + pad)
-    if x1 - x0 < 0.02:
-        x0, x1 = max(0.0, x1 - 0.02), max(x1, 0.02)
+    x0, x1 = _zoomed_range(np.concatenate([val, test[np.isfinite(test)]]))
     chance = [r.get("chance_val") for r in rows if isinstance(r.get("chance_val"), (int, float))]
     plt = _pyplot()
     n = len(rows)

@@ -10,6 +10,7 @@ older layout (everything in ``metrics.json``) are still read.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -17,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import UsageError
+from pipeline.core.safety import guard_user_file
 from pipeline.core.util import atomic_write_text, write_json
+from pipeline.reporting.plots import write_comparison_figure
+from pipeline.store.features import head_status
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +34,6 @@ OLD_TUNING = "val (older fit: C, k or epochs chosen on val, so val accuracy is o
 def _head_status(head_dir: Path) -> tuple[str, str, list[str], str]:
     """(status as ``features.head_status`` says, data source, weights per features file, the features'
     precisions other than f32: ``"bf16"``, or ``""``)."""
-    from pipeline.store.features import head_status
-
     status, _, found = head_status(head_dir)
     data = _data_label(found[0].get("data_source", ""), found[0].get("limit")) if found else ""
     low = sorted({str(a.get("precision")) for a in found} & {"bf16", "fp16"})
@@ -80,7 +82,7 @@ def _get(d: Any, *keys: str) -> Any:
     return d
 
 
-def _row(head_dir: Path) -> dict[str, Any]:
+def head_row(head_dir: Path) -> dict[str, Any]:
     """One row from a head folder, new layout (metrics.json + evaluation.json) or old."""
     m = json.loads((head_dir / "metrics.json").read_text())
     e: dict[str, Any] = {}
@@ -147,7 +149,7 @@ def collect(folders: Path | list[tuple[Path, bool]]) -> list[dict[str, Any]]:
     for heads_dir, made_by_pipeline in folders:
         for path in sorted(Path(heads_dir).glob("*/metrics.json")):
             try:
-                row = _row(path.parent)
+                row = head_row(path.parent)
             except (ValueError, OSError) as exc:
                 log.warning("%s: unreadable (%s); left out of the report", path, exc)
                 continue
@@ -248,8 +250,6 @@ def report(cfg: ReportConfig) -> Path:
         raise UsageError(f"no fitted heads under {cache / 'heads'} or {cache / 'dvc' / 'heads'}: "
                           "run 'tlpipe fit-head' or 'dvc repro' first")
     md = Path(cfg.out_md or cache / "report.md")
-    from pipeline.core.safety import guard_user_file
-
     guard_user_file(md, "a report", lambda p: p.read_text().startswith("# tlpipe report\n"), cfg.force)
     guard_user_file(Path(cfg.out_json or cache / "report.json"), "a report",
                     lambda p: {"data_sources", "rows"} <= set(json.loads(p.read_text())), cfg.force)
@@ -259,15 +259,13 @@ def report(cfg: ReportConfig) -> Path:
     write_json(Path(cfg.out_json or cache / "report.json"),
                {"data_sources": {str(i): d for i, d in sources}, "rows": rows})
     out_csv = Path(cfg.out_csv or cache / "plots" / "comparison.csv")
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_csv, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["model"] + COLUMNS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({"model": f"{r['features']}-{r['head']}", **r})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["model"] + COLUMNS)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({"model": f"{r['features']}-{r['head']}", **r})
+    atomic_write_text(out_csv, text.getvalue())
     try:
-        from pipeline.reporting.plots import write_comparison_figure
-
         write_comparison_figure(rows, out_csv.with_suffix(".png"))
     except ImportError as exc:  # matplotlib missing: the tables are still written
         log.warning("no comparison.png (%s)", exc)

@@ -17,22 +17,25 @@ scored, never used for tuning.  Writes ``cache/heads/<features>-<head>/``:
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from pipeline import __version__
-from pipeline.store.features import FeatureSet, fuse, load_features, read_attrs, resolve_features_path, warn_if_stale
-from pipeline.heads.models import GRID_COLUMNS, HISTORY_COLUMNS, HeadParams, get_head
+from pipeline.core.errors import FeaturesFileError, UsageError
 from pipeline.core.safety import guard_head_folder, replace_dir
-from pipeline.core.util import write_json
+from pipeline.core.util import require_tensorboard
+from pipeline.heads import folder
+from pipeline.heads.metrics import chance, evaluate
+from pipeline.heads.models import Head, HeadParams, get_head
+from pipeline.heads.stream import Rows, chunks_of, decide, open_streamed, stream_head, stream_params
+from pipeline.store.features import FeatureSet, fuse, load_features, read_attrs, resolve_features_path, warn_if_stale
 
 log = logging.getLogger(__name__)
 
@@ -62,56 +65,14 @@ class FitConfig:
 def load_feature_sets(names: list[str | Path], cache_dir: str | Path, allow_mixed_precision: bool = False) -> FeatureSet:
     """Resolve, validate and (when several) fuse feature files."""
     if not names:
-        from pipeline.core.errors import UsageError
-
         raise UsageError("give at least one --features FILE")
     sets = [load_features(resolve_features_path(n, cache_dir)) for n in names]
     return fuse(sets, allow_mixed_precision=allow_mixed_precision)
 
 
-def evaluate(proba: np.ndarray, y: np.ndarray, n_classes: int) -> dict[str, Any]:
-    """Scalar metrics of probabilities ``proba`` against labels ``y``."""
-    from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
-
-    pred = proba.argmax(1)
-    out: dict[str, Any] = {
-        "n": int(len(y)),
-        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(y) else float("nan"),
-        "log_loss": float(log_loss(y, proba, labels=np.arange(n_classes))) if len(y) else float("nan"),
-    }
-    present = np.unique(y)
-    try:
-        if n_classes == 2 and len(present) == 2:
-            out["roc_auc"] = float(roc_auc_score(y, proba[:, 1]))
-        elif len(present) == n_classes and n_classes > 2:
-            p = proba / np.clip(proba.sum(1, keepdims=True), 1e-12, None)
-            out["roc_auc"] = float(roc_auc_score(y, p, multi_class="ovr", labels=np.arange(n_classes)))
-    except ValueError:
-        pass
-    return out
-
-
-def per_class(proba: np.ndarray, y: np.ndarray, class_names: list[str]) -> dict[str, Any]:
-    """Confusion matrix (rows: actual) and per-class precision / recall / support."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
-    k = len(class_names)
-    pred = proba.argmax(1)
-    cm = confusion_matrix(y, pred, labels=np.arange(k))
-    prec, rec, f1, sup = precision_recall_fscore_support(y, pred, labels=np.arange(k), zero_division=0)
-    return {
-        "confusion_matrix": cm.tolist(),
-        "per_class": {c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
-                          "support": int(sup[i])} for i, c in enumerate(class_names)},
-    }
-
-
 def untrained_baseline(X_train: np.ndarray, X: np.ndarray, y: np.ndarray, n_classes: int, seed: int) -> dict:
     """The tutorials' "initial accuracy": a randomly initialised linear head, before training.
     ``X_train`` and ``X``: arrays, or ``pipeline.heads.stream.Rows`` (statistics and scores by chunks)."""
-    from pipeline.heads.stream import Rows, chunks_of
-
     rng = np.random.default_rng(seed)
     if isinstance(X_train, Rows):
         mu, var = X_train.moments()
@@ -130,24 +91,23 @@ def untrained_baseline(X_train: np.ndarray, X: np.ndarray, y: np.ndarray, n_clas
     return evaluate(np.concatenate(parts) if parts else np.zeros((0, n_classes)), y, n_classes)
 
 
-def fit_head(cfg: FitConfig) -> Path:
-    """Fit ``cfg.head`` on the cached features; write the head folder and return it."""
+def _check(cfg: FitConfig) -> tuple[type[Head], FitConfig]:
+    """The head class and ``cfg`` with its canonical (lower-case) name; bad settings -> ``UsageError``."""
     head_cls = get_head(cfg.head)
     cfg = replace(cfg, head=head_cls.name)  # canonical (lower-case) name for folders and reports
     if cfg.tensorboard and head_cls.name != "dense":
         log.warning("--tensorboard ignored: the %s head does not train in epochs (only dense does)", head_cls.name)
     elif cfg.tensorboard:
-        from pipeline.core.util import require_tensorboard
-
         require_tensorboard()
-    from pipeline.heads.stream import decide, open_streamed, stream_head, stream_params
-
     if not cfg.features:
-        from pipeline.core.errors import UsageError
-
         raise UsageError("give at least one --features FILE")
+    return head_cls, cfg
+
+
+def _open(cfg: FitConfig, head_cls: type[Head]) -> tuple[FeatureSet, type[Head], FitConfig, dict[str, Any]]:
+    """The features, in memory or streamed from disk (decided from their shapes; nothing read first)."""
     paths = [resolve_features_path(n, cfg.cache_dir) for n in cfg.features]
-    streamed, memory = decide(paths, cfg.stream, cfg.max_memory, head_cls.name)  # from shapes; nothing read
+    streamed, memory = decide(paths, cfg.stream, cfg.max_memory, head_cls.name)
     if streamed:  # features stay on disk, read in chunks (pipeline.heads.stream)
         head_cls = stream_head(head_cls.name)
         fs = open_streamed(paths, cfg.chunk_rows)
@@ -156,88 +116,75 @@ def fit_head(cfg: FitConfig) -> Path:
     else:
         fs = load_feature_sets(list(cfg.features), cfg.cache_dir, cfg.allow_mixed_precision)
     warn_if_stale(fs.paths)
-    classes = fs.class_names
-    k = len(classes)
-    train, val = fs.splits["train"], fs.splits["val"]
-    present = np.unique(train.y)
-    if len(present) < 2:
-        from pipeline.core.errors import FeaturesFileError
-
+    if len(np.unique(fs.splits["train"].y)) < 2:
         raise FeaturesFileError(f"the train split of {fs.name} has a single class; need at least two")
+    return fs, head_cls, cfg, memory
+
+
+def _evaluation(cfg: FitConfig, fs: FeatureSet, head: Head, splits: dict, fit_seconds: float,
+                memory: dict) -> dict[str, Any]:
+    """evaluation.json: provenance, tuning, per-split scores, chance and the untrained head."""
+    train, k = fs.splits["train"], len(fs.class_names)
+    attrs = [read_attrs(p) for p in fs.paths]
+    return {
+        "base": fs.base,
+        "head": head.name,
+        "features": [str(p) for p in fs.paths],
+        "weights": [str(a.get("weights", "")) for a in attrs],
+        "data_source": str(fs.attrs.get("data_source", "")),
+        "limit": int(fs.attrs.get("limit") or 0),
+        "classes": fs.class_names,
+        "feature_size": int(train.X.shape[1]),
+        "fit_seconds": round(fit_seconds, 3),
+        "extract_images_per_second": fs.attrs.get("images_per_second"),
+        "tuning": {**head.tuning, "val_used_for_tuning": False},
+        "memory": memory,  # streamed from disk or in memory, and why
+        "splits": splits,
+        "chance": chance({name: s.y for name, s in fs.splits.items()}, k),
+        "untrained": {name: untrained_baseline(train.X, s.X, s.y, k, cfg.params.seed)
+                      for name, s in fs.splits.items() if name != "train"},
+    }
+
+
+def _write(tmp: Path, cfg: FitConfig, fs: FeatureSet, head: Head, rows: list, scored: tuple,
+           evaluation: dict) -> dict[str, Any]:
+    """The head folder in ``tmp``; return metrics.json's content."""
+    splits, parts, roc = scored
+    metrics = folder.metrics_record(splits, evaluation["fit_seconds"])
+    (tmp / "model").mkdir()
+    head.save(tmp / "model")
+    head_json = {"head": head.name, "description": head.description, "classes": fs.class_names, "base": fs.base,
+                 "features": [str(p) for p in fs.paths], "feature_size": int(fs.splits["train"].X.shape[1]),
+                 "fingerprints": _fingerprints(fs), "params": asdict(cfg.params),
+                 "chosen": head.chosen, "tuning": evaluation["tuning"], "tlpipe_version": __version__}
+    dense = head.name == "dense"
+    folder.write_head_folder(tmp, head_json=head_json, metrics=metrics, evaluation=evaluation,
+                             history=rows if dense else [], grid=[] if dense else rows,
+                             predictions=folder.prediction_rows(parts, fs.class_names), roc=roc)
+    return metrics
+
+
+def fit_head(cfg: FitConfig) -> Path:
+    """Fit ``cfg.head`` on the cached features; write the head folder and return it."""
+    head_cls, cfg = _check(cfg)
+    fs, head_cls, cfg, memory = _open(cfg, head_cls)
     out = cfg.output_dir(fs)
     guard_head_folder(out, {"head": head_cls.name, "fingerprints": _fingerprints(fs),
                             "params": asdict(cfg.params)}, cfg.force)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
+    tmp = folder.temp_folder(out)
     try:  # a failure or Ctrl-C leaves no half-made folder beside the output
-        head = head_cls(k, cfg.params)
+        head = head_cls(len(fs.class_names), cfg.params)
         if cfg.tensorboard and head.name == "dense":
             head.tensorboard = Path(cfg.tensorboard)
+        train, val = fs.splits["train"], fs.splits["val"]
         t0 = time.perf_counter()
         rows = head.fit((train.X, train.y), (val.X, val.y))  # val: scored per epoch by dense, chooses nothing
         fit_seconds = time.perf_counter() - t0
-
-        splits: dict[str, Any] = {}
-        pred_parts: list[tuple[str, Any, np.ndarray, np.ndarray, np.ndarray]] = []  # rows made when written
-        roc_rows: list[dict[str, Any]] = []
-        for name, split in fs.splits.items():
-            proba = head.predict_proba(split.X)
-            splits[name] = {**evaluate(proba, split.y, k), **per_class(proba, split.y, classes)}
-            if name != "train":
-                pred_parts.append((name, split.ids, split.y, proba.argmax(1), proba.max(1)))
-            if name == "val" and k == 2 and len(np.unique(split.y)) == 2:
-                from sklearn.metrics import roc_curve
-
-                fpr, tpr, thr = roc_curve(split.y, proba[:, 1])
-                roc_rows = [{"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))}
-                            for a, b, c in zip(fpr, tpr, thr)]
-        metrics: dict[str, Any] = {name: {"accuracy": splits[name]["accuracy"], "log_loss": splits[name]["log_loss"]}
-                                   for name in ("val", "test") if name in splits}
-        metrics["fit_seconds"] = round(fit_seconds, 3)
-        attrs = [read_attrs(p) for p in fs.paths]
-        evaluation: dict[str, Any] = {
-            "base": fs.base,
-            "head": head.name,
-            "features": [str(p) for p in fs.paths],
-            "weights": [str(a.get("weights", "")) for a in attrs],
-            "data_source": str(fs.attrs.get("data_source", "")),
-            "limit": int(fs.attrs.get("limit") or 0),
-            "classes": classes,
-            "feature_size": int(train.X.shape[1]),
-            "fit_seconds": round(fit_seconds, 3),
-            "extract_images_per_second": fs.attrs.get("images_per_second"),
-            "tuning": {**head.tuning, "val_used_for_tuning": False},
-            "memory": memory,  # streamed from disk or in memory, and why
-            "splits": splits,
-            "chance": {name: float(np.bincount(s.y, minlength=k).max() / max(1, len(s.y)))
-                       for name, s in fs.splits.items()},
-            "untrained": {name: untrained_baseline(train.X, s.X, s.y, k, cfg.params.seed)
-                          for name, s in fs.splits.items() if name != "train"},
-        }
-
-        (tmp / "model").mkdir()
-        head.save(tmp / "model")
-        write_json(tmp / "model" / "head.json", {
-            "head": head.name, "description": head.description, "classes": classes, "base": fs.base,
-            "features": [str(p) for p in fs.paths], "feature_size": int(train.X.shape[1]),
-            "fingerprints": _fingerprints(fs), "params": asdict(cfg.params),
-            "chosen": head.chosen, "tuning": evaluation["tuning"], "tlpipe_version": __version__,
-        })
-        write_json(tmp / "metrics.json", metrics)
-        write_json(tmp / "evaluation.json", evaluation)
-        # both files always exist (DVC outputs); the one that does not apply to this head is header-only
-        dense = head.name == "dense"
-        _write_csv(tmp / "history.csv", rows if dense else [], HISTORY_COLUMNS)
-        _write_csv(tmp / "grid.csv", [] if dense else rows, GRID_COLUMNS)
-        pred_rows = ({"split": name, "id": i, "actual": classes[a], "predicted": classes[p], "probability": round(float(pr), 6)}
-                     for name, ids, ys, preds, probs in pred_parts for i, a, p, pr in zip(ids, ys, preds, probs))
-        _write_csv(tmp / "predictions.csv", pred_rows, ["split", "id", "actual", "predicted", "probability"])
-        _write_csv(tmp / "roc.csv", roc_rows, ["fpr", "tpr", "threshold"])
-        from pipeline.reporting.plots import write_head_figures
-
-        write_head_figures(tmp)  # figures/: curves or C/k grid, confusion matrices (PNG)
+        scored = folder.score_splits(fs.splits, lambda name: head.predict_proba(fs.splits[name].X),
+                                     {n: s.y for n, s in fs.splits.items()}, {n: s.ids for n, s in fs.splits.items()},
+                                     fs.class_names)
+        evaluation = _evaluation(cfg, fs, head, scored[0], fit_seconds, memory)
+        metrics = _write(tmp, cfg, fs, head, rows, scored, evaluation)
         replace_dir(tmp, out)  # the previous folder goes only once the new one is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -252,13 +199,6 @@ def fit_head(cfg: FitConfig) -> Path:
 
 def _fingerprints(fs: FeatureSet) -> list[str]:
     return [str(read_attrs(p).get("fingerprint", "")) for p in fs.paths]
-
-
-def _write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def summary(out: Path) -> str:

@@ -12,6 +12,7 @@ n_train, seed, val_accuracy, val_log_loss, train_accuracy, fit_seconds) and
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import time
@@ -22,7 +23,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import UsageError
-from pipeline.core.util import write_json
+from pipeline.core.safety import guard_user_file
+from pipeline.core.util import atomic_write_text, write_json
+from pipeline.heads.models import Head, HeadParams, get_head
+from pipeline.stage2.fit_head import load_feature_sets
 
 log = logging.getLogger(__name__)
 
@@ -91,22 +95,43 @@ def subsample(y: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 def learning_curve(cfg: CurveConfig) -> Path:
     """Run the curve; write CSV + JSON summary; return the CSV path."""
-    from pipeline.stage2.fit_head import load_feature_sets
-    from pipeline.heads.models import HeadParams, get_head
-
     head_cls = get_head(cfg.head)
     if cfg.seeds < 1:
         raise UsageError("--seeds must be at least 1")
     fs = load_feature_sets(list(cfg.features), cfg.cache_dir)
     train, val = fs.splits["train"], fs.splits["val"]
-    k = len(fs.class_names)
     sizes = parse_sizes(cfg.sizes, len(train.y))
-    out = Path(cfg.out) if cfg.out else Path(cfg.cache_dir) / "learning_curves" / f"{fs.name}-{head_cls.name}.csv"
+    out = _out_path(cfg, f"{fs.name}-{head_cls.name}.csv")
+    rows = [row for n in sizes for seed in range(cfg.seeds)
+            for row in _run(head_cls, len(fs.class_names), train, val, n, seed)]
+    summary = []
+    for n in sizes:
+        acc = np.array([r["val_accuracy"] for r in rows if r["n_train"] == n])
+        if len(acc):
+            summary.append({"n_train": n, "runs": int(len(acc)), "mean": float(acc.mean()),
+                            "std": float(acc.std()), "min": float(acc.min()), "max": float(acc.max())})
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out, text.getvalue())
+    write_json(out.with_suffix(".json"), {
+        "features": [str(p) for p in fs.paths], "base": fs.base, "head": head_cls.name,
+        "classes": fs.class_names, "train_size": int(len(train.y)), "val_size": int(len(val.y)),
+        "seeds": cfg.seeds, "sizes": summary,
+        "note": ("hyper-parameters (C, k, best epoch) are chosen inside each training sample, as in fit-head; "
+                 "the validation split is never used for tuning")})
+    return out
+
+
+def _out_path(cfg: CurveConfig, default_name: str) -> Path:
+    """The CSV path (``--out`` a .csv path or a folder), guarded with its JSON summary: a file that is not
+    a learning curve is never replaced, one that is only with ``--force``."""
+    out = Path(cfg.out) if cfg.out else Path(cfg.cache_dir) / "learning_curves" / default_name
     if out.suffix != ".csv":
         if out.suffix and not out.is_dir():
             raise UsageError(f"--out {out}: give a .csv path (the JSON summary goes beside it) or a folder")
-        out = out / f"{fs.name}-{head_cls.name}.csv"
-    from pipeline.core.safety import guard_user_file
+        out = out / default_name
 
     def ours(path: Path) -> bool:
         with open(path, encoding="utf-8") as fh:
@@ -115,46 +140,30 @@ def learning_curve(cfg: CurveConfig) -> Path:
     guard_user_file(out, "a learning curve", ours, cfg.force)
     guard_user_file(out.with_suffix(".json"), "a learning-curve summary",
                     lambda p: {"features", "base", "head", "train_size"} <= set(json.loads(p.read_text())), cfg.force)
-    rows: list[dict[str, Any]] = []
-    for n in sizes:
-        for seed in range(cfg.seeds):
-            idx = subsample(train.y, n, seed)
-            Xs, ys = train.X[idx], train.y[idx]
-            if len(np.unique(ys)) < 2:
-                log.warning("n=%d seed=%d: a single class in the sample; skipped", n, seed)
-                continue
-            head = head_cls(k, HeadParams(seed=seed))
-            t0 = time.perf_counter()
-            head.fit((Xs, ys))  # tuned inside the sample; val only scores below
-            seconds = time.perf_counter() - t0
-            from sklearn.metrics import log_loss
-
-            pv = head.predict_proba(val.X)
-            pt = head.predict_proba(Xs)
-            rows.append({"n_train": int(n), "seed": seed,
-                         "val_accuracy": float((pv.argmax(1) == val.y).mean()),
-                         "val_log_loss": float(log_loss(val.y, np.clip(pv, 1e-15, 1), labels=np.arange(k))),
-                         "train_accuracy": float((pt.argmax(1) == ys).mean()),
-                         "fit_seconds": round(seconds, 3)})
-            log.info("n=%d seed=%d val accuracy %.4f", n, seed, rows[-1]["val_accuracy"])
-    summary = []
-    for n in sizes:
-        acc = np.array([r["val_accuracy"] for r in rows if r["n_train"] == n])
-        if len(acc):
-            summary.append({"n_train": n, "runs": int(len(acc)), "mean": float(acc.mean()),
-                            "std": float(acc.std()), "min": float(acc.min()), "max": float(acc.max())})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    write_json(out.with_suffix(".json"), {
-        "features": [str(p) for p in fs.paths], "base": fs.base, "head": head_cls.name,
-        "classes": fs.class_names, "train_size": int(len(train.y)), "val_size": int(len(val.y)),
-        "seeds": cfg.seeds, "sizes": summary,
-        "note": ("hyper-parameters (C, k, best epoch) are chosen inside each training sample, as in fit-head; "
-                 "the validation split is never used for tuning")})
     return out
+
+
+def _run(head_cls: type[Head], k: int, train, val, n: int, seed: int) -> list[dict[str, Any]]:
+    """One point of the curve: the head fitted on ``n`` training rows drawn with ``seed``, scored on val
+    (no row when the sample holds a single class)."""
+    from sklearn.metrics import log_loss
+
+    idx = subsample(train.y, n, seed)
+    Xs, ys = train.X[idx], train.y[idx]
+    if len(np.unique(ys)) < 2:
+        log.warning("n=%d seed=%d: a single class in the sample; skipped", n, seed)
+        return []
+    head = head_cls(k, HeadParams(seed=seed))
+    t0 = time.perf_counter()
+    head.fit((Xs, ys))  # tuned inside the sample; val only scores below
+    seconds = time.perf_counter() - t0
+    pv = head.predict_proba(val.X)
+    pt = head.predict_proba(Xs)
+    row = {"n_train": int(n), "seed": seed, "val_accuracy": float((pv.argmax(1) == val.y).mean()),
+           "val_log_loss": float(log_loss(val.y, np.clip(pv, 1e-15, 1), labels=np.arange(k))),
+           "train_accuracy": float((pt.argmax(1) == ys).mean()), "fit_seconds": round(seconds, 3)}
+    log.info("n=%d seed=%d val accuracy %.4f", n, seed, row["val_accuracy"])
+    return [row]
 
 
 def format_summary(csv_path: Path) -> str:

@@ -34,11 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -47,18 +43,34 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.core.errors import FeaturesFileError, UsageError
+from pipeline.core.util import require_tensorboard
+from pipeline.data.sources import open_source
+from pipeline.heads.folded import logistic_layers
+from pipeline.heads.folder import read_head_info
+from pipeline.heads.metrics import chance
+from pipeline.heads.models import DenseHead, HeadParams, load_head
+from pipeline.nets.backbones import get_backbone
+from pipeline.nets.graph import build_branch, probabilities_layer
+from pipeline.store.features import load_features, read_attrs, resolve_features_path
+from pipeline.training.augment import DEFAULT_AUGMENT, normalise_augment, parse_augment
+from pipeline.training.checkpoint import CHECKPOINT, guard_resumable
+from pipeline.training.images import MEMO_BYTES, Images, predict_proba
+from pipeline.training.loop import (
+    Loop,
+    publish,
+    run_record,
+    score_splits,
+    train_epochs,
+    training_and_export,
+    tuning_record,
+)
 from pipeline.training.views import Activations, build_cache, cache_key, check_views, split_model, view_batches
 from pipeline.training.views import cache_path as views_cache_path
 from pipeline.training.views import proba as views_proba
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AUGMENT = "flip,rotate=0.1,zoom=0.2,shift=0.1,contrast=0.1"
 SUPPORTED_HEADS = ("dense", "logistic")
-TUNE_METHOD = "early stopping on a 10% stratified slice of train"
-_AUGMENT_DEFAULTS = {"flip": None, "rotate": 0.1, "zoom": 0.2, "shift": 0.1, "contrast": 0.1}
-MEMO_BYTES = 2 << 30  # decoded training images are kept in memory up to this size
-
 
 @dataclass
 class FineTuneConfig:
@@ -88,61 +100,6 @@ class FineTuneConfig:
                 "augment": normalise_augment(self.augment), "batch_size": self.batch_size,
                 "patience": self.patience, "seed": self.seed, "tune_fraction": self.tune_fraction,
                 "weights": self.weights, **({"views": self.views} if self.views else {})}
-
-
-# ----------------------------------------------------------------------------- augmentation
-
-
-def parse_augment(spec: str | None) -> dict[str, float | None]:
-    """``flip,rotate=0.1,zoom=0.2,shift=0.1,contrast=0.1`` -> ``{name: factor}``; ``none`` -> {}."""
-    text = (spec or "none").strip().lower()
-    if text in ("", "none", "off", "no"):
-        return {}
-    out: dict[str, float | None] = {}
-    for part in text.split(","):
-        name, _, value = part.strip().partition("=")
-        name = name.strip()
-        if name not in _AUGMENT_DEFAULTS:
-            raise UsageError(f"--augment: unknown transform '{name}'; valid: {', '.join(_AUGMENT_DEFAULTS)} "
-                             "(e.g. flip,rotate=0.1,zoom=0.2,shift=0.1,contrast=0.1), or none")
-        if name == "flip":
-            if value:
-                raise UsageError("--augment: flip takes no value (horizontal flips)")
-            out[name] = None
-            continue
-        try:
-            factor = float(value) if value else float(_AUGMENT_DEFAULTS[name])
-        except ValueError:
-            raise UsageError(f"--augment: {name}={value} is not a number") from None
-        if not 0 < factor < 1:
-            raise UsageError(f"--augment: {name}={value} must be between 0 and 1")
-        out[name] = factor
-    return out
-
-
-def normalise_augment(spec: str | None) -> str:
-    parsed = parse_augment(spec)
-    return ",".join(k if v is None else f"{k}={v:g}" for k, v in parsed.items()) or "none"
-
-
-def augmentation_layers(spec: str | None, seed: int = 0) -> list:
-    """Keras preprocessing layers for ``spec``; active only in training (identity in inference)."""
-    import keras
-
-    layers = []
-    for i, (name, f) in enumerate(parse_augment(spec).items()):
-        s = seed + i
-        if name == "flip":
-            layers.append(keras.layers.RandomFlip("horizontal", seed=s, name="aug_flip"))
-        elif name == "rotate":
-            layers.append(keras.layers.RandomRotation(f, fill_mode="reflect", seed=s, name="aug_rotate"))
-        elif name == "zoom":
-            layers.append(keras.layers.RandomZoom(f, f, fill_mode="reflect", seed=s, name="aug_zoom"))
-        elif name == "shift":
-            layers.append(keras.layers.RandomTranslation(f, f, fill_mode="reflect", seed=s, name="aug_shift"))
-        elif name == "contrast":
-            layers.append(keras.layers.RandomContrast(f, value_range=(0, 255), seed=s, name="aug_contrast"))
-    return layers
 
 
 # ----------------------------------------------------------------------------- unfreezing
@@ -242,50 +199,6 @@ def set_trainable(base, start: int) -> list[str]:
     return names
 
 
-# ----------------------------------------------------------------------------- data
-
-
-class _Images:
-    """Decode items at one size with threads; keep decoded images in memory up to a budget."""
-
-    def __init__(self, items: list, size: int, workers: int, memo: bool):
-        self.items, self.size = items, size
-        self.pool = ThreadPoolExecutor(workers or max(1, min(4, os.cpu_count() or 1)))
-        self.memo: dict[int, np.ndarray] | None = {} if memo else None
-
-    def get(self, idx: np.ndarray) -> np.ndarray:
-        from pipeline.stage1.extract import _decode_one
-
-        def one(i: int) -> np.ndarray:
-            if self.memo is not None and i in self.memo:
-                return self.memo[i]
-            arr = _decode_one(self.items[i], self.size)
-            if self.memo is not None:
-                self.memo[i] = arr
-            return arr
-
-        return np.stack(list(self.pool.map(one, [int(i) for i in idx])))
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False)
-
-
-def image_batches(images: _Images, labels: np.ndarray, rows: np.ndarray, batch_size: int, shuffle: bool,
-                  seed: int, epoch: int = 0):
-    """A ``keras.utils.PyDataset`` of ``(uint8 images, labels)`` over ``rows``; reshuffled per epoch
-    (``seed`` + epoch), so a resumed run sees the same order as an uninterrupted one."""
-    from pipeline.training.loop import epoch_batches
-
-    def order(e):
-        return np.random.default_rng([seed, e]).permutation(rows) if shuffle else rows
-
-    def batch(drawn, i):
-        idx = drawn[i * batch_size:(i + 1) * batch_size]
-        return images.get(idx), labels[idx].astype("int32")
-
-    return epoch_batches(len(rows), batch_size, epoch, order, batch)
-
-
 # ----------------------------------------------------------------------------- model
 
 
@@ -308,13 +221,9 @@ def build_models(head_dir: Path, info: dict, attrs: dict, weights: str | None, u
     """The core, training and export models sharing one set of layers."""
     import keras
 
-    from pipeline.nets.backbones import get_backbone
-    from pipeline.deploy.export import _build_branch, _logistic_layers, _probabilities_layer
-    from pipeline.heads.models import load_head
-    from pipeline.nets.extractor import builtin_preprocess
-    from pipeline.training.loop import training_and_export
+    from pipeline.nets.extractor import builtin_preprocess  # Keras: imported when a model is built
 
-    branch = _build_branch(attrs, weights, 0, False)
+    branch = build_branch(attrs, weights, 0, False)
     base, size, k = branch.model, branch.size, len(info["classes"])
     head = load_head(head_dir)
     start = unfreeze_start(base, unfreeze)
@@ -327,9 +236,9 @@ def build_models(head_dir: Path, info: dict, attrs: dict, weights: str | None, u
     for layer in pre:
         x = layer(x)
     x = base(x, training=False)  # BatchNorm in inference mode, whatever the rest does
-    head_fn = head.model if info["head"] == "dense" else _logistic_layers(head.model, k, int(info["feature_size"]))
+    head_fn = head.model if info["head"] == "dense" else logistic_layers(head.model, k, int(info["feature_size"]))
     x = head_fn(x)
-    x = _probabilities_layer(x, k)
+    x = probabilities_layer(x, k)
     metadata.update({"base": branch.base, "input_size": size, "input_sizes": [size], "pooling": branch.pooling,
                      "weights": branch.weights.label, "weights_sha256": branch.weights.sha256,
                      "class_names": list(info["classes"])})  # saved in the .keras zip, as export does
@@ -339,76 +248,14 @@ def build_models(head_dir: Path, info: dict, attrs: dict, weights: str | None, u
     return _Built(core, train, export, base, trainable, start, pre, head_fn, size, k)
 
 
-def _proba(model, images: _Images, rows: np.ndarray, batch_size: int) -> np.ndarray:
-    out = []
-    for s in range(0, len(rows), batch_size):
-        out.append(np.asarray(model.predict_on_batch(images.get(rows[s:s + batch_size])), np.float64))
-    p = np.concatenate(out) if out else np.zeros((0, 1))
-    return p / np.clip(p.sum(1, keepdims=True), 1e-12, None)
-
-
-# ----------------------------------------------------------------------------- checkpoint
-
-
-def _save_checkpoint(ckpt: Path, model, optimizer, state: dict, best_weights: Path | None) -> None:
-    """Weights, optimizer state and progress, written to a temp folder then renamed into place."""
-    import keras
-
-    from pipeline.core.safety import replace_dir
-    from pipeline.core.util import write_json
-
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_weights(tmp / "last.weights.h5")
-    np.savez(tmp / "optimizer.npz", *[keras.ops.convert_to_numpy(v) for v in optimizer.variables])
-    if best_weights is not None and best_weights.is_file():
-        shutil.copy2(best_weights, tmp / "best.weights.h5")
-    write_json(tmp / "state.json", state)
-    replace_dir(tmp, ckpt)
-
-
-def _load_weights(model, path: Path) -> None:
-    """Model weights only (the optimizer state travels separately, in optimizer.npz)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        model.load_weights(path)
-
-
-def _load_checkpoint(ckpt: Path, model, optimizer, key: dict, train_vars=None) -> dict | None:
-    state_path = ckpt / "state.json"
-    if not state_path.is_file():
-        return None
-    try:
-        state = json.loads(state_path.read_text())
-        if state.get("key") != key:
-            log.warning("%s was made with other settings; starting over", ckpt)
-            return None
-        _load_weights(model, ckpt / "last.weights.h5")
-        saved = np.load(ckpt / "optimizer.npz")
-        arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
-        optimizer.build(model.trainable_variables if train_vars is None else train_vars)
-        if len(arrays) != len(optimizer.variables):
-            raise ValueError("optimizer state does not match")
-        for var, arr in zip(optimizer.variables, arrays):
-            var.assign(arr)
-    except Exception as exc:  # noqa: BLE001 - an unusable checkpoint: start over
-        log.warning("checkpoint %s is unusable (%s); starting over", ckpt, exc)
-        return None
-    return state
-
-
 # ----------------------------------------------------------------------------- main
 
 
 def _read_head(head_dir: Path, cache_dir: Path) -> tuple[Path, dict, Path, dict, dict]:
     """(model dir, head.json, features path, features attrs, head evaluation.json); bad input -> UsageError."""
-    from pipeline.deploy.export import _head_info
-    from pipeline.store.features import read_attrs, resolve_features_path
-
     if not Path(head_dir).exists():
         raise UsageError(f"head folder not found: {head_dir} (fit one with 'tlpipe fit-head')")
-    model_dir, info = _head_info(Path(head_dir))
+    model_dir, info = read_head_info(head_dir)
     if info.get("head") not in SUPPORTED_HEADS:
         raise UsageError(f"fine-tune starts from a dense or logistic head, not '{info.get('head')}'")
     feats = info.get("features") or []
@@ -428,7 +275,7 @@ def _read_head(head_dir: Path, cache_dir: Path) -> tuple[Path, dict, Path, dict,
     return model_dir, info, path, attrs, evaluation
 
 
-def _split_rows(fs, source) -> tuple[list, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, list[str]]]:
+def split_rows(fs, source) -> tuple[list, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, list[str]]]:
     """All items of the splits (features-file order) and per split the item rows, labels and ids."""
     items: list = []
     rows, labels, ids = {}, {}, {}
@@ -445,106 +292,93 @@ def _split_rows(fs, source) -> tuple[list, dict[str, np.ndarray], dict[str, np.n
     return items, rows, labels, ids
 
 
+
 def output_dir(cfg: FineTuneConfig) -> Path:
     return Path(cfg.out) if cfg.out else Path(cfg.cache_dir) / "finetuned" / Path(cfg.head).resolve().name
 
 
-def _guard(out: Path, new: dict, force: bool) -> None:
-    from pipeline.core.safety import guard_head_folder
+@dataclass
+class _Job:
+    """What the head folder and its features file say, read once."""
 
-    if out.exists() and all(p.name == ".checkpoint" for p in out.iterdir()):
-        return  # only our own checkpoint: resume
-    guard_head_folder(out, new, force)
+    head_dir: Path
+    model_dir: Path
+    info: dict  # the head's head.json
+    feat_path: Path
+    attrs: dict  # the features file's attributes
+    head_eval: dict  # the head's evaluation.json
+    out: Path
+    name: str  # "<head>+ft"
+    settings: dict
+    new_meta: dict  # what the output folder is guarded with
+    fs: Any  # the features file (splits, ids, labels)
+    items: list
+    rows: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    ids: dict[str, list[str]]
 
 
-def fine_tune(cfg: FineTuneConfig) -> Path:
-    """Fine-tune the head's base and head on the images; write the output folder and return it."""
-    import keras
-
-    from pipeline.data.sources import open_source
-    from pipeline.store.features import load_features
-    from pipeline.heads.models import DenseHead, HeadParams
-    from pipeline.core.safety import replace_dir
-    from pipeline.training.loop import Loop, score_splits, train_epochs, tuning_record, write_outputs
-
+def _check(cfg: FineTuneConfig) -> None:
+    """Refuse bad settings before anything slow."""
     if cfg.epochs < 1 or cfg.patience < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise UsageError("--epochs, --patience and --batch-size must be at least 1 and --lr above 0")
     check_views(cfg.views)
     parse_augment(cfg.augment)
     if cfg.tensorboard:
-        from pipeline.core.util import require_tensorboard
-
         require_tensorboard()
+
+
+def _open_job(cfg: FineTuneConfig) -> _Job:
+    """Read the head and its features file, guard the output folder, and find the images of every row."""
     head_dir = Path(cfg.head)
     model_dir, info, feat_path, attrs, head_eval = _read_head(head_dir, Path(cfg.cache_dir))
-    out = output_dir(cfg)
-    ft_name = f"{info['head']}+ft"
-    settings = cfg.settings()
-    new_meta = {"head": ft_name, "fingerprints": list(info.get("fingerprints") or []), "params": settings}
-    _guard(out, new_meta, cfg.force)
-
+    out, name, settings = output_dir(cfg), f"{info['head']}+ft", cfg.settings()
+    new_meta = {"head": name, "fingerprints": list(info.get("fingerprints") or []), "params": settings}
+    guard_resumable(out, new_meta, cfg.force)
     fs = load_features(feat_path)
     source = open_source(str(attrs["data_source"]), str(attrs.get("split_spec") or "80/10/10"),
                          limit=int(attrs.get("limit") or 0) or None)
     if attrs.get("source_fingerprint") and source.fingerprint != attrs.get("source_fingerprint"):
         raise UsageError(f"the images of {attrs['data_source']} changed since {feat_path} was extracted; "
                          "extract again, then fit the head again")
-    classes = list(info["classes"])
-    k = len(classes)
-    items, rows, labels, ids = _split_rows(fs, source)
-    all_labels = np.concatenate([labels[s] for s in fs.splits])
+    items, rows, labels, ids = split_rows(fs, source)
+    return _Job(head_dir, model_dir, info, feat_path, attrs, head_eval, out, name, settings, new_meta, fs,
+                items, rows, labels, ids)
 
-    keras.utils.set_random_seed(cfg.seed)
-    metadata = {"head": ft_name, "head_dir": str(head_dir), "features": info.get("features"),
-                "fingerprints": info.get("fingerprints"), "fine_tune": settings}
-    built = build_models(model_dir, info, attrs, cfg.weights, cfg.unfreeze, cfg.augment, cfg.seed, metadata)
-    size = int(attrs["input_size"])
-    memo = not cfg.views and len(items) * size * size * 3 <= MEMO_BYTES  # views: each image is decoded once
-    images = _Images(items, size, cfg.workers, memo)
-    tuner = DenseHead(k, HeadParams(seed=cfg.seed, tune_fraction=cfg.tune_fraction))
-    fit_idx, tune_idx = tuner.tune_split(labels["train"])
-    fit_rows, tune_rows = rows["train"][fit_idx], rows["train"][tune_idx]
-    optimizer = keras.optimizers.Adam(cfg.lr)
-    views_info: dict[str, Any] | None = None
-    acts = None
-    if cfg.views:  # the frozen bottom runs once, over K views of the fit images and the clean image of every row
-        split = split_model(built)
-        key_fields = {"features_fingerprint": attrs.get("fingerprint"), "weights": metadata.get("weights"),
-                      "weights_sha256": metadata.get("weights_sha256"), "input_size": size,
-                      "start": built.start, "start_layer": split.start_layer, "views": cfg.views,
-                      "augment": normalise_augment(cfg.augment), "seed": cfg.seed,
-                      "tune_fraction": cfg.tune_fraction, "n_rows": len(items),
-                      "fit_rows": hashlib.sha256(np.asarray(fit_rows, np.int64).tobytes()).hexdigest()}
-        path = views_cache_path(output_dir(cfg), cache_key(key_fields))
-        try:
-            views_info = build_cache(path, key_fields, split, images, len(items), fit_rows, cfg.views, cfg.augment,
-                                     cfg.seed, cfg.batch_size)
-        except BaseException:
-            images.close()
-            raise
-        acts = Activations(path, len(split.shapes))
-        views_info.update(start_layer=split.start_layer, shapes=[list(s) for s in split.shapes],
-                          in_memory=acts.in_memory)
-        fit_model = split.top
-    else:
-        fit_model = built.train
-    fit_model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                      jit_compile=False)
-    built.core.compile(jit_compile=False)
 
-    ckpt = out / ".checkpoint"
-    key = {"settings": settings, "head_fingerprints": info.get("fingerprints"), "head": str(head_dir.resolve()),
-           "head_mtime": (model_dir / "head.json").stat().st_mtime_ns}
-    tmp_best = out.with_name(f".{out.name}.best.weights.h5")
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class _Views:
+    """``--views K``: the frozen bottom's cached activations and the top trained on them."""
 
-    def proba_of(split_rows):
-        if acts is not None:
-            return views_proba(split.top, acts, split_rows, cfg.batch_size)
-        return _proba(built.core, images, split_rows, cfg.batch_size)
+    split: Any  # pipeline.training.views.Split
+    acts: Activations
+    info: dict[str, Any]  # evaluation.json fine_tune.views_cache
 
-    def views_batches(epoch):
-        return view_batches(acts, all_labels, fit_rows, cfg.views, cfg.batch_size, cfg.seed, epoch)
+
+def _cache_views(cfg: FineTuneConfig, job: _Job, built: _Built, metadata: dict, images: Images,
+                 fit_rows: np.ndarray) -> _Views:
+    """Run the frozen bottom once, over K views of the fit images and the clean image of every row."""
+    split = split_model(built)
+    key_fields = {"features_fingerprint": job.attrs.get("fingerprint"), "weights": metadata.get("weights"),
+                  "weights_sha256": metadata.get("weights_sha256"), "input_size": built.size,
+                  "start": built.start, "start_layer": split.start_layer, "views": cfg.views,
+                  "augment": normalise_augment(cfg.augment), "seed": cfg.seed,
+                  "tune_fraction": cfg.tune_fraction, "n_rows": len(job.items),
+                  "fit_rows": hashlib.sha256(np.asarray(fit_rows, np.int64).tobytes()).hexdigest()}
+    path = views_cache_path(job.out, cache_key(key_fields))
+    try:
+        info = build_cache(path, key_fields, split, images, len(job.items), fit_rows, cfg.views, cfg.augment,
+                           cfg.seed, cfg.batch_size)
+    except BaseException:
+        images.close()
+        raise
+    acts = Activations(path, len(split.shapes))
+    info.update(start_layer=split.start_layer, shapes=[list(s) for s in split.shapes], in_memory=acts.in_memory)
+    return _Views(split, acts, info)
+
+
+def _epoch0_check(head_eval: dict) -> Callable[[float], dict]:
+    """Epoch 0's record: its val accuracy against the head's (a warning when they differ)."""
 
     def epoch0(val_accuracy):
         head_val = (head_eval.get("splits") or {}).get("val", {}).get("accuracy")
@@ -553,67 +387,122 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
                         "differ from the features'", val_accuracy, head_val)
         return {"val_accuracy": val_accuracy, "head_val_accuracy": head_val}
 
-    state = train_epochs(Loop(train=built.train, core=built.core, optimizer=optimizer, images=images,
-                              labels=all_labels, fit_rows=fit_rows, tune_rows=tune_rows, val_rows=rows["val"],
-                              epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size, seed=cfg.seed,
-                              ckpt=ckpt, key=key, best=tmp_best, tensorboard=cfg.tensorboard,
-                              after_epoch=cfg.after_epoch, fit_model=fit_model,
-                              batches=views_batches if acts is not None else None, proba=proba_of,
-                              on_abort=acts.close if acts is not None else None),
-                         epoch0)  # the best epoch (0: the head as fitted)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    splits, pred_rows, roc_rows = score_splits(built.core, images, rows, labels, ids, classes, cfg.batch_size,
-                                               proba=proba_of)
-    if acts is not None:  # the shipped model on the images against its top on the cached activations
-        check = rows["val"][:16] if len(rows["val"]) else rows["train"][:16]
-        diff = np.abs(_proba(built.core, images, check, cfg.batch_size) - proba_of(check)).max()
-        views_info["check_rows"], views_info["check_max_abs_diff"] = int(len(check)), float(diff)
-        acts.close()
-    images.close()
-    hist = state["history"]
-    best = int(state["best_epoch"])
-    fine = {"from_head": str(head_dir), "from_head_name": info["head"], "unfreeze": str(cfg.unfreeze),
+    return epoch0
+
+
+def _train(cfg: FineTuneConfig, job: _Job, built: _Built, metadata: dict, images: Images
+           ) -> tuple[dict, _Views | None, Callable[[np.ndarray], np.ndarray], int]:
+    """Train (or resume) to the best epoch; return the state, the views (if any), the scorer of rows and
+    the size of the tune slice."""
+    import keras
+
+    all_labels = np.concatenate([job.labels[s] for s in job.fs.splits])
+    tuner = DenseHead(len(job.info["classes"]), HeadParams(seed=cfg.seed, tune_fraction=cfg.tune_fraction))
+    fit_idx, tune_idx = tuner.tune_split(job.labels["train"])
+    fit_rows, tune_rows = job.rows["train"][fit_idx], job.rows["train"][tune_idx]
+    optimizer = keras.optimizers.Adam(cfg.lr)
+    views = _cache_views(cfg, job, built, metadata, images, fit_rows) if cfg.views else None
+    fit_model = views.split.top if views else built.train
+    fit_model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                      jit_compile=False)
+    built.core.compile(jit_compile=False)
+
+    def proba_of(rows):
+        if views is not None:
+            return views_proba(views.split.top, views.acts, rows, cfg.batch_size)
+        return predict_proba(built.core, images, rows, cfg.batch_size)
+
+    def views_batches(epoch):
+        return view_batches(views.acts, all_labels, fit_rows, cfg.views, cfg.batch_size, cfg.seed, epoch)
+
+    key = {"settings": job.settings, "head_fingerprints": job.info.get("fingerprints"),
+           "head": str(job.head_dir.resolve()), "head_mtime": (job.model_dir / "head.json").stat().st_mtime_ns}
+    job.out.mkdir(parents=True, exist_ok=True)
+    loop = Loop(train=built.train, core=built.core, optimizer=optimizer, images=images, labels=all_labels,
+                fit_rows=fit_rows, tune_rows=tune_rows, val_rows=job.rows["val"], epochs=cfg.epochs,
+                patience=cfg.patience, batch_size=cfg.batch_size, seed=cfg.seed, ckpt=job.out / CHECKPOINT,
+                key=key, best=_best_path(job.out), tensorboard=cfg.tensorboard, after_epoch=cfg.after_epoch,
+                fit_model=fit_model, batches=views_batches if views else None, proba=proba_of,
+                on_abort=views.acts.close if views else None)
+    state = train_epochs(loop, _epoch0_check(job.head_eval))  # the best epoch (0: the head as fitted)
+    return state, views, proba_of, len(tune_rows)
+
+
+def _best_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.best.weights.h5")
+
+
+def _fine_record(cfg: FineTuneConfig, job: _Job, built: _Built, state: dict, views: _Views | None) -> dict:
+    """evaluation.json ``fine_tune``."""
+    fine = {"from_head": str(job.head_dir), "from_head_name": job.info["head"], "unfreeze": str(cfg.unfreeze),
             "trainable_layers": built.trainable, "n_trainable_layers": len(built.trainable),
             "trainable_parameters": int(sum(np.prod(v.shape) for v in built.train.trainable_variables)),
-            "lr": cfg.lr, "optimizer": "adam", "augment": normalise_augment(cfg.augment),
-            "batch_size": cfg.batch_size, "patience": cfg.patience, "epochs_max": cfg.epochs,
-            "epochs_run": int(state["epoch"]), "best_epoch": best, "seconds": round(state["seconds"], 3),
-            "seconds_per_epoch": round(state["seconds"] / max(1, state["epoch"]), 3),
+            **run_record(state, lr=cfg.lr, augment=normalise_augment(cfg.augment), batch_size=cfg.batch_size,
+                         patience=cfg.patience, epochs=cfg.epochs),
             "epoch0_val_accuracy": state["epoch0"]["val_accuracy"],
             "head_val_accuracy": state["epoch0"]["head_val_accuracy"],
             "batchnorm": "inference mode, frozen"}
-    if cfg.views:
+    if views is not None:
         fine["views"] = cfg.views
         fine["views_sampling"] = ("each epoch, one view per fit image, drawn uniformly from the K cached views "
                                   "(view 0: un-augmented); tune slice, val and test scored on un-augmented images")
-        fine["views_cache"] = views_info
-    tuning = tuning_record(state, cfg.tune_fraction, len(tune_rows))
-    metrics: dict[str, Any] = {s: {"accuracy": splits[s]["accuracy"], "log_loss": splits[s]["log_loss"]}
-                               for s in ("val", "test") if s in splits}
-    metrics["fit_seconds"] = round(state["seconds"], 3)
-    evaluation = {
-        "base": fs.base, "head": ft_name, "features": [str(feat_path)], "weights": [str(attrs.get("weights", ""))],
-        "data_source": str(attrs.get("data_source", "")), "limit": int(attrs.get("limit") or 0),
-        "classes": classes, "feature_size": int(info["feature_size"]), "fit_seconds": metrics["fit_seconds"],
-        "extract_images_per_second": None, "tuning": tuning, "fine_tune": fine, "splits": splits,
-        "chance": {s: float(np.bincount(labels[s], minlength=k).max() / max(1, len(labels[s]))) for s in fs.splits},
-        "untrained": head_eval.get("untrained", {}),
-        "head_before": {s: (head_eval.get("splits") or {}).get(s, {}).get("accuracy") for s in fs.splits},
+        fine["views_cache"] = views.info
+    return fine
+
+
+def _evaluation(job: _Job, fine: dict, tuning: dict, splits: dict, state: dict) -> dict:
+    """evaluation.json."""
+    classes, attrs, fs = list(job.info["classes"]), job.attrs, job.fs
+    return {
+        "base": fs.base, "head": job.name, "features": [str(job.feat_path)],
+        "weights": [str(attrs.get("weights", ""))], "data_source": str(attrs.get("data_source", "")),
+        "limit": int(attrs.get("limit") or 0), "classes": classes, "feature_size": int(job.info["feature_size"]),
+        "fit_seconds": round(state["seconds"], 3), "extract_images_per_second": None, "tuning": tuning,
+        "fine_tune": fine, "splits": splits,
+        "chance": chance({s: job.labels[s] for s in fs.splits}, len(classes)),
+        "untrained": job.head_eval.get("untrained", {}),
+        "head_before": {s: (job.head_eval.get("splits") or {}).get(s, {}).get("accuracy") for s in fs.splits},
     }
-    head_json = {**new_meta, "description": "fine-tuned base top + head, end to end on the images",
-                 "classes": classes, "base": fs.base, "features": [str(feat_path)],
-                 "feature_size": int(info["feature_size"]), "from_head": str(head_dir), "tuning": tuning,
+
+
+def fine_tune(cfg: FineTuneConfig) -> Path:
+    """Fine-tune the head's base and head on the images; write the output folder and return it."""
+    import keras
+
+    _check(cfg)
+    job = _open_job(cfg)
+    keras.utils.set_random_seed(cfg.seed)
+    metadata = {"head": job.name, "head_dir": str(job.head_dir), "features": job.info.get("features"),
+                "fingerprints": job.info.get("fingerprints"), "fine_tune": job.settings}
+    built = build_models(job.model_dir, job.info, job.attrs, cfg.weights, cfg.unfreeze, cfg.augment, cfg.seed,
+                         metadata)
+    size = built.size
+    memo = not cfg.views and len(job.items) * size * size * 3 <= MEMO_BYTES  # views: each image decoded once
+    images = Images(job.items, size, cfg.workers, memo)
+    state, views, proba_of, n_tune = _train(cfg, job, built, metadata, images)
+    classes = list(job.info["classes"])
+    splits, parts, roc = score_splits(built.core, images, job.rows, job.labels, job.ids, classes, cfg.batch_size,
+                                      proba=proba_of)
+    if views is not None:  # the shipped model on the images against its top on the cached activations
+        check = job.rows["val"][:16] if len(job.rows["val"]) else job.rows["train"][:16]
+        diff = np.abs(predict_proba(built.core, images, check, cfg.batch_size) - proba_of(check)).max()
+        views.info["check_rows"], views.info["check_max_abs_diff"] = int(len(check)), float(diff)
+        views.acts.close()
+    images.close()
+    fine = _fine_record(cfg, job, built, state, views)
+    tuning = tuning_record(state, cfg.tune_fraction, n_tune)
+    head_json = {**job.new_meta, "description": "fine-tuned base top + head, end to end on the images",
+                 "classes": classes, "base": job.fs.base, "features": [str(job.feat_path)],
+                 "feature_size": int(job.info["feature_size"]), "from_head": str(job.head_dir), "tuning": tuning,
                  "tlpipe_version": __version__}
-    write_outputs(tmp, head_json=head_json, metrics=metrics, evaluation=evaluation, history=hist,
-                  pred_rows=pred_rows, roc_rows=roc_rows, export_model=built.export, metadata=metadata)
-    replace_dir(tmp, out)  # the checkpoint goes with the previous folder: the run is complete
-    tmp_best.unlink(missing_ok=True)
-    log.info("%s on %s: val accuracy %.4f (head %.4f), %d epochs, %.1f s -> %s", ft_name, fs.base,
+    metrics = publish(job.out, head_json=head_json, evaluation=_evaluation(job, fine, tuning, splits, state),
+                      state=state, parts=parts, roc=roc, classes=classes, export_model=built.export,
+                      metadata=metadata)
+    _best_path(job.out).unlink(missing_ok=True)
+    log.info("%s on %s: val accuracy %.4f (head %.4f), %d epochs, %.1f s -> %s", job.name, job.fs.base,
              metrics["val"]["accuracy"], fine["head_val_accuracy"] or float("nan"), state["epoch"],
-             state["seconds"], out)
-    return out
+             state["seconds"], job.out)
+    return job.out
 
 
 def summary(out: Path) -> str:

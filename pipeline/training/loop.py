@@ -1,5 +1,5 @@
-"""The epoch loop and the head-folder writer shared by the image-training stages
-(``tlpipe fine-tune`` and ``tlpipe baseline``).
+"""The epoch loop shared by the image-training stages (``tlpipe fine-tune`` and ``tlpipe baseline``), and
+what they record of it.
 
 ``train_epochs`` runs epoch 0 (the model as built: scored, never trained), then epochs until
 ``epochs`` or until the loss on the early-stopping slice of train has not improved for
@@ -7,9 +7,8 @@
 progress) so that the same command resumes after a kill, and restores the best epoch's weights
 at the end.  Val is only scored after each epoch for the curve: it chooses nothing.
 
-``score_splits`` and ``write_outputs`` give the head-folder schema (metrics.json,
-evaluation.json, history.csv, predictions.csv, roc.csv, figures/, model/head.json and
-model.keras).
+``score_splits`` and ``publish`` write the head-folder schema (``pipeline.heads.folder``) plus
+``model.keras``.
 """
 
 from __future__ import annotations
@@ -23,38 +22,17 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.core.safety import replace_dir
+from pipeline.heads import folder
+from pipeline.heads.metrics import accuracy_and_log_loss
+from pipeline.nets.graph import resize_in_graph, save_keras
+from pipeline.training.augment import augmentation_layers
+from pipeline.training.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from pipeline.training.images import Images, image_batches, predict_proba
+
 log = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = ["split", "id", "actual", "predicted", "probability"]
-ROC_COLUMNS = ["fpr", "tpr", "threshold"]
-
-
-
-def epoch_batches(n: int, batch_size: int, epoch: int, order: Callable[[int], Any], batch: Callable[[Any, int], Any]):
-    """A ``keras.utils.PyDataset`` of ``ceil(n / batch_size)`` batches per epoch, starting at ``epoch``:
-    ``order(epoch)`` draws the epoch's order (seeded by the epoch, so a resumed run sees what an
-    uninterrupted one would), ``batch(order, i)`` builds batch ``i`` from it."""
-    import math
-
-    import keras
-
-    class Batches(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__(workers=1, use_multiprocessing=False)
-            self.epoch = epoch
-            self.order = order(epoch)
-
-        def __len__(self):
-            return math.ceil(n / batch_size)
-
-        def __getitem__(self, i):
-            return batch(self.order, i)
-
-        def on_epoch_end(self):
-            self.epoch += 1
-            self.order = order(self.epoch)
-
-    return Batches()
+TUNE_METHOD = "early stopping on a 10% stratified slice of train"
 
 
 @dataclass
@@ -64,7 +42,7 @@ class Loop:
     train: Any  # the training model (augmentation in front), compiled
     core: Any  # the model scored after each epoch (no augmentation)
     optimizer: Any
-    images: Any  # pipeline.stage3.finetune._Images
+    images: Images
     labels: np.ndarray  # the label of every row of ``images``
     fit_rows: np.ndarray  # train rows trained on
     tune_rows: np.ndarray  # train rows early stopping watches
@@ -85,13 +63,10 @@ class Loop:
 
 
 def _score(lp: Loop, rows: np.ndarray) -> tuple[float | None, float | None]:
-    from pipeline.stage3.finetune import _proba
-    from pipeline.heads.models import _scores
-
     if not len(rows):
         return None, None
-    proba = lp.proba(rows) if lp.proba else _proba(lp.core, lp.images, rows, lp.batch_size)
-    return _scores(proba, lp.labels[rows])
+    proba = lp.proba(rows) if lp.proba else predict_proba(lp.core, lp.images, rows, lp.batch_size)
+    return accuracy_and_log_loss(proba, lp.labels[rows])
 
 
 def train_epochs(lp: Loop, epoch0: Callable[[float | None], dict] | None = None) -> dict:
@@ -100,10 +75,8 @@ def train_epochs(lp: Loop, epoch0: Callable[[float | None], dict] | None = None)
     ``epoch0`` (``epoch0(val accuracy at epoch 0)``, or that accuracy)."""
     import keras
 
-    from pipeline.stage3.finetune import _load_checkpoint, _load_weights, _save_checkpoint, image_batches
-
     fit_model = lp.fit_model or lp.train
-    state = _load_checkpoint(lp.ckpt, lp.train, lp.optimizer, lp.key, fit_model.trainable_variables)
+    state = load_checkpoint(lp.ckpt, lp.train, lp.optimizer, lp.key, fit_model.trainable_variables)
     if state is not None:
         if (lp.ckpt / "best.weights.h5").is_file():
             shutil.copy2(lp.ckpt / "best.weights.h5", lp.best)
@@ -117,7 +90,7 @@ def train_epochs(lp: Loop, epoch0: Callable[[float | None], dict] | None = None)
                  "history": [{"epoch": 0, "train_accuracy": None, "train_loss": None,
                               "tune_accuracy": tune0[0], "tune_loss": tune0[1], "val_accuracy": val0[0],
                               "val_loss": val0[1], "seconds": round(time.perf_counter() - t0, 3)}]}
-        _save_checkpoint(lp.ckpt, lp.train, lp.optimizer, state, lp.best)
+        save_checkpoint(lp.ckpt, lp.train, lp.optimizer, state, lp.best)
         log.info("epoch 0 (before training): tune loss %.4f, val accuracy %.4f", tune0[1], val0[0])
 
     callbacks = [keras.callbacks.TensorBoard(log_dir=str(lp.tensorboard))] if lp.tensorboard else []
@@ -140,7 +113,7 @@ def train_epochs(lp: Loop, epoch0: Callable[[float | None], dict] | None = None)
                 lp.train.save_weights(lp.best)
             else:
                 state["wait"] += 1
-            _save_checkpoint(lp.ckpt, lp.train, lp.optimizer, state, lp.best)
+            save_checkpoint(lp.ckpt, lp.train, lp.optimizer, state, lp.best)
             log.info("epoch %d: train %.4f, tune loss %.4f, val accuracy %.4f (%.1f s)", epoch,
                      h["accuracy"][-1], tune[1], val[0], seconds)
             if lp.after_epoch is not None:
@@ -150,14 +123,12 @@ def train_epochs(lp: Loop, epoch0: Callable[[float | None], dict] | None = None)
         if lp.on_abort:
             lp.on_abort()
         raise
-    _load_weights(lp.train, lp.best)  # the best epoch on the train slice
+    load_weights(lp.train, lp.best)  # the best epoch on the train slice
     return state
 
 
 def tuning_record(state: dict, tune_fraction: float, n_tune: int) -> dict[str, Any]:
     """evaluation.json ``tuning`` for epochs chosen by early stopping on a slice of train."""
-    from pipeline.stage3.finetune import TUNE_METHOD
-
     best, hist = int(state["best_epoch"]), state["history"]
     return {"method": TUNE_METHOD if abs(tune_fraction - 0.1) < 1e-9
             else f"early stopping on a {tune_fraction:.0%} stratified slice of train",
@@ -166,57 +137,36 @@ def tuning_record(state: dict, tune_fraction: float, n_tune: int) -> dict[str, A
             "val_used_for_tuning": False}
 
 
-def score_splits(core, images, rows: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+def score_splits(core, images: Images, rows: dict[str, np.ndarray], labels: dict[str, np.ndarray],
                  ids: dict[str, list[str]], classes: list[str], batch_size: int,
                  proba: Callable[[np.ndarray], np.ndarray] | None = None
-                 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Per split: metrics, confusion matrix and per-class scores; val/test prediction rows; the val
-    ROC rows (two classes).  ``proba(rows)`` replaces ``core`` on the images when given."""
-    from pipeline.stage3.finetune import _proba
-    from pipeline.stage2.fit_head import evaluate, per_class
-
-    k = len(classes)
-    splits: dict[str, Any] = {}
-    pred_rows: list[dict[str, Any]] = []
-    roc_rows: list[dict[str, Any]] = []
-    score = proba or (lambda r: _proba(core, images, r, batch_size))
-    for name in rows:
-        p = score(rows[name])
-        y = labels[name]
-        splits[name] = {**evaluate(p, y, k), **per_class(p, y, classes)}
-        if name != "train":
-            pred_rows += [{"split": name, "id": i, "actual": classes[a], "predicted": classes[c],
-                           "probability": round(float(pr.max()), 6)}
-                          for i, a, c, pr in zip(ids[name], y, p.argmax(1), p)]
-        if name == "val" and k == 2 and len(np.unique(y)) == 2:
-            from sklearn.metrics import roc_curve
-
-            fpr, tpr, thr = roc_curve(y, p[:, 1])
-            roc_rows = [{"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))}
-                        for a, b, c in zip(fpr, tpr, thr)]
-    return splits, pred_rows, roc_rows
+                 ) -> tuple[dict[str, Any], list[folder.PredictionPart], list[dict[str, Any]]]:
+    """``pipeline.heads.folder.score_splits`` of ``core`` on the images of each split's rows (or of
+    ``proba(rows)`` when given)."""
+    score = proba or (lambda r: predict_proba(core, images, r, batch_size))
+    return folder.score_splits(rows, lambda name: score(rows[name]), labels, ids, classes)
 
 
-def write_outputs(tmp: Path, *, head_json: dict, metrics: dict, evaluation: dict, history: list[dict],
-                  pred_rows: list[dict], roc_rows: list[dict], export_model, metadata: dict) -> None:
-    """The head-folder files in ``tmp`` (then renamed into place by the caller)."""
-    from pipeline.deploy.export import _save_keras
-    from pipeline.stage2.fit_head import _write_csv
-    from pipeline.heads.models import GRID_COLUMNS, HISTORY_COLUMNS
-    from pipeline.reporting.plots import write_head_figures
-    from pipeline.core.util import write_json
+def run_record(state: dict, *, lr: float, augment: str, batch_size: int, patience: int, epochs: int) -> dict:
+    """The settings and course of a training run, as evaluation.json records them."""
+    return {"lr": lr, "optimizer": "adam", "augment": augment, "batch_size": batch_size, "patience": patience,
+            "epochs_max": epochs, "epochs_run": int(state["epoch"]), "best_epoch": int(state["best_epoch"]),
+            "seconds": round(state["seconds"], 3),
+            "seconds_per_epoch": round(state["seconds"] / max(1, state["epoch"]), 3)}
 
-    (tmp / "model").mkdir(parents=True, exist_ok=True)
-    write_json(tmp / "model" / "head.json", head_json)
+
+def publish(out: Path, *, head_json: dict, evaluation: dict, state: dict, parts: list[folder.PredictionPart],
+            roc: list[dict], classes: list[str], export_model, metadata: dict) -> dict[str, Any]:
+    """Write the head folder and ``model.keras`` beside ``out``, rename it into place (the checkpoint goes
+    with the previous folder: the run is complete); return metrics.json's content."""
+    metrics = folder.metrics_record(evaluation["splits"], state["seconds"])
+    tmp = folder.temp_folder(out)
     export_model.trainable = False
-    _save_keras(export_model, metadata, tmp / "model.keras")
-    write_json(tmp / "metrics.json", metrics)
-    write_json(tmp / "evaluation.json", evaluation)
-    _write_csv(tmp / "history.csv", history, HISTORY_COLUMNS)
-    _write_csv(tmp / "grid.csv", [], GRID_COLUMNS)
-    _write_csv(tmp / "predictions.csv", pred_rows, PREDICTION_COLUMNS)
-    _write_csv(tmp / "roc.csv", roc_rows, ROC_COLUMNS)
-    write_head_figures(tmp)
+    save_keras(export_model, metadata, tmp / "model.keras")
+    folder.write_head_folder(tmp, head_json=head_json, metrics=metrics, evaluation=evaluation,
+                             history=state["history"], predictions=folder.prediction_rows(parts, classes), roc=roc)
+    replace_dir(tmp, out)
+    return metrics
 
 
 def training_and_export(core, size: int, augment: str, seed: int, name: str) -> tuple[Any, Any]:
@@ -224,14 +174,11 @@ def training_and_export(core, size: int, augment: str, seed: int, name: str) -> 
     size -> the in-graph resize decoding does -> ``core``), sharing ``core``'s layers."""
     import keras
 
-    from pipeline.deploy.export import _resize
-    from pipeline.stage3.finetune import augmentation_layers
-
     t_in = keras.Input(shape=(size, size, 3), dtype="uint8", name="image")
     y = keras.layers.Rescaling(1.0, name="to_float")(t_in)  # uint8 -> float32 for the augmentation layers
     for layer in augmentation_layers(augment, seed):
         y = layer(y)
     train = keras.Model(t_in, core(y), name="training")
     e_in = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
-    export = keras.Model(e_in, core(_resize(e_in, size)), name=name)
+    export = keras.Model(e_in, core(resize_in_graph(e_in, size)), name=name)
     return train, export

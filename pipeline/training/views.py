@@ -34,6 +34,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import UsageError
+from pipeline.heads.metrics import normalise_proba
+from pipeline.nets.graph import probabilities_layer
+from pipeline.training.augment import augmentation_layers
+from pipeline.training.images import Images, epoch_batches
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +56,8 @@ class Split:
 
 
 def split_model(built) -> Split:
-    """Cut ``built`` (``finetune.build_models``) at its first trainable base layer."""
+    """Cut ``built`` (``pipeline.stage3.finetune.build_models``) at its first trainable base layer."""
     import keras
-
-    from pipeline.deploy.export import _probabilities_layer
 
     base, start = built.base, built.start
     index = {layer.name: i for i, layer in enumerate(base.layers)}
@@ -79,7 +81,7 @@ def split_model(built) -> Split:
 
     ins = [keras.Input(shape=s, dtype="float32", name=f"activations_{i}") for i, s in enumerate(shapes)]
     y = base_top(ins if len(ins) > 1 else ins[0], training=False)  # BatchNorm in inference mode
-    y = _probabilities_layer(built.head_fn(y), built.k)
+    y = probabilities_layer(built.head_fn(y), built.k)
     top = keras.Model(ins, y, name="views_top")
     return Split(bottom, top, shapes, base.layers[start].name)
 
@@ -96,85 +98,112 @@ def _aug_model(spec: str, size: int, seed: int):
     """A fresh, seeded augmentation stack (float32 in and out), so each chunk's views are reproducible."""
     import keras
 
-    from pipeline.stage3.finetune import augmentation_layers
-
     x = inp = keras.Input(shape=(size, size, 3), dtype="float32")
     for layer in augmentation_layers(spec, seed):
         x = layer(x)
     return keras.Model(inp, x)
 
 
-def build_cache(path: Path, key_fields: dict[str, Any], split: Split, images, n_rows: int, fit_rows: np.ndarray,
-                views: int, augment: str, seed: int, batch_size: int) -> dict[str, Any]:
+def build_cache(path: Path, key_fields: dict[str, Any], split: Split, images: Images, n_rows: int,
+                fit_rows: np.ndarray, views: int, augment: str, seed: int, batch_size: int) -> dict[str, Any]:
     """Write (or finish, or reuse) the views file; return what it cost."""
     import h5py
 
     key_json = json.dumps({**key_fields, "format": FORMAT}, sort_keys=True)
-    if path.is_file():
-        try:
-            with h5py.File(path, "r") as f:
-                if f.attrs.get("key") == key_json and f.attrs.get("complete"):
-                    log.info("views cache reused: %s", path)
-                    return {"path": str(path), "reused": True, "bottom_images_run": 0, "build_seconds": 0.0}
-        except OSError:
-            pass
-        path.unlink()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for old in path.parent.glob("views-*.h5*"):  # one views file per output folder: other keys go
-        if old.name not in (path.name, path.name + ".part"):
-            old.unlink()
+    if _reusable(path, key_json):
+        log.info("views cache reused: %s", path)
+        return {"path": str(path), "reused": True, "bottom_images_run": 0, "build_seconds": 0.0}
     part = path.with_name(path.name + ".part")
     t0 = time.perf_counter()
-    run = 0
-    size = int(split.bottom.input_shape[1])
-    n_fit = len(fit_rows)
     with h5py.File(part, "a") as f:
-        if f.attrs.get("key") != key_json:
-            for name in list(f):
-                del f[name]
-            for name in list(f.attrs):
-                del f.attrs[name]
-            f.attrs["key"] = key_json
-            f.attrs["clean_done"] = 0
-            f.attrs["views_done"] = 0
-            for i, s in enumerate(split.shapes):
-                f.create_dataset(f"clean_{i}", (n_rows, *s), "float32", chunks=(1, *s))
-        done = int(f.attrs["clean_done"])
-        if done:
-            log.info("views cache: continuing an interrupted build at clean row %d", done)
-        for s in range(done, n_rows, batch_size):
-            rows = np.arange(s, min(n_rows, s + batch_size))
-            acts = _run(split.bottom, images.get(rows).astype("float32"))
-            for i, a in enumerate(acts):
-                f[f"clean_{i}"][s:s + len(rows)] = a
-            run += len(rows)
-            f.attrs["clean_done"] = s + len(rows)
-            f.flush()
-        if views > 1 and "views_0" not in f:
-            # float16 halves the file; float32 where the clean activations come near float16's range
-            peak = max(_peak(f[f"clean_{i}"], batch_size) for i in range(len(split.shapes)))
-            dtype = "float16" if peak < 1e4 else "float32"
-            for i, s in enumerate(split.shapes):
-                f.create_dataset(f"views_{i}", (n_fit, views - 1, *s), dtype, chunks=(1, 1, *s))
-        done = int(f.attrs["views_done"]) if views > 1 else n_fit
-        for s in range(done, n_fit, batch_size):
-            chunk = np.arange(s, min(n_fit, s + batch_size))
-            x = images.get(fit_rows[chunk]).astype("float32")
-            for v in range(1, views):
-                aug = _aug_model(augment, size, _seed(seed, v, s))
-                acts = _run(split.bottom, np.asarray(aug(x, training=True)))
-                for i, a in enumerate(acts):
-                    f[f"views_{i}"][s:s + len(chunk), v - 1] = a
-                run += len(chunk)
-            f.attrs["views_done"] = s + len(chunk)
-            f.flush()
-            if (s // batch_size) % 10 == 0:
-                log.info("views cache: %d of %d fit images (%d views each)", s + len(chunk), n_fit, views - 1)
+        _start_file(f, key_json, split.shapes, n_rows)
+        run = _write_clean(f, split, images, n_rows, batch_size)
+        if views > 1:
+            run += _write_views(f, split, images, fit_rows, views, augment, seed, batch_size)
         f.attrs["complete"] = True
     part.rename(path)
     seconds = time.perf_counter() - t0
     log.info("views cache: %d bottom passes in %.1f s -> %s", run, seconds, path)
     return {"path": str(path), "reused": False, "bottom_images_run": run, "build_seconds": round(seconds, 3)}
+
+
+def _reusable(path: Path, key_json: str) -> bool:
+    """True when ``path`` is a complete views file for ``key_json``; otherwise clear the way for a new one
+    (one views file per output folder: other keys go)."""
+    import h5py
+
+    if path.is_file():
+        try:
+            with h5py.File(path, "r") as f:
+                if f.attrs.get("key") == key_json and f.attrs.get("complete"):
+                    return True
+        except OSError:
+            pass
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for old in path.parent.glob("views-*.h5*"):
+        if old.name not in (path.name, path.name + ".part"):
+            old.unlink()
+    return False
+
+
+def _start_file(f, key_json: str, shapes: list[tuple[int, ...]], n_rows: int) -> None:
+    """Keep a partial file made with the same key (to continue it); else empty it and lay out the clean
+    datasets."""
+    if f.attrs.get("key") == key_json:
+        return
+    for name in list(f):
+        del f[name]
+    for name in list(f.attrs):
+        del f.attrs[name]
+    f.attrs["key"] = key_json
+    f.attrs["clean_done"] = 0
+    f.attrs["views_done"] = 0
+    for i, s in enumerate(shapes):
+        f.create_dataset(f"clean_{i}", (n_rows, *s), "float32", chunks=(1, *s))
+
+
+def _write_clean(f, split: Split, images: Images, n_rows: int, batch_size: int) -> int:
+    """The bottom's activations of the un-augmented image of every row; return the images run."""
+    done, run = int(f.attrs["clean_done"]), 0
+    if done:
+        log.info("views cache: continuing an interrupted build at clean row %d", done)
+    for s in range(done, n_rows, batch_size):
+        rows = np.arange(s, min(n_rows, s + batch_size))
+        acts = _run(split.bottom, images.get(rows).astype("float32"))
+        for i, a in enumerate(acts):
+            f[f"clean_{i}"][s:s + len(rows)] = a
+        run += len(rows)
+        f.attrs["clean_done"] = s + len(rows)
+        f.flush()
+    return run
+
+
+def _write_views(f, split: Split, images: Images, fit_rows: np.ndarray, views: int, augment: str, seed: int,
+                 batch_size: int) -> int:
+    """The bottom's activations of ``views - 1`` augmented views of every fit row; return the images run."""
+    n_fit, run = len(fit_rows), 0
+    size = int(split.bottom.input_shape[1])
+    if "views_0" not in f:
+        # float16 halves the file; float32 where the clean activations come near float16's range
+        peak = max(_peak(f[f"clean_{i}"], batch_size) for i in range(len(split.shapes)))
+        dtype = "float16" if peak < 1e4 else "float32"
+        for i, s in enumerate(split.shapes):
+            f.create_dataset(f"views_{i}", (n_fit, views - 1, *s), dtype, chunks=(1, 1, *s))
+    for s in range(int(f.attrs["views_done"]), n_fit, batch_size):
+        chunk = np.arange(s, min(n_fit, s + batch_size))
+        x = images.get(fit_rows[chunk]).astype("float32")
+        for v in range(1, views):
+            aug = _aug_model(augment, size, _seed(seed, v, s))
+            acts = _run(split.bottom, np.asarray(aug(x, training=True)))
+            for i, a in enumerate(acts):
+                f[f"views_{i}"][s:s + len(chunk), v - 1] = a
+            run += len(chunk)
+        f.attrs["views_done"] = s + len(chunk)
+        f.flush()
+        if (s // batch_size) % 10 == 0:
+            log.info("views cache: %d of %d fit images (%d views each)", s + len(chunk), n_fit, views - 1)
+    return run
 
 
 def _peak(ds, batch: int) -> float:
@@ -242,8 +271,6 @@ def view_batches(acts: Activations, labels: np.ndarray, fit_rows: np.ndarray, n_
                  seed: int, epoch: int):
     """A ``keras.utils.PyDataset`` over the fit rows: each epoch, one view per image (uniform over the K
     views, seeded by (seed, epoch), so a resumed run draws what an uninterrupted one would)."""
-    from pipeline.training.loop import epoch_batches
-
     def order(e):
         rng = np.random.default_rng([seed, e, 1])
         return rng.permutation(len(fit_rows)), rng.integers(0, n_views, len(fit_rows))
@@ -263,7 +290,7 @@ def proba(top, acts: Activations, rows: np.ndarray, batch_size: int) -> np.ndarr
         x = acts.get_clean(rows[s:s + batch_size])
         out.append(np.asarray(top.predict_on_batch(x if len(x) > 1 else x[0]), np.float64))
     p = np.concatenate(out) if out else np.zeros((0, 1))
-    return p / np.clip(p.sum(1, keepdims=True), 1e-12, None)
+    return normalise_proba(p)
 
 
 def check_views(n: int) -> None:

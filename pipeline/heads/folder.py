@@ -1,0 +1,126 @@
+"""The head folder: the one writer (and the reader of ``model/head.json``) used by fit-head, fine-tune
+and baseline.
+
+Schema (see ``pipeline.stage2.fit_head``)::
+
+    model/head.json   what was fitted, on what (the model files beside it are the caller's)
+    metrics.json      val/test accuracy and log loss, fit seconds
+    evaluation.json   everything else
+    history.csv       one row per epoch (header only for grid heads)
+    grid.csv          one row per grid value (header only for heads trained in epochs)
+    predictions.csv   val/test predictions
+    roc.csv           the val ROC curve (two classes; header only otherwise)
+    figures/          PNGs drawn from the files above
+
+The files are written into a temporary folder (``temp_folder``) that the caller renames into place
+(``pipeline.core.safety.replace_dir``) once complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from pipeline.core.errors import UsageError
+from pipeline.core.util import write_json
+from pipeline.heads.metrics import split_scores
+from pipeline.heads.models import GRID_COLUMNS, HISTORY_COLUMNS
+from pipeline.reporting.plots import write_head_figures
+
+PREDICTION_COLUMNS = ["split", "id", "actual", "predicted", "probability"]
+ROC_COLUMNS = ["fpr", "tpr", "threshold"]
+
+# per scored split other than train: (split, ids, labels, predicted classes, their probabilities)
+PredictionPart = tuple[str, Any, np.ndarray, np.ndarray, np.ndarray]
+
+
+def read_head_info(folder: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(the folder holding the head's model files, its head.json); ``UsageError`` if it is not a head."""
+    folder = Path(folder)
+    model_dir = folder / "model" if (folder / "model" / "head.json").is_file() else folder
+    meta = model_dir / "head.json"
+    if not meta.is_file():
+        raise UsageError(f"{folder} is not a fitted head folder (no head.json); run 'tlpipe fit-head' first")
+    return model_dir, json.loads(meta.read_text())
+
+
+def temp_folder(out: Path) -> Path:
+    """An empty ``.<name>.tmp`` beside ``out`` to write the new folder into."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) -> None:
+    """``rows`` under a header of ``columns`` (keys outside ``columns`` are left out)."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def roc_rows(y: np.ndarray, proba: np.ndarray) -> list[dict[str, float]]:
+    """The ROC curve of a two-class split with both classes present, else no rows."""
+    if proba.shape[1] != 2 or len(np.unique(y)) != 2:
+        return []
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(y, proba[:, 1])
+    return [{"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))} for a, b, c in zip(fpr, tpr, thr)]
+
+
+def score_splits(names: Iterable[str], proba_of: Callable[[str], np.ndarray], labels: dict[str, np.ndarray],
+                 ids: dict[str, Any], classes: list[str]
+                 ) -> tuple[dict[str, Any], list[PredictionPart], list[dict[str, float]]]:
+    """Per split: evaluation.json's scores; for val/test what predictions.csv needs (not the
+    probabilities: they can be large); the val ROC rows."""
+    splits: dict[str, Any] = {}
+    parts: list[PredictionPart] = []
+    roc: list[dict[str, float]] = []
+    for name in names:
+        p, y = proba_of(name), labels[name]
+        splits[name] = split_scores(p, y, classes)
+        if name != "train":
+            parts.append((name, ids[name], y, p.argmax(1), p.max(1)))
+        if name == "val":
+            roc = roc_rows(y, p)
+    return splits, parts, roc
+
+
+def prediction_rows(parts: Iterable[PredictionPart], classes: list[str]) -> Iterator[dict[str, Any]]:
+    """predictions.csv rows, made as they are written."""
+    for name, ids, ys, preds, probs in parts:
+        for i, a, p, pr in zip(ids, ys, preds, probs):
+            yield {"split": name, "id": i, "actual": classes[a], "predicted": classes[p],
+                   "probability": round(float(pr), 6)}
+
+
+def metrics_record(splits: dict[str, Any], fit_seconds: float) -> dict[str, Any]:
+    """metrics.json: only the compared figures."""
+    out: dict[str, Any] = {s: {"accuracy": splits[s]["accuracy"], "log_loss": splits[s]["log_loss"]}
+                           for s in ("val", "test") if s in splits}
+    out["fit_seconds"] = round(fit_seconds, 3)
+    return out
+
+
+def write_head_folder(tmp: Path, *, head_json: dict[str, Any], metrics: dict[str, Any],
+                      evaluation: dict[str, Any], history: Iterable[dict[str, Any]] = (),
+                      grid: Iterable[dict[str, Any]] = (), predictions: Iterable[dict[str, Any]] = (),
+                      roc: Iterable[dict[str, Any]] = ()) -> None:
+    """Every file of the schema in ``tmp`` (the model files are the caller's); history.csv and grid.csv
+    always exist (DVC outputs): the one that does not apply is header-only."""
+    (tmp / "model").mkdir(parents=True, exist_ok=True)
+    write_json(tmp / "model" / "head.json", head_json)
+    write_json(tmp / "metrics.json", metrics)
+    write_json(tmp / "evaluation.json", evaluation)
+    write_csv(tmp / "history.csv", history, HISTORY_COLUMNS)
+    write_csv(tmp / "grid.csv", grid, GRID_COLUMNS)
+    write_csv(tmp / "predictions.csv", predictions, PREDICTION_COLUMNS)
+    write_csv(tmp / "roc.csv", roc, ROC_COLUMNS)
+    write_head_figures(tmp)  # figures/: curves or C/k grid, confusion matrices (PNG)
