@@ -17,12 +17,11 @@ from pathlib import Path
 from pipeline.core.errors import LockedError
 from pipeline.stage1.local import extract_local
 from pipeline.stage1.plan import ExtractConfig, Plan, plan
-from pipeline.stage1.reader import decode_batch, decode_item
+from pipeline.stage1.reader import decode_batch
+from pipeline.data.sources import decode_item
 from pipeline.store.writer import hidden_sibling
 
 __all__ = ["ExtractConfig", "Plan", "extract", "plan", "hidden_sibling", "decode_batch", "decode_item"]
-
-_decode_one = decode_item  # kept for pipeline.stage3 until it imports reader.decode_item
 
 
 def extract(cfg: ExtractConfig) -> Path:

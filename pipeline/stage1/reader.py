@@ -18,8 +18,8 @@ from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
-from pipeline.data.images import DecodeError, decode_image, resize_array
-from pipeline.data.sources import Item
+from pipeline.data.images import DecodeError
+from pipeline.data.sources import Item, decode_item
 from pipeline.stage1 import runtime as runtimes
 
 DECODE_NICE_CPU = 10  # decode threads yield to the forward pass when the model runs on the CPU
@@ -89,18 +89,6 @@ def lower_thread_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
     except (AttributeError, OSError):  # pragma: no cover - non-Linux
         pass
-
-
-def decode_item(item: Item, size: int) -> np.ndarray:
-    """One item as ``uint8[size, size, 3]``; ``DecodeError`` when it cannot be read."""
-    if item.path is not None:
-        return decode_image(item.path, size)
-    if item.array is None:
-        raise DecodeError("no image data")
-    try:
-        return resize_array(item.array, size)
-    except Exception as exc:
-        raise DecodeError(f"{type(exc).__name__}: {exc}") from None
 
 
 def decode_batch(items: list[Item], size: int):
