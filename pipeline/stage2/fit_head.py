@@ -29,7 +29,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from pipeline import __version__
-from pipeline.store.features import FeatureSet, fuse, load_features, read_attrs, resolve_features_path, warn_if_stale
+from pipeline.store.features import (FeatureSet, check_attrs, fuse, load_features, read_attrs, resolve_features_path,
+                                     warn_if_stale)
 from pipeline.heads.models import GRID_COLUMNS, HISTORY_COLUMNS, HeadParams, get_head
 from pipeline.core.safety import guard_head_folder, replace_dir
 from pipeline.core.util import write_json
@@ -147,6 +148,8 @@ def fit_head(cfg: FitConfig) -> Path:
 
         raise UsageError("give at least one --features FILE")
     paths = [resolve_features_path(n, cfg.cache_dir) for n in cfg.features]
+    for path in paths:
+        check_attrs(path)  # a file of the wrong kind (.keras, an image, not tlpipe's): one line, exit 2
     streamed, memory = decide(paths, cfg.stream, cfg.max_memory, head_cls.name)  # from shapes; nothing read
     if streamed:  # features stay on disk, read in chunks (pipeline.heads.stream)
         head_cls = stream_head(head_cls.name)

@@ -165,8 +165,6 @@ def read_images(source, size: int, workers: int, chunk: int = 256):
 
 def baseline(cfg: BaselineConfig) -> Path:
     """Train the small convnet from scratch on ``cfg.data``; write the output folder and return it."""
-    import keras
-
     from pipeline.data.sources import open_source
     from pipeline.stage3.finetune import _guard, parse_augment
     from pipeline.heads.models import DenseHead, HeadParams
@@ -196,6 +194,8 @@ def baseline(cfg: BaselineConfig) -> Path:
     if len(np.unique(labels["train"])) < 2:
         raise UsageError(f"the train split of {cfg.data} has a single class; need at least two")
     all_labels = np.concatenate([labels[s] for s in rows])
+
+    import keras  # after the checks: a usage error does not wait for TensorFlow
 
     keras.utils.set_random_seed(cfg.seed)
     core = build_cnn(size, k)

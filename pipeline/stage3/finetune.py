@@ -403,12 +403,15 @@ def _load_checkpoint(ckpt: Path, model, optimizer, key: dict, train_vars=None) -
 
 def _read_head(head_dir: Path, cache_dir: Path) -> tuple[Path, dict, Path, dict, dict]:
     """(model dir, head.json, features path, features attrs, head evaluation.json); bad input -> UsageError."""
-    from pipeline.deploy.export import _head_info
     from pipeline.store.features import read_attrs, resolve_features_path
 
     if not Path(head_dir).exists():
         raise UsageError(f"head folder not found: {head_dir} (fit one with 'tlpipe fit-head')")
-    model_dir, info = _head_info(Path(head_dir))
+    # head.json read here, not through pipeline.deploy.export (which imports TensorFlow)
+    model_dir = Path(head_dir) / "model" if (Path(head_dir) / "model" / "head.json").is_file() else Path(head_dir)
+    if not (model_dir / "head.json").is_file():
+        raise UsageError(f"{head_dir} is not a fitted head folder (no head.json); run 'tlpipe fit-head' first")
+    info = json.loads((model_dir / "head.json").read_text())
     if info.get("head") not in SUPPORTED_HEADS:
         raise UsageError(f"fine-tune starts from a dense or logistic head, not '{info.get('head')}'")
     feats = info.get("features") or []
@@ -458,9 +461,10 @@ def _guard(out: Path, new: dict, force: bool) -> None:
 
 
 def fine_tune(cfg: FineTuneConfig) -> Path:
-    """Fine-tune the head's base and head on the images; write the output folder and return it."""
-    import keras
+    """Fine-tune the head's base and head on the images; write the output folder and return it.
 
+    Every value is checked (options, head, data, --unfreeze, --weights) before an existing --out is
+    compared with this run's settings: the real mistake is named first."""
     from pipeline.data.sources import open_source
     from pipeline.store.features import load_features
     from pipeline.heads.models import DenseHead, HeadParams
@@ -481,7 +485,9 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
     ft_name = f"{info['head']}+ft"
     settings = cfg.settings()
     new_meta = {"head": ft_name, "fingerprints": list(info.get("fingerprints") or []), "params": settings}
-    _guard(out, new_meta, cfg.force)
+    from pipeline.core.safety import check_out_path
+
+    check_out_path(out, "folder")  # unwritable: one line before TensorFlow starts
 
     fs = load_features(feat_path)
     source = open_source(str(attrs["data_source"]), str(attrs.get("split_spec") or "80/10/10"),
@@ -494,10 +500,13 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
     items, rows, labels, ids = _split_rows(fs, source)
     all_labels = np.concatenate([labels[s] for s in fs.splits])
 
+    import keras
+
     keras.utils.set_random_seed(cfg.seed)
     metadata = {"head": ft_name, "head_dir": str(head_dir), "features": info.get("features"),
                 "fingerprints": info.get("fingerprints"), "fine_tune": settings}
     built = build_models(model_dir, info, attrs, cfg.weights, cfg.unfreeze, cfg.augment, cfg.seed, metadata)
+    _guard(out, new_meta, cfg.force)  # after --unfreeze and --weights are known to be valid
     size = int(attrs["input_size"])
     memo = not cfg.views and len(items) * size * size * 3 <= MEMO_BYTES  # views: each image is decoded once
     images = _Images(items, size, cfg.workers, memo)
