@@ -165,7 +165,7 @@ def test_dvc_commands_take_path_params_with_spaces_quotes_and_accents(tmp_path):
     r = _dvc("repro", "manifest", cwd=work)
     assert r.returncode == 0, r.stdout + r.stderr
     manifest = json.loads((work / "cache/dvc/manifest.json").read_text(encoding="utf-8"))
-    assert str(data) in json.dumps(manifest, ensure_ascii=False)
+    assert manifest["source"] == str(data) and manifest["counts"]["train"] > 0
 
 
 @pytest.mark.slow
