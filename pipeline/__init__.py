@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import importlib
 
+from pipeline.core.util import quiet_tensorflow_by_default
+
 __version__ = "0.1.0"
+
+# TensorFlow's C++ start-up lines (absl, oneDNN, CUDA's E0000) stay off stderr in notebooks and
+# scripts too, as in the CLI; TF_CPP_MIN_LOG_LEVEL=0 (or a level the user set) is respected.
+quiet_tensorflow_by_default()
 
 # public name -> the module that defines it
 _API = {

@@ -15,13 +15,21 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.core.errors import TlpipeError
-from pipeline.core.util import quiet_tensorflow, setup_logging
+from pipeline.core.errors import TlpipeError, UsageError
+from pipeline.core.util import loud_tensorflow, quiet_tensorflow, setup_logging
 
 log = logging.getLogger("tlpipe")
 
 
 _GLOBAL_FLAGS = {"--debug", "-q", "--quiet", "-v", "-vv", "-vvv", "--verbose"}
+
+
+def _from_params(ctx: click.Context, param: click.Parameter, value):
+    """A path value written ``FILE.yaml:KEY`` (``params.yaml:data.source``) is read from that YAML file:
+    dvc.yaml passes paths this way, so that no shell quoting can break one (spaces, quotes, ``$``, é)."""
+    from pipeline.core.util import param_reference
+
+    return param_reference(value)
 
 
 class _Group(click.Group):
@@ -84,6 +92,8 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     --debug, -v and -q may also follow the command."""
     if not verbose and not debug:
         quiet_tensorflow()  # TensorFlow's start-up lines stay off stderr (-v shows them)
+    else:
+        loud_tensorflow()  # `import pipeline` made them quiet for the Python API
     setup_logging(-1 if quiet else verbose)
     ctx.obj = {"debug": debug or verbose >= 1, "quiet": quiet}
 
@@ -111,12 +121,14 @@ def bases_cmd(as_json: bool) -> None:
 
 @cli.command("extract")
 @click.option("--base", required=True, help="Base name or alias (see 'tlpipe bases'), e.g. vgg16, googlenet.")
-@click.option("--data", default="tfds:cats_vs_dogs", show_default=True,
-              help="tfds:NAME, or a folder with one subfolder per class (or train/ val/ test/ subfolders).")
+@click.option("--data", default="tfds:cats_vs_dogs", show_default=True, callback=_from_params,
+              help="tfds:NAME, or a folder with one subfolder per class (or train/ val/ test/ subfolders); "
+                   "params.yaml:KEY reads it from that file (as dvc.yaml does).")
 @click.option("--split", default="80/10/10", show_default=True,
               help="train/val/test percentages (ignored when the folder has train/ val/ subfolders).")
-@click.option("--weights", default="imagenet", show_default=True,
-              help="imagenet (Keras download + cache), none, a .h5/.weights.h5 file, or a folder holding one.")
+@click.option("--weights", default="imagenet", show_default=True, callback=_from_params,
+              help="imagenet (Keras download + cache), none, a .h5/.weights.h5 file, or a folder holding one; "
+                   "params.yaml:KEY reads it from that file.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output HDF5 file [default: CACHE/features/BASE.h5].")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
@@ -211,9 +223,13 @@ def merge_cmd(shards, out, copy, force) -> None:
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Re-list the data source and report whether the file is stale.")
 def info_cmd(file, cache_dir, as_json, check) -> None:
-    """Show a features file: provenance, rows per split, skipped inputs, staleness."""
+    """Show a features file (provenance, rows per split, skipped inputs, staleness) or a head folder
+    (base, head, features, chosen C/k/epoch, val and test accuracy, staleness)."""
     from pipeline.store.features import load_features, resolve_features_path, staleness
 
+    if Path(file).is_dir():
+        click.echo(_head_info(Path(file), as_json, check))
+        return
     path = resolve_features_path(file, cache_dir)
     fs = load_features(path, need=())
     attrs = dict(fs.attrs)
@@ -236,6 +252,39 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
         click.echo(f"  skipped: {s['split']}/{s['id']}: {s['reason']}")
     if check:
         click.echo(f"  {'status':20s} {'STALE: ' + why if stale else 'up to date (' + why + ')'}")
+
+
+def _head_info(folder: Path, as_json: bool, check: bool) -> str:
+    """``tlpipe info HEAD_DIR``: the head's evaluation summary (fit-head, fine-tune or baseline folders)."""
+    from pipeline.store.features import head_status
+
+    ev_path = folder / "evaluation.json"
+    if not ev_path.is_file():
+        raise UsageError(f"{folder} is a folder, not a features file or a head folder (no evaluation.json); "
+                         "give a features file or a folder written by fit-head, fine-tune or baseline")
+    try:
+        ev = json.loads(ev_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{ev_path} is not readable JSON ({exc})") from None
+    status, why = head_status(folder)[:2] if check else ("not checked", "")
+    if as_json:
+        return json.dumps({**ev, "status": status, "status_reason": why}, indent=2, default=str)
+    tuning = ev.get("tuning") or {}
+    chosen = (f"{tuning.get('param')}={tuning.get('chosen')}" + (f" (CV accuracy {tuning['cv_accuracy']:.4f})"
+              if isinstance(tuning.get("cv_accuracy"), (int, float)) else "")) if tuning.get("chosen") is not None \
+        else "none"
+    features = ev.get("features") or ev.get("data_source") or ""
+    rows = [("base", ev.get("base", "")), ("head", ev.get("head", "")),
+            ("features", ", ".join(features) if isinstance(features, list) else features),
+            ("classes", ", ".join(map(str, ev.get("classes") or []))), ("chosen", chosen)]
+    for split in ("val", "test"):
+        s = (ev.get("splits") or {}).get(split)
+        if s:
+            rows.append((f"{split} accuracy", f"{s['accuracy']:.4f} (n={s.get('n', '?')}, log loss "
+                                              f"{s.get('log_loss', float('nan')):.4f})"))
+    if check and status != "unknown":
+        rows.append(("status", status if status == "ok" else f"{status.upper()}: {why}"))
+    return "\n".join([str(folder)] + [f"  {k:20s} {v}" for k, v in rows])
 
 
 @cli.command("fit-head")
@@ -345,8 +394,9 @@ def fine_tune_cmd(head_dir, unfreeze, epochs, lr, augment, batch_size, patience,
 
 
 @cli.command("baseline")
-@click.option("--data", default="tfds:cats_vs_dogs", show_default=True,
-              help="tfds:NAME, or a folder with one subfolder per class (or train/ val/ test/ subfolders).")
+@click.option("--data", default="tfds:cats_vs_dogs", show_default=True, callback=_from_params,
+              help="tfds:NAME, or a folder with one subfolder per class (or train/ val/ test/ subfolders); "
+                   "params.yaml:KEY reads it from that file (as dvc.yaml does).")
 @click.option("--split", default="80/10/10", show_default=True,
               help="train/val/test percentages (ignored when the folder has train/ val/ subfolders).")
 @click.option("--input-size", type=click.IntRange(16), default=180, show_default=True,
@@ -398,7 +448,8 @@ def report_cmd(cache_dir, force) -> None:
 
 
 @cli.command("manifest")
-@click.option("--data", default="tfds:cats_vs_dogs", show_default=True)
+@click.option("--data", default="tfds:cats_vs_dogs", show_default=True, callback=_from_params,
+              help="As for extract (params.yaml:KEY reads it from that file).")
 @click.option("--split", default="80/10/10", show_default=True)
 @click.option("--tfds-data-dir", default=None)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("cache/manifest.json"), show_default=True)
@@ -443,8 +494,13 @@ def export_cmd(head_dir, out, fmt, force, base, weights, cache_dir) -> None:
 
     A head on fused features gets one branch per features file, and one image input per
     input size when the branches need several ('tlpipe predict' feeds them)."""
-    from pipeline.deploy.export import ExportConfig, custom_layer_note, export_model, read_metadata
+    from pipeline.core.safety import check_out_path
     from pipeline.store.features import head_status
+
+    if not (Path(head_dir) / "model" / "head.json").is_file() and not (Path(head_dir) / "head.json").is_file():
+        raise UsageError(f"{head_dir} is not a fitted head folder (no head.json); run 'tlpipe fit-head' first")
+    check_out_path(out, "folder" if fmt == "savedmodel" else "file")  # before TensorFlow is imported
+    from pipeline.deploy.export import ExportConfig, custom_layer_note, export_model, read_metadata
 
     status, why, _ = head_status(head_dir)
     if status in ("stale", "features missing"):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import make_folder
 from tests.test_spine import _colour_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,3 +125,66 @@ def test_dvc_fine_tune_and_baseline_stages_run_only_for_listed_entries(tmp_path)
     assert third.returncode == 0, third.stdout + third.stderr
     assert "Running stage 'baseline@32'" in third.stdout and "Running stage 'report'" in third.stdout
     assert "Running stage 'fine_tune" not in third.stdout and "Running stage 'fit_head" not in third.stdout
+
+
+HOSTILE = "my \"photos\" it's $HOME `date` é"  # a space, both quotes, $, backticks, non-ASCII
+
+
+def _tiny_project(tmp_path: Path, data: Path) -> tuple[Path, dict]:
+    work = tmp_path / "proj"
+    work.mkdir()
+    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["source"] = str(data)
+    params["extract"].update(bases=["mobilenet_0.25"], weights="none", input_size=32, batch_size=8)
+    params["fit_head"].update(heads=["logistic"], epochs=2, patience=1)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    assert _dvc("init", "-q", cwd=work).returncode == 0
+    return work, params
+
+
+def test_dvc_commands_take_path_params_with_spaces_quotes_and_accents(tmp_path):
+    """Path params never go through the shell: the rendered commands read them from params.yaml, so
+    -S 'data.source=/data/my photos' (or quotes, $, é) cannot break a stage."""
+    data = make_folder(tmp_path / HOSTILE, per_class=6)
+    weights = tmp_path / f"weights {HOSTILE}"
+    weights.mkdir()
+    work, params = _tiny_project(tmp_path, data)
+    params["extract"]["weights"] = str(weights)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    dry = _dvc("repro", "--dry", "--force", cwd=work)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    commands = [ln for ln in dry.stdout.splitlines() if ln.startswith("> ")]
+    assert any("tlpipe -q manifest" in c for c in commands) and any("tlpipe extract" in c for c in commands)
+    for c in commands:
+        assert "${" not in c and "photos" not in c and "é" not in c, c  # no path in the shell text
+    assert sum("--data params.yaml:data.source" in c for c in commands) == 2
+    assert any("--weights params.yaml:extract.weights" in c for c in commands)
+    # and the manifest stage runs with that path
+    r = _dvc("repro", "manifest", cwd=work)
+    assert r.returncode == 0, r.stdout + r.stderr
+    manifest = json.loads((work / "cache/dvc/manifest.json").read_text(encoding="utf-8"))
+    assert manifest["source"] == str(data) and manifest["counts"]["train"] > 0
+
+
+@pytest.mark.slow
+def test_dvc_repro_prints_no_dvc_warnings_on_a_fresh_project(tmp_path):
+    """No "'cache/dvc/finetuned' is empty" (the report's dependencies on the fine-tune and baseline
+    folders) and no "No file hash info found" in a first `dvc repro` with the defaults' empty lists."""
+    if shutil.which("tlpipe", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("tlpipe console script not installed (pip install -e .)")
+    data = make_folder(tmp_path / f"images {HOSTILE}", per_class=8)
+    work, _ = _tiny_project(tmp_path, data)
+    first = _dvc("repro", cwd=work)
+    text = first.stdout + first.stderr
+    assert first.returncode == 0, text
+    assert "is empty" not in text and "No file hash info found" not in text, text
+    assert "| mobilenet_0.25 |" in (work / "cache/dvc/report.md").read_text()
+    import h5py
+
+    with h5py.File(work / "cache/dvc/features/mobilenet_0.25.h5", "r") as h5:
+        assert h5.attrs["data_source"] == str(data)
+    second = _dvc("repro", cwd=work)
+    assert second.returncode == 0 and "is empty" not in second.stdout + second.stderr
+    assert "Running stage 'report'" not in second.stdout

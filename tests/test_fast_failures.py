@@ -3,8 +3,10 @@ stderr (no TensorFlow start-up lines), exit codes hold, messages say what happen
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -211,3 +213,274 @@ def test_a_missing_keras_backend_package_is_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert f"KERAS_BACKEND={backend} but the {backend} package is not installed" in lines[0]
+
+
+# ----------------------------------------------------------------------------- issue 20: fail before the work
+
+def _imported(stderr: str) -> set[str]:
+    """Top-level modules named by ``python -X importtime`` on stderr."""
+    import re
+
+    return {m.group(1).split(".")[0] for m in re.finditer(r"^import time:.*\|\s*([\w.]+)\s*$", stderr, re.M)}
+
+
+def test_usage_errors_end_before_tensorflow_is_imported(tmp_path):
+    """A usage error (bad path, unknown base, bad --split, missing or wrong --features, missing head or
+    model) is one line and exit 2 without importing TensorFlow or Keras (their import alone takes seconds)."""
+    from PIL import Image
+
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(photo)
+    data = make_folder(tmp_path / "data", per_class=2)
+    cases = [
+        ("extract", "--base", "vgg16", "--data", str(tmp_path / "nope")),
+        ("extract", "--base", "no_such_base", "--data", str(data)),
+        ("extract", "--base", "vgg16", "--data", str(data), "--split", "50/60/10"),
+        ("extract", "--base", "vgg16", "--data", str(data), "--weights", str(photo)),
+        ("fit-head", "--features", str(tmp_path / "missing.h5")),
+        ("fit-head", "--features", str(photo)),
+        ("learning-curve", "--features", str(photo)),
+        ("fine-tune", "--head", str(tmp_path / "nope")),
+        ("baseline", "--data", str(tmp_path / "nope")),
+        ("export", "--head", str(data), "--out", str(tmp_path / "m.keras")),
+        ("predict", "--model", str(tmp_path / "m.keras"), str(photo)),
+        ("manifest", "--data", str(data), "--out", str(photo / "m.json")),
+    ]
+    for args in cases:
+        env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+        env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+        r = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline.cli", *args], env=env,
+                           capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+        lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("import time:")]
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("tlpipe: error: "), (args, r.stderr[-2000:])
+        assert not {"tensorflow", "keras"} & _imported(r.stderr), (args, lines)
+
+
+class _ReadOnly:
+    """Make a folder unwritable for this process: chmod 555, or (as root, who ignores modes) the
+    immutable attribute; ``ok`` is False where neither works (the test then skips that part)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.ok, self.how = folder, False, None
+
+    def __enter__(self):
+        if os.geteuid() != 0:
+            self.folder.chmod(0o555)
+            self.how = "chmod"
+        elif subprocess.run(["chattr", "+i", str(self.folder)], capture_output=True).returncode == 0:
+            self.how = "chattr"
+        probe = self.folder / ".probe"
+        try:
+            probe.write_text("x")
+            probe.unlink()
+        except OSError:
+            self.ok = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.how == "chmod":
+            self.folder.chmod(0o755)
+        elif self.how == "chattr":
+            subprocess.run(["chattr", "-i", str(self.folder)], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny features file, a logistic head on it and its exported model."""
+    from pipeline.deploy.export import ExportConfig, export_model
+    from pipeline.stage1.extract import ExtractConfig, extract
+    from pipeline.stage2.fit_head import FitConfig, fit_head
+
+    root = tmp_path_factory.mktemp("fitted")
+    data = make_folder(root / "data", per_class=8)
+    feats = extract(ExtractConfig(base="mobilenet_0.25", data=str(data), weights="none", input_size=32,
+                                  batch_size=8, out=root / "f.h5", progress=False))
+    head = fit_head(FitConfig(features=[str(feats)], head="logistic", out=root / "head"))
+    model = export_model(ExportConfig(head=head, out=root / "m.keras"))
+    return {"data": data, "features": feats, "head": head, "model": model, "root": root}
+
+
+def test_an_unwritable_output_is_one_line_exit_2_before_the_work(fitted, tmp_path, monkeypatch):
+    """Every command that writes checks first that it can: an --out under a file, or in a folder it
+    cannot write in, is one line naming the path, exit 2, and nothing is computed."""
+    import pipeline.stage2.learning_curve as lc
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    cache = tmp_path / "cache"
+    (cache / "heads").mkdir(parents=True)
+    shutil.copytree(fitted["head"], cache / "heads" / "mobilenet_0.25-logistic")
+    f, h, m, d = (str(fitted[k]) for k in ("features", "head", "model", "data"))
+
+    def commands(where: Path):
+        return {
+            "extract": ["extract", "--base", "mobilenet_0.25", "--data", d, "--weights", "none", "--input-size", "32",
+                        "--out", str(where / "f.h5")],
+            "fit-head": ["fit-head", "--features", f, "--out", str(where / "head")],
+            "export": ["export", "--head", h, "--out", str(where / "m.keras")],
+            "predict": ["predict", "--model", m, d, "--out", str(where / "p.csv"), "--format", "csv"],
+            "evaluate": ["evaluate", "--model", m, "--data", d, "--out", str(where / "ev")],
+            "manifest": ["manifest", "--data", d, "--out", str(where / "m.json")],
+            "learning-curve": ["learning-curve", "--features", f, "--out", str(where / "lc.csv")],
+        }
+
+    def no_fitting(*a, **k):  # the curve must be refused before the first fit
+        raise AssertionError("learning-curve fitted before checking its output")
+
+    monkeypatch.setattr(lc, "subsample", no_fitting)
+    for name, args in commands(a_file).items():
+        r = _run(args)
+        assert r.exit_code == 2, (name, r.output)
+        assert r.output.strip().startswith("tlpipe: error: ") and "is a file, not a folder" in r.output, (name, r.output)
+    with _ReadOnly(locked) as ro, _ReadOnly(cache) as ro_cache:
+        if not (ro.ok and ro_cache.ok):
+            pytest.skip("cannot make a folder read-only here (neither chmod nor chattr works)")
+        for name, args in [*commands(locked).items(), ("report", ["report", "--cache-dir", str(cache)])]:
+            r = _run(args)
+            errors = [ln for ln in r.output.splitlines() if ln.startswith("tlpipe: error: ")]
+            assert r.exit_code == 2 and len(errors) == 1, (name, r.output)
+            assert "cannot be written" in errors[0] and "not writable" in errors[0], (name, errors)
+            assert "PermissionError" not in r.output and ".tmp" not in errors[0], (name, errors)
+        assert list(locked.iterdir()) == []
+
+
+def _synthetic_weights(folder: Path, base: str) -> Path:
+    """``base``'s no-top weights (random, ``weights=None``) saved as ``<base>_notop.weights.h5``."""
+    from pipeline.nets.backbones import get_backbone
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{base}_notop.weights.h5"
+    get_backbone(base).build(None, 32, "avg").save_weights(str(path))
+    return path
+
+
+def test_weights_of_another_base_are_one_line_exit_2_naming_their_base(tmp_path):
+    """--weights of another base: one line, exit 2, naming the base the file fits; Keras never
+    starts loading it, so no per-layer warnings reach stderr."""
+    weights = _synthetic_weights(tmp_path / "w", "mobilenet_0.25")
+    data = make_folder(tmp_path / "data", per_class=10)
+    r = _cli_subprocess("extract", "--base", "vgg16", "--data", str(data), "--weights", str(weights),
+                        "--input-size", "32", "--out", str(tmp_path / "f.h5"), "-q")
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("WARNING pipeline.data")]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "does not fit vgg16" in lines[0] and "it fits mobilenet_0.25" in lines[0]
+    assert not (tmp_path / "f.h5").exists()
+    # the right base takes it
+    r = _run(["extract", "--base", "mobilenet_0.25", "--data", str(data), "--weights", str(weights),
+              "--input-size", "32", "--out", str(tmp_path / "g.h5"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+
+
+def test_shared_mobilenet_weights_into_resnet50_name_mobilenet(tmp_path):
+    shared = REPO.parent / "shared" / "weights" / "mobilenet_0.75_224_imagenet_notop.weights.h5"
+    if not shared.is_file():
+        shared = Path("/work/shared/weights/mobilenet_0.75_224_imagenet_notop.weights.h5")
+    if not shared.is_file():
+        pytest.skip("shared MobileNet weights absent")
+    data = make_folder(tmp_path / "data", per_class=10)
+    r = _run(["extract", "--base", "resnet50", "--data", str(data), "--weights", str(shared), "--input-size", "32",
+              "--out", str(tmp_path / "f.h5")])
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("tlpipe: error: ")]
+    assert r.exit_code == 2 and len(errors) == 1 and "it fits mobilenet_0.75" in errors[0], r.output
+
+
+def test_the_real_mistake_comes_before_the_existing_output(fitted, tmp_path):
+    """--weights model.keras and --unfreeze block99 are named as such, not as 'made from other settings'."""
+    d = str(fitted["data"])
+    out = tmp_path / "f.h5"
+    shutil.copy(fitted["features"], out)  # an existing output made with other settings (weights none)
+    r = _run(["extract", "--base", "mobilenet_0.25", "--data", d, "--weights", str(fitted["model"]),
+              "--input-size", "32", "--out", str(out)])
+    assert r.exit_code == 2 and "saved Keras model (.keras), not a weights file" in r.output, r.output
+    assert "other settings" not in r.output
+    ft_out = tmp_path / "ft"
+    ft_out.mkdir()
+    (ft_out / "mine.txt").write_text("a user's folder")
+    r = _run(["fine-tune", "--head", str(fitted["head"]), "--unfreeze", "block99", "--out", str(ft_out)])
+    assert r.exit_code == 2 and "unknown block 'block99'" in r.output, r.output
+    assert "--force" not in r.output
+
+
+def test_features_of_the_wrong_kind_and_info_on_a_head_folder(fitted, tmp_path):
+    from PIL import Image
+
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(photo)
+    for wrong, kind in ((fitted["model"], "saved Keras model"), (photo, "an image")):
+        for cmd in ("fit-head", "learning-curve"):
+            r = _run([cmd, "--features", str(wrong), "--out", str(tmp_path / "o")])
+            assert r.exit_code == 2 and kind in r.output, (cmd, r.output)
+    r = _run(["info", str(fitted["head"])])
+    assert r.exit_code == 0, r.output
+    assert "features file not found" not in r.output
+    for key in ("base", "head", "features", "chosen", "val accuracy", "test accuracy"):
+        assert key in r.output, r.output
+    assert "mobilenet_0.25" in r.output and "logistic" in r.output and "C=" in r.output
+    r = _run(["info", str(fitted["head"]), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["head"] == "logistic"
+    r = _run(["info", str(fitted["data"])])
+    assert r.exit_code == 2 and "no evaluation.json" in r.output
+
+
+def test_the_python_api_is_as_quiet_as_the_cli(tmp_path):
+    """``from pipeline import extract``: no TensorFlow C++ lines (absl, oneDNN, CUDA's E0000) on stderr."""
+    data = make_folder(tmp_path / "data", per_class=4)
+    code = ("from pipeline import ExtractConfig, extract\n"
+            f"extract(ExtractConfig(base='mobilenet_0.25', data={str(data)!r}, weights='none', input_size=32,\n"
+            f"        batch_size=4, runtime='keras', out={str(tmp_path / 'f.h5')!r}, progress=False))\n"
+            "import tensorflow as tf\ntf.config.list_physical_devices('GPU')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env.update(PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import re
+
+    noise = [ln for ln in r.stderr.splitlines()
+             if re.match(r"^[IWEF]\d{4} ", ln) or "absl::" in ln or "cpu_feature_guard" in ln or "oneDNN" in ln]
+    assert noise == [], noise
+    # a user's explicit choice is respected: TF_CPP_MIN_LOG_LEVEL=0 asks TensorFlow for everything
+    env["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    r = subprocess.run([sys.executable, "-c", "import os, pipeline; print(os.environ['TF_CPP_MIN_LOG_LEVEL'])"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "0"
+
+
+def test_bf16_on_avx512_bf16_without_amx_warns_and_auto_stays_f32(monkeypatch, caplog):
+    import pipeline.stage1.runtime as rt
+
+    probes = dict(openvino_ok=True, accelerator=None, backend="tensorflow", x86=True)
+    for flags, warns in (({"avx512f", "avx512_bf16"}, True), ({"avx512_bf16", "amx_bf16", "amx_tile"}, False)):
+        monkeypatch.setattr(rt, "cpu_flags", lambda flags=flags: set(flags))
+        rt.bf16_supported.cache_clear()
+        rt._said.clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline.stage1.runtime"):
+            assert rt.resolve("openvino", "bf16", **probes) == ("openvino", "bf16")
+            assert rt.resolve("auto", "auto", **probes) == ("openvino", "f32")
+        said = [r.getMessage() for r in caplog.records if "slower than f32" in r.getMessage()]
+        assert len(said) == (1 if warns else 0), said
+        if warns:
+            assert "\n" not in said[0] and "AVX512-BF16 but no AMX" in said[0]
+    rt.bf16_supported.cache_clear()
+
+
+def test_param_reference_reads_hostile_paths_from_params_yaml(tmp_path, monkeypatch):
+    import yaml
+
+    from pipeline.core.errors import UsageError
+    from pipeline.core.util import param_reference
+
+    hostile = str(tmp_path / "my \"photos\" it's $HOME `x` é")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"source": hostile}, "extract": {"limit": 0}},
+                                                         allow_unicode=True), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert param_reference("params.yaml:data.source") == hostile
+    assert param_reference("params.yaml:extract.limit") == "0"
+    assert param_reference("tfds:cats_vs_dogs") == "tfds:cats_vs_dogs"
+    assert param_reference("/data/photos") == "/data/photos"
+    with pytest.raises(UsageError, match="no key data.nope"):
+        param_reference("params.yaml:data.nope")
+    with pytest.raises(UsageError, match="cannot read"):
+        param_reference("other.yaml:data.source")

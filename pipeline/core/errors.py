@@ -48,3 +48,7 @@ class WrongFile(UsageError, FeaturesFileError):
 
 class NotAModel(UsageError, DataError):
     """A --model path that Keras cannot load as a model (a usage error: exit code 2)."""
+
+
+class WeightsMismatch(UsageError, WeightsUnavailable):
+    """A --weights file whose arrays do not fit the base (another base's file): exit code 2."""

@@ -106,26 +106,51 @@ def check_replace(path: Path, what: str, differences: list[str], force: bool) ->
                        f"not replacing it: {fix}")
 
 
-def check_out_path(path: Path, kind: str) -> None:
-    """Refuse, in one line (exit 2), an output path of the wrong kind before any work: ``kind`` is
-    ``"file"`` or ``"folder"``; a folder where a file goes (or the reverse), or a parent that is a file."""
+def check_out_path(path: Path, kind: str, option: str = "--out") -> None:
+    """Refuse, in one line (exit 2), an output path that cannot be written, before any work: ``kind`` is
+    ``"file"`` or ``"folder"``; a folder where a file goes (or the reverse), a parent that is a file, or
+    a folder where the output's temporary sibling cannot be created (see ``check_writable``)."""
     path = Path(path)
+    label = f"{option} {path}" if option else str(path)
     if kind == "file" and path.is_dir():
-        raise UsageError(f"--out {path} is a folder; give a file path")
+        raise UsageError(f"{label} is a folder; give a file path")
     if kind == "folder" and path.exists() and not path.is_dir():
-        raise UsageError(f"--out {path} is a file; give a folder path (this command writes a folder)")
+        raise UsageError(f"{label} is a file; give a folder path (this command writes a folder)")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise UsageError(f"--out {path}: {parent} is a file, not a folder")
+                raise UsageError(f"{label}: {parent} is a file, not a folder")
             break
+    check_writable(path, option)
 
 
-def guard_user_file(path: Path, what: str, ours, force: bool) -> None:
-    """Refuse to replace an existing file ``path`` that ``ours(path)`` does not recognise as ``what``
-    written by tlpipe (a file the user made), unless ``force``."""
+def check_writable(path: Path, option: str = "--out") -> None:
+    """Refuse (exit 2) an output whose folder this process cannot write in: outputs are written to a
+    temporary sibling and renamed, so the nearest existing folder above ``path`` must take a new file
+    (tried for real with a probe file: permissions, read-only mounts, immutable folders, quotas)."""
+    import errno
+    import tempfile
+
     path = Path(path)
-    check_out_path(path, "file")
+    folder = next((p for p in path.absolute().parents if p.exists()), None)
+    if folder is None or not folder.is_dir():
+        return  # check_out_path names a parent that is a file
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tlpipe-write-check.", dir=folder)
+    except OSError as exc:
+        why = "permission denied" if exc.errno in (errno.EACCES, errno.EPERM) else (exc.strerror or str(exc))
+        where = "" if folder == path.absolute().parent else f" (it would be created in {folder})"
+        label, fix = (f"{option} {path}", f"choose another {option}") if option else (str(path), "make it writable")
+        raise UsageError(f"{label} cannot be written: {folder} is not writable ({why}){where}; {fix}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def guard_user_file(path: Path, what: str, ours, force: bool, option: str = "--out") -> None:
+    """Refuse to replace an existing file ``path`` that ``ours(path)`` does not recognise as ``what``
+    written by tlpipe (a file the user made), unless ``force``; refuse an unwritable one (``check_out_path``)."""
+    path = Path(path)
+    check_out_path(path, "file", option)
     if force or not path.exists():
         return
     try:

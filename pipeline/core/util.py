@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -123,12 +124,61 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+_LEVEL_SET_HERE = False  # TF_CPP_MIN_LOG_LEVEL was set by quiet_tensorflow, not by the user
+
+
 def quiet_tensorflow() -> None:
-    """Keep TensorFlow's start-up lines off stderr: the log level for later messages, and a silent
-    import (installed before TensorFlow is imported; ``-v`` leaves both alone)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    """Keep TensorFlow's start-up lines off stderr: the log level for later messages (unless the user
+    set ``TF_CPP_MIN_LOG_LEVEL``), and a silent import (installed before TensorFlow is imported)."""
+    global _LEVEL_SET_HERE
+    if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        _LEVEL_SET_HERE = True
     if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
+def quiet_tensorflow_by_default() -> None:
+    """What ``import pipeline`` does, so the Python API is as quiet as the CLI: ``quiet_tensorflow``,
+    unless the user asked TensorFlow for every line (``TF_CPP_MIN_LOG_LEVEL=0``)."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "").strip() != "0":
+        quiet_tensorflow()
+
+
+def loud_tensorflow() -> None:
+    """Undo ``quiet_tensorflow`` (``-v``): TensorFlow's start-up lines and log as it would by itself."""
+    global _LEVEL_SET_HERE
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _QuietTensorFlowImport)]
+    if _LEVEL_SET_HERE and "tensorflow" not in sys.modules:
+        os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+        _LEVEL_SET_HERE = False
+
+
+_PARAM_REF = re.compile(r"(?P<file>[^:]+\.ya?ml):(?P<key>[A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)")
+
+
+def param_reference(value):
+    """``value``, or, when it is written ``FILE.yaml:KEY`` (``params.yaml:data.source``), the value of
+    the dotted ``KEY`` in that YAML file (``UsageError`` when the file or key is missing).  dvc.yaml
+    passes path parameters this way: a path interpolated into a shell command breaks on quotes."""
+    from pipeline.core.errors import UsageError
+
+    match = _PARAM_REF.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        return value
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(match["file"]).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"{value}: cannot read {match['file']} ({exc})") from None
+    for part in match["key"].split("."):
+        if not isinstance(data, dict) or part not in data:
+            raise UsageError(f"{value}: no key {match['key']} in {match['file']}")
+        data = data[part]
+    if data is None or isinstance(data, (dict, list)):
+        raise UsageError(f"{value}: {match['key']} in {match['file']} is not a single value ({data!r})")
+    return str(data)
 
 
 def require_tensorboard() -> None:

@@ -75,23 +75,29 @@ def known_weights(backbone: Backbone, weights: str | Path | None) -> tuple[str, 
     return ("imagenet", sha256_file(cached)) if cached is not None else None
 
 
+def weights_owner(filename: str) -> str | None:
+    """The base whose longest name or alias prefixes a weights file's name (``mobilenet_0.75_224_...`` is
+    mobilenet_0.75's, not mobilenet's), or whose Keras cache file name it is; None if none does."""
+    from pipeline.nets.backbones import BACKBONES
+
+    low = filename.lower()
+    for b in BACKBONES.values():
+        if b.weights_file and low == b.weights_file.lower():
+            return b.name
+    every = sorted(((n, b.name) for b in BACKBONES.values() for n in (b.name, *b.aliases)),
+                   key=lambda pair: -len(pair[0]))
+    return next((base for n, base in every if low.startswith(n.lower() + "_")), None)
+
+
 def find_weights_in_dir(folder: Path, backbone: Backbone) -> Path | None:
     """A no-top weights file for ``backbone`` in ``folder``: Keras' cache name, or
     ``<name>*notop*.h5`` / ``<name>*no_top*.h5`` (e.g. ``mobilenet_0.75_224_imagenet_notop.weights.h5``)."""
     exact = folder / backbone.weights_file
     if exact.is_file():
         return exact
-    every = sorted(((n, b.name) for b in BACKBONES.values() for n in (b.name, *b.aliases)),
-                   key=lambda pair: -len(pair[0]))
-
-    def owner(filename: str) -> str | None:
-        """The base whose longest name or alias prefixes the file name (mobilenet_0.75_... is not mobilenet's)."""
-        low = filename.lower()
-        return next((base for n, base in every if low.startswith(n + "_")), None)
-
     hits = sorted(
         p for p in folder.iterdir()
-        if p.is_file() and p.name.endswith(".h5") and owner(p.name) == backbone.name
+        if p.is_file() and p.name.endswith(".h5") and weights_owner(p.name) == backbone.name
         and ("notop" in p.name.lower() or "no_top" in p.name.lower())
     )
     return hits[0] if hits else None
@@ -123,9 +129,81 @@ def parse_weights(spec: str | None, backbone: Backbone | None = None) -> str | P
             f"weights not found: {text} (use --weights imagenet, --weights none, a .h5 / .weights.h5 file, "
             "or a folder holding the base's Keras weights file)"
         )
-    if not (path.name.endswith(".h5") or path.name.endswith(".keras")):
-        raise UsageError(f"weights file must be a .h5 or .weights.h5 file: {text}")
+    check_weights_file(path, text)
     return path
+
+
+def check_weights_file(path: Path, text: str) -> None:
+    """Refuse (exit 2) a ``--weights`` file that is not a weights file: a saved model (``.keras`` zip),
+    an image or anything else that is not HDF5.  Cheap: reads the first bytes only."""
+    import zipfile
+
+    import h5py
+
+    if path.suffix == ".keras" or zipfile.is_zipfile(path):
+        raise UsageError(f"--weights {text} is a saved Keras model (.keras), not a weights file: give the base's "
+                         "weights (.h5 / .weights.h5), a folder holding them, imagenet or none")
+    if not h5py.is_hdf5(path):
+        raise UsageError(f"--weights {text} is not a weights file (not HDF5): give a .h5 / .weights.h5 file, "
+                         "a folder holding the base's weights, imagenet or none")
+    if not path.name.endswith(".h5"):
+        raise UsageError(f"weights file must be a .h5 or .weights.h5 file: {text}")
+
+
+def file_weight_shapes(path: str | Path) -> list[tuple[int, ...]]:
+    """The shapes of every array in an HDF5 weights file (Keras 3 ``.weights.h5`` or legacy ``.h5``)."""
+    import h5py
+
+    shapes: list[tuple[int, ...]] = []
+
+    def visit(_name, obj):
+        if isinstance(obj, h5py.Dataset) and obj.shape:
+            shapes.append(tuple(int(d) for d in obj.shape))
+
+    with h5py.File(path, "r") as h5:
+        root = h5["model_weights"] if "model_weights" in h5 else h5  # a whole legacy model file
+        root.visititems(visit)
+    return sorted(shapes)
+
+
+def model_weight_shapes(model) -> list[tuple[int, ...]]:
+    return sorted(tuple(int(d) for d in w.shape) for w in model.weights if len(w.shape))
+
+
+def check_weights_fit(path: Path, backbone: Backbone, model) -> None:
+    """Refuse (``WeightsMismatch``, exit 2) a weights file whose arrays are not ``model``'s (the base built
+    without weights), naming the base it fits when its file name says which and the shapes agree;
+    Keras would otherwise print a warning per layer and fail half-way."""
+    from pipeline.core.errors import WeightsMismatch
+
+    have = file_weight_shapes(path)
+    want = model_weight_shapes(model)
+    if have == want:
+        return
+    owner = weights_owner(path.name)
+    fits = ""
+    if owner and owner != backbone.name:
+        from pipeline.nets.backbones import get_backbone
+
+        try:
+            if model_weight_shapes(get_backbone(owner).build(None, None, "avg")) == have:
+                fits = f"; it fits {owner}: use --base {owner}"
+        except Exception:  # noqa: BLE001 - naming the owner is a courtesy
+            pass
+    extra = len(have) - len(want)
+    hint = fits or (" (it has more arrays: a file with the classification top? give the no-top file, *notop*.h5)"
+                    if extra > 0 and all(have.count(x) >= want.count(x) for x in set(want)) else
+                    f"; give {backbone.name}'s own no-top weights ({backbone.weights_file}) or --weights imagenet / none")
+    raise WeightsMismatch(f"--weights {path} does not fit {backbone.name}: {len(have)} arrays "
+                          f"({sum(_size(x) for x in have):,} values) in the file, {backbone.name} without its top has "
+                          f"{len(want)} ({sum(_size(x) for x in want):,}){hint}")
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 @contextlib.contextmanager
@@ -170,8 +248,10 @@ def build_with_weights(
     if weights is None:
         return backbone.build(None, size, pooling), WeightsInfo("none")
     if isinstance(weights, Path):
+        model = backbone.build(None, size, pooling)
+        check_weights_fit(weights, backbone, model)  # one line, exit 2, before Keras warns per layer
         try:
-            model = backbone.build(str(weights), size, pooling)
+            model.load_weights(str(weights))  # what keras.applications does with a weights path
         except Exception as exc:  # Keras raises ValueError / KeyError on mismatched files
             raise WeightsUnavailable(
                 f"could not load weights {weights} into {backbone.name}"

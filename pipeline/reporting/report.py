@@ -250,9 +250,9 @@ def report(cfg: ReportConfig) -> Path:
         raise UsageError(f"no fitted heads under {cache / 'heads'} or {cache / 'dvc' / 'heads'}: "
                           "run 'tlpipe fit-head' or 'dvc repro' first")
     md = Path(cfg.out_md or cache / "report.md")
-    guard_user_file(md, "a report", lambda p: p.read_text().startswith("# tlpipe report\n"), cfg.force)
+    guard_user_file(md, "a report", lambda p: p.read_text().startswith("# tlpipe report\n"), cfg.force, option="")
     guard_user_file(Path(cfg.out_json or cache / "report.json"), "a report",
-                    lambda p: {"data_sources", "rows"} <= set(json.loads(p.read_text())), cfg.force)
+                    lambda p: {"data_sources", "rows"} <= set(json.loads(p.read_text())), cfg.force, option="")
     both = any(r["pipeline"] for r in rows) and not all(r["pipeline"] for r in rows)
     atomic_write_text(md, to_markdown(rows, pipeline_known=both))
     sources = sorted({(r["data_index"], r["data"]) for r in rows if r["data_index"]})

@@ -35,7 +35,8 @@ from pipeline.heads import folder
 from pipeline.heads.metrics import chance, evaluate
 from pipeline.heads.models import Head, HeadParams, get_head
 from pipeline.heads.stream import Rows, chunks_of, decide, open_streamed, stream_head, stream_params
-from pipeline.store.features import FeatureSet, fuse, load_features, read_attrs, resolve_features_path, warn_if_stale
+from pipeline.store.features import (FeatureSet, check_attrs, fuse, load_features, read_attrs, resolve_features_path,
+                                     warn_if_stale)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ def _check(cfg: FitConfig) -> tuple[type[Head], FitConfig]:
 def _open(cfg: FitConfig, head_cls: type[Head]) -> tuple[FeatureSet, type[Head], FitConfig, dict[str, Any]]:
     """The features, in memory or streamed from disk (decided from their shapes; nothing read first)."""
     paths = [resolve_features_path(n, cfg.cache_dir) for n in cfg.features]
+    for path in paths:
+        check_attrs(path)  # a file of the wrong kind (.keras, an image, not tlpipe's): one line, exit 2
     streamed, memory = decide(paths, cfg.stream, cfg.max_memory, head_cls.name)
     if streamed:  # features stay on disk, read in chunks (pipeline.heads.stream)
         head_cls = stream_head(head_cls.name)

@@ -198,7 +198,7 @@ def _train(cfg: BaselineConfig, out: Path, source, images: Images, rows: dict, l
            ) -> tuple[dict, Any, Any, int]:
     """Build the convnet and train (or resume) it to its best epoch; return the state, the scored model,
     the export model and the size of the tune slice."""
-    import keras
+    import keras  # after the checks: a usage error does not wait for TensorFlow
 
     keras.utils.set_random_seed(cfg.seed)
     size = int(cfg.input_size)

@@ -43,6 +43,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.core.errors import FeaturesFileError, UsageError
+from pipeline.core.safety import check_out_path
 from pipeline.core.util import require_tensorboard
 from pipeline.data.sources import open_source
 from pipeline.heads.folded import logistic_layers
@@ -329,12 +330,12 @@ def _check(cfg: FineTuneConfig) -> None:
 
 
 def _open_job(cfg: FineTuneConfig) -> _Job:
-    """Read the head and its features file, guard the output folder, and find the images of every row."""
+    """Read the head and its features file, check the output is writable, and find the images of every row."""
     head_dir = Path(cfg.head)
     model_dir, info, feat_path, attrs, head_eval = _read_head(head_dir, Path(cfg.cache_dir))
     out, name, settings = output_dir(cfg), f"{info['head']}+ft", cfg.settings()
     new_meta = {"head": name, "fingerprints": list(info.get("fingerprints") or []), "params": settings}
-    guard_resumable(out, new_meta, cfg.force)
+    check_out_path(out, "folder")  # unwritable: one line before TensorFlow starts
     fs = load_features(feat_path)
     source = open_source(str(attrs["data_source"]), str(attrs.get("split_spec") or "80/10/10"),
                          limit=int(attrs.get("limit") or 0) or None)
@@ -466,16 +467,20 @@ def _evaluation(job: _Job, fine: dict, tuning: dict, splits: dict, state: dict) 
 
 
 def fine_tune(cfg: FineTuneConfig) -> Path:
-    """Fine-tune the head's base and head on the images; write the output folder and return it."""
-    import keras
+    """Fine-tune the head's base and head on the images; write the output folder and return it.
 
+    Every value is checked (options, head, data, --unfreeze, --weights) before an existing --out is
+    compared with this run's settings: the real mistake is named first."""
     _check(cfg)
     job = _open_job(cfg)
+    import keras  # after the checks: a usage error does not wait for TensorFlow
+
     keras.utils.set_random_seed(cfg.seed)
     metadata = {"head": job.name, "head_dir": str(job.head_dir), "features": job.info.get("features"),
                 "fingerprints": job.info.get("fingerprints"), "fine_tune": job.settings}
     built = build_models(job.model_dir, job.info, job.attrs, cfg.weights, cfg.unfreeze, cfg.augment, cfg.seed,
                          metadata)
+    guard_resumable(job.out, job.new_meta, cfg.force)  # after --unfreeze and --weights are known to be valid
     size = built.size
     memo = not cfg.views and len(job.items) * size * size * 3 <= MEMO_BYTES  # views: each image decoded once
     images = Images(job.items, size, cfg.workers, memo)

@@ -50,6 +50,10 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
         with h5py.File(path, "r") as h5:
             attrs = {k: _plain(v) for k, v in h5.attrs.items()}
     except OSError as exc:
+        kind = _not_hdf5_kind(Path(path))
+        if kind:
+            raise WrongFile(f"{path} is not a readable HDF5 file: it is {kind}; give a features file "
+                            "written by 'tlpipe extract' (.h5)") from None
         raise WrongFile(f"{path} is not a readable HDF5 file ({exc})") from None
     for key in JSON_ATTRS:
         if isinstance(attrs.get(key), str):
@@ -58,6 +62,20 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
             except ValueError:
                 pass
     return attrs
+
+
+def _not_hdf5_kind(path: Path) -> str:
+    """What a file that is not HDF5 seems to be, for the one-line error ('' when it cannot tell)."""
+    import zipfile
+
+    try:
+        if path.suffix.lower() == ".keras" or zipfile.is_zipfile(path):
+            return "a saved Keras model (.keras)" if path.suffix.lower() == ".keras" else "a zip archive"
+    except OSError:
+        return ""
+    if path.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}:
+        return "an image"
+    return ""
 
 
 def _plain(value: Any) -> Any:
