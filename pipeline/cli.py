@@ -217,7 +217,7 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
     attrs.setdefault("precision", "fp16" if attrs.get("mixed_precision") else "f32")
     for key in ("base", "weights", "weights_sha256", "input_size", "pooling", "preprocessing", "feature_size",
                 "runtime", "precision",
-                "data_source", "split_spec", "class_names", "counts", "skipped_count", "images_per_second",
+                "data_source", "split_spec", "split_rule", "class_names", "counts", "skipped_count", "images_per_second",
                 "extract_seconds", "tlpipe_version", "keras_version", "keras_backend", "tensorflow_version",
                 "created", "fingerprint"):
         if key in attrs:

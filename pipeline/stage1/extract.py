@@ -35,7 +35,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.nets.backbones import get_backbone
-from pipeline.data.sources import Item, Source, open_source
+from pipeline.data.sources import Item, Source, old_split_rule, open_source
 from pipeline.core.errors import DataError, LockedError, TlpipeError, UsageError
 from pipeline.store.features import SCHEMA_VERSION, extraction_fingerprint, read_attrs
 from pipeline.data.images import RESIZE_METHOD, DecodeError, decode_image, resize_array
@@ -472,6 +472,7 @@ def static_attrs(cfg: ExtractConfig, job: Job, fingerprint: str) -> dict[str, An
         "data_kind": source.kind,
         "split_spec": source.split_spec,
         "source_fingerprint": source.fingerprint,
+        "split_rule": source.split_rule,
         "fingerprint": fingerprint,
         "class_names": json.dumps(source.class_names),
         "num_classes": len(source.class_names),
@@ -512,8 +513,8 @@ def _settings(backbone, weights_kind: str, weights_sha256: str, size: int, cfg: 
     """What a features file records about how it was made (compared with an existing file)."""
     return {"base": backbone.name, "weights": weights_kind, "weights_sha256": weights_sha256,
             "input_size": size, "pooling": cfg.pooling, "data_source": source.spec,
-            "split_spec": source.split_spec, "source_fingerprint": source.fingerprint,
-            "limit": cfg.limit or 0, "tlpipe_version": __version__, "resize": RESIZE_METHOD,
+            "split_spec": source.split_spec, "split_rule": source.split_rule,
+            "source_fingerprint": source.fingerprint, "limit": cfg.limit or 0, "tlpipe_version": __version__, "resize": RESIZE_METHOD,
             "runtime": runtime, "precision": precision, "fingerprint": fingerprint}
 
 
@@ -543,10 +544,12 @@ def _guard_existing(out: Path, new: dict, force: bool, shard: tuple[int, int] | 
     if "fingerprint" not in old:
         changes = ["it is not a tlpipe features file"]
     else:
-        changes = []
+        old_rule = old_split_rule(old) if old.get("split_spec") == new.get("split_spec") else ""
+        changes = [old_rule] if old_rule else []
         for key, value in new.items():
             before = old.get(key, 0 if key == "limit" else None)
-            if key == "fingerprint" or str(before) == str(value):
+            if key == "fingerprint" or str(before) == str(value) or (old_rule and key in (
+                    "split_rule", "source_fingerprint")) or (key == "split_rule" and before is None):
                 continue
             if key == "weights":
                 before = "file" if str(before) not in ("imagenet", "none") else before

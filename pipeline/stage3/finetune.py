@@ -461,7 +461,7 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
     """Fine-tune the head's base and head on the images; write the output folder and return it."""
     import keras
 
-    from pipeline.data.sources import open_source
+    from pipeline.data.sources import old_split_rule, open_source
     from pipeline.store.features import load_features
     from pipeline.heads.models import DenseHead, HeadParams
     from pipeline.core.safety import replace_dir
@@ -487,7 +487,8 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
     source = open_source(str(attrs["data_source"]), str(attrs.get("split_spec") or "80/10/10"),
                          limit=int(attrs.get("limit") or 0) or None)
     if attrs.get("source_fingerprint") and source.fingerprint != attrs.get("source_fingerprint"):
-        raise UsageError(f"the images of {attrs['data_source']} changed since {feat_path} was extracted; "
+        raise UsageError(f"{feat_path} was {old_split_rule(attrs)}" if old_split_rule(attrs) else
+                         f"the images of {attrs['data_source']} changed since {feat_path} was extracted; "
                          "extract again, then fit the head again")
     classes = list(info["classes"])
     k = len(classes)
