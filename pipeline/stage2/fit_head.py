@@ -11,7 +11,9 @@ scored, never used for tuning.  Writes ``cache/heads/<features>-<head>/``:
   grid.csv                   grid heads: one row per C or k (CV and in-fold train scores); header
                              only for dense
   predictions.csv            val/test predictions (for DVC confusion-matrix plots)
-  roc.csv                    ROC curve of the validation split (binary tasks)
+  roc.csv                    ROC curves of the validation split: the binary curve, or one-vs-rest per
+                             class plus micro/macro averages (pipeline.reporting.curves)
+  curves.csv                 long rows for DVC plots: per epoch (dense) or against C / k (the others)
   figures/                   PNGs: training curves or the C/k grid, confusion matrices
 """
 
@@ -33,6 +35,7 @@ from pipeline.store.features import FeatureSet, fuse, load_features, read_attrs,
 from pipeline.heads.models import GRID_COLUMNS, HISTORY_COLUMNS, HeadParams, get_head
 from pipeline.core.safety import guard_head_folder, replace_dir
 from pipeline.core.util import write_json
+from pipeline.reporting import curves
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +190,8 @@ def fit_head(cfg: FitConfig) -> Path:
             splits[name] = {**evaluate(proba, split.y, k), **per_class(proba, split.y, classes)}
             if name != "train":
                 pred_parts.append((name, split.ids, split.y, proba.argmax(1), proba.max(1)))
-            if name == "val" and k == 2 and len(np.unique(split.y)) == 2:
-                from sklearn.metrics import roc_curve
-
-                fpr, tpr, thr = roc_curve(split.y, proba[:, 1])
-                roc_rows = [{"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))}
-                            for a, b, c in zip(fpr, tpr, thr)]
+            if name == "val":
+                roc_rows = curves.roc_rows(split.y, proba, classes)  # one-vs-rest per class beyond two
         metrics: dict[str, Any] = {name: {"accuracy": splits[name]["accuracy"], "log_loss": splits[name]["log_loss"]}
                                    for name in ("val", "test") if name in splits}
         metrics["fit_seconds"] = round(fit_seconds, 3)
@@ -234,7 +233,9 @@ def fit_head(cfg: FitConfig) -> Path:
         pred_rows = ({"split": name, "id": i, "actual": classes[a], "predicted": classes[p], "probability": round(float(pr), 6)}
                      for name, ids, ys, preds, probs in pred_parts for i, a, p, pr in zip(ids, ys, preds, probs))
         _write_csv(tmp / "predictions.csv", pred_rows, ["split", "id", "actual", "predicted", "probability"])
-        _write_csv(tmp / "roc.csv", roc_rows, ["fpr", "tpr", "threshold"])
+        _write_csv(tmp / "roc.csv", roc_rows, curves.ROC_COLUMNS)
+        _write_csv(tmp / "curves.csv", curves.curve_rows(rows if dense else [], [] if dense else rows),
+                   curves.CURVE_COLUMNS)  # what DVC plots draw: epochs, or the C/k grid
         from pipeline.reporting.plots import write_head_figures
 
         write_head_figures(tmp)  # figures/: curves or C/k grid, confusion matrices (PNG)

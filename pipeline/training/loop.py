@@ -23,10 +23,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.reporting.curves import ROC_COLUMNS
+from pipeline.reporting.curves import roc_rows as roc_rows_of
+
 log = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = ["split", "id", "actual", "predicted", "probability"]
-ROC_COLUMNS = ["fpr", "tpr", "threshold"]
 
 
 
@@ -171,7 +173,7 @@ def score_splits(core, images, rows: dict[str, np.ndarray], labels: dict[str, np
                  proba: Callable[[np.ndarray], np.ndarray] | None = None
                  ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """Per split: metrics, confusion matrix and per-class scores; val/test prediction rows; the val
-    ROC rows (two classes).  ``proba(rows)`` replaces ``core`` on the images when given."""
+    ROC rows (one-vs-rest per class beyond two).  ``proba(rows)`` replaces ``core`` on the images when given."""
     from pipeline.stage3.finetune import _proba
     from pipeline.stage2.fit_head import evaluate, per_class
 
@@ -188,12 +190,8 @@ def score_splits(core, images, rows: dict[str, np.ndarray], labels: dict[str, np
             pred_rows += [{"split": name, "id": i, "actual": classes[a], "predicted": classes[c],
                            "probability": round(float(pr.max()), 6)}
                           for i, a, c, pr in zip(ids[name], y, p.argmax(1), p)]
-        if name == "val" and k == 2 and len(np.unique(y)) == 2:
-            from sklearn.metrics import roc_curve
-
-            fpr, tpr, thr = roc_curve(y, p[:, 1])
-            roc_rows = [{"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))}
-                        for a, b, c in zip(fpr, tpr, thr)]
+        if name == "val":
+            roc_rows = roc_rows_of(y, p, classes)  # one-vs-rest per class beyond two
     return splits, pred_rows, roc_rows
 
 
