@@ -106,6 +106,12 @@ def test_heads_learn_a_learnable_task(colour_features, head, tmp_path):
     assert lines[0].startswith("epoch,train_accuracy" if head == "dense" else "param,value,cv_accuracy")
     assert len(lines) >= 2
     assert np.array(ev["splits"]["val"]["confusion_matrix"]).shape == (3, 3)
+    roc = {line.split(",")[1] for line in (folder / "roc.csv").read_text().splitlines()[1:]}
+    assert roc == {"blue", "green", "red", "micro-average", "macro-average"}  # three classes: one-vs-rest
+    panels = {line.split(",")[0] for line in (folder / "curves.csv").read_text().splitlines()[1:]}
+    assert panels == ({"accuracy per epoch", "loss per epoch"} if head == "dense"
+                      else {"accuracy against k", "log loss against k"} if head == "knn"
+                      else {"accuracy against log10 C", "log loss against log10 C"})
     loaded = load_head(folder)
     with h5py.File(out, "r") as h5:
         X = h5["val"]["features"][...]
