@@ -60,13 +60,14 @@ def test_small_classes_keep_a_train_and_a_val_image():
             assert "train" in got and "val" in got, got
 
 
-def _old_features(path, data_source):
+def _old_features(path, data_source, sizes=(("train", 8), ("val", 4))):
     """A features file from before the split rule attribute (made with the ranked split)."""
+    rng = np.random.default_rng(0)
     with h5py.File(path, "w") as h5:
         counts = {}
-        for split, n in (("train", 8), ("val", 4)):
+        for split, n in sizes:
             g = h5.create_group(split)
-            g["features"] = np.zeros((n, 4), np.float32)
+            g["features"] = rng.normal(0, 1, (n, 4)).astype(np.float32)
             g["labels"] = (np.arange(n) % 2).astype(np.int64)
             g["ids"] = np.array([f"{split}/{i}" for i in range(n)], dtype=h5py.string_dtype())
             counts[split] = n
@@ -97,3 +98,18 @@ def test_caches_of_the_old_split_rule_are_stale_with_a_clear_message(tmp_path):
     last = r.output.strip().splitlines()[-1]
     assert "Traceback" not in r.output and last.startswith("tlpipe: error:"), r.output
     assert "made with the old split rule" in last and "re-extract" in last and "--force" in last
+
+
+def test_an_empty_split_is_absent_not_scored(tmp_path):
+    """Small folders can now have no test image (the buckets decide): an empty test group (e.g. from
+    merged shards) is left out instead of failing the fit."""
+    from pipeline.stage2.fit_head import FitConfig, fit_head
+    from pipeline.store.features import load_features
+
+    path = _old_features(tmp_path / "f.h5", tmp_path, (("train", 40), ("val", 10), ("test", 0)))
+    with h5py.File(path, "a") as h5:
+        h5.attrs["split_rule"] = SPLIT_RULE
+        h5.attrs["data_kind"] = "synthetic"
+    assert set(load_features(path).splits) == {"train", "val"}
+    out = fit_head(FitConfig(features=[path], head="knn", out=tmp_path / "knn"))
+    assert set(json.loads((out / "evaluation.json").read_text())["splits"]) == {"train", "val"}

@@ -192,7 +192,8 @@ def _load_features(path: Path, need: tuple[str, ...]) -> FeatureSet:
             if name not in h5:
                 continue
             group = h5[name]
-            check_split(path, name, group, attrs)
+            if check_split(path, name, group, attrs) == 0:
+                continue  # an empty split (a folder too small for test, a merge of shards) is absent, not scored
             X = group["features"][...]
             y = group["labels"][...]
             ids = group["ids"].asstr()[...]
