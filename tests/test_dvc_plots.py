@@ -68,7 +68,8 @@ def test_dvc_plots_show_draws_offline(tmp_path):
         else:
             _write_csv(folder / "history.csv", ["epoch", "train_accuracy", "train_loss", "tune_accuracy",
                                                 "tune_loss", "val_accuracy", "val_loss", "seconds"], [])
-        history, grid = (list(csv.DictReader(open(folder / name))) for name in ("history.csv", "grid.csv"))
+        history, grid = (list(csv.DictReader((folder / name).read_text().splitlines()))
+                         for name in ("history.csv", "grid.csv"))
         rows = curve_rows(history, grid)  # as fit_head writes curves.csv
         _write_csv(folder / "curves.csv", CURVE_COLUMNS, [[r[c] for c in CURVE_COLUMNS] for r in rows])
         _write_csv(folder / "predictions.csv", ["split", "id", "actual", "predicted", "probability"],

@@ -134,18 +134,18 @@ def test_heads_without_epochs_get_no_curves_panel(tmp_path):
     from pipeline.reporting.curves import CURVE_COLUMNS, curve_rows
 
     folder = write_head(tmp_path / "vgg16-logistic")
-    grid = list(csv.DictReader(open(folder / "grid.csv")))
+    grid = list(csv.DictReader((folder / "grid.csv").read_text().splitlines()))
     rows = curve_rows([], grid)
     assert {r["panel"] for r in rows} == {"accuracy against log10 C", "log loss against log10 C"}
     assert sorted({r["x"] for r in rows}) == [-3.0, -2.0, -1.0, 0.0, 1.0, 2.0]
     assert set(rows[0]) == set(CURVE_COLUMNS)
     dense = write_head(tmp_path / "vgg16-dense", head="dense")
-    rows = curve_rows(list(csv.DictReader(open(dense / "history.csv"))), [])
+    rows = curve_rows(list(csv.DictReader((dense / "history.csv").read_text().splitlines())), [])
     assert {r["panel"] for r in rows} == {"accuracy per epoch", "loss per epoch"}
     assert {r["series"] for r in rows} == {"train", "tune", "val"} and {r["x"] for r in rows} == set(range(1, 9))
     knn = write_head(tmp_path / "vgg16-knn", head="knn")
-    assert {r["panel"] for r in curve_rows([], list(csv.DictReader(open(knn / "grid.csv"))))} == {
-        "accuracy against k", "log loss against k"}
+    knn_grid = list(csv.DictReader((knn / "grid.csv").read_text().splitlines()))
+    assert {r["panel"] for r in curve_rows([], knn_grid)} == {"accuracy against k", "log loss against k"}
     assert "curves.png" not in [p.name for p in write_head_figures(folder)]
 
 

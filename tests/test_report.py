@@ -113,10 +113,10 @@ def test_comparison_tells_a_dvc_head_from_a_hand_run_one(tmp_path, monkeypatch):
 
     monkeypatch.setattr(plt, "close", spy)
     report(ReportConfig(cache_dir=cache))
-    models = [r["model"] for r in csv.DictReader(open(cache / "plots" / "comparison.csv"))]
+    models = [r["model"] for r in csv.DictReader((cache / "plots" / "comparison.csv").read_text().splitlines())]
     assert sorted(models) == ["mobilenet_0.75-logistic", "mobilenet_0.75-logistic (dvc)"]
     assert sorted(seen) == sorted(models)
     # only pipeline heads (the report stage): no suffix
     report(ReportConfig(cache_dir=cache / "dvc"))
-    models = [r["model"] for r in csv.DictReader(open(cache / "dvc" / "plots" / "comparison.csv"))]
+    models = [r["model"] for r in csv.DictReader((cache / "dvc" / "plots" / "comparison.csv").read_text().splitlines())]
     assert models == ["mobilenet_0.75-logistic"]

@@ -7,13 +7,19 @@ from collections import Counter
 
 import h5py
 import numpy as np
-import pytest
 from click.testing import CliRunner
-
 from conftest import make_folder, write_image
+
 from pipeline.cli import cli
-from pipeline.data.sources import (OLD_SPLIT_RULE, SPLIT_RULE, assign_class, bucket_split, old_split_rule,
-                                   open_source, split_bucket)
+from pipeline.data.sources import (
+    OLD_SPLIT_RULE,
+    SPLIT_RULE,
+    assign_class,
+    bucket_split,
+    old_split_rule,
+    open_source,
+    split_bucket,
+)
 
 
 def _placement(source) -> dict[str, str]:

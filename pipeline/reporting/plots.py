@@ -49,7 +49,7 @@ def installed_fonts() -> list[tuple[str, str]]:
     return sorted(set(fonts), key=lambda f: (f[0] != "DejaVu Sans", f[0], f[1]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _charmap(fname: str) -> frozenset[int]:
     from matplotlib.ft2font import FT2Font
 
