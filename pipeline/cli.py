@@ -243,7 +243,7 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
     attrs.setdefault("precision", "fp16" if attrs.get("mixed_precision") else "f32")
     for key in ("base", "weights", "weights_sha256", "input_size", "pooling", "preprocessing", "feature_size",
                 "runtime", "precision",
-                "data_source", "split_spec", "class_names", "counts", "skipped_count", "images_per_second",
+                "data_source", "split_spec", "split_rule", "class_names", "counts", "skipped_count", "images_per_second",
                 "extract_seconds", "tlpipe_version", "keras_version", "keras_backend", "tensorflow_version",
                 "created", "fingerprint"):
         if key in attrs:
@@ -583,11 +583,14 @@ def evaluate_cmd(model_path, data, split, out, force, fmt, batch_size, runtime, 
 @click.option("--head", default="logistic", show_default=True, help="logistic, dense, svm, rbf-svm or knn.")
 @click.option("--sizes", default="50,100,500,1000,all", show_default=True,
               help="Training-set sizes (capped at the train split's size).")
-@click.option("--seeds", type=click.IntRange(1), default=3, show_default=True, help="Subsamples per size.")
+@click.option("--seeds", type=click.IntRange(1), default=3, show_default=True,
+              help="Subsamples per size (all of train is one sample: fitted once).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Output CSV [default: CACHE/learning_curves/FEATURES-HEAD.csv]; a JSON summary goes beside it.")
+              help="Output CSV [default: CACHE/learning_curves/FEATURES-HEAD.csv]; a JSON summary and a PNG "
+                   "figure go beside it.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
-@click.option("--force", is_flag=True, help="Replace an --out CSV or JSON that tlpipe learning-curve did not write.")
+@click.option("--force", is_flag=True,
+              help="Replace an --out CSV, JSON or PNG that tlpipe learning-curve did not write.")
 def learning_curve_cmd(features, head, sizes, seeds, out, cache_dir, force) -> None:
     """Validation accuracy against the number of training images (stratified subsamples)."""
     from pipeline.stage2.learning_curve import CurveConfig, format_summary, learning_curve

@@ -12,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from pipeline.reporting.curves import CURVE_COLUMNS, ROC_COLUMNS, curve_rows, roc_rows
 from pipeline.reporting.plots import write_head_figures
 from pipeline.reporting.report import ReportConfig, report
 from tests.head_fixtures import write_head
@@ -66,9 +68,16 @@ def test_dvc_plots_show_draws_offline(tmp_path):
         else:
             _write_csv(folder / "history.csv", ["epoch", "train_accuracy", "train_loss", "tune_accuracy",
                                                 "tune_loss", "val_accuracy", "val_loss", "seconds"], [])
+        history, grid = (list(csv.DictReader((folder / name).read_text().splitlines()))
+                         for name in ("history.csv", "grid.csv"))
+        rows = curve_rows(history, grid)  # as fit_head writes curves.csv
+        _write_csv(folder / "curves.csv", CURVE_COLUMNS, [[r[c] for c in CURVE_COLUMNS] for r in rows])
         _write_csv(folder / "predictions.csv", ["split", "id", "actual", "predicted", "probability"],
                    [["val", "a.png", "cat", "cat", 0.9], ["val", "b.png", "dog", "cat", 0.6]])
-        _write_csv(folder / "roc.csv", ["fpr", "tpr", "threshold"], [[0, 0, 1], [0.5, 1, 0.5], [1, 1, 0]])
+        y = np.arange(30) % 3  # three classes: one-vs-rest curves and the averages
+        p = np.random.default_rng(0).dirichlet(np.ones(3), 30) + np.eye(3)[y]
+        roc = roc_rows(y, p / p.sum(1, keepdims=True), ["cat", "dog", "eel"])
+        _write_csv(folder / "roc.csv", ROC_COLUMNS, [[r[c] for c in ROC_COLUMNS] for r in roc])
         assert write_head_figures(folder)
     report(ReportConfig(cache_dir=work / "cache" / "dvc"))
 
@@ -77,12 +86,17 @@ def test_dvc_plots_show_draws_offline(tmp_path):
     shown = json.loads(shown.stdout)
     assert not shown.get("errors"), shown.get("errors")
     data = shown["data"]
-    curves = data["cache/dvc/heads/vgg16-dense/history.csv"][0]["content"]
-    assert len(curves["hconcat"]) == 2  # accuracy and loss panels
-    assert {"train_accuracy", "tune_accuracy", "val_accuracy"} <= set(curves["data"]["values"][0])
-    grid = data["cache/dvc/heads/vgg16-logistic/grid.csv"][0]["content"]
-    assert grid["hconcat"][0]["encoding"]["x"]["scale"]["type"] == "log"
-    assert len(grid["data"]["values"]) == 6
+    assert "cache/dvc/heads/vgg16-dense/history.csv" not in data  # drawn from curves.csv
+    curves = data["cache/dvc/heads/vgg16-dense/curves.csv"][0]["content"]
+    assert curves["facet"]["field"] == "panel"  # one panel per panel value in the data: none empty
+    assert {v["panel"] for v in curves["data"]["values"]} == {"accuracy per epoch", "loss per epoch"}
+    assert {v["series"] for v in curves["data"]["values"]} == {"train", "tune", "val"}
+    grid = data["cache/dvc/heads/vgg16-logistic/curves.csv"][0]["content"]
+    assert {v["panel"] for v in grid["data"]["values"]} == {"accuracy against log10 C", "log loss against log10 C"}
+    assert len({v["x"] for v in grid["data"]["values"]}) == 6
+    roc = data["cache/dvc/heads/vgg16-logistic/roc.csv"][0]["content"]
+    assert roc["layer"][1]["encoding"]["color"]["field"] == "curve"
+    assert {v["class"] for v in roc["data"]["values"]} == {"cat", "dog", "eel", "micro-average", "macro-average"}
     assert "cache/dvc/heads/vgg16-dense/figures/curves.png" in data
     comparison = data["cache/dvc/plots/comparison.csv"][0]["content"]
     assert comparison["encoding"]["x"]["scale"] == {"zero": False} and comparison["mark"]["type"] == "point"

@@ -73,14 +73,38 @@ def test_learning_curve_cli(features, tmp_path):
     assert list(rows[0]) == ["n_train", "seed", "val_accuracy", "val_log_loss", "train_accuracy", "fit_seconds"]
     sizes = sorted({int(r["n_train"]) for r in rows})
     assert sizes == [6, 30, 120]  # 500 and all both capped at the 120 training rows
-    assert len(rows) == 3 * 3
+    # 3 seeds at 6 and 30; all of train is the same sample whatever the seed: fitted once
+    assert [(int(r["n_train"]), int(r["seed"])) for r in rows] == [(6, 0), (6, 1), (6, 2), (30, 0), (30, 1),
+                                                                    (30, 2), (120, 0)]
     assert all(0.0 <= float(r["val_accuracy"]) <= 1.0 for r in rows)
     summary = json.loads(out.with_suffix(".json").read_text())
     means = {s["n_train"]: s["mean"] for s in summary["sizes"]}
-    assert set(means) == {6, 30, 120} and all(s["runs"] == 3 for s in summary["sizes"])
+    assert set(means) == {6, 30, 120} and [s["runs"] for s in summary["sizes"]] == [3, 3, 1]
+    assert [s["whole_train"] for s in summary["sizes"]] == [False, False, True]
     assert means[120] >= means[6] - 0.05 and means[120] >= 0.8  # more data does not hurt (much)
-    assert summary["sizes"][-1]["std"] == pytest.approx(0.0, abs=1e-9)  # the full set is the same each seed
+    assert "fitted once" in summary["note"]
     assert "n_train" in r.output and str(out) in r.output
+    assert "all of train: one fit" in r.output
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in r.output
+
+
+def test_seeds_only_change_the_subsample(features, tmp_path, monkeypatch):
+    """The head's own seed is fixed (fit-head's default), so seeds vary the sample and nothing else."""
+    from pipeline.heads.models import LogisticHead
+
+    seeds = []
+    original = LogisticHead.fit
+
+    def spy(self, train, val=None):
+        seeds.append(self.params.seed)
+        return original(self, train)
+
+    monkeypatch.setattr(LogisticHead, "fit", spy)
+    r = CliRunner().invoke(cli, ["learning-curve", "--features", str(features), "--sizes", "30,all", "--seeds", "2",
+                                 "--out", str(tmp_path / "c.csv")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert seeds == [0, 0, 0]  # 30 with seeds 0 and 1, then all of train once
 
 
 def test_learning_curve_default_output(features, tmp_path):
@@ -90,6 +114,7 @@ def test_learning_curve_default_output(features, tmp_path):
     assert r.exit_code == 0, r.output
     assert (cache / "learning_curves" / "syn-knn.csv").is_file()
     assert (cache / "learning_curves" / "syn-knn.json").is_file()
+    assert (cache / "learning_curves" / "syn-knn.png").is_file()
     r = CliRunner().invoke(cli, ["learning-curve", "--features", str(features), "--head", "forest"])
     assert r.exit_code == 2 and "unknown head" in r.output
 

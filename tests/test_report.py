@@ -92,3 +92,31 @@ def test_old_layout_is_still_read(tmp_path):
     assert row["head"] == "logistic" and row["val_accuracy"] == 0.9 and row["n_train"] == 80
     assert row["val_roc_auc"] == 0.95 and row["chance_val"] == 0.5
     assert row["tuned_on"].startswith("val (older fit")
+
+
+def test_comparison_tells_a_dvc_head_from_a_hand_run_one(tmp_path, monkeypatch):
+    """The same features-head fitted by DVC (cache/dvc/heads) and by hand (cache/heads): two labels."""
+    import csv
+
+    import matplotlib.pyplot as plt
+
+    cache = tmp_path / "cache"
+    write_head(cache / "heads" / "mobilenet_0.75-logistic", base="mobilenet_0.75", val=0.90)
+    write_head(cache / "dvc" / "heads" / "mobilenet_0.75-logistic", base="mobilenet_0.75", val=0.92)
+    seen = []
+    real_close = plt.close
+
+    def spy(fig=None):
+        if fig is not None and getattr(fig, "axes", None):
+            seen.extend(t.get_text() for t in fig.axes[0].get_yticklabels())
+        return real_close(fig)
+
+    monkeypatch.setattr(plt, "close", spy)
+    report(ReportConfig(cache_dir=cache))
+    models = [r["model"] for r in csv.DictReader((cache / "plots" / "comparison.csv").read_text().splitlines())]
+    assert sorted(models) == ["mobilenet_0.75-logistic", "mobilenet_0.75-logistic (dvc)"]
+    assert sorted(seen) == sorted(models)
+    # only pipeline heads (the report stage): no suffix
+    report(ReportConfig(cache_dir=cache / "dvc"))
+    models = [r["model"] for r in csv.DictReader((cache / "dvc" / "plots" / "comparison.csv").read_text().splitlines())]
+    assert models == ["mobilenet_0.75-logistic"]

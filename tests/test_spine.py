@@ -16,6 +16,7 @@ from pipeline.stage1.extract import ExtractConfig, extract
 from pipeline.stage2.fit_head import FitConfig, fit_head
 from pipeline.heads.models import HeadParams, load_head
 
+SPLIT = "60/20/20"
 COLOURS = {"red": (210, 40, 40), "green": (40, 190, 60), "blue": (40, 60, 210)}
 
 
@@ -40,7 +41,8 @@ def _colour_folder(root: Path, per_class: int = 14) -> Path:
 def colour_features(tmp_path_factory):
     root = _colour_folder(tmp_path_factory.mktemp("data") / "colours")
     cache = tmp_path_factory.mktemp("cache")
-    out = extract(ExtractConfig(base="vgg16", data=str(root), weights="none", input_size=32,
+    # 60/20/20: 8 val images (per-file buckets give 4 at 80/10/10 on 43 images: too few to score)
+    out = extract(ExtractConfig(base="vgg16", data=str(root), weights="none", input_size=32, split=SPLIT,
                                 batch_size=8, cache_dir=cache, progress=False))
     return root, cache, out
 
@@ -66,7 +68,7 @@ def test_extract_writes_features_and_provenance(colour_features):
     assert a["base"] == "vgg16" and a["weights"] == "none" and a["input_size"] == 32
     assert a["pooling"] == "avg" and a["preprocessing"] == "keras.applications.vgg16.preprocess_input"
     assert json.loads(a["class_names"]) == ["blue", "green", "red"]
-    assert a["split_spec"] == "80/10/10" and a["data_source"] == str(root.resolve())
+    assert a["split_spec"] == SPLIT and a["split_rule"] == "sha1-bucket-10000" and a["data_source"] == str(root.resolve())
     assert a["skipped_count"] == 1
     skipped = json.loads(a["skipped"])
     assert skipped[0]["id"] == "red/broken.jpg" and skipped[0]["reason"]
@@ -77,7 +79,7 @@ def test_extract_writes_features_and_provenance(colour_features):
 
 def test_split_is_deterministic_and_stable(colour_features, tmp_path):
     root, cache, out = colour_features
-    again = extract(ExtractConfig(base="vgg16", data=str(root), weights="none", input_size=32, batch_size=8,
+    again = extract(ExtractConfig(base="vgg16", data=str(root), weights="none", input_size=32, batch_size=8, split=SPLIT,
                                   out=tmp_path / "again.h5", progress=False, force=True))
     with h5py.File(out, "r") as a, h5py.File(again, "r") as b:
         for split in ("train", "val", "test"):
@@ -104,6 +106,12 @@ def test_heads_learn_a_learnable_task(colour_features, head, tmp_path):
     assert lines[0].startswith("epoch,train_accuracy" if head == "dense" else "param,value,cv_accuracy")
     assert len(lines) >= 2
     assert np.array(ev["splits"]["val"]["confusion_matrix"]).shape == (3, 3)
+    roc = {line.split(",")[1] for line in (folder / "roc.csv").read_text().splitlines()[1:]}
+    assert roc == {"blue", "green", "red", "micro-average", "macro-average"}  # three classes: one-vs-rest
+    panels = {line.split(",")[0] for line in (folder / "curves.csv").read_text().splitlines()[1:]}
+    assert panels == ({"accuracy per epoch", "loss per epoch"} if head == "dense"
+                      else {"accuracy against k", "log loss against k"} if head == "knn"
+                      else {"accuracy against log10 C", "log loss against log10 C"})
     loaded = load_head(folder)
     with h5py.File(out, "r") as h5:
         X = h5["val"]["features"][...]

@@ -4,9 +4,10 @@
 are deterministic, stable across runs and machines, and cheap to list.
 
 Folder layouts:
-  * ``ROOT/<class>/<image>``: split per class by ``--split`` (e.g. ``80/10/10``), each
-    file placed by the sha1 of its relative path, so the split never depends on
-    listing order, machine or run;
+  * ``ROOT/<class>/<image>``: split by ``--split`` (e.g. ``80/10/10``), each file placed by
+    its own bucket, the sha1 of its relative path modulo 10,000 (``SPLIT_RULE``): the split
+    never depends on listing order, machine or run, and adding or removing other files never
+    moves a file (a class's counts per split are binomial around the shares, see ``assign_class``);
   * ``ROOT/{train,val|validation,test}/<class>/<image>``: splits used as given.
 """
 
@@ -30,7 +31,12 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT = "80/10/10"
-_SPLIT_DIRS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+SPLIT_BUCKETS = 10_000
+# How a folder of class subfolders is split; stored in features files (attribute ``split_rule``) and in
+# the source fingerprint. Files without the attribute were made with OLD_SPLIT_RULE.
+SPLIT_RULE = "sha1-bucket-10000"  # each file by its own sha1 bucket: adding files moves no other file
+OLD_SPLIT_RULE = "sha1-rank"  # files ranked by sha1 and cut by counts: adding files moved others
+SPLIT_DIRS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,8 @@ class Source:
     class_names: list[str]
     split_spec: str
     counts: dict[str, int]  # images per split (before decoding)
-    fingerprint: str  # sha256 of what was listed (ids, sizes, labels, classes, split)
+    fingerprint: str  # sha256 of what was listed (ids, sizes, labels, classes, split, split rule)
+    split_rule: str = ""  # SPLIT_RULE for a folder split by hash; "as-given" / "tfds-slices" otherwise
     _items: dict[str, list[Item]] = field(default_factory=dict, repr=False)
     _tfds: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -76,6 +83,7 @@ class Source:
             "class_names": self.class_names,
             "counts": self.counts,
             "fingerprint": self.fingerprint,
+            "split_rule": self.split_rule,
         }
 
 
@@ -96,6 +104,25 @@ def is_manifest(path: Path) -> bool:
     """True for a JSON file that ``tlpipe manifest`` wrote."""
     data = json.loads(Path(path).read_text())
     return isinstance(data, dict) and {"source", "kind", "split", "class_names", "counts", "fingerprint"} <= set(data)
+
+
+def split_rule_of(attrs: dict[str, Any]) -> str:
+    """The split rule a features file (its attributes) was made with: its ``split_rule``, else
+    OLD_SPLIT_RULE for a folder split by hash (files from before the attribute), else ``""``."""
+    if attrs.get("split_rule"):
+        return str(attrs["split_rule"])
+    if attrs.get("data_kind", "folder") == "folder" and attrs.get("split_spec") not in (None, "as-given"):
+        return OLD_SPLIT_RULE
+    return ""
+
+
+def old_split_rule(attrs: dict[str, Any]) -> str:
+    """``""``, or one line saying that the file was made with another rule than SPLIT_RULE."""
+    rule = split_rule_of(attrs)
+    if not rule or rule in (SPLIT_RULE, "as-given", "tfds-slices"):
+        return ""
+    return (f"made with the old split rule ({rule}: files ranked by sha1, so adding images moved others "
+            f"across train/val/test), re-extract to use the per-file split ({SPLIT_RULE})")
 
 
 def parse_split(spec: str) -> tuple[float, float, float]:
@@ -151,7 +178,8 @@ def _file_size(path: Path) -> int:
         return -1
 
 
-def _list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (links followed, hidden names skipped), sorted."""
     files = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -159,7 +187,8 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(files)
 
 
-def _class_dirs(folder: Path) -> list[Path]:
+def class_dirs(folder: Path) -> list[Path]:
+    """The visible subfolders of ``folder``, sorted."""
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
@@ -168,16 +197,17 @@ def _open_folder(root: Path, split: str, limit: int | None) -> Source:
         raise DataNotFound(f"data folder not found: {root} (use --data PATH or --data tfds:NAME)")
     if not root.is_dir():
         raise DataNotFound(f"--data must be a folder of class subfolders, not a file: {root}")
-    subdirs = _class_dirs(root)
-    split_dirs = {p.name.lower(): p for p in subdirs if p.name.lower() in _SPLIT_DIRS}
+    subdirs = class_dirs(root)
+    split_dirs = {p.name.lower(): p for p in subdirs if p.name.lower() in SPLIT_DIRS}
     if "train" in split_dirs:
         items, class_names, spec_used = _presplit(root, split_dirs)
+        rule = "as-given"
         if str(split).strip() not in ("", DEFAULT_SPLIT, spec_used):
             log.warning("--split %s is not used: %s has train/ and val/ subfolders, which are used as given",
                         split, root)
     else:
         items, class_names = _split_by_hash(root, subdirs, parse_split(split))
-        spec_used = split
+        spec_used, rule = split, SPLIT_RULE
     if limit:
         items = {s: _take_balanced(v, limit) for s, v in items.items()}
     counts = {s: len(items.get(s, [])) for s in SPLITS if items.get(s)}
@@ -189,14 +219,17 @@ def _open_folder(root: Path, split: str, limit: int | None) -> Source:
         fix = "give it a larger share with --split"
     _warn_small_splits(counts, root, fix)
     digest = hashlib.sha256()
-    digest.update(json.dumps({"classes": class_names, "split": spec_used}).encode())
+    listing: dict[str, Any] = {"classes": class_names, "split": spec_used}
+    if rule == SPLIT_RULE:  # split folders (as given) keep their fingerprint: their split did not change
+        listing["split_rule"] = rule
+    digest.update(json.dumps(listing).encode())
     for s in SPLITS:
         for it in items.get(s, []):
             size = _file_size(it.path) if it.path else 0
             digest.update(f"{s}\t{it.id}\t{it.label}\t{size}\n".encode())
     return Source(
         spec=str(root.resolve()), kind="folder", class_names=class_names, split_spec=spec_used,
-        counts=counts, fingerprint=digest.hexdigest(), _items=items,
+        counts=counts, fingerprint=digest.hexdigest(), split_rule=rule, _items=items,
     )
 
 
@@ -228,10 +261,10 @@ def _take_balanced(items: list[Item], limit: int) -> list[Item]:
 def _presplit(root: Path, split_dirs: dict[str, Path]) -> tuple[dict[str, list[Item]], list[str], str]:
     per_split: dict[str, dict[str, list[Path]]] = {}
     for dirname, path in split_dirs.items():
-        split = _SPLIT_DIRS[dirname]
+        split = SPLIT_DIRS[dirname]
         if split in per_split:
             raise DataError(f"{root} has both val/ and validation/; keep one")
-        per_split[split] = {c.name: _list_images(c) for c in _class_dirs(path)}
+        per_split[split] = {c.name: list_images(c) for c in class_dirs(path)}
     train = per_split["train"]
     class_names = sorted(c for c, files in train.items() if files)
     if not class_names:
@@ -258,9 +291,37 @@ def _presplit(root: Path, split_dirs: dict[str, Path]) -> tuple[dict[str, list[I
     return items, class_names, "as-given"
 
 
-def _split_by_hash(root: Path, class_dirs: list[Path],
+def split_bucket(rel_id: str) -> int:
+    """The file's own bucket in ``0 .. SPLIT_BUCKETS - 1``: sha1 of its relative path (its id)."""
+    return int(hashlib.sha1(rel_id.encode()).hexdigest(), 16) % SPLIT_BUCKETS
+
+
+def bucket_split(bucket: int, shares: tuple[float, float, float]) -> str:
+    """``train`` below the train share of the buckets, ``val`` below train + val, else ``test``."""
+    train_end = round(shares[0] * SPLIT_BUCKETS / 100)
+    val_end = round((shares[0] + shares[1]) * SPLIT_BUCKETS / 100)
+    return "train" if bucket < train_end else "val" if bucket < val_end or shares[2] <= 0 else "test"
+
+
+def assign_class(rel: list[str], shares: tuple[float, float, float]) -> list[str]:
+    """The split of each file of one class: its bucket decides (``bucket_split``), so adding or
+    removing other files never moves it.  Two guarantees override the bucket, only while a class
+    lacks them: a class gets one train image (the file of lowest bucket), and a class of two or more
+    images one val image (the non-train file of lowest bucket, else the train file of highest)."""
+    buckets = [split_bucket(r) for r in rel]
+    out = [bucket_split(b, shares) for b in buckets]
+    if rel and "train" not in out:
+        out[min(range(len(rel)), key=lambda i: buckets[i])] = "train"
+    if len(rel) >= 2 and "val" not in out:
+        rest = [i for i in range(len(rel)) if out[i] != "train"]
+        pick = min(rest, key=lambda i: buckets[i]) if rest else max(range(len(rel)), key=lambda i: buckets[i])
+        out[pick] = "val"
+    return out
+
+
+def _split_by_hash(root: Path, folders: list[Path],
                    shares: tuple[float, float, float]) -> tuple[dict[str, list[Item]], list[str]]:
-    listed = {c.name: _list_images(c) for c in class_dirs}
+    listed = {c.name: list_images(c) for c in folders}
     class_names = sorted(c for c, files in listed.items() if files)
     if not class_names:
         loose = [p for p in root.iterdir() if _is_image(p)]
@@ -275,17 +336,8 @@ def _split_by_hash(root: Path, class_dirs: list[Path],
     for label, cname in enumerate(class_names):
         files = listed[cname]
         rel = [_rel_id(p, root) for p in files]
-        order = sorted(range(len(files)), key=lambda i: hashlib.sha1(rel[i].encode()).hexdigest())
-        n = len(files)
-        n_train = int(round(n * shares[0] / 100))
-        n_val = int(round(n * shares[1] / 100))
-        if n >= 2 and n_val == 0:
-            n_val = 1
-            n_train = min(n_train, n - 1)
-        cut = {"train": order[:n_train], "val": order[n_train:n_train + n_val],
-               "test": order[n_train + n_val:] if shares[2] > 0 else []}
-        for split, idx in cut.items():
-            items[split].extend(Item(rel[i], label, files[i]) for i in idx)
+        for r, path, split in zip(rel, files, assign_class(rel, shares)):
+            items[split].append(Item(r, label, path))
     for split in SPLITS:
         items[split].sort(key=lambda it: it.id)
     if not items["val"]:
@@ -360,7 +412,7 @@ def _open_tfds(name: str, split: str, data_dir: str | None, limit: int | None) -
     }, sort_keys=True).encode()).hexdigest()
     return Source(
         spec=f"tfds:{name}:{builder.version}", kind="tfds", class_names=class_names,
-        split_spec=split, counts=counts, fingerprint=fingerprint,
+        split_spec=split, counts=counts, fingerprint=fingerprint, split_rule="tfds-slices",
         _tfds={"builder": builder, "splits": split_strings, "image_key": image_key,
                "label_key": label_key, "counts": counts},
     )

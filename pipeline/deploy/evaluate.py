@@ -21,13 +21,13 @@ import numpy as np
 from pipeline.core.errors import DataError, DataNotFound, UsageError
 from pipeline.core.safety import OutputExists, check_out_path
 from pipeline.core.util import atomic_write_text, write_json
+from pipeline.data.sources import SPLIT_DIRS, class_dirs, list_images
 from pipeline.deploy.predict import load_exported, predict
 from pipeline.heads.metrics import normalise_proba, split_scores
 from pipeline.reporting.plots import confusion_figure
 
 log = logging.getLogger(__name__)
 
-SPLIT_DIRS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 
 
 @dataclass
@@ -65,20 +65,15 @@ class EvaluateResult:
     out: Path | None = None
 
 
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def labelled_files(data: Path, split: str | None = None) -> tuple[dict[str, list[Path]], str | None]:
-    """``{class: [image files]}`` of the folder (or of its chosen split) and the split's name."""
-    from pipeline.data.images import IMAGE_EXTENSIONS  # OpenCV: not before the one-line checks
-
+    """``{class: [image files]}`` of the folder (or of its chosen split) and the split's name; files
+    listed as ``tlpipe extract`` lists them (``pipeline.data.sources.list_images``)."""
     data = Path(data)
     if not data.exists():
         raise DataNotFound(f"--data folder not found: {data}")
     if not data.is_dir():
         raise UsageError(f"--data must be a folder of class subfolders, not a file: {data}")
-    splits = {SPLIT_DIRS[p.name.lower()]: p for p in _subdirs(data) if p.name.lower() in SPLIT_DIRS}
+    splits = {SPLIT_DIRS[p.name.lower()]: p for p in class_dirs(data) if p.name.lower() in SPLIT_DIRS}
     if split is not None:
         split = SPLIT_DIRS.get(split.lower(), split.lower())
         if not splits:
@@ -91,8 +86,8 @@ def labelled_files(data: Path, split: str | None = None) -> tuple[dict[str, list
             raise UsageError(f"{data} has {', '.join(sorted(splits))}/ but no test/ or val/; pass --split")
     folder = splits[split] if split else data
     classes = {}
-    for sub in _subdirs(folder):
-        files = sorted(p for p in sub.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    for sub in class_dirs(folder):
+        files = list_images(sub)
         if files:
             classes[sub.name] = files
     if not classes:

@@ -9,7 +9,8 @@ Schema (see ``pipeline.stage2.fit_head``)::
     history.csv       one row per epoch (header only for grid heads)
     grid.csv          one row per grid value (header only for heads trained in epochs)
     predictions.csv   val/test predictions
-    roc.csv           the val ROC curve (two classes; header only otherwise)
+    roc.csv           the val ROC curves: the binary curve, or one-vs-rest per class plus micro/macro
+    curves.csv        long rows for DVC plots: per epoch (dense) or against C / k (the others)
     figures/          PNGs drawn from the files above
 
 The files are written into a temporary folder (``temp_folder``) that the caller renames into place
@@ -30,10 +31,11 @@ from pipeline.core.errors import UsageError
 from pipeline.core.util import write_json
 from pipeline.heads.metrics import split_scores
 from pipeline.heads.models import GRID_COLUMNS, HISTORY_COLUMNS
+from pipeline.reporting import curves
 from pipeline.reporting.plots import write_head_figures
 
 PREDICTION_COLUMNS = ["split", "id", "actual", "predicted", "probability"]
-ROC_COLUMNS = ["fpr", "tpr", "threshold"]
+ROC_COLUMNS = curves.ROC_COLUMNS
 
 # per scored split other than train: (split, ids, labels, predicted classes, their probabilities)
 PredictionPart = tuple[str, Any, np.ndarray, np.ndarray, np.ndarray]
@@ -65,16 +67,6 @@ def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) ->
         writer.writerows(rows)
 
 
-def roc_rows(y: np.ndarray, proba: np.ndarray) -> list[dict[str, float]]:
-    """The ROC curve of a two-class split with both classes present, else no rows."""
-    if proba.shape[1] != 2 or len(np.unique(y)) != 2:
-        return []
-    from sklearn.metrics import roc_curve
-
-    fpr, tpr, thr = roc_curve(y, proba[:, 1])
-    return [{"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))} for a, b, c in zip(fpr, tpr, thr)]
-
-
 def score_splits(names: Iterable[str], proba_of: Callable[[str], np.ndarray], labels: dict[str, np.ndarray],
                  ids: dict[str, Any], classes: list[str]
                  ) -> tuple[dict[str, Any], list[PredictionPart], list[dict[str, float]]]:
@@ -89,7 +81,7 @@ def score_splits(names: Iterable[str], proba_of: Callable[[str], np.ndarray], la
         if name != "train":
             parts.append((name, ids[name], y, p.argmax(1), p.max(1)))
         if name == "val":
-            roc = roc_rows(y, p)
+            roc = curves.roc_rows(y, p, classes)  # one-vs-rest per class beyond two
     return splits, parts, roc
 
 
@@ -119,8 +111,10 @@ def write_head_folder(tmp: Path, *, head_json: dict[str, Any], metrics: dict[str
     write_json(tmp / "model" / "head.json", head_json)
     write_json(tmp / "metrics.json", metrics)
     write_json(tmp / "evaluation.json", evaluation)
+    history, grid = list(history), list(grid)
     write_csv(tmp / "history.csv", history, HISTORY_COLUMNS)
     write_csv(tmp / "grid.csv", grid, GRID_COLUMNS)
+    write_csv(tmp / "curves.csv", curves.curve_rows(history, grid), curves.CURVE_COLUMNS)  # DVC: epochs or C/k grid
     write_csv(tmp / "predictions.csv", predictions, PREDICTION_COLUMNS)
     write_csv(tmp / "roc.csv", roc, ROC_COLUMNS)
     write_head_figures(tmp)  # figures/: curves or C/k grid, confusion matrices (PNG)

@@ -208,7 +208,8 @@ def open_streamed(paths: list[Path], chunk_rows: int = 0):
             for name in ("train", "val", "test"):
                 if name not in h5:
                     continue
-                check_split(path, name, h5[name], attrs)
+                if check_split(path, name, h5[name], attrs) == 0:
+                    continue  # an empty split is absent, not scored (as load_features)
                 y = h5[name]["labels"][...].astype(np.int64)
                 check_labels(path, name, y, len(attrs["class_names"]))
                 ids = None if name == "train" else h5[name]["ids"].asstr()[...]

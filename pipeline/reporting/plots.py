@@ -1,20 +1,25 @@
 """PNG figures with matplotlib (Agg backend, imported only when a figure is drawn).
 
 ``write_head_figures(head_dir)`` draws what a fitted head folder holds:
-  figures/curves.png     train / tune / val accuracy and loss per epoch (history.csv), two panels
+  figures/curves.png     train / tune / val accuracy and loss per epoch (history.csv), two panels,
+                         whole epochs, legend below, the restored best epoch marked
   figures/grid.png       cross-validated accuracy and log loss against C or k (grid.csv)
   figures/confusion.png  confusion matrices of val (and test) with class names (evaluation.json)
 ``write_comparison_figure(rows, path)`` draws val (and test) accuracy per features-head, on an
 axis zoomed to the data (not from 0), with the chance level marked when it is in range.
-Missing or empty inputs are skipped, never an error.
+Missing or empty inputs are skipped, never an error. Text in non-Latin scripts (class names) is
+drawn with an installed font that has its glyphs (``font_families``), with one warning when none has.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,6 +35,67 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+_FONT_WARNED: list[str] = []  # the missing characters once warned about (one warning per process)
+
+
+def installed_fonts() -> list[tuple[str, str]]:
+    """(family name, file) of the fonts matplotlib knows, DejaVu Sans first; never the "Last Resort"
+    font (a box for every character)."""
+    from matplotlib import font_manager
+
+    fonts = [(f.name, f.fname) for f in font_manager.fontManager.ttflist if "last resort" not in f.name.lower()]
+    return sorted(set(fonts), key=lambda f: (f[0] != "DejaVu Sans", f[0], f[1]))
+
+
+@functools.cache
+def _charmap(fname: str) -> frozenset[int]:
+    from matplotlib.ft2font import FT2Font
+
+    try:
+        return frozenset(FT2Font(fname).get_charmap())
+    except (OSError, RuntimeError, ValueError):
+        return frozenset()
+
+
+def font_families(texts: Iterable[Any]) -> list[str]:
+    """Font families (DejaVu Sans, then fallbacks) that draw every character of ``texts``, for
+    matplotlib's per-glyph fallback; warns once when no installed font has some of them (they
+    would show as empty boxes)."""
+    chars = {ord(c) for t in texts for c in str(t) if ord(c) > 0x7F and not c.isspace()}
+    families = ["DejaVu Sans"]
+    if not chars:
+        return families
+    fonts = installed_fonts()
+    missing = set(chars)
+    for name, fname in fonts:  # DejaVu Sans first, then any font that adds a missing character
+        have = missing & _charmap(fname)
+        if have and (name == "DejaVu Sans" or name not in families):
+            if name not in families:
+                families.append(name)
+            missing -= have
+        if not missing:
+            break
+    if missing and not _FONT_WARNED:
+        sample = "".join(chr(c) for c in sorted(missing)[:8])
+        _FONT_WARNED.append(sample)
+        log.warning("no installed font has the characters %r (e.g. in class names): they show as empty boxes "
+                    "in the figures; install a font that covers them (e.g. Noto Sans CJK: fonts-noto-cjk) "
+                    "and run again", sample)
+    return families
+
+
+@contextlib.contextmanager
+def text_fonts(texts: Iterable[Any]):
+    """Draw with fonts that have the glyphs of ``texts`` (see ``font_families``); matplotlib's own
+    "Glyph missing" warnings are silenced (``font_families`` said it once)."""
+    import matplotlib
+
+    with matplotlib.rc_context({"font.family": font_families(texts)}), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from (current )?font")
+        warnings.filterwarnings("ignore", message=r"findfont: Font family")
+        yield
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -70,13 +136,21 @@ def _title(evaluation: dict[str, Any], head_dir: Path) -> str:
     return title
 
 
-def curves_figure(history: list[dict[str, str]], path: Path, title: str = "") -> Path | None:
-    """Accuracy and loss per epoch for train, tune and val (two panels); None if nothing to draw."""
+def curves_figure(history: list[dict[str, str]], path: Path, title: str = "", best: Any = None) -> Path | None:
+    """Accuracy and loss per epoch for train, tune and val (two panels, whole epochs on the x axis,
+    the legend below them), the restored ``best`` epoch marked; None if nothing to draw."""
     epochs = _column(history, "epoch")
     if epochs is None:
         return None
+    with text_fonts([title]):
+        return _curves_figure(history, epochs, path, title, best)
+
+
+def _curves_figure(history, epochs: list[float], path: Path, title: str, best: Any) -> Path | None:
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
     drawn = False
     for ax, metric in zip(axes, ("accuracy", "loss")):
         for split, style in (("train", "-"), ("tune", "--"), ("val", "-")):
@@ -85,15 +159,20 @@ def curves_figure(history: list[dict[str, str]], path: Path, title: str = "") ->
                 label = {"tune": "tune (early-stopping slice of train)"}.get(split, split)
                 ax.plot(epochs, ys, style, color=COLOURS[split], marker="o", markersize=3, label=label)
                 drawn = True
+        if isinstance(best, (int, float)) and not isinstance(best, bool):
+            ax.axvline(best, color="grey", linestyle=":", linewidth=1.5, label=f"restored best epoch ({best})")
+            ax.annotate(f"best epoch {best}", (best, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                        textcoords="offset points", fontsize=8, color="dimgrey")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric.capitalize()} per epoch")
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="lower right" if metric == "accuracy" else "upper right", fontsize=9)
     if not drawn:
         plt.close(fig)
         return None
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9, frameon=False)
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -104,6 +183,11 @@ def grid_figure(grid: list[dict[str, str]], path: Path, title: str = "", chosen:
     values = _column(grid, "value")
     if values is None:
         return None
+    with text_fonts([title]):
+        return _grid_figure(grid, values, path, title, chosen)
+
+
+def _grid_figure(grid: list[dict[str, str]], values: list[float], path: Path, title: str, chosen: Any) -> Path:
     param = (grid[0].get("param") or "value").strip()
     order = sorted(range(len(values)), key=lambda i: values[i])
     xs = [values[i] for i in order]
@@ -141,6 +225,11 @@ def confusion_figure(evaluation: dict[str, Any], path: Path, title: str = "") ->
     """Confusion matrices (rows: true class, columns: predicted) of val and test (else of every
     split but train), counts in cells,
     colour by the share of the true class so that small classes stay readable."""
+    with text_fonts([*(evaluation.get("classes") or []), title]):
+        return _confusion_figure(evaluation, path, title)
+
+
+def _confusion_figure(evaluation: dict[str, Any], path: Path, title: str) -> Path | None:
     import numpy as np
 
     classes = [str(c) for c in evaluation.get("classes") or []]
@@ -199,8 +288,10 @@ def write_head_figures(head_dir: str | Path) -> list[Path]:
             log.warning("%s: not JSON; no confusion figure", eval_path)
     title = _title(evaluation, head_dir)
     written = []
-    chosen = (evaluation.get("tuning") or {}).get("chosen")
-    for make in (lambda: curves_figure(_read_csv(head_dir / "history.csv"), figures / "curves.png", title),
+    tuning = evaluation.get("tuning") or {}
+    chosen = tuning.get("chosen")
+    best = chosen if tuning.get("param") == "epochs" else None  # the epoch whose weights were restored
+    for make in (lambda: curves_figure(_read_csv(head_dir / "history.csv"), figures / "curves.png", title, best),
                  lambda: grid_figure(_read_csv(head_dir / "grid.csv"), figures / "grid.png", title, chosen),
                  lambda: confusion_figure(evaluation, figures / "confusion.png", title)):
         path = make()
@@ -234,13 +325,19 @@ def write_comparison_figure(rows: Iterable[dict[str, Any]], path: str | Path) ->
     Each row needs ``val_accuracy`` and a label (``model``, or ``features`` and ``head``); optional
     ``test_accuracy``, ``chance_val`` and ``weights`` (rows with weights ``none`` are marked).
     The axis is zoomed to the data, so small differences show; it is labelled as such."""
-    import numpy as np
-
     rows = [r for r in rows if isinstance(r.get("val_accuracy"), (int, float))]
     if not rows:
         return None
     rows.sort(key=lambda r: r["val_accuracy"])  # barh draws bottom up: best on top
     labels = [_bar_label(r) for r in rows]
+    with text_fonts(labels):
+        return _comparison_figure(rows, labels, Path(path))
+
+
+def _comparison_figure(rows: list[dict[str, Any]], labels: list[str], path: Path) -> Path:
+    """The bars of ``write_comparison_figure``."""
+    import numpy as np
+
     val = np.array([r["val_accuracy"] for r in rows], dtype=float)
     test = np.array([r.get("test_accuracy") if isinstance(r.get("test_accuracy"), (int, float)) else np.nan
                      for r in rows], dtype=float)
@@ -277,4 +374,32 @@ def write_comparison_figure(rows: Iterable[dict[str, Any]], path: str | Path) ->
     ax.set_title("Accuracy by features and head")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def learning_curve_figure(summary: list[dict[str, Any]], runs: list[dict[str, Any]], path: str | Path,
+                          title: str = "") -> Path | None:
+    """Validation accuracy against the number of training images (log axis): each run as a dot, the
+    mean per size as a line with min-max band; the size that is all of train is marked (one fit)."""
+    if not summary:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.4), layout="constrained")
+    ns = [s["n_train"] for s in summary]
+    ax.fill_between(ns, [s["min"] for s in summary], [s["max"] for s in summary], color=COLOURS["val"],
+                    alpha=0.15, label="min-max over seeds")
+    ax.plot(ns, [s["mean"] for s in summary], "-o", color=COLOURS["val"], label="mean val accuracy")
+    ax.scatter([r["n_train"] for r in runs], [r["val_accuracy"] for r in runs], s=12, color="black", alpha=0.5,
+               label="one run (seed)", zorder=3)
+    whole = [s["n_train"] for s in summary if s.get("whole_train")]
+    if whole:
+        ax.axvline(whole[0], color="grey", linestyle=":", label=f"all of train ({whole[0]}): one fit")
+    if len(ns) > 1 and ns[-1] / ns[0] >= 10:
+        ax.set_xscale("log")
+    ax.set_xlabel("training images" + (" (log scale)" if ax.get_xscale() == "log" else ""))
+    ax.set_ylabel("val accuracy")
+    ax.grid(alpha=0.3, which="both")
+    fig.legend(loc="outside lower center", ncol=4, fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
     return _save(fig, Path(path))

@@ -164,6 +164,17 @@ def collect(folders: Path | list[tuple[Path, bool]]) -> list[dict[str, Any]]:
     return rows
 
 
+def label_models(rows: list[dict[str, Any]]) -> None:
+    """Set each row's ``model`` (features-head) so that no two rows share one: heads of the DVC
+    pipeline get " (dvc)" when hand-run heads are listed too; any name still shared gets " (2)", ..."""
+    mixed = any(r.get("pipeline") for r in rows) and not all(r.get("pipeline") for r in rows)
+    seen: dict[str, int] = {}
+    for r in rows:
+        name = f"{r['features']}-{r['head']}" + (" (dvc)" if mixed and r.get("pipeline") else "")
+        seen[name] = seen.get(name, 0) + 1
+        r["model"] = name if seen[name] == 1 else f"{name} ({seen[name]})"
+
+
 def _fmt(value: Any, pct: bool = False) -> str:
     if value is None:
         return "–"
@@ -254,16 +265,17 @@ def report(cfg: ReportConfig) -> Path:
     guard_user_file(Path(cfg.out_json or cache / "report.json"), "a report",
                     lambda p: {"data_sources", "rows"} <= set(json.loads(p.read_text())), cfg.force, option="")
     both = any(r["pipeline"] for r in rows) and not all(r["pipeline"] for r in rows)
+    label_models(rows)  # the names in comparison.csv / .png: a DVC head and a hand-run one told apart
     atomic_write_text(md, to_markdown(rows, pipeline_known=both))
     sources = sorted({(r["data_index"], r["data"]) for r in rows if r["data_index"]})
     write_json(Path(cfg.out_json or cache / "report.json"),
                {"data_sources": {str(i): d for i, d in sources}, "rows": rows})
     out_csv = Path(cfg.out_csv or cache / "plots" / "comparison.csv")
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=["model"] + COLUMNS)
+    writer = csv.DictWriter(text, fieldnames=["model"] + COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for r in rows:
-        writer.writerow({"model": f"{r['features']}-{r['head']}", **r})
+        writer.writerow(r)
     atomic_write_text(out_csv, text.getvalue())
     try:
         write_comparison_figure(rows, out_csv.with_suffix(".png"))

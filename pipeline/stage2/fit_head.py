@@ -11,7 +11,9 @@ scored, never used for tuning.  Writes ``cache/heads/<features>-<head>/``:
   grid.csv                   grid heads: one row per C or k (CV and in-fold train scores); header
                              only for dense
   predictions.csv            val/test predictions (for DVC confusion-matrix plots)
-  roc.csv                    ROC curve of the validation split (binary tasks)
+  roc.csv                    ROC curves of the validation split: the binary curve, or one-vs-rest per
+                             class plus micro/macro averages (pipeline.reporting.curves)
+  curves.csv                 long rows for DVC plots: per epoch (dense) or against C / k (the others)
   figures/                   PNGs: training curves or the C/k grid, confusion matrices
 """
 

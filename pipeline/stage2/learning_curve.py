@@ -4,15 +4,16 @@ For each size n (capped at the train split's size) and each seed, a stratified s
 of n training rows is drawn (every class kept when n allows), the head is fitted on it
 exactly as ``fit-head`` does (hyper-parameters chosen inside that sample: cross-validation for
 C and k, an internal slice for the dense head's epochs), and its validation accuracy is
-recorded; the validation split only scores.  Writes ``<out>.csv`` (one row per size and seed:
-n_train, seed, val_accuracy, val_log_loss, train_accuracy, fit_seconds) and
-``<out>.json`` (mean / std / min / max per size), both usable as DVC plots.
+recorded; the validation split only scores.  Seeds draw the subsamples only (the head's own
+seed is fit-head's default), so the whole train split is fitted once, not once per seed.  Writes
+``<out>.csv`` (one row per size and seed: n_train, seed, val_accuracy, val_log_loss,
+train_accuracy, fit_seconds; ``dvc plots show <out>.csv --template .dvc/plots/learning_curve.json``
+draws it), ``<out>.json`` (mean / std / min / max per size) and ``<out>.png`` (the figure).
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import time
@@ -23,10 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import UsageError
-from pipeline.core.safety import guard_user_file
-from pipeline.core.util import atomic_write_text, write_json
-from pipeline.heads.models import Head, HeadParams, get_head
-from pipeline.stage2.fit_head import load_feature_sets
+from pipeline.core.util import write_json
 
 log = logging.getLogger(__name__)
 
@@ -94,66 +92,90 @@ def subsample(y: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def learning_curve(cfg: CurveConfig) -> Path:
-    """Run the curve; write CSV + JSON summary; return the CSV path."""
+    """Run the curve; write CSV + JSON summary + PNG figure; return the CSV path."""
+    from pipeline.stage2.fit_head import load_feature_sets
+    from pipeline.heads.models import get_head
+
     head_cls = get_head(cfg.head)
     if cfg.seeds < 1:
         raise UsageError("--seeds must be at least 1")
     fs = load_feature_sets(list(cfg.features), cfg.cache_dir)
     train, val = fs.splits["train"], fs.splits["val"]
     sizes = parse_sizes(cfg.sizes, len(train.y))
-    out = _out_path(cfg, f"{fs.name}-{head_cls.name}.csv")
-    rows = [row for n in sizes for seed in range(cfg.seeds)
-            for row in _run(head_cls, len(fs.class_names), train, val, n, seed)]
+    out = _output_path(cfg, f"{fs.name}-{head_cls.name}")
+    rows: list[dict[str, Any]] = []
+    for n in sizes:
+        # the whole train split is the same sample for every seed (the head's own seed is fixed): fit once
+        for seed in range(1 if n >= len(train.y) else cfg.seeds):
+            row = _fit_one(head_cls, train, val, len(fs.class_names), n, seed)
+            if row is not None:
+                rows.append(row)
     summary = []
     for n in sizes:
         acc = np.array([r["val_accuracy"] for r in rows if r["n_train"] == n])
         if len(acc):
             summary.append({"n_train": n, "runs": int(len(acc)), "mean": float(acc.mean()),
-                            "std": float(acc.std()), "min": float(acc.min()), "max": float(acc.max())})
-    text = io.StringIO(newline="")
-    w = csv.DictWriter(text, fieldnames=COLUMNS)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(out, text.getvalue())
+                            "std": float(acc.std()), "min": float(acc.min()), "max": float(acc.max()),
+                            "whole_train": bool(n >= len(train.y))})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(out)
     write_json(out.with_suffix(".json"), {
         "features": [str(p) for p in fs.paths], "base": fs.base, "head": head_cls.name,
         "classes": fs.class_names, "train_size": int(len(train.y)), "val_size": int(len(val.y)),
-        "seeds": cfg.seeds, "sizes": summary,
-        "note": ("hyper-parameters (C, k, best epoch) are chosen inside each training sample, as in fit-head; "
-                 "the validation split is never used for tuning")})
+        "seeds": cfg.seeds, "sizes": summary, "note": NOTE})
+    from pipeline.reporting.plots import learning_curve_figure
+
+    learning_curve_figure(summary, rows, out.with_suffix(".png"),
+                          f"{head_cls.name} head on {fs.base}: val accuracy against training images")
     return out
 
 
-def _out_path(cfg: CurveConfig, default_name: str) -> Path:
-    """The CSV path (``--out`` a .csv path or a folder), guarded with its JSON summary: a file that is not
-    a learning curve is never replaced, one that is only with ``--force``."""
-    out = Path(cfg.out) if cfg.out else Path(cfg.cache_dir) / "learning_curves" / default_name
+NOTE = ("hyper-parameters (C, k, best epoch) are chosen inside each training sample, as in fit-head; "
+        "the validation split is never used for tuning. Seeds draw the stratified subsamples; the head's own "
+        "seed (CV folds, dense initialisation) is fit-head's default, 0, so the whole train split is one "
+        "sample whatever the seed and is fitted once.")
+
+
+def _output_path(cfg: CurveConfig, name: str) -> Path:
+    """The CSV path (``--out`` a .csv file or a folder; default ``<cache>/learning_curves/NAME.csv``),
+    checked: never replaces a CSV, JSON or PNG that learning-curve did not write, unless --force."""
+    from pipeline.core.safety import guard_user_file
+
+    out = Path(cfg.out) if cfg.out else Path(cfg.cache_dir) / "learning_curves" / f"{name}.csv"
     if out.suffix != ".csv":
         if out.suffix and not out.is_dir():
             raise UsageError(f"--out {out}: give a .csv path (the JSON summary goes beside it) or a folder")
-        out = out / default_name
+        out = out / f"{name}.csv"
 
     def ours(path: Path) -> bool:
         with open(path, encoding="utf-8") as fh:
             return fh.readline().rstrip("\r\n") == ",".join(COLUMNS)
 
     guard_user_file(out, "a learning curve", ours, cfg.force)
-    guard_user_file(out.with_suffix(".json"), "a learning-curve summary",
+    summary = out.with_suffix(".json")
+    guard_user_file(summary, "a learning-curve summary",
                     lambda p: {"features", "base", "head", "train_size"} <= set(json.loads(p.read_text())), cfg.force)
+    guard_user_file(out.with_suffix(".png"), "a learning-curve figure", lambda p: summary.is_file(), cfg.force)
     return out
 
 
-def _run(head_cls: type[Head], k: int, train, val, n: int, seed: int) -> list[dict[str, Any]]:
-    """One point of the curve: the head fitted on ``n`` training rows drawn with ``seed``, scored on val
-    (no row when the sample holds a single class)."""
+def _fit_one(head_cls, train, val, k: int, n: int, seed: int) -> dict[str, Any] | None:
+    """Fit the head on a stratified sample of ``n`` training rows (drawn by ``seed``); score on val."""
     from sklearn.metrics import log_loss
+
+    from pipeline.heads.models import HeadParams
 
     idx = subsample(train.y, n, seed)
     Xs, ys = train.X[idx], train.y[idx]
     if len(np.unique(ys)) < 2:
         log.warning("n=%d seed=%d: a single class in the sample; skipped", n, seed)
-        return []
-    head = head_cls(k, HeadParams(seed=seed))
+        return None
+    head = head_cls(k, HeadParams())  # the head's own seed fixed: only the sample varies with the seed
     t0 = time.perf_counter()
     head.fit((Xs, ys))  # tuned inside the sample; val only scores below
     seconds = time.perf_counter() - t0
@@ -163,7 +185,7 @@ def _run(head_cls: type[Head], k: int, train, val, n: int, seed: int) -> list[di
            "val_log_loss": float(log_loss(val.y, np.clip(pv, 1e-15, 1), labels=np.arange(k))),
            "train_accuracy": float((pt.argmax(1) == ys).mean()), "fit_seconds": round(seconds, 3)}
     log.info("n=%d seed=%d val accuracy %.4f", n, seed, row["val_accuracy"])
-    return [row]
+    return row
 
 
 def format_summary(csv_path: Path) -> str:
@@ -174,6 +196,9 @@ def format_summary(csv_path: Path) -> str:
     lines = [f"{s['head']} head on {s['base']} features (train {s['train_size']}, val {s['val_size']}, "
              f"{s['seeds']} seeds)", f"{'n_train':>8s} {'runs':>4s} {'mean':>7s} {'std':>7s} {'min':>7s} {'max':>7s}"]
     for r in s["sizes"]:
-        lines.append(f"{r['n_train']:8d} {r['runs']:4d} {r['mean']:7.4f} {r['std']:7.4f} {r['min']:7.4f} {r['max']:7.4f}")
-    lines.append(f"-> {csv_path} and {Path(csv_path).with_suffix('.json')}")
+        whole = "  (all of train: one fit, the same sample for every seed)" if r.get("whole_train") else ""
+        lines.append(f"{r['n_train']:8d} {r['runs']:4d} {r['mean']:7.4f} {r['std']:7.4f} {r['min']:7.4f} "
+                     f"{r['max']:7.4f}{whole}")
+    png = Path(csv_path).with_suffix(".png")
+    lines.append(f"-> {csv_path}, {Path(csv_path).with_suffix('.json')}" + (f" and {png}" if png.is_file() else ""))
     return "\n".join(lines)

@@ -45,7 +45,7 @@ from pipeline import __version__
 from pipeline.core.errors import FeaturesFileError, UsageError
 from pipeline.core.safety import check_out_path
 from pipeline.core.util import require_tensorboard
-from pipeline.data.sources import open_source
+from pipeline.data.sources import old_split_rule, open_source
 from pipeline.heads.folded import logistic_layers
 from pipeline.heads.folder import read_head_info
 from pipeline.heads.metrics import chance
@@ -340,7 +340,8 @@ def _open_job(cfg: FineTuneConfig) -> _Job:
     source = open_source(str(attrs["data_source"]), str(attrs.get("split_spec") or "80/10/10"),
                          limit=int(attrs.get("limit") or 0) or None)
     if attrs.get("source_fingerprint") and source.fingerprint != attrs.get("source_fingerprint"):
-        raise UsageError(f"the images of {attrs['data_source']} changed since {feat_path} was extracted; "
+        raise UsageError(f"{feat_path} was {old_split_rule(attrs)}" if old_split_rule(attrs) else
+                         f"the images of {attrs['data_source']} changed since {feat_path} was extracted; "
                          "extract again, then fit the head again")
     items, rows, labels, ids = split_rows(fs, source)
     return _Job(head_dir, model_dir, info, feat_path, attrs, head_eval, out, name, settings, new_meta, fs,

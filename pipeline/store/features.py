@@ -195,7 +195,8 @@ def _load_features(path: Path, need: tuple[str, ...]) -> FeatureSet:
             if name not in h5:
                 continue
             group = h5[name]
-            check_split(path, name, group, attrs)
+            if check_split(path, name, group, attrs) == 0:
+                continue  # an empty split (a folder too small for test, a merge of shards) is absent, not scored
             X = group["features"][...]
             y = group["labels"][...]
             ids = group["ids"].asstr()[...]
@@ -272,9 +273,12 @@ def fuse(sets: list[FeatureSet], allow_mixed_precision: bool = False) -> Feature
 
 def staleness(path: str | Path) -> tuple[bool, str]:
     """Re-list the file's data source and compare with what was extracted."""
-    from pipeline.data.sources import open_source
+    from pipeline.data.sources import old_split_rule, open_source
 
     attrs = read_attrs(path)
+    old_rule = old_split_rule(attrs)
+    if old_rule:
+        return True, old_rule
     source = attrs.get("data_source", "")
     if attrs.get("data_kind") == "tfds":
         name = source.split(":")[1] if source.count(":") >= 1 else source

@@ -68,8 +68,8 @@ def settings(backbone: Any, weights_id: tuple[str, str], size: int, pooling: str
 
     return {"base": backbone.name, "weights": weights_id[0], "weights_sha256": weights_id[1],
             "input_size": size, "pooling": pooling, "data_source": source.spec,
-            "split_spec": source.split_spec, "source_fingerprint": source.fingerprint,
-            "limit": limit or 0, "tlpipe_version": tlpipe_version(), "resize": RESIZE_METHOD,
+            "split_spec": source.split_spec, "split_rule": source.split_rule,
+            "source_fingerprint": source.fingerprint, "limit": limit or 0, "tlpipe_version": tlpipe_version(), "resize": RESIZE_METHOD,
             "runtime": runtime[0], "precision": runtime[1], "fingerprint": fingerprint_}
 
 
@@ -92,6 +92,7 @@ def static_attrs(backbone: Any, base_requested: str, size: int, pooling: str, so
         "data_kind": source.kind,
         "split_spec": source.split_spec,
         "source_fingerprint": source.fingerprint,
+        "split_rule": source.split_rule,
         "fingerprint": fingerprint_,
         "class_names": json.dumps(source.class_names),
         "num_classes": len(source.class_names),

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from pipeline.core.errors import TlpipeError
+from pipeline.data.sources import old_split_rule
 from pipeline.store.features import read_attrs
 
 log = logging.getLogger(__name__)
@@ -132,10 +133,12 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What differs between an existing file's attributes and the new settings, in words."""
     if "fingerprint" not in old:
         return ["it is not a tlpipe features file"]
-    changes = []
+    old_rule = old_split_rule(old) if old.get("split_spec") == new.get("split_spec") else ""
+    changes = [old_rule] if old_rule else []
     for key, value in new.items():
         before = old.get(key, 0 if key == "limit" else None)
-        if key == "fingerprint" or str(before) == str(value):
+        if key == "fingerprint" or str(before) == str(value) or (old_rule and key in (
+                "split_rule", "source_fingerprint")) or (key == "split_rule" and before is None):
             continue
         if key == "weights":
             before = "file" if str(before) not in ("imagenet", "none") else before
