@@ -222,7 +222,9 @@ def svm_task(X, y, grid, class_weight, train_scores: bool):
             Xa, ya, Xb, yb = X[tr[a]], y[tr[a]], X[tr[b]], y[tr[b]]
             svc = SquaredHingeSVC(C=grid[0], class_weight=class_weight, warm_start=True)
             for g, c in enumerate(grid):
-                cal = CalibratedClassifierCV(FrozenEstimator(svc.set_params(C=c).fit(Xa, ya)), method="sigmoid")
+                # one "split" holding every calibration row: the sigmoid on all of them, no fold-size check
+                cal = CalibratedClassifierCV(FrozenEstimator(svc.set_params(C=c).fit(Xa, ya)), method="sigmoid",
+                                             cv=[(np.arange(len(yb)), np.arange(len(yb)))])
                 cal.fit(Xb, yb)
                 p_te[g] += cal.predict_proba(X[te]) / len(inner)
                 if train_scores:
