@@ -3,16 +3,17 @@ scikit-learn's ``GridSearchCV`` (best mean log loss over stratified, shuffled fo
 with fewer and cheaper fits:
 
 - each fold walks its grid once, from strong to weak regularisation, warm-starting every fit
-  from the previous solution (logistic, linear SVM);
-- when the features outnumber the rows of a fold, the L2-regularised linear heads are fitted
-  on an exact reduced problem (the solution lies in the span of the fold's training rows: one
+  from the previous solution (logistic: ``LogisticRegression(warm_start=True)``; linear SVM:
+  each of the 3 inner calibration SVMs);
+- logistic, when the features outnumber the rows of a fold (e.g. several depths concatenated):
+  an exact reduced problem (the L2 solution lies in the span of the fold's training rows: one
   Gram matrix ``X Xᵀ`` of train, an eigendecomposition per fold, ``rows x rows`` instead of
   ``rows x features``);
 - k-NN computes each fold's neighbours once, for the largest k, and scores every k from them;
 - folds run in parallel threads on every core (one BLAS thread each);
 - the linear SVM is a squared-hinge L2 SVM (LinearSVC's objective, bias regularised as in
-  liblinear) solved by L-BFGS, so it can be warm-started; its sigmoid calibration is the one
-  ``CalibratedClassifierCV`` fits (3 stratified inner folds, averaged), per grid value.
+  liblinear) solved by L-BFGS, so that it can be warm-started; its sigmoid calibration is the
+  one ``CalibratedClassifierCV`` fits (3 stratified inner folds, averaged), per grid value.
 
 Only train rows are used; val and test never reach this module.
 """

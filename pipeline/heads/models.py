@@ -2,8 +2,9 @@
 
 Every head implements ``fit(train, val=None) -> rows``, ``predict_proba(X)``, ``save(folder)``
 and ``load(folder)``.  Nothing is ever chosen on ``val`` (or test): the grid heads (logistic,
-svm, rbf-svm: C; knn: k) choose with scikit-learn's ``GridSearchCV`` over stratified folds of
-train, scored by log loss, then refit on all of train; the dense head early-stops on a seeded,
+svm, rbf-svm: C; knn: k) choose by cross-validation over stratified folds of train, scored by
+log loss, as scikit-learn's ``GridSearchCV`` chooses (computed faster by ``pipeline.heads.fastcv``),
+then refit on all of train; the dense head early-stops on a seeded,
 stratified 10 % slice of train and restores its best epoch.  ``val``, when given to the dense
 head, is only scored after each epoch for the training curve.  ``fit`` returns one row per grid
 value (``GRID_COLUMNS``) or per epoch (``HISTORY_COLUMNS``) and sets ``head.tuning``.
