@@ -68,14 +68,14 @@ class _NullBar:
         pass
 
 
-def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool = True):
-    """A tqdm bar in images (rate in images/s, ETA) on stderr; quiet when disabled."""
+def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool = True, unit: str = "img"):
+    """A tqdm bar counting ``unit`` (images by default; rate per second, ETA) on stderr; quiet when disabled."""
     if not enabled:
         return _NullBar()
     from tqdm.auto import tqdm
 
     tty = sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, desc=desc, unit="img", dynamic_ncols=True,
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
                 mininterval=0.5 if tty else 15.0, file=sys.stderr, smoothing=0.1)
 
 

@@ -2,8 +2,9 @@
 
 Every head implements ``fit(train, val=None) -> rows``, ``predict_proba(X)``, ``save(folder)``
 and ``load(folder)``.  Nothing is ever chosen on ``val`` (or test): the grid heads (logistic,
-svm, rbf-svm: C; knn: k) choose with scikit-learn's ``GridSearchCV`` over stratified folds of
-train, scored by log loss, then refit on all of train; the dense head early-stops on a seeded,
+svm, rbf-svm: C; knn: k) choose by cross-validation over stratified folds of train, scored by
+log loss, as scikit-learn's ``GridSearchCV`` chooses (computed faster by ``pipeline.heads.fastcv``),
+then refit on all of train; the dense head early-stops on a seeded,
 stratified 10 % slice of train and restores its best epoch.  ``val``, when given to the dense
 head, is only scored after each epoch for the training curve.  ``fit`` returns one row per grid
 value (``GRID_COLUMNS``) or per epoch (``HISTORY_COLUMNS``) and sets ``head.tuning``.
@@ -65,14 +66,17 @@ class Head:
     name = ""
     description = ""
 
+    progress = False  # grid heads: a progress bar over the CV fits (fit_head turns it on)
+
     def __init__(self, n_classes: int, params: HeadParams):
         self.n_classes = n_classes
         self.params = params
         self.chosen: dict[str, Any] = {}
         self.tuning: dict[str, Any] = {}
 
-    def fit(self, train: Split, val: Split | None = None) -> list[dict]:
-        """Fit on ``train``; ``val`` is never used to choose anything."""
+    def fit(self, train: Split, val: Split | None = None, groups: np.ndarray | None = None) -> list[dict]:
+        """Fit on ``train``; ``val`` is never used to choose anything; ``groups`` (one label per train
+        row, optional) keeps the rows of a group together when train is split for tuning."""
         raise NotImplementedError
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
@@ -116,14 +120,15 @@ def tune_split(y: np.ndarray, fraction: float, seed: int, who: str = "dense head
 
 class _SklearnHead(Head):
     """Heads that are a scikit-learn pipeline whose final step's parameter is chosen by
-    ``GridSearchCV`` (stratified, shuffled folds of train; best mean log loss), then refit
-    on all of train."""
+    cross-validation on train (stratified, shuffled folds; best mean log loss, as
+    ``GridSearchCV`` chooses), then refit on all of train.  The folds run through
+    ``pipeline.heads.fastcv`` (warm-started paths, reduced problems, parallel folds)."""
 
     file = "head.joblib"
     grid_name = "C"
     param_name = "C"  # parameter of the pipeline's final estimator that the grid sets
     default = 1.0  # used when train is too small for cross-validation
-    train_scores = True  # GridSearchCV's in-fold train scores (knn: skipped, exact on its own rows)
+    train_scores = True  # in-fold train scores (knn: skipped, exact on its own rows)
     min_per_class = 1  # rows of each class a CV training part needs (calibrated SVMs: 3 folds inside)
 
     def make(self, value):  # pragma: no cover - abstract
@@ -135,58 +140,92 @@ class _SklearnHead(Head):
     def folds_wanted(self) -> int:
         return self.params.cv_folds
 
-    def fit(self, train, val=None):
+    def fold_task(self, X: np.ndarray, y: np.ndarray, grid: tuple):
+        """``task(i, (train rows, test rows), tick)`` scoring every grid value on one fold
+        (default: a fresh fit of the final estimator per value, as ``GridSearchCV``)."""
+        from pipeline.heads.fastcv import plain_task
+
+        return plain_task(X, y, grid, lambda v: self.make(v).steps[-1][1], self.train_scores)
+
+    def refit(self, X: np.ndarray, y: np.ndarray, value):
+        """The final estimator at the chosen value, fitted on all of (preprocessed) train."""
+        return self.make(value).steps[-1][1].fit(X, y)
+
+    def fit(self, train, val=None, groups=None):
         """Choose the grid value by cross-validation on train only; refit on all of train.
-        ``val`` is ignored."""
+        ``val`` is ignored; ``groups`` (one label per train row) keeps each group in one fold."""
         import sklearn
-        from sklearn.model_selection import GridSearchCV, StratifiedKFold
         from sklearn.pipeline import Pipeline
 
         X, y = train
         folds = cv_folds(y, self.folds_wanted(), self.min_per_class)
+        if groups is not None and folds:
+            folds = min(folds, len(np.unique(groups)))
         grid = self.grid(len(y), folds)
         template = self.make(grid[0])
-        if not folds or len(grid) < 2:
-            value = grid[0] if len(grid) == 1 else self.default
-            why = "a class has a single training row" if not folds else "a single grid value"
-            self.model = self.make(value).fit(X, y)
-            self.chosen = {self.grid_name: value}
-            self.tuning = {"method": f"none ({why}): {self.grid_name}={value} fixed", "param": self.grid_name,
-                           "chosen": value, "cv_accuracy": None, "cv_log_loss": None, "folds": 0,
-                           "val_used_for_tuning": False}
-            log.warning("%s: %s; %s=%s used without cross-validation", self.name, why, self.grid_name, value)
-            return []
-        # Speed: the preprocessing (standardisation, L2 normalisation) uses no labels, so it is
-        # fitted once on all of train instead of once per fold and grid value (half the cost of a
-        # logistic fit on 20,000 x 2,048 rows); only the final estimator is cross-validated.
+        if folds < 2 or len(grid) < 2:
+            return self.fit_fixed(X, y, grid, folds)
+        # The preprocessing (standardisation, L2 normalisation) uses no labels, so it is fitted once
+        # on all of train; only the final estimator is cross-validated.
         prep = Pipeline(template.steps[:-1]).fit(X) if len(template.steps) > 1 else None
         Xp = prep.transform(X) if prep is not None else X
-        cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=self.params.seed)
-        search = GridSearchCV(template.steps[-1][1], {self.param_name: list(grid)},
-                              scoring={"log_loss": "neg_log_loss", "accuracy": "accuracy"}, refit="log_loss",
-                              cv=cv, n_jobs=1, return_train_score=self.train_scores, error_score="raise")
         if not np.isfinite(Xp).all():
             raise UsageError(f"{self.name}: the training features hold NaN or infinite values; extract them again")
-        with sklearn.config_context(assume_finite=True):  # checked once above, not in each of ~20 fits
-            search.fit(Xp, y)
-        r = search.cv_results_
-        rows = []
-        for i, value in enumerate(grid):
-            rows.append({"param": self.grid_name, "value": value,
-                         "cv_accuracy": float(r["mean_test_accuracy"][i]),
-                         "cv_log_loss": float(-r["mean_test_log_loss"][i]),
-                         "train_accuracy": float(r["mean_train_accuracy"][i]) if self.train_scores else None,
-                         "train_loss": float(-r["mean_train_log_loss"][i]) if self.train_scores else None})
-        best = int(search.best_index_)
-        value = grid[best]
-        self.model = Pipeline((prep.steps if prep is not None else []) + [(template.steps[-1][0], search.best_estimator_)])
+        with sklearn.config_context(assume_finite=True):  # checked once above, not in each fit
+            rows, best = self.cross_validate(Xp, y, grid, folds, groups)
+            value = grid[best]
+            final = self.refit(Xp, y, value)
+        self.model = Pipeline((prep.steps if prep is not None else []) + [(template.steps[-1][0], final)])
         self.chosen = {self.grid_name: value}
-        self.tuning = {"method": f"{folds}-fold stratified CV on train", "param": self.grid_name, "chosen": value,
+        edge = self.grid_edge(grid, best)
+        self.tuning = {"method": f"{folds}-fold stratified{' group' if groups is not None else ''} CV on train",
+                       "param": self.grid_name, "chosen": value,
                        "cv_accuracy": rows[best]["cv_accuracy"], "cv_log_loss": rows[best]["cv_log_loss"],
-                       "folds": folds, "val_used_for_tuning": False}
+                       "folds": folds, "at_grid_edge": edge is not None, "val_used_for_tuning": False}
         log.info("%s: %s=%s chosen by %d-fold CV on train (CV accuracy %.4f, log loss %.4f)", self.name,
                  self.grid_name, value, folds, rows[best]["cv_accuracy"], rows[best]["cv_log_loss"])
+        if edge:
+            log.warning("%s: %s", self.name, edge)
         return rows
+
+    def cross_validate(self, Xp, y, grid, folds, groups) -> tuple[list[dict], int]:
+        """One ``GRID_COLUMNS`` row per grid value (means over the folds) and the best row's index
+        (lowest mean log loss; the first on ties, as ``GridSearchCV``)."""
+        from pipeline.heads.fastcv import Progress, fold_splits, run_folds
+
+        splits = fold_splits(y, folds, self.params.seed, groups)
+        bar = Progress(self.name, len(splits) * len(grid), self.progress)
+        table = run_folds(self.fold_task(Xp, y, grid), splits, bar).mean(axis=0)  # [grid value, 4]
+        return self.grid_rows(grid, table), int(np.argmin(table[:, 1]))
+
+    def grid_rows(self, grid: tuple, table: np.ndarray) -> list[dict]:
+        """``GRID_COLUMNS`` rows from the mean scores ``[grid value, (cv acc, cv loss, train acc, train loss)]``."""
+        return [{"param": self.grid_name, "value": value, "cv_accuracy": float(t[0]), "cv_log_loss": float(t[1]),
+                 "train_accuracy": float(t[2]) if self.train_scores else None,
+                 "train_loss": float(t[3]) if self.train_scores else None} for value, t in zip(grid, table)]
+
+    def grid_edge(self, grid: tuple, best: int) -> str | None:
+        """What to say when the chosen value is the first or last of its grid (a better one may lie
+        beyond it), or None."""
+        if 0 < best < len(grid) - 1:
+            return None
+        side = "smallest" if best == 0 else "largest"
+        more = {"C": ("stronger" if best == 0 else "weaker") + " regularisation", "k": ("fewer" if best == 0 else "more")
+                + " neighbours"}.get(self.grid_name, "a value beyond it")
+        return (f"{self.grid_name}={grid[best]} is the {side} value of its grid {list(grid)}: {more} might fit "
+                f"better; widen the grid to check (tuning records at_grid_edge: true)")
+
+    def fit_fixed(self, X, y, grid, folds) -> list[dict]:
+        """No cross-validation possible: the single grid value, or ``default``, fitted on all of train."""
+        value = grid[0] if len(grid) == 1 else self.default
+        why = "a single grid value" if len(grid) == 1 else "too few rows per class (or groups) for CV"
+        self.model = self.make(value).fit(X, y)
+        self.chosen = {self.grid_name: value}
+        self.tuning = {"method": f"none ({why}): {self.grid_name}={value} fixed", "param": self.grid_name,
+                       "chosen": value, "cv_accuracy": None, "cv_log_loss": None, "folds": 0,
+                       "val_used_for_tuning": False}
+        log.warning("%s: %s; %s=%s used without cross-validation", self.name, why, self.grid_name, value)
+        return []
 
     def predict_proba(self, X):
         proba = self.model.predict_proba(X)
@@ -229,9 +268,21 @@ class LogisticHead(_SklearnHead):
         return make_pipeline(StandardScaler(), LogisticRegression(C=value, max_iter=500, class_weight=cw,
                                                                   random_state=self.params.seed))
 
+    def fold_task(self, X, y, grid):
+        """Each fold walks the C grid with one warm-started ``LogisticRegression`` (on the exact
+        reduced problem when features outnumber rows); the final refit is the plain cold fit."""
+        from pipeline.heads.fastcv import gram, logistic_task
+
+        return logistic_task(X, y, gram(X), grid, lambda v: self.make(v).steps[-1][1], self.train_scores)
+
 
 class SvmHead(_SklearnHead):
-    """Linear SVM on standardised features with sigmoid-calibrated probabilities."""
+    """Linear SVM on standardised features with sigmoid-calibrated probabilities.
+
+    ``LinearSVC``'s objective (squared hinge, L2, regularised intercept) solved by L-BFGS
+    (``pipeline.heads.fastcv.SquaredHingeSVC``: same optimum, warm-startable), calibrated as
+    before by ``CalibratedClassifierCV(method="sigmoid", cv=3)`` (3 SVMs, their sigmoid
+    probabilities averaged)."""
 
     name = "svm"
     description = "linear SVM with calibrated probabilities, C chosen by cross-validation on train"
@@ -242,11 +293,17 @@ class SvmHead(_SklearnHead):
         from sklearn.calibration import CalibratedClassifierCV
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
-        from sklearn.svm import LinearSVC
 
-        svc = LinearSVC(C=value, class_weight=self.params.class_weight, random_state=self.params.seed,
-                        max_iter=5000)
+        from pipeline.heads.fastcv import SquaredHingeSVC
+
+        svc = SquaredHingeSVC(C=value, class_weight=self.params.class_weight, random_state=self.params.seed)
         return make_pipeline(StandardScaler(), CalibratedClassifierCV(svc, method="sigmoid", cv=3))
+
+    def fold_task(self, X, y, grid):
+        """Each inner calibration SVM walks the C grid warm-started; sigmoid per C as before."""
+        from pipeline.heads.fastcv import svm_task
+
+        return svm_task(X, y, grid, self.params.class_weight, self.train_scores)
 
 
 class RbfSvmHead(_SklearnHead):
@@ -271,11 +328,11 @@ class RbfSvmHead(_SklearnHead):
     def folds_wanted(self):
         return self.params.rbf_cv_folds
 
-    def fit(self, train, val=None):
+    def fit(self, train, val=None, groups=None):
         if len(train[1]) > 10_000:
             log.warning("rbf-svm on %d training rows may take hours (kernel SVMs grow at least quadratically); "
                         "logistic or svm fit in seconds", len(train[1]))
-        return super().fit(train, val)
+        return super().fit(train, val, groups)
 
     def make(self, value):
         from sklearn.calibration import CalibratedClassifierCV
@@ -313,6 +370,12 @@ class KnnHead(_SklearnHead):
 
         return make_pipeline(Normalizer(), KNeighborsClassifier(n_neighbors=int(value), weights="distance",
                                                                 algorithm="brute", metric="euclidean"))
+
+    def fold_task(self, X, y, grid):
+        """Neighbours once per fold (largest k); every k scored from them."""
+        from pipeline.heads.fastcv import knn_task
+
+        return knn_task(X, y, grid)
 
 
 class DenseHead(Head):
@@ -368,8 +431,9 @@ class DenseHead(Head):
         stopping (plain seeded slice when a class is too small to stratify)."""
         return tune_split(y, self.params.tune_fraction, self.params.seed)
 
-    def fit(self, train, val=None):
-        """Early stopping on a slice of train (best epoch restored); ``val`` is only scored per epoch."""
+    def fit(self, train, val=None, groups=None):
+        """Early stopping on a slice of train (best epoch restored); ``val`` is only scored per epoch.
+        ``groups`` is not used (the tuning slice is a plain stratified slice)."""
         fit_idx, tune_idx = self.tune_split(train[1])
         X, y = train[0][fit_idx], train[1][fit_idx]
         Xt, yt = train[0][tune_idx], train[1][tune_idx]

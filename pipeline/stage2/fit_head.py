@@ -58,6 +58,7 @@ class FitConfig:
     max_memory: int | None = None  # bytes an in-memory fit may use (None: pipeline.heads.stream.MEMORY_FRACTION of RAM)
     chunk_rows: int = 0  # streamed: rows per chunk (0: about pipeline.heads.stream.CHUNK_BYTES of features)
     tensorboard: Path | None = None  # dense: TensorBoard logs here (other heads do not train in epochs)
+    progress: bool = True  # grid heads: a progress bar (fit i/n, fold, ETA) over the CV fits on stderr
 
     def output_dir(self, fs: FeatureSet) -> Path:
         if self.out:
@@ -179,6 +180,7 @@ def fit_head(cfg: FitConfig) -> Path:
     tmp = folder.temp_folder(out)
     try:  # a failure or Ctrl-C leaves no half-made folder beside the output
         head = head_cls(len(fs.class_names), cfg.params)
+        head.progress = cfg.progress
         if cfg.tensorboard and head.name == "dense":
             head.tensorboard = Path(cfg.tensorboard)
         train, val = fs.splits["train"], fs.splits["val"]

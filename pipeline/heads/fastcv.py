@@ -1,0 +1,339 @@
+"""Fast cross-validation for the grid heads: the same folds, grid and choice rule as
+scikit-learn's ``GridSearchCV`` (best mean log loss over stratified, shuffled folds of train),
+with fewer and cheaper fits:
+
+- each fold walks its grid once, from strong to weak regularisation, warm-starting every fit
+  from the previous solution (logistic: ``LogisticRegression(warm_start=True)``; linear SVM:
+  each of the 3 inner calibration SVMs);
+- logistic, when the features outnumber the rows of a fold (e.g. several depths concatenated):
+  an exact reduced problem (the L2 solution lies in the span of the fold's training rows: one
+  Gram matrix ``X Xᵀ`` of train, an eigendecomposition per fold, ``rows x rows`` instead of
+  ``rows x features``);
+- k-NN computes each fold's neighbours once, for the largest k, and scores every k from them;
+- folds run in parallel threads on every core (one BLAS thread each);
+- the linear SVM is a squared-hinge L2 SVM (LinearSVC's objective, bias regularised as in
+  liblinear) solved by L-BFGS, so that it can be warm-started; its sigmoid calibration is the
+  one ``CalibratedClassifierCV`` fits (3 stratified inner folds, averaged), per grid value.
+
+Only train rows are used; val and test never reach this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+log = logging.getLogger(__name__)
+
+Fold = tuple[np.ndarray, np.ndarray]
+# per fold: one (test accuracy, test log loss, train accuracy, train log loss) per grid value
+FoldScores = list[tuple[float, float, float, float]]
+GRAM_RATIO = 1.25  # reduced (Gram) problem when features > GRAM_RATIO x training rows
+
+
+def fold_splits(y: np.ndarray, folds: int, seed: int, groups: np.ndarray | None = None) -> list[Fold]:
+    """The CV folds of train: ``StratifiedKFold`` (shuffled, seeded) as ``GridSearchCV`` used them,
+    or ``StratifiedGroupKFold`` when ``groups`` is given (rows of one group, e.g. the views of one
+    photo, stay in one fold)."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    dummy = np.zeros((len(y), 1))
+    if groups is None:
+        return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(dummy, y))
+    groups = np.asarray(groups)
+    return list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(dummy, y, groups))
+
+
+def scores(proba: np.ndarray, y: np.ndarray, classes: np.ndarray) -> tuple[float, float]:
+    """(accuracy, log loss) as ``GridSearchCV``'s ``accuracy`` and ``neg_log_loss`` scorers give them."""
+    from sklearn.metrics import log_loss
+
+    return float((classes[proba.argmax(1)] == y).mean()), float(log_loss(y, proba, labels=classes))
+
+
+def workers(n_tasks: int) -> int:
+    """Threads for the folds: one per core, at most one per fold."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(n_tasks, cores))
+
+
+class Progress:
+    """Counts fits (fold x grid value) from any thread: a tqdm bar (i/n, rate, ETA) and, when stderr
+    is not a terminal, a log line at most every 15 s; silent when ``enabled`` is false."""
+
+    def __init__(self, name: str, total: int, enabled: bool):
+        from pipeline.core.util import progress_bar
+
+        self.name, self.total, self.enabled = name, total, enabled
+        self.bar = progress_bar(total=total, desc=f"{name} CV", enabled=enabled, unit="fit")
+        self.done, self.t0, self.last = 0, time.perf_counter(), time.perf_counter()
+        self.lock = threading.Lock()
+
+    def tick(self, fold: int, what: str) -> None:
+        with self.lock:
+            self.done += 1
+            self.bar.set_postfix_str(f"fold {fold + 1}, {what}")
+            self.bar.update(1)
+            now = time.perf_counter()
+            if self.enabled and now - self.last >= 15.0 and self.done < self.total:
+                self.last = now
+                eta = (now - self.t0) / self.done * (self.total - self.done)
+                log.info("%s: CV fit %d/%d (fold %d, %s), about %.0f s left", self.name, self.done,
+                         self.total, fold + 1, what, eta)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_folds(task: Callable[[int, Fold, Callable[[str], None]], FoldScores], splits: Sequence[Fold],
+              progress: Progress) -> np.ndarray:
+    """``task(i, fold, tick)`` on every fold, folds in parallel threads (BLAS on one thread each
+    while more than one runs); the scores as an array ``[fold, grid value, 4]``."""
+    from joblib import Parallel, delayed
+    from threadpoolctl import threadpool_limits
+
+    n = workers(len(splits))
+
+    def one(i: int, fold: Fold) -> FoldScores:
+        return task(i, fold, lambda what: progress.tick(i, what))
+
+    try:
+        if n == 1:
+            out = [one(i, f) for i, f in enumerate(splits)]
+        else:
+            with threadpool_limits(limits=1, user_api="blas"):
+                out = Parallel(n_jobs=n, prefer="threads")(delayed(one)(i, f) for i, f in enumerate(splits))
+    finally:
+        progress.close()
+    return np.asarray(out, dtype=np.float64)
+
+
+def gram(X: np.ndarray) -> np.ndarray | None:
+    """``X Xᵀ`` (float64) when the features outnumber the rows enough for the reduced problem to pay."""
+    if X.shape[1] <= GRAM_RATIO * X.shape[0]:
+        return None
+    X64 = np.asarray(X, dtype=np.float64)
+    return X64 @ X64.T
+
+
+def reduced(K: np.ndarray, fit_rows: np.ndarray, *others: np.ndarray, bias: float = 0.0) -> list[np.ndarray]:
+    """Exact low-dimensional coordinates for an L2-regularised linear model fitted on ``fit_rows``.
+
+    With ``X_fit = U S Vᵀ``, a solution ``w`` lies in ``span(V)`` (the penalty removes any other
+    part), so ``w = V z``, ``||w|| = ||z||`` and ``X w = (X V) z``: the rows ``fit_rows`` become
+    ``U S`` and any other rows ``X_o V = K[o, fit] U S⁻¹``, all from the Gram matrix ``K``.
+    ``bias`` adds a constant feature of that value (liblinear's regularised intercept: 1)."""
+    Kff = K[np.ix_(fit_rows, fit_rows)] + bias * bias
+    lam, U = np.linalg.eigh(Kff)
+    keep = lam > max(lam.max(), 0.0) * len(fit_rows) * np.finfo(np.float64).eps
+    root = np.sqrt(lam[keep])
+    P = U[:, keep] / root
+    return [U[:, keep] * root] + [(K[np.ix_(rows, fit_rows)] + bias * bias) @ P for rows in others]
+
+
+def logistic_task(X, y, K, grid, make, train_scores: bool):
+    """Fold task of the logistic head: one warm-started ``LogisticRegression`` walks the C grid."""
+
+    def task(i: int, fold: Fold, tick) -> FoldScores:
+        tr, te = fold
+        Xtr, Xte = (X[tr], X[te]) if K is None else reduced(K, tr, te)
+        est = make(grid[0]).set_params(warm_start=True)
+        out = []
+        for c in grid:
+            est.set_params(C=c).fit(Xtr, y[tr])
+            test = scores(est.predict_proba(Xte), y[te], est.classes_)
+            train = scores(est.predict_proba(Xtr), y[tr], est.classes_) if train_scores else (np.nan, np.nan)
+            out.append(test + train)
+            tick(f"C={c}")
+        return out
+
+    return task
+
+
+def knn_task(X, y, grid):
+    """Fold task of the k-NN head: neighbours once (largest k), every k scored from them with
+    ``KNeighborsClassifier(weights="distance")``'s vote (a zero distance takes the whole vote)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    def task(i: int, fold: Fold, tick) -> FoldScores:
+        tr, te = fold
+        classes, codes = np.unique(y[tr], return_inverse=True)
+        nn = NearestNeighbors(n_neighbors=max(grid), algorithm="brute", metric="euclidean").fit(X[tr])
+        dist, ind = nn.kneighbors(X[te])
+        out = []
+        for k in grid:
+            with np.errstate(divide="ignore"):
+                w = 1.0 / dist[:, :k]
+            inf = np.isinf(w)
+            rows = inf.any(1)
+            w[rows] = inf[rows]
+            votes = codes[ind[:, :k]]
+            proba = np.stack([(w * (votes == c)).sum(1) for c in range(len(classes))], axis=1)
+            total = proba.sum(1, keepdims=True)
+            proba /= np.where(total == 0, 1.0, total)
+            out.append(scores(proba, y[te], classes) + (np.nan, np.nan))
+            tick(f"k={k}")
+        return out
+
+    return task
+
+
+def plain_task(X, y, grid, make, train_scores: bool):
+    """Fold task for any estimator: a fresh fit per grid value, as ``GridSearchCV`` does (rbf-svm)."""
+
+    def task(i: int, fold: Fold, tick) -> FoldScores:
+        tr, te = fold
+        out = []
+        for value in grid:
+            est = make(value).fit(X[tr], y[tr])
+            test = scores(est.predict_proba(X[te]), y[te], est.classes_)
+            train = scores(est.predict_proba(X[tr]), y[tr], est.classes_) if train_scores else (np.nan, np.nan)
+            out.append(test + train)
+            tick(f"C={value}")
+        return out
+
+    return task
+
+
+def svm_task(X, y, grid, class_weight, train_scores: bool):
+    """Fold task of the linear SVM: ``CalibratedClassifierCV(LinearSVC-objective, cv=3, sigmoid)``
+    scored as ``GridSearchCV`` scored it, but each of the 3 inner SVMs walks the C grid
+    warm-started; the sigmoid of each C is fitted on that inner fold's held-out rows by
+    ``CalibratedClassifierCV`` itself (``FrozenEstimator``), the 3 probabilities averaged."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.frozen import FrozenEstimator
+    from sklearn.model_selection import StratifiedKFold
+
+    def task(i: int, fold: Fold, tick) -> FoldScores:
+        tr, te = fold
+        classes = np.unique(y[tr])
+        p_te = np.zeros((len(grid), len(te), len(classes)))
+        p_tr = np.zeros((len(grid), len(tr), len(classes)))
+        inner = list(StratifiedKFold(n_splits=3).split(np.zeros((len(tr), 1)), y[tr]))
+        for a, b in inner:
+            Xa, ya, Xb, yb = X[tr[a]], y[tr[a]], X[tr[b]], y[tr[b]]
+            svc = SquaredHingeSVC(C=grid[0], class_weight=class_weight, warm_start=True)
+            for g, c in enumerate(grid):
+                # one "split" holding every calibration row: the sigmoid on all of them, no fold-size check
+                cal = CalibratedClassifierCV(FrozenEstimator(svc.set_params(C=c).fit(Xa, ya)), method="sigmoid",
+                                             cv=[(np.arange(len(yb)), np.arange(len(yb)))])
+                cal.fit(Xb, yb)
+                p_te[g] += cal.predict_proba(X[te]) / len(inner)
+                if train_scores:
+                    p_tr[g] += cal.predict_proba(X[tr]) / len(inner)
+        out = []
+        for g, c in enumerate(grid):
+            train = scores(p_tr[g], y[tr], classes) if train_scores else (np.nan, np.nan)
+            out.append(scores(p_te[g], y[te], classes) + train)
+            tick(f"C={c}")
+        return out
+
+    return task
+
+
+def signs(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """One-vs-rest targets ±1 (rows x problems; one problem, class ``classes[1]``, for two classes)."""
+    cols = [classes[1]] if len(classes) == 2 else list(classes)
+    return np.stack([np.where(y == c, 1.0, -1.0) for c in cols], axis=1)
+
+
+def penalties(y: np.ndarray, rows: np.ndarray, classes: np.ndarray, C: float, class_weight,
+              S: np.ndarray) -> np.ndarray:
+    """Per-entry C (rows x problems) as liblinear weights it: two classes, each row by its own
+    class's weight; one-vs-rest, the positives by their class's weight, the rest plain C.
+    ``class_weight="balanced"`` is computed on ``rows`` (the rows the SVM is fitted on)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    weight = np.ones(len(classes)) if class_weight is None else compute_class_weight(
+        class_weight, classes=classes, y=y[rows])
+    if len(classes) == 2:
+        return (C * weight[np.searchsorted(classes, y)])[:, None]
+    return np.where(S > 0, C * weight[None, :], C)
+
+
+def solve_squared_hinge(X: np.ndarray, S: np.ndarray, Cw: np.ndarray, W0: np.ndarray | None,
+                        fit_intercept: bool, tol: float, max_iter: int) -> np.ndarray:
+    """Minimise ``Σ_columns ½‖[w; b]‖² + Σᵢ Cwᵢ max(0, 1 − Sᵢ (w·xᵢ + b))²`` by L-BFGS from ``W0``
+    (zeros when None); ``W`` is ``(features [+ 1]) x columns``.  Stops when the largest gradient
+    entry falls below ``tol`` times its value at zero."""
+    from scipy.optimize import minimize
+
+    d, m = X.shape[1], S.shape[1]
+    rows = d + int(fit_intercept)
+
+    def loss_grad(w: np.ndarray) -> tuple[float, np.ndarray]:
+        W = w.reshape(rows, m)
+        Z = (X @ W[:d].astype(X.dtype)).astype(np.float64)
+        if fit_intercept:
+            Z += W[d]
+        slack = np.maximum(1.0 - S * Z, 0.0)
+        R = -2.0 * Cw * S * slack  # d loss / d Z
+        G = W.copy()
+        G[:d] += (X.T @ R.astype(X.dtype)).astype(np.float64)
+        if fit_intercept:
+            G[d] += R.sum(0)
+        return 0.5 * float((W * W).sum()) + float((Cw * slack * slack).sum()), G.ravel()
+
+    zero = np.zeros(rows * m)
+    scale = max(float(np.abs(loss_grad(zero)[1]).max()), 1e-12)
+    start = zero if W0 is None or W0.size != zero.size else np.asarray(W0, dtype=np.float64).ravel()
+    res = minimize(loss_grad, start, jac=True, method="L-BFGS-B",
+                   options={"maxiter": max_iter, "gtol": tol * scale, "ftol": 1e-15, "maxcor": 20})
+    return res.x.reshape(rows, m)
+
+
+class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
+    """Linear SVM with ``LinearSVC``'s objective, solved by L-BFGS so that it can be warm-started.
+
+    Minimises, per class (one-vs-rest; one problem for two classes),
+    ``½‖[w; b]‖² + Σᵢ Cᵢ max(0, 1 − sᵢ (w·xᵢ + b))²`` — liblinear's squared hinge with its
+    regularised intercept (``intercept_scaling=1``); ``Cᵢ = C`` times the class weight of the
+    positive class for its rows, as liblinear weights them.  The optimum is unique (strictly
+    convex), so it is liblinear's up to the solvers' tolerances.
+    """
+
+    def __init__(self, C: float = 1.0, class_weight=None, tol: float = 1e-4, max_iter: int = 2000,
+                 fit_intercept: bool = True, warm_start: bool = False, random_state=None):
+        self.C = C
+        self.class_weight = class_weight
+        self.tol = tol
+        self.max_iter = max_iter
+        self.fit_intercept = fit_intercept
+        self.warm_start = warm_start
+        self.random_state = random_state  # unused (deterministic); kept for LinearSVC's signature
+
+    def fit(self, X, y):
+        from sklearn.utils.validation import validate_data
+
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], order="C")
+        self.classes_ = np.unique(y)
+        S = signs(y, self.classes_)
+        Cw = penalties(y, np.arange(len(y)), self.classes_, self.C, self.class_weight, S)
+        prev = getattr(self, "solution_", None) if self.warm_start else None
+        W = solve_squared_hinge(X, S, Cw, prev, self.fit_intercept, self.tol, self.max_iter)
+        self.solution_ = W
+        d = X.shape[1]
+        self.coef_ = W[:d].T.copy()
+        self.intercept_ = W[d].copy() if self.fit_intercept else np.zeros(S.shape[1])
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        from sklearn.utils.validation import check_is_fitted, validate_data
+
+        check_is_fitted(self, "coef_")
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        Z = (X @ self.coef_.T.astype(X.dtype, copy=False)).astype(np.float64) + self.intercept_
+        return Z.ravel() if Z.shape[1] == 1 else Z
+
+    def predict(self, X) -> np.ndarray:
+        Z = self.decision_function(X)
+        return self.classes_[(Z > 0).astype(int)] if Z.ndim == 1 else self.classes_[Z.argmax(1)]

@@ -1,0 +1,147 @@
+"""Issue #20, section 1: the grid heads' fast cross-validation keeps the tuning honest.
+
+The fast path (warm-started paths, a reduced problem when features outnumber rows, k-NN
+neighbours once per fold, the linear SVMs of all folds solved together) must choose what
+scikit-learn's own ``GridSearchCV`` chooses with the estimators the heads used before
+(``LogisticRegression``, ``CalibratedClassifierCV(LinearSVC)``, ``KNeighborsClassifier``), with
+the same CV scores and the same accuracy.  Small synthetic problems; no timings here
+(``benchmarks/bench_heads.py`` prints those).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from pipeline.heads.fastcv import SquaredHingeSVC, fold_splits, gram, reduced
+from pipeline.heads.models import HeadParams, get_head
+
+
+def _problem(n=150, k=3, dim=12, seed=0, spread=2.0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1.0, (k, dim))
+    y = np.arange(n) % k
+    X = (centres[y] + rng.normal(0, spread, (n, dim))).astype(np.float32)
+    return X, y.astype(np.int64)
+
+
+def _reference(name: str, params: HeadParams):
+    """The estimator each head cross-validated before the fast path, and its grid parameter."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.svm import LinearSVC
+
+    if name == "logistic":
+        return LogisticRegression(max_iter=500, random_state=params.seed), "C", params.c_grid
+    if name == "svm":
+        svc = LinearSVC(random_state=params.seed, max_iter=20000, tol=1e-6)
+        return CalibratedClassifierCV(svc, method="sigmoid", cv=3), "estimator__C", params.c_grid
+    return KNeighborsClassifier(weights="distance", algorithm="brute"), "n_neighbors", params.k_grid
+
+
+@pytest.mark.parametrize("name,k,dim,n", [("logistic", 3, 12, 150), ("logistic", 2, 300, 80),
+                                          ("svm", 3, 12, 150), ("svm", 2, 300, 90),
+                                          ("knn", 3, 12, 150), ("knn", 2, 300, 80)])
+def test_fast_path_chooses_what_gridsearchcv_chooses(name, k, dim, n):
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    X, y = _problem(n, k, dim, seed=k + dim)
+    Xt, yt = _problem(200, k, dim, seed=k + dim + 1)  # probe rows: predictions compared only
+    params = HeadParams(seed=7)
+    head = get_head(name)(k, params)
+    rows = head.fit((X, y))
+    prep = head.model[:-1]
+    estimator, param, grid = _reference(name, params)
+    ref = GridSearchCV(estimator, {param: list(grid)}, scoring={"log_loss": "neg_log_loss", "acc": "accuracy"},
+                       refit="log_loss", cv=StratifiedKFold(head.tuning["folds"], shuffle=True, random_state=7))
+    ref.fit(prep.transform(X), y)
+    assert [r["value"] for r in rows] == list(grid)
+    assert head.tuning["chosen"] == grid[ref.best_index_]
+    tol = 5e-3 if name == "svm" else 1e-3  # solvers' tolerances (L-BFGS vs liblinear; warm vs cold starts)
+    np.testing.assert_allclose([r["cv_log_loss"] for r in rows], -ref.cv_results_["mean_test_log_loss"], rtol=tol,
+                               atol=1e-4)
+    np.testing.assert_allclose([r["cv_accuracy"] for r in rows], ref.cv_results_["mean_test_acc"],
+                               atol=0 if name != "svm" else 1.5 / len(y))
+    ours = head.predict_proba(Xt).argmax(1)
+    theirs = ref.best_estimator_.predict(prep.transform(Xt))
+    assert (ours == theirs).mean() >= (1.0 if name != "svm" else 0.99)
+
+
+@pytest.mark.parametrize("k,weight", [(2, None), (3, None), (3, "balanced")])
+def test_squared_hinge_svm_has_liblinears_optimum(k, weight):
+    from sklearn.svm import LinearSVC
+
+    X, y = _problem(240, k, 8, seed=3)
+    if weight:
+        keep = (y != 0) | (np.arange(len(y)) % 3 == 0)  # class 0 rarer
+        X, y = X[keep], y[keep]
+    for C in (0.01, 1.0):
+        ours = SquaredHingeSVC(C=C, class_weight=weight, tol=1e-7).fit(X, y)
+        ref = LinearSVC(C=C, class_weight=weight, tol=1e-8, max_iter=100_000).fit(X, y)
+        a, b = ours.decision_function(X), ref.decision_function(X)
+        np.testing.assert_allclose(a, b, atol=2e-3 * np.abs(b).max())
+        np.testing.assert_array_equal(ours.predict(X), ref.predict(X))
+
+
+def test_warm_start_reaches_the_cold_optimum():
+    X, y = _problem(200, 3, 10, seed=4)
+    warm = SquaredHingeSVC(C=0.001, warm_start=True, tol=1e-7).fit(X, y)
+    warm.set_params(C=1.0).fit(X, y)
+    cold = SquaredHingeSVC(C=1.0, tol=1e-7).fit(X, y)
+    np.testing.assert_allclose(warm.coef_, cold.coef_, atol=1e-3 * np.abs(cold.coef_).max())
+
+
+def test_reduced_problem_is_exact():
+    """Features outnumber rows: the fit on the Gram-reduced rows is the fit on the full rows."""
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = _problem(60, 2, 400, seed=5)
+    X = (X - X.mean(0)) / X.std(0)
+    K = gram(X)
+    assert K is not None and gram(X[:, :60]) is None  # only when features outnumber rows
+    tr, te = np.arange(45), np.arange(45, 60)
+    Ztr, Zte = reduced(K, tr, te)
+    assert Ztr.shape[1] <= 45
+    full = LogisticRegression(C=0.1, tol=1e-10, max_iter=5000).fit(X[tr], y[tr])
+    small = LogisticRegression(C=0.1, tol=1e-10, max_iter=5000).fit(Ztr, y[tr])
+    np.testing.assert_allclose(small.predict_proba(Zte), full.predict_proba(X[te]), atol=1e-5)
+
+
+def test_groups_stay_in_one_fold_and_are_recorded():
+    X, y = _problem(120, 2, 6, seed=6)
+    groups = np.arange(120) // 4  # e.g. 4 views of each photo
+    groups = np.where(y == 0, groups, groups + 1000)  # a group holds one class
+    for tr, te in fold_splits(y, 5, 0, groups):
+        assert not set(groups[tr]) & set(groups[te])
+    head = get_head("logistic")(2, HeadParams())
+    head.fit((X, y), groups=groups)
+    assert head.tuning["method"] == "5-fold stratified group CV on train"
+    plain = get_head("logistic")(2, HeadParams())
+    plain.fit((X, y))
+    assert plain.tuning["method"] == "5-fold stratified CV on train"
+
+
+def test_choice_at_the_grid_edge_is_said(caplog):
+    X, y = _problem(120, 2, 10, seed=1, spread=0.3)  # well separated: the weakest regularisation wins
+    head = get_head("logistic")(2, HeadParams(c_grid=(1e-4, 1e-3)))
+    with caplog.at_level(logging.WARNING, logger="pipeline.heads.models"):
+        head.fit((X, y))
+    assert head.tuning["chosen"] == 1e-3 and head.tuning["at_grid_edge"] is True
+    assert "C=0.001 is the largest value of its grid" in caplog.text
+    assert head.grid_edge((0.01, 0.1, 1.0), 1) is None
+    assert "smallest" in head.grid_edge((0.01, 0.1, 1.0), 0)
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_progress_only_when_asked(capsys, enabled):
+    X, y = _problem(90, 3, 6, seed=8)
+    head = get_head("knn")(3, HeadParams())
+    head.progress = enabled
+    head.fit((X, y))
+    err = capsys.readouterr().err
+    assert ("knn CV" in err) is enabled
+    if enabled:
+        assert "20/20" in err  # 5 folds x 4 values of k
