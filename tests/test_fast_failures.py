@@ -293,7 +293,7 @@ def fitted(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fitted")
     data = make_folder(root / "data", per_class=8)
-    feats = extract(ExtractConfig(base="mobilenet_0.25", data=str(data), weights="none", input_size=32,
+    feats = extract(ExtractConfig(base="mobilenet_0.25", data=str(data), split="60/20/20", weights="none", input_size=32,
                                   batch_size=8, out=root / "f.h5", progress=False))
     head = fit_head(FitConfig(features=[str(feats)], head="logistic", out=root / "head"))
     model = export_model(ExportConfig(head=head, out=root / "m.keras"))
