@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,37 @@ def extract_cmd(**cfg) -> list[str]:
 def run_extract_subprocess(**cfg) -> subprocess.CompletedProcess:
     return subprocess.run(extract_cmd(**cfg), env=subprocess_env(), cwd=str(REPO),
                           capture_output=True, text=True, timeout=300)
+
+
+def dvc_env() -> dict[str, str]:
+    """The environment for ``dvc`` and ``tlpipe`` subprocesses: this checkout's tlpipe, quiet TF."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "DVC_NO_ANALYTICS": "1"}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_dvc(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=dvc_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def make_dvc_project(work: Path, data: Path, base: str, epochs: int, patience: int) -> dict:
+    """``work``: a git + DVC project with the real dvc.yaml and params.yaml set to one tiny base
+    (random weights, 32 px) over ``data`` and one logistic head; returns the params written."""
+    import yaml
+
+    work.mkdir()
+    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["source"] = str(data)
+    params["extract"].update(bases=[base], weights="none", input_size=32, batch_size=8)
+    params["fit_head"].update(heads=["logistic"], epochs=epochs, patience=patience)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"]):
+        subprocess.run(cmd, cwd=work, check=True)
+    assert run_dvc("init", "-q", cwd=work).returncode == 0
+    return params
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,18 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_folder
+from tests.conftest import make_dvc_project, make_folder, run_dvc
 from tests.test_spine import _colour_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _dvc(*args, cwd):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "DVC_NO_ANALYTICS": "1"}
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")  # this checkout's tlpipe
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=900)
+    return run_dvc(*args, cwd=cwd)
 
 
 @pytest.mark.slow
@@ -132,16 +127,7 @@ HOSTILE = "my \"photos\" it's $HOME `date` é"  # a space, both quotes, $, backt
 
 def _tiny_project(tmp_path: Path, data: Path) -> tuple[Path, dict]:
     work = tmp_path / "proj"
-    work.mkdir()
-    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"]["source"] = str(data)
-    params["extract"].update(bases=["mobilenet_0.25"], weights="none", input_size=32, batch_size=8)
-    params["fit_head"].update(heads=["logistic"], epochs=2, patience=1)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
-    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
-    assert _dvc("init", "-q", cwd=work).returncode == 0
-    return work, params
+    return work, make_dvc_project(work, data, "mobilenet_0.25", epochs=2, patience=1)
 
 
 def test_dvc_commands_take_path_params_with_spaces_quotes_and_accents(tmp_path):

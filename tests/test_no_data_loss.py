@@ -16,7 +16,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import make_folder
+from conftest import dvc_env, make_dvc_project, make_folder, run_dvc
 from pipeline.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,20 +97,12 @@ def test_hand_run_fit_head_never_replaces_a_head_fitted_otherwise(tmp_path):
 # ----------------------------------------------------------------------------- DVC
 
 
-def _dvc_env() -> dict[str, str]:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "DVC_NO_ANALYTICS": "1"}
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _dvc(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=_dvc_env(), capture_output=True,
-                          text=True, timeout=600)
+    return run_dvc(*args, cwd=cwd, timeout=600)
 
 
 def _tlpipe(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=_dvc_env(),
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=dvc_env(),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -121,16 +113,7 @@ def project(tmp_path):
         pytest.skip("git is not installed")
     data = make_folder(tmp_path / "images", per_class=12, size=(64, 48))
     work = tmp_path / "proj"
-    work.mkdir()
-    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"]["source"] = str(data)
-    params["extract"].update(bases=["vgg16"], weights="none", input_size=32, batch_size=8)
-    params["fit_head"].update(heads=["logistic"], epochs=3, patience=2)
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"]):
-        subprocess.run(cmd, cwd=work, check=True)
-    assert _dvc("init", "-q", cwd=work).returncode == 0
+    params = make_dvc_project(work, data, "vgg16", epochs=3, patience=2)
     subprocess.run(["git", "add", "-A"], cwd=work, check=True)
     subprocess.run(["git", "commit", "-qm", "init"], cwd=work, check=True)
     return work, data, params
@@ -172,7 +155,7 @@ def test_failed_or_interrupted_dvc_runs_keep_every_features_file_and_head(projec
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     # (SIGINT back to its default in the child: a handler left ignoring it in this process by an earlier
     # test, e.g. Ray's, would be inherited, and the run would ignore the Ctrl-C)
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=work, env=_dvc_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=work, env=dvc_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     partial = work / "cache/dvc/features/.vgg16.h5.progress.json"
