@@ -37,6 +37,7 @@ class ExtractConfig:
     Runtime: ``runtime``, ``precision``, ``mixed_precision``, ``batch_size``.  Reader (in every
     process that runs the model): ``decode_threads``, ``prefetch``, ``decode_nice``.  Distribution:
     ``engine``, ``shard`` (local), ``ray_address``, ``actors``, ``gpus_per_worker``, ``shard_size`` (ray).
+    Depths and views: ``layers`` (pipeline.nets.depths), ``views`` (pipeline.data.views).
     """
 
     base: str
@@ -65,6 +66,8 @@ class ExtractConfig:
     actors: int = 0  # ray: model actors (0: 1)
     gpus_per_worker: float = 0.0  # ray: GPUs per model actor
     shard_size: int = 1000  # ray: images per shard (the unit of work and of resume)
+    layers: str = "last"  # last | blocks | NAME,NAME: pooled depths stored side by side (pipeline.nets.depths)
+    views: int = 0  # augmented views of each training image (and a mirror of val/test) stored beside it
 
     def output_path(self, shard: tuple[int, int] | None = None) -> Path:
         """The output file: --out, else CACHE/features/BASE.h5 (a shard: CACHE/features/BASE.shards/...)."""
@@ -90,6 +93,7 @@ class Plan:
     choice: Choice  # runtime and precision
     weights_id: tuple[str, str] | None  # (kind, sha256); None: ImageNet weights not cached yet
     ranges: dict[str, tuple[int, int]]  # {split: (start, stop)} this job covers
+    layers: tuple[str, ...] | None = None  # pooled depths (None: the base's pooled output, --layers last)
 
     @property
     def runtime_id(self) -> tuple[str, str]:
@@ -99,10 +103,16 @@ class Plan:
         """What building the runtime needs; ``strict``: the resolved runtime or an error (no fallback)."""
         requested = self.choice.runtime if strict else self.cfg.runtime
         return RuntimeSpec(self.backbone.name, self.weights, self.size, self.cfg.pooling, self.cfg.batch_size,
-                           self.choice, requested)
+                           self.choice, requested, self.layers)
+
+    @property
+    def depth_id(self) -> dict[str, Any]:
+        """The depths and views, as the fingerprint and the settings take them (empty: last, no views)."""
+        return {"layers": self.layers, "views": int(self.cfg.views)}
 
     def fingerprint(self, weights_id: tuple[str, str], runtime_id: tuple[str, str]) -> str:
-        return schema.fingerprint(self.backbone, weights_id, self.size, self.cfg.pooling, self.source, runtime_id)
+        return schema.fingerprint(self.backbone, weights_id, self.size, self.cfg.pooling, self.source, runtime_id,
+                                  **self.depth_id)
 
     def prepare(self, weights_id: tuple[str, str], runtime_id: tuple[str, str]) -> str | None:
         """The fingerprint, or None when ``out`` is already up to date; refuses (before any work) to
@@ -111,14 +121,14 @@ class Plan:
         if not self.cfg.force and up_to_date(self.out, fp, self.shard):
             return None
         new = schema.settings(self.backbone, weights_id, self.size, self.cfg.pooling, self.cfg.limit, self.source,
-                              fp, runtime_id)
+                              fp, runtime_id, **self.depth_id)
         guard_existing(self.out, new, self.cfg.force, self.shard)
         return fp
 
     def static_attrs(self, fingerprint: str) -> dict[str, Any]:
         """The features-file attributes fixed by the settings and the listed data."""
         return schema.static_attrs(self.backbone, self.cfg.base, self.size, self.cfg.pooling, self.source,
-                                   fingerprint, self.cfg.limit, self.cfg.batch_size)
+                                   fingerprint, self.cfg.limit, self.cfg.batch_size, self.cfg.layers, **self.depth_id)
 
 
 def check_options(cfg: ExtractConfig) -> tuple[int, int] | None:
@@ -140,8 +150,13 @@ def plan(cfg: ExtractConfig) -> Plan:
     """Resolve ``cfg`` once (options, base, weights, runtime, output, data listing, ranges)."""
     from pipeline.nets.weights import known_weights, parse_weights
 
+    from pipeline.data.views import check_views, with_views
+    from pipeline.nets.depths import resolve_layers
+
     backbone = get_backbone(cfg.base)
     shard = check_options(cfg)
+    layers = resolve_layers(backbone.name, cfg.layers)  # a bad --layers: one line, before the data
+    check_views(cfg.views, cfg.engine)
     weights = parse_weights(cfg.weights, backbone)
     # Ray with GPU actors: the driver decides for them (Keras, fp16 per --mixed-precision), as they will run it
     gpu = {"accelerator": "gpu"} if cfg.engine == "ray" and cfg.gpus_per_worker > 0 else {}
@@ -152,7 +167,9 @@ def plan(cfg: ExtractConfig) -> Plan:
     source = open_source(cfg.data, cfg.split, cfg.tfds_data_dir, cfg.limit)
     if not source.splits:
         raise DataError(f"no images in {cfg.data}")
+    source = with_views(source, cfg.views)  # view splits (SPLIT_viewK) after the clean ones
     out.parent.mkdir(parents=True, exist_ok=True)
     counts = {s: source.counts[s] for s in source.splits}
     ranges = {s: (0, c) for s, c in counts.items()} if shard is None else partition(counts, shard[1])[shard[0]]
-    return Plan(cfg, backbone, weights, size, source, out, shard, choice, known_weights(backbone, weights), ranges)
+    return Plan(cfg, backbone, weights, size, source, out, shard, choice, known_weights(backbone, weights), ranges,
+                layers)

@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.data.images import DecodeError
 from pipeline.data.sources import Item, decode_item
+from pipeline.data.views import apply_view, parse_view_split
 from pipeline.stage1 import runtime as runtimes
 
 DECODE_NICE_CPU = 10  # decode threads yield to the forward pass when the model runs on the CPU
@@ -91,13 +92,14 @@ def lower_thread_priority(nice: int) -> None:
         pass
 
 
-def decode_batch(items: list[Item], size: int):
-    """Decode a batch into one uint8 array; failed inputs are returned with their reason."""
+def decode_batch(items: list[Item], size: int, view: int = 0):
+    """Decode a batch into one uint8 array; failed inputs are returned with their reason.
+    ``view``: the augmented view to store (pipeline.data.views; 0: the image itself)."""
     batch = np.empty((len(items), size, size, 3), dtype=np.uint8)
     ids, labels, skipped = [], [], []
     for item in items:
         try:
-            batch[len(ids)] = decode_item(item, size)
+            batch[len(ids)] = apply_view(decode_item(item, size), view)
         except DecodeError as exc:
             skipped.append((item.id, str(exc)))
             continue
@@ -143,7 +145,8 @@ class BatchReader:
         if nxt is None:
             return False
         split, index, chunk = nxt
-        self._pending.append((split, index, self._pool.submit(decode_batch, chunk, self._size)))
+        view = parse_view_split(split)[1]  # SPLIT_viewK: view K of SPLIT's images
+        self._pending.append((split, index, self._pool.submit(decode_batch, chunk, self._size, view)))
         return True
 
     def __iter__(self) -> Iterator[Batch]:

@@ -323,6 +323,7 @@ class Runtime:
 
     name = "keras"
     precision = "f32"
+    depths: list[tuple[str, int]] | None = None  # [(layer, width)] of a multi-depth extractor (nets.depths)
 
     def __init__(self, batch_size: int, input_size: int, feature_size: int, weights):
         self.batch_size = batch_size
@@ -355,9 +356,12 @@ class KerasRuntime(Runtime):
     def __init__(self, model, batch_size: int, input_size: int, weights, precision: str = "f32"):
         from pipeline.nets.extractor import Forward
 
+        from pipeline.nets.depths import depth_layout
+
         super().__init__(batch_size, input_size, int(model.output_shape[-1]), weights)
         self.model = model
         self.precision = precision
+        self.depths = depth_layout(model)
         self._forward = Forward(model, batch_size)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -458,8 +462,10 @@ def default_streams() -> int:
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
-def _build_keras_extractor(backbone, weights, input_size: int, pooling: str, fp16: bool = False):
-    """The Keras extractor, built as extraction always has (seeded: --weights none is reproducible)."""
+def _build_keras_extractor(backbone, weights, input_size: int, pooling: str, fp16: bool = False,
+                           layers: tuple[str, ...] | None = None):
+    """The Keras extractor, built as extraction always has (seeded: --weights none is reproducible);
+    ``layers``: the pooled depths side by side (pipeline.nets.depths) instead of the base's output."""
     import random
 
     import keras
@@ -474,7 +480,13 @@ def _build_keras_extractor(backbone, weights, input_size: int, pooling: str, fp1
     random.seed(0)
     try:
         base_model, winfo = build_with_weights(backbone, weights, input_size, pooling)
-        model = build_extractor(backbone, base_model, input_size)
+        if layers:
+            from pipeline.nets.depths import build_depth_extractor, resolve_layers
+
+            layers = resolve_layers(backbone.name, layers, base_model)
+            model = build_depth_extractor(backbone, base_model, input_size, layers, pooling)
+        else:
+            model = build_extractor(backbone, base_model, input_size)
     finally:
         random.setstate(rng_state)
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -495,24 +507,27 @@ class RuntimeSpec:
     batch_size: int
     choice: Choice
     requested: str = "auto"
+    layers: tuple[str, ...] | None = None  # pooled depths side by side (pipeline.nets.depths); None: last
 
 
 def build(spec: RuntimeSpec) -> "Runtime":
     """THE model factory of stage one: every distributor builds its runtime here."""
     return build_runtime(spec.base, spec.weights, spec.size, spec.pooling, runtime=spec.requested,
-                         batch_size=spec.batch_size, choice=spec.choice)
+                         batch_size=spec.batch_size, choice=spec.choice, layers=spec.layers)
 
 
 def build_runtime(backbone, weights, input_size: int, pooling: str = "avg", runtime: str = "auto",
                   precision: str = "auto", batch_size: int = 32, mixed_precision: str = "auto",
-                  cache_dir: Path | None = None, streams: int | None = None, choice: Choice | None = None) -> Runtime:
+                  cache_dir: Path | None = None, streams: int | None = None, choice: Choice | None = None,
+                  layers: tuple[str, ...] | None = None) -> Runtime:
     """Build the stage-one runtime from plain arguments.
 
     ``backbone`` is a ``Backbone`` or a base name; ``weights`` is what ``weights.parse_weights``
     returns (``None``, ``"imagenet"`` or a ``Path``), or the raw ``--weights`` string.
     ``choice``: the runtime and precision already resolved (else resolved here from the request).
     Under ``runtime="auto"`` a failed conversion warns and falls back to Keras; with
-    ``runtime="openvino"`` it is a ``UsageError`` naming the fallback.
+    ``runtime="openvino"`` it is a ``UsageError`` naming the fallback.  ``layers``: pooled depths side
+    by side (pipeline.nets.depths) instead of the base's pooled output; the runtime's ``depths`` lists them.
     (It seeds Keras' initializers so that ``--weights none`` gives the same random base everywhere.)
     """
     from pipeline.nets.backbones import Backbone, get_backbone
@@ -524,15 +539,17 @@ def build_runtime(backbone, weights, input_size: int, pooling: str = "avg", runt
     requested = str(runtime).strip().lower()
     choice = choice or resolve_choice(runtime, precision, mixed_precision)
     if choice.runtime == "keras":
-        model, winfo = _build_keras_extractor(backbone, weights, input_size, pooling, fp16=choice.precision == "fp16")
+        model, winfo = _build_keras_extractor(backbone, weights, input_size, pooling, fp16=choice.precision == "fp16",
+                                              layers=layers)
         say_runtime("keras", choice.precision, why=choice.why)
         return KerasRuntime(model, batch_size, input_size, winfo, choice.precision)
     return _build_openvino(backbone, weights, input_size, pooling, choice.precision, batch_size,
-                           requested == "openvino", cache_dir, streams)
+                           requested == "openvino", cache_dir, streams, layers)
 
 
 def _build_openvino(backbone, weights, input_size: int, pooling: str, precision: str, batch_size: int,
-                    strict: bool, cache_dir: Path | None, streams: int | None) -> Runtime:
+                    strict: bool, cache_dir: Path | None, streams: int | None,
+                    layers: tuple[str, ...] | None = None) -> Runtime:
     """The OpenVINO runtime (converted once, cached); on failure Keras, or a ``UsageError`` if ``strict``."""
     import keras
 
@@ -543,18 +560,22 @@ def _build_openvino(backbone, weights, input_size: int, pooling: str, precision:
 
     def keras_model():
         if "model" not in built:
-            built["model"], built["winfo"] = _build_keras_extractor(backbone, weights, input_size, pooling)
+            built["model"], built["winfo"] = _build_keras_extractor(backbone, weights, input_size, pooling,
+                                                                    layers=layers)
         return built["model"], built["winfo"]
 
     def convert():
         import openvino as ov
+
+        from pipeline.nets.depths import depth_layout
 
         model, winfo = keras_model()
         with warnings.catch_warnings():  # Keras warns that the converter names the input differently
             warnings.simplefilter("ignore", UserWarning)
             ov_model = ov.convert_model(model, input=[(-1, input_size, input_size, 3)])
         return ov_model, {"feature_size": int(model.output_shape[-1]), "weights_kind": winfo.kind,
-                          "weights_sha256": winfo.sha256, "keras": keras.__version__}
+                          "weights_sha256": winfo.sha256, "keras": keras.__version__,
+                          "depths": depth_layout(model)}
 
     try:
         known = known_weights(backbone, weights)
@@ -562,7 +583,8 @@ def _build_openvino(backbone, weights, input_size: int, pooling: str, precision:
             winfo = keras_model()[1]
             known = (winfo.kind, winfo.sha256)
         key = {"base": backbone.name, "weights": known[0], "weights_sha256": known[1],
-               "input_size": input_size, "pooling": pooling, "keras": keras.__version__, "tlpipe": __version__}
+               "input_size": input_size, "pooling": pooling, "keras": keras.__version__, "tlpipe": __version__,
+               **({"layers": list(layers), "depths_format": 1} if layers else {})}
         ov_model, extra, folder, _ = cached_ir(key, convert, cache_dir)
         winfo = built.get("winfo") or WeightsInfo(
             extra["weights_kind"], str(weights.resolve()) if isinstance(weights, Path) else "", extra["weights_sha256"])
@@ -579,6 +601,7 @@ def _build_openvino(backbone, weights, input_size: int, pooling: str, precision:
         model, winfo = keras_model()
         return KerasRuntime(model, batch_size, input_size, winfo, "f32")
     say_runtime("openvino", precision, f"OpenVINO {__import__('openvino').__version__}, CPU")
+    rt.depths = [(str(n), int(w)) for n, w in extra["depths"]] if extra.get("depths") else None
     return rt
 
 

@@ -19,7 +19,7 @@ from pipeline.store.schema import JSON_ATTRS, REQUIRED_ATTRS, SCHEMA_VERSION, ex
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCHEMA_VERSION", "REQUIRED_ATTRS", "JSON_ATTRS", "extraction_fingerprint", "read_attrs", "load_features",
+__all__ = ["load_views", "SCHEMA_VERSION", "REQUIRED_ATTRS", "JSON_ATTRS", "extraction_fingerprint", "read_attrs", "load_features",
            "FeatureSet", "Split", "fuse", "staleness", "warn_if_stale", "head_status", "resolve_features_path"]
 
 
@@ -210,6 +210,25 @@ def _load_features(path: Path, need: tuple[str, ...]) -> FeatureSet:
     return FeatureSet([path], attrs, splits)
 
 
+def load_views(path: str | Path, clean: dict[str, Any]) -> dict[str, list[np.ndarray]]:
+    """``{split: [view 1 rows, view 2 rows, ...]}`` stored by ``extract --views`` (groups
+    ``<split>_view<k>``, rows in the clean split's order: the same ids); ``clean``: ``{split: Split}``."""
+    import h5py
+
+    out: dict[str, list[np.ndarray]] = {}
+    with h5py.File(path, "r") as h5:
+        for split, data in clean.items():
+            k = 1
+            while f"{split}_view{k}" in h5:
+                group = h5[f"{split}_view{k}"]
+                if not np.array_equal(group["ids"].asstr()[...], np.asarray(data.ids)):
+                    raise FeaturesFileError(f"{path}: {split}_view{k} does not hold the rows of {split} "
+                                            "(a view image failed to decode); extract again")
+                out.setdefault(split, []).append(group["features"][...])
+                k += 1
+    return out
+
+
 def feature_precision(attrs: dict[str, Any]) -> str:
     """The precision a features file was computed in (files from before the option: f32, or fp16 when
     made with Keras mixed precision)."""
@@ -340,8 +359,8 @@ def head_status(head_dir: str | Path) -> tuple[str, str, list[dict[str, Any]]]:
 def check_virtual_sources(path: Path, h5) -> None:
     """Refuse a virtual features file whose shard files are gone (HDF5 would read zeros)."""
     missing = set()
-    for split in ("train", "val", "test"):
-        if split not in h5 or not h5[split]["features"].is_virtual:
+    for split in h5:  # train, val, test and any view splits
+        if "features" not in h5[split] or not h5[split]["features"].is_virtual:
             continue
         for vs in h5[split]["features"].virtual_sources():
             src = Path(vs.file_name)

@@ -5,6 +5,12 @@ Layout of a features file (schema 1)::
     /<split>/features  float32 [N, D]     split in train, val, test
     /<split>/labels    int64   [N]
     /<split>/ids       str     [N]        relative file path or tfds id
+    /<split>_view<k>/  the same, for augmented view k of the split's images (``extract --views``;
+                       same ids and order as ``/<split>``; pipeline.data.views)
+
+With ``extract --layers blocks|NAMES`` the features matrix holds several pooled depths side by side:
+attributes ``depths`` and ``depth_dims`` (JSON lists) name them and give their widths, in column order
+(pipeline.nets.depths.depth_slices); files with ``--layers last`` have neither.
     attrs: see ``static_attrs`` (the settings and the listed data), ``runtime_attrs`` (where the
            features were computed), ``result_attrs`` (rows, skipped inputs, timings) and, for a shard
            file, ``shard_attrs``.
@@ -25,7 +31,7 @@ import pipeline
 SCHEMA_VERSION = 1
 REQUIRED_ATTRS = ("schema_version", "base", "weights", "input_size", "pooling", "data_source",
                   "split_spec", "class_names", "fingerprint", "source_fingerprint", "feature_size")
-JSON_ATTRS = ("class_names", "counts", "skipped", "splits", "constructor_kwargs")
+JSON_ATTRS = ("class_names", "counts", "skipped", "splits", "constructor_kwargs", "depths", "depth_dims")
 SHARD_ATTRS = ("shard_index", "shard_count", "shard_ranges")
 
 
@@ -43,26 +49,40 @@ def preprocessing_name(backbone: Any) -> str:
     return f"keras.applications.{backbone.module}.preprocess_input"
 
 
+def depth_fields(layers: tuple[str, ...] | None = None, views: int = 0) -> dict[str, Any]:
+    """The depths and views as fingerprint fields: only when not the default (``--layers last``,
+    no views), so that every file made before they existed keeps its fingerprint."""
+    out: dict[str, Any] = {"layers": list(layers)} if layers else {}
+    if views:
+        out["views"] = int(views)
+    return out
+
+
 def fingerprint_fields(backbone: Any, weights_id: tuple[str, str], size: int, pooling: str, source: Any,
-                       runtime: tuple[str, str] = ("keras", "f32")) -> dict[str, Any]:
+                       runtime: tuple[str, str] = ("keras", "f32"), layers: tuple[str, ...] | None = None,
+                       views: int = 0) -> dict[str, Any]:
     """What determines the features: base, weights, input size, pooling, preprocessing, data, and the
-    runtime and precision that computed them (a bf16 cache is never taken for an f32 one)."""
+    runtime and precision that computed them (a bf16 cache is never taken for an f32 one); the pooled
+    depths and the views only when not the default (``depth_fields``)."""
     from pipeline.data.images import RESIZE_METHOD
 
-    return dict(base=backbone.name, weights=weights_id[0], weights_sha256=weights_id[1], input_size=size,
+    return dict(**depth_fields(layers, views), base=backbone.name, weights=weights_id[0], weights_sha256=weights_id[1], input_size=size,
                 pooling=pooling, preprocessing=preprocessing_name(backbone),
                 source_fingerprint=source.fingerprint, split=source.split_spec, version=tlpipe_version(),
                 resize=RESIZE_METHOD, runtime=runtime[0], precision=runtime[1])
 
 
 def fingerprint(backbone: Any, weights_id: tuple[str, str], size: int, pooling: str, source: Any,
-                runtime: tuple[str, str] = ("keras", "f32")) -> str:
+                runtime: tuple[str, str] = ("keras", "f32"), layers: tuple[str, ...] | None = None,
+                views: int = 0) -> str:
     """The features file's fingerprint (see ``fingerprint_fields``)."""
-    return extraction_fingerprint(**fingerprint_fields(backbone, weights_id, size, pooling, source, runtime))
+    return extraction_fingerprint(**fingerprint_fields(backbone, weights_id, size, pooling, source, runtime,
+                                                       layers, views))
 
 
 def settings(backbone: Any, weights_id: tuple[str, str], size: int, pooling: str, limit: int | None,
-             source: Any, fingerprint_: str, runtime: tuple[str, str] = ("keras", "f32")) -> dict[str, Any]:
+             source: Any, fingerprint_: str, runtime: tuple[str, str] = ("keras", "f32"),
+             layers: tuple[str, ...] | None = None, views: int = 0) -> dict[str, Any]:
     """What a features file records about how it was made (compared with an existing file)."""
     from pipeline.data.images import RESIZE_METHOD
 
@@ -70,12 +90,14 @@ def settings(backbone: Any, weights_id: tuple[str, str], size: int, pooling: str
             "input_size": size, "pooling": pooling, "data_source": source.spec,
             "split_spec": source.split_spec, "split_rule": source.split_rule,
             "source_fingerprint": source.fingerprint, "limit": limit or 0, "tlpipe_version": tlpipe_version(), "resize": RESIZE_METHOD,
-            "runtime": runtime[0], "precision": runtime[1], "fingerprint": fingerprint_}
+            "runtime": runtime[0], "precision": runtime[1], **depth_fields(layers, views), "fingerprint": fingerprint_}
 
 
 def static_attrs(backbone: Any, base_requested: str, size: int, pooling: str, source: Any, fingerprint_: str,
-                 limit: int | None, batch_size: int) -> dict[str, Any]:
-    """The attributes fixed by the settings and the listed data."""
+                 limit: int | None, batch_size: int, layers_spec: str = "last", *,
+                 layers: tuple[str, ...] | None = None, views: int = 0) -> dict[str, Any]:
+    """The attributes fixed by the settings and the listed data (``layers``: the ``--layers`` request,
+    and ``views``, recorded only when not the default)."""
     from pipeline.data.images import RESIZE_METHOD
 
     return {
@@ -99,6 +121,8 @@ def static_attrs(backbone: Any, base_requested: str, size: int, pooling: str, so
         "limit": limit or 0,
         "batch_size": batch_size,
         "tlpipe_version": tlpipe_version(),
+        **({"layers": str(layers_spec)} if layers else {}),
+        **({"views": int(views)} if views else {}),
     }
 
 
@@ -107,7 +131,10 @@ def runtime_attrs(rt: Any) -> dict[str, Any]:
     import h5py
     import keras
 
-    return {"weights": rt.weights.label, "weights_sha256": rt.weights.sha256, "feature_size": int(rt.feature_size),
+    depths = getattr(rt, "depths", None)  # [(layer, width)] of a multi-depth extractor
+    extra = {} if not depths else {"depths": json.dumps([str(d) for d, _ in depths]),
+                                   "depth_dims": json.dumps([int(w) for _, w in depths])}
+    return {**extra, "weights": rt.weights.label, "weights_sha256": rt.weights.sha256, "feature_size": int(rt.feature_size),
             "mixed_precision": rt.precision == "fp16", "runtime": rt.name, "precision": rt.precision,
             "openvino_version": _version("openvino") if rt.name == "openvino" else "",
             "keras_version": keras.__version__, "keras_backend": keras.backend.backend(),

@@ -123,6 +123,13 @@ def finished_shards(folder: Path, fingerprint: str, count: int) -> dict[int, Pat
     return done
 
 
+def split_order(infos: list[dict[str, Any]]) -> list[str]:
+    """The splits of a set of shards in file order: train, val, test, then any view splits
+    (``<split>_view<k>``, pipeline.data.views) in the order the shards list them."""
+    extra = [s for s in infos[0]["shard_ranges"] if s not in SPLITS]
+    return [*SPLITS, *extra]
+
+
 def check_shards(paths: list[Path]) -> list[dict[str, Any]]:
     """The shards' attributes in shard order, after checking that they form one whole."""
     if not paths:
@@ -153,7 +160,7 @@ def check_shards(paths: list[Path]) -> list[dict[str, Any]]:
         have = ", ".join(str(by_index[i]["path"]) for i in sorted(by_index)[:4]) + (" ..." if len(by_index) > 4 else "")
         raise UsageError(f"{len(missing)} of {count} shards missing: shard {shown} (given: {have})")
     ordered = [by_index[i] for i in range(count)]
-    for split in SPLITS:  # contiguous, non-overlapping ranges covering each split
+    for split in split_order(ordered):  # contiguous, non-overlapping ranges covering each split
         pos = 0
         for info in ordered:
             start, stop = info["shard_ranges"].get(split, (pos, pos))
@@ -167,7 +174,7 @@ def check_shards(paths: list[Path]) -> list[dict[str, Any]]:
 def merged_attrs(infos: list[dict[str, Any]], counts: dict[str, int], overrides: dict | None = None) -> dict:
     """Attributes of the merged file: the shards' common ones, then counts, skipped and timings."""
     attrs = {k: v for k, v in infos[0].items() if k not in (*SHARD_ATTRS, "path")}
-    order = {s: i for i, s in enumerate(SPLITS)}
+    order = {s: i for i, s in enumerate(split_order(infos))}
     skipped = [s for info in infos for s in (info.get("skipped") or [])]
     skipped.sort(key=lambda s: order.get(s["split"], 9))  # stable: by split, then item index
     seconds = sum(float(i.get("extract_seconds") or 0) for i in infos)
@@ -199,7 +206,7 @@ def merge_shards(paths: list[Path], out: Path, copy: bool = False, force: bool =
     tmp = out.with_name(f".{out.name}.merging-{os.getpid()}")
     try:
         with h5py.File(tmp, "w") as h5:
-            for split in SPLITS:
+            for split in split_order(infos):
                 parts = []
                 for info in infos:
                     with h5py.File(info["path"], "r") as src:
