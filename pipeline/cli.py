@@ -172,9 +172,15 @@ def bases_cmd(as_json: bool) -> None:
 @click.option("--shard", default=None, metavar="I/N",
               help="Write only shard I of N (0 <= I < N; a deterministic part of every split) to a shard file, "
                    "e.g. one per Slurm array task; join them with 'tlpipe merge'.")
+@click.option("--layers", default="last", show_default=True,
+              help="Depths to pool and store: last (the base's output), blocks (every block or stage of the base), "
+                   "or layer names separated by commas. Several depths cost one pass; fit-head chooses among them.")
+@click.option("--views", type=click.IntRange(0), default=0, show_default=True,
+              help="Also store K augmented views of each training image (1: its mirror; more: small crops) and "
+                   "the mirror of each val/test image (test-time view), as splits SPLIT_viewK (local engine).")
 def extract_cmd(base, data, split, weights, out, cache_dir, input_size, pooling, batch_size, decode_threads, actors,
                 workers, limit, resume, force, tfds_data_dir, mixed_precision, runtime, precision, progress, engine,
-                ray_address, gpus_per_worker, shard_size, shard) -> None:
+                ray_address, gpus_per_worker, shard_size, shard, layers, views) -> None:
     """Stage one: run the frozen base once over every split, cache pooled features in HDF5."""
     from pipeline.stage1.extract import ExtractConfig, extract
     from pipeline.store.features import read_attrs
@@ -189,7 +195,7 @@ def extract_cmd(base, data, split, weights, out, cache_dir, input_size, pooling,
         actors=actors, limit=limit or None,
         resume=resume, force=force, tfds_data_dir=tfds_data_dir, mixed_precision=mixed_precision,
         runtime=runtime, precision=precision, progress=progress, engine=engine, ray_address=ray_address,
-        gpus_per_worker=gpus_per_worker, shard_size=shard_size, shard=shard))
+        gpus_per_worker=gpus_per_worker, shard_size=shard_size, shard=shard, layers=layers, views=views))
     a = read_attrs(path)
     click.echo(f"{path}: {a['base']} ({a['feature_size']} features), rows {json.dumps(a['counts'])}, "
                f"skipped {a['skipped_count']}, {a['images_per_second']} images/s, "
@@ -242,7 +248,7 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
     attrs.setdefault("runtime", "keras")  # files from before the runtime option
     attrs.setdefault("precision", "fp16" if attrs.get("mixed_precision") else "f32")
     for key in ("base", "weights", "weights_sha256", "input_size", "pooling", "preprocessing", "feature_size",
-                "runtime", "precision",
+                "runtime", "precision", "layers", "depths", "depth_dims", "views",
                 "data_source", "split_spec", "split_rule", "class_names", "counts", "skipped_count", "images_per_second",
                 "extract_seconds", "tlpipe_version", "keras_version", "keras_backend", "tensorflow_version",
                 "created", "fingerprint"):
@@ -277,6 +283,12 @@ def _head_info(folder: Path, as_json: bool, check: bool) -> str:
     rows = [("base", ev.get("base", "")), ("head", ev.get("head", "")),
             ("features", ", ".join(features) if isinstance(features, list) else features),
             ("classes", ", ".join(map(str, ev.get("classes") or []))), ("chosen", chosen)]
+    depth = ev.get("depths") or {}
+    if depth.get("depths"):
+        rows.append(("depths", f"{', '.join(depth['depths'])} ({depth.get('how', '')})"))
+    if "test_time_mirror" in depth:
+        rows.append(("views", f"{depth.get('train_views', 0)} per training photo; test-time mirror "
+                              f"{'on' if depth['test_time_mirror'] else 'off'}"))
     for split in ("val", "test"):
         s = (ev.get("splits") or {}).get(split)
         if s:
@@ -291,7 +303,12 @@ def _head_info(folder: Path, as_json: bool, check: bool) -> str:
 @click.option("--features", "features", multiple=True, required=True,
               help="Features file (path or bare name in CACHE/features or CACHE/dvc/features). Repeat to fuse several files "
                    "(other bases, or one base at other input sizes).")
-@click.option("--head", default="logistic", show_default=True, help="logistic, dense, svm, rbf-svm or knn.")
+@click.option("--head", default="logistic", show_default=True,
+              help="logistic, dense, svm, rbf-svm, knn, or auto (depths, ridge strength and test-time mirror chosen "
+                   "by grouped CV on train: the recommended recipe on features extracted with --layers blocks).")
+@click.option("--layers", default="all", show_default=True,
+              help="Stored depths the head may use: all (auto chooses among them by CV on train; other heads use "
+                   "them all) or names separated by commas (files extracted with --layers blocks or NAME,NAME).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: CACHE/heads/FEATURES-HEAD].")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
@@ -320,7 +337,7 @@ def _head_info(folder: Path, as_json: bool, check: bool) -> str:
 @click.option("--tensorboard", type=click.Path(path_type=Path), default=None,
               help="Dense: write TensorBoard logs here (train and early-stopping slice per epoch); "
                    "other heads do not train in epochs and ignore it with a warning.")
-def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden, dropout, class_weight,
+def fit_head_cmd(features, head, layers, out, cache_dir, seed, epochs, patience, hidden, dropout, class_weight,
                  force, stream, max_memory, chunk_rows, allow_mixed_precision,
                  tensorboard) -> None:
     """Stage two: fit a head on cached features; write the head, metrics.json, evaluation.json and
@@ -331,19 +348,23 @@ def fit_head_cmd(features, head, out, cache_dir, seed, epochs, patience, hidden,
 
     Features larger than memory: logistic and dense stream them from the HDF5 file in chunks
     (--stream, or automatically above --max-memory); the head folder and exports are the same.
+
+    Features with several depths (extract --layers blocks) or views (--views): --head auto chooses the
+    depths, its ridge strength and whether to average each image with its mirror, by CV on train.
     """
     from pipeline.stage2.fit_head import FitConfig, fit_head, summary
-    from pipeline.heads.models import HeadParams, get_head
+    from pipeline.heads.auto import get_any_head
+    from pipeline.heads.models import HeadParams
 
     from pipeline.heads.stream import parse_size
 
-    get_head(head)
+    get_any_head(head)
     limit = parse_size(max_memory) if max_memory is not None else None
     params = HeadParams(seed=seed, epochs=epochs, patience=patience, hidden=hidden, dropout=dropout,
                         class_weight=None if class_weight == "none" else class_weight)
     path = fit_head(FitConfig(features=list(features), head=head, out=out, cache_dir=cache_dir, params=params,
                               force=force, stream=stream, max_memory=limit, chunk_rows=chunk_rows,
-                              allow_mixed_precision=allow_mixed_precision, tensorboard=tensorboard))
+                              allow_mixed_precision=allow_mixed_precision, tensorboard=tensorboard, layers=layers))
     click.echo(summary(path))
 
 

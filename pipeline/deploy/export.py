@@ -49,6 +49,7 @@ import numpy as np
 from pipeline.core.errors import FeaturesFileError, TlpipeError, UsageError
 from pipeline.core.safety import check_out_path
 from pipeline.core.util import atomic_write_text
+from pipeline.deploy.export_depths import DEPTH_HEADS, build_depth_export
 from pipeline.heads.folded import logistic_layers
 from pipeline.heads.folder import read_head_info
 from pipeline.heads.models import load_head
@@ -381,8 +382,12 @@ def build_export(head_dir: str | Path, base: str | None = None, weights: str | N
     """
     model_dir, info = read_head_info(head_dir)
     name = info["head"]
+    if name in DEPTH_HEADS:  # several pooled depths (tlpipe fit-head --head auto): pipeline.deploy.export_depths
+        attrs = _features_attrs(info, Path(cache_dir))
+        _check_base(base, attrs)
+        return build_depth_export(Path(head_dir), model_dir, info, attrs[0], weights, fixed_size, METADATA_VERSION)
     if name not in EXPORTABLE_HEADS:
-        raise UsageError(f"export supports the heads {', '.join(EXPORTABLE_HEADS)}, not '{name}'")
+        raise UsageError(f"export supports the heads {', '.join((*EXPORTABLE_HEADS, *DEPTH_HEADS))}, not '{name}'")
     all_attrs = _features_attrs(info, Path(cache_dir))
     _check_base(base, all_attrs)
     low = sorted({str(a.get("precision")) for a in all_attrs} & {"bf16", "fp16"})

@@ -14,7 +14,11 @@ scored, never used for tuning.  Writes ``cache/heads/<features>-<head>/``:
   roc.csv                    ROC curves of the validation split: the binary curve, or one-vs-rest per
                              class plus micro/macro averages (pipeline.reporting.curves)
   curves.csv                 long rows for DVC plots: per epoch (dense) or against C / k (the others)
-  figures/                   PNGs: training curves or the C/k grid, confusion matrices
+  depths.csv                 CV accuracy on train of each stored depth alone and of the chosen set
+                             (auto head on several depths; header only otherwise)
+  figures/                   PNGs: training curves or the C/k grid, confusion matrices, depths
+
+Files with several pooled depths or stored views: see ``pipeline.stage2.depths``.
 """
 
 from __future__ import annotations
@@ -35,8 +39,11 @@ from pipeline.core.safety import guard_head_folder, replace_dir
 from pipeline.core.util import require_tensorboard
 from pipeline.heads import folder
 from pipeline.heads.metrics import chance, evaluate
-from pipeline.heads.models import Head, HeadParams, get_head
+from pipeline.heads.auto import get_any_head
+from pipeline.heads.models import Head, HeadParams
+from pipeline.reporting.depth_plot import write_depth_plot
 from pipeline.heads.stream import Rows, chunks_of, decide, open_streamed, stream_head, stream_params
+from pipeline.stage2 import depths
 from pipeline.store.features import (FeatureSet, check_attrs, fuse, load_features, read_attrs, resolve_features_path,
                                      warn_if_stale)
 
@@ -59,6 +66,7 @@ class FitConfig:
     chunk_rows: int = 0  # streamed: rows per chunk (0: about pipeline.heads.stream.CHUNK_BYTES of features)
     tensorboard: Path | None = None  # dense: TensorBoard logs here (other heads do not train in epochs)
     progress: bool = True  # grid heads: a progress bar (fit i/n, fold, ETA) over the CV fits on stderr
+    layers: str = "all"  # stored depths the head may use: all (auto: CV chooses among them) | NAME,NAME
 
     def output_dir(self, fs: FeatureSet) -> Path:
         if self.out:
@@ -97,7 +105,7 @@ def untrained_baseline(X_train: np.ndarray, X: np.ndarray, y: np.ndarray, n_clas
 
 def _check(cfg: FitConfig) -> tuple[type[Head], FitConfig]:
     """The head class and ``cfg`` with its canonical (lower-case) name; bad settings -> ``UsageError``."""
-    head_cls = get_head(cfg.head)
+    head_cls = get_any_head(cfg.head)
     cfg = replace(cfg, head=head_cls.name)  # canonical (lower-case) name for folders and reports
     if cfg.tensorboard and head_cls.name != "dense":
         log.warning("--tensorboard ignored: the %s head does not train in epochs (only dense does)", head_cls.name)
@@ -128,7 +136,7 @@ def _open(cfg: FitConfig, head_cls: type[Head]) -> tuple[FeatureSet, type[Head],
 
 
 def _evaluation(cfg: FitConfig, fs: FeatureSet, head: Head, splits: dict, fit_seconds: float,
-                memory: dict) -> dict[str, Any]:
+                memory: dict, depth: dict[str, Any] | None = None) -> dict[str, Any]:
     """evaluation.json: provenance, tuning, per-split scores, chance and the untrained head."""
     train, k = fs.splits["train"], len(fs.class_names)
     attrs = [read_attrs(p) for p in fs.paths]
@@ -145,6 +153,7 @@ def _evaluation(cfg: FitConfig, fs: FeatureSet, head: Head, splits: dict, fit_se
         "extract_images_per_second": fs.attrs.get("images_per_second"),
         "tuning": {**head.tuning, "val_used_for_tuning": False},
         "memory": memory,  # streamed from disk or in memory, and why
+        **({"depths": depth} if depth else {}),  # several depths or views: which were used and how chosen
         "splits": splits,
         "chance": chance({name: s.y for name, s in fs.splits.items()}, k),
         "untrained": {name: untrained_baseline(train.X, s.X, s.y, k, cfg.params.seed)
@@ -162,35 +171,41 @@ def _write(tmp: Path, cfg: FitConfig, fs: FeatureSet, head: Head, rows: list, sc
     head_json = {"head": head.name, "description": head.description, "classes": fs.class_names, "base": fs.base,
                  "features": [str(p) for p in fs.paths], "feature_size": int(fs.splits["train"].X.shape[1]),
                  "fingerprints": _fingerprints(fs), "params": asdict(cfg.params),
-                 "chosen": head.chosen, "tuning": evaluation["tuning"], "tlpipe_version": __version__}
+                 "chosen": head.chosen, "tuning": evaluation["tuning"], "tlpipe_version": __version__,
+                 **({"layers": cfg.layers} if _layers_asked(cfg) else {})}
     dense = head.name == "dense"
     folder.write_head_folder(tmp, head_json=head_json, metrics=metrics, evaluation=evaluation,
                              history=rows if dense else [], grid=[] if dense else rows,
                              predictions=folder.prediction_rows(parts, fs.class_names), roc=roc)
+    write_depth_plot(tmp, getattr(head, "depth_rows", []))  # depths.csv (header only: no depth choice) + PNG
     return metrics
+
+
+def _layers_asked(cfg: FitConfig) -> bool:
+    return str(cfg.layers or "all").strip().lower() not in ("all", "")
 
 
 def fit_head(cfg: FitConfig) -> Path:
     """Fit ``cfg.head`` on the cached features; write the head folder and return it."""
     head_cls, cfg = _check(cfg)
     fs, head_cls, cfg, memory = _open(cfg, head_cls)
+    depth_info, views = depths.prepare_depths(fs, head_cls, cfg.layers, bool(memory.get("streamed")))
     out = cfg.output_dir(fs)
-    guard_head_folder(out, {"head": head_cls.name, "fingerprints": _fingerprints(fs),
-                            "params": asdict(cfg.params)}, cfg.force)
+    guard_head_folder(out, {"head": head_cls.name, "fingerprints": _fingerprints(fs), "params": asdict(cfg.params),
+                            **({"layers": cfg.layers} if _layers_asked(cfg) else {})}, cfg.force)
     tmp = folder.temp_folder(out)
     try:  # a failure or Ctrl-C leaves no half-made folder beside the output
         head = head_cls(len(fs.class_names), cfg.params)
         head.progress = cfg.progress
         if cfg.tensorboard and head.name == "dense":
             head.tensorboard = Path(cfg.tensorboard)
-        train, val = fs.splits["train"], fs.splits["val"]
         t0 = time.perf_counter()
-        rows = head.fit((train.X, train.y), (val.X, val.y))  # val: scored per epoch by dense, chooses nothing
+        rows = depths.fit(head, fs, views, cfg.layers)  # val: scored per epoch by dense, chooses nothing
         fit_seconds = time.perf_counter() - t0
-        scored = folder.score_splits(fs.splits, lambda name: head.predict_proba(fs.splits[name].X),
+        scored = folder.score_splits(fs.splits, lambda name: depths.predict(head, fs, views, name),
                                      {n: s.y for n, s in fs.splits.items()}, {n: s.ids for n, s in fs.splits.items()},
                                      fs.class_names)
-        evaluation = _evaluation(cfg, fs, head, scored[0], fit_seconds, memory)
+        evaluation = _evaluation(cfg, fs, head, scored[0], fit_seconds, memory, depths.record(depth_info, head, views))
         metrics = _write(tmp, cfg, fs, head, rows, scored, evaluation)
         replace_dir(tmp, out)  # the previous folder goes only once the new one is complete
     except BaseException:
@@ -208,6 +223,17 @@ def _fingerprints(fs: FeatureSet) -> list[str]:
     return [str(read_attrs(p).get("fingerprint", "")) for p in fs.paths]
 
 
+def _depth_lines(d: dict[str, Any]) -> list[str]:
+    """The depths a head used and why; the views it trained and predicted with."""
+    out = []
+    if d.get("depths"):
+        out.append(f"  depths {','.join(d['depths'])} ({d.get('how', '')})")
+    if "test_time_mirror" in d:
+        out.append(f"  views: trained on {d.get('train_views', 0)} per photo; "
+                   f"test-time mirror {'on' if d['test_time_mirror'] else 'off'}")
+    return out
+
+
 def summary(out: Path) -> str:
     """A few lines for the terminal: fit, what tuned what, and each split's scores."""
     out = Path(out)
@@ -216,12 +242,14 @@ def summary(out: Path) -> str:
     lines = [f"{ev['head']} head on {ev['base']} ({ev['feature_size']} features), fit in {m['fit_seconds']:.2f} s"]
     t = ev.get("tuning") or {}
     if t.get("chosen") is not None:
-        cv = f" (accuracy {t['cv_accuracy']:.4f}, log loss {t['cv_log_loss']:.4f})" if t.get("cv_accuracy") is not None else ""
+        cv = (f" (accuracy {t['cv_accuracy']:.4f}, log loss {t['cv_log_loss']:.4f})"
+              if t.get("cv_accuracy") is not None and t.get("cv_log_loss") is not None else "")
         what = f"best epoch {t['chosen']} of {t.get('epochs_run', '?')}" if t.get("param") == "epochs" \
             else f"{t['param']}={t['chosen']}"
         how = t["method"].replace("early stopping on", "chosen by early stopping on") if t.get("param") == "epochs" \
             else f"chosen by {t['method']}"
         lines.append(f"  {what} {how}{cv}; val and test not used for tuning")
+    lines.extend(_depth_lines(ev.get("depths") or {}))
     for split in ("train", "val", "test"):
         s = ev["splits"].get(split)
         if s:

@@ -1,0 +1,264 @@
+"""Several pooled depths in one pass (extract --layers), views (--views), and the auto head that
+chooses depths, C and test-time mirror by grouped CV inside train (issue 19)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO, make_folder
+
+BASE = "mobilenet_0.25"
+SIZE = 32
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tlpipe {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("img") / "img", classes=("a", "b", "c"), per_class=14, size=(40, 36))
+
+
+def extract(images: Path, out: Path, *extra: str) -> Path:
+    run_cli("extract", "--base", BASE, "--data", str(images), "--split", "60/20/20", "--weights", "none",
+            "--input-size", str(SIZE), "--runtime", "keras", "--out", str(out), "--no-progress", *extra)
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(images, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("feats")
+    return {"last": extract(images, root / "last.h5"),
+            "blocks": extract(images, root / "blocks.h5", "--layers", "blocks", "--views", "2")}
+
+
+# ----------------------------------------------------------------------------- the depth table
+
+FAMILY_SMALLEST = ["vgg16", "resnet50", "resnet50_v2", "inception_v3", "inception_resnet_v2", "xception",
+                   "mobilenet_0.25", "mobilenet_v2", "mobilenet_v3_small", "densenet121", "nasnet_mobile",
+                   "efficientnet_b0", "efficientnet_v2_b0", "convnext_tiny"]
+
+
+def _check_blocks(name: str) -> None:
+    import keras
+
+    from pipeline.nets.backbones import get_backbone
+    from pipeline.nets.depths import BLOCKS
+
+    b = get_backbone(name)
+    size = {"nasnet_mobile": 224, "nasnet_large": 331}.get(name, max(b.min_size, 96))
+    model = getattr(keras.applications, b.constructor)(include_top=False, weights=None,
+                                                       input_shape=(size, size, 3), **b.kwargs)
+    have = {layer.name for layer in model.layers}
+    missing = [n for n in BLOCKS[name] if n not in have]
+    assert not missing, f"{name}: {missing} not in the model"
+    keras.backend.clear_session()
+
+
+def test_every_base_has_blocks():
+    from pipeline.nets.backbones import names
+    from pipeline.nets.depths import BLOCKS
+
+    assert sorted(BLOCKS) == sorted(names())
+    assert all(len(v) >= 2 and len(set(v)) == len(v) for v in BLOCKS.values())
+
+
+@pytest.mark.parametrize("name", FAMILY_SMALLEST)
+def test_blocks_exist_in_family(name):
+    _check_blocks(name)
+
+
+@pytest.mark.skipif(not os.environ.get("TLPIPE_ALL_BASES"), reason="every row (slow): TLPIPE_ALL_BASES=1")
+def test_blocks_exist_in_every_base():
+    from pipeline.nets.backbones import names
+
+    for name in names():
+        _check_blocks(name)
+
+
+def test_parse_and_resolve_layers():
+    from pipeline.core.errors import UsageError
+    from pipeline.nets.depths import parse_layers, resolve_layers
+
+    assert resolve_layers(BASE, "last") is None
+    assert resolve_layers(BASE, "blocks")[-1] == "conv_pw_13_relu"
+    assert resolve_layers(BASE, "conv_pw_7,conv_pw_13") == ("conv_pw_7_relu", "conv_pw_13_relu")
+    with pytest.raises(UsageError, match="conv_pw_1_relu"):
+        resolve_layers(BASE, "conv_pw_99")
+    with pytest.raises(UsageError):
+        parse_layers(" , ")
+
+
+# ----------------------------------------------------------------------------- stage one
+
+def test_blocks_file_layout(files):
+    from pipeline.nets.depths import depth_slices
+    from pipeline.store.features import load_features, read_attrs
+
+    a, b = read_attrs(files["last"]), read_attrs(files["blocks"])
+    assert "depths" not in a and "layers" not in a  # --layers last: today's file
+    assert b["layers"] == "blocks" and b["depths"][-1] == "conv_pw_13_relu"
+    assert sum(b["depth_dims"]) == b["feature_size"]
+    assert a["fingerprint"] != b["fingerprint"]
+    last = load_features(files["last"]).splits
+    blocks = load_features(files["blocks"]).splits
+    cols = depth_slices(b)["conv_pw_13_relu"]
+    for split in ("train", "val", "test"):
+        assert list(last[split].ids) == list(blocks[split].ids)
+        np.testing.assert_allclose(blocks[split].X[:, cols], last[split].X, rtol=1e-5, atol=1e-5)
+
+
+def test_views_are_stored_beside(files):
+    from pipeline.store.features import read_attrs
+
+    attrs = read_attrs(files["blocks"])
+    counts = attrs["counts"]
+    assert counts["train_view1"] == counts["train_view2"] == counts["train"]
+    assert counts["val_view1"] == counts["val"] and "val_view2" not in counts
+    with h5py.File(files["blocks"], "r") as h5:
+        assert list(h5["train_view1"]["ids"].asstr()[...]) == list(h5["train"]["ids"].asstr()[...])
+        assert not np.allclose(h5["train_view1"]["features"][...], h5["train"]["features"][...])
+
+
+def test_mirror_view_is_the_flipped_image():
+    from pipeline.data.views import apply_view
+
+    img = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+    assert np.array_equal(apply_view(img, 1), img[:, ::-1])
+    assert apply_view(np.zeros((20, 20, 3), np.uint8), 3).shape == (20, 20, 3)
+
+
+def test_unknown_layer_fails_in_one_line(images, tmp_path):
+    proc = run_cli("extract", "--base", BASE, "--data", str(images), "--weights", "none", "--input-size", "32",
+                   "--layers", "conv_pw_99", "--out", str(tmp_path / "x.h5"), check=False)
+    assert proc.returncode == 2
+    assert "conv_pw_13_relu" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_info_shows_depths(files):
+    out = run_cli("info", str(files["blocks"]), "--no-check").stdout
+    assert "depths" in out and "conv_pw_7_relu" in out and "views" in out
+
+
+# ----------------------------------------------------------------------------- stage two
+
+def test_auto_head_through_cli(files, tmp_path):
+    out = tmp_path / "auto"
+    res = run_cli("fit-head", "--features", str(files["blocks"]), "--head", "auto", "--out", str(out))
+    assert "depths" in res.stdout
+    ev = json.loads((out / "evaluation.json").read_text())
+    d = ev["depths"]
+    assert d["depths"] and set(d["depths"]) <= set(d["stored"])
+    assert ev["tuning"]["val_used_for_tuning"] is False
+    assert "ranked depths" in ev["tuning"]["depth_choice"]["method"]
+    assert d["train_views"] == 2
+    assert (out / "depths.csv").read_text().startswith("step,depth,set,cv_accuracy,kind")
+    assert (out / "figures" / "depths.png").stat().st_size > 0
+
+
+def test_layers_subset_for_a_plain_head(files, tmp_path):
+    out = tmp_path / "logit"
+    run_cli("fit-head", "--features", str(files["blocks"]), "--head", "logistic", "--layers", "conv_pw_13",
+            "--out", str(out))
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert ev["feature_size"] == 256 and ev["depths"]["depths"] == ["conv_pw_13_relu"]
+    bad = run_cli("fit-head", "--features", str(files["last"]), "--head", "logistic", "--layers", "conv_pw_7",
+                  "--out", str(tmp_path / "bad"), check=False)
+    assert bad.returncode == 2 and "--layers" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- the selection maths
+
+def test_logo_scores_match_brute_force():
+    from sklearn.linear_model import Ridge
+
+    from pipeline.heads.depths import group_matrix, logo_scores
+
+    rng = np.random.default_rng(0)
+    n, d, k = 30, 8, 3
+    y = rng.integers(0, k, n)
+    X = rng.normal(size=(n, d)) + y[:, None] * 0.7
+    Xv = X + rng.normal(scale=0.3, size=X.shape)  # a "view" of each row
+    Xall, yall, g = np.concatenate([X, Xv]), np.concatenate([y, y]), np.tile(np.arange(n), 2)
+    lam = (0.1, 10.0)
+    fast = logo_scores(Xall, yall, group_matrix(g), k, lam)
+    Xc = Xall - Xall.mean(0)
+    Y = np.eye(k)[yall] - np.eye(k)[yall].mean(0)
+    scale = (Xc ** 2).sum() / min(Xc.shape)
+    for i, lm in enumerate(lam):
+        hits = []
+        for grp in range(n):
+            te, tr = g == grp, g != grp
+            r = Ridge(alpha=lm * scale, fit_intercept=False).fit(Xc[tr], Y[tr])
+            hits.append(r.predict(Xc[te]).mean(0).argmax() == y[grp])
+        assert fast[i] == pytest.approx(np.mean(hits))
+    # the same from the Gram matrix (the path of depth sets wider than the rows)
+    via_gram = logo_scores(None, yall, group_matrix(g), k, lam, gram=(Xc @ Xc.T, d))
+    np.testing.assert_allclose(via_gram, fast)
+
+
+def test_selection_finds_the_informative_depth():
+    from pipeline.heads.depths import select_depths
+
+    rng = np.random.default_rng(1)
+    n = 300
+    y = rng.integers(0, 3, n)
+    noise = rng.normal(size=(n, 10))
+    signal = rng.normal(size=(n, 6)) + np.eye(3)[y].repeat(2, axis=1) * 2.0
+    sel = select_depths(np.concatenate([noise, signal], 1), y, np.arange(n), ["noise", "signal"], [10, 6], 3)
+    assert sel.chosen == ["signal"] and sel.alone["signal"] > sel.alone["noise"]
+
+
+# ----------------------------------------------------------------------------- export
+
+def test_export_auto_head_loads_without_tlpipe(files, images, tmp_path):
+    from pipeline.data.images import decode_image
+    from pipeline.heads.auto import load_any_head, load_views
+    from pipeline.store.features import load_features
+
+    head_dir = tmp_path / "auto"
+    run_cli("fit-head", "--features", str(files["blocks"]), "--head", "auto", "--out", str(head_dir))
+    model_path = tmp_path / "auto.keras"
+    run_cli("export", "--head", str(head_dir), "--out", str(model_path))
+    fs = load_features(files["blocks"])
+    val = fs.splits["val"]
+    batch = np.stack([decode_image(images / i, SIZE) for i in val.ids])
+    np.save(tmp_path / "batch.npy", batch)
+    code = ("import sys, numpy as np, keras; m = keras.saving.load_model(sys.argv[1]); "
+            "assert 'pipeline' not in sys.modules; "
+            "np.save(sys.argv[3], np.asarray(m.predict(np.load(sys.argv[2]), verbose=0)))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", code, str(model_path), str(tmp_path / "batch.npy"),
+                    str(tmp_path / "p.npy")], check=True, cwd=tmp_path, env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    exported = np.load(tmp_path / "p.npy")
+    head = load_any_head(head_dir)
+    expected = head.predict_proba(val.X, views=load_views(files["blocks"], fs.splits).get("val"))
+    np.testing.assert_allclose(exported, expected, atol=2e-4)
+
+
+def test_openvino_runtime_gives_the_same_depths(files, images, tmp_path):
+    pytest.importorskip("openvino")
+    from pipeline.store.features import load_features, read_attrs
+
+    ov = tmp_path / "ov.h5"
+    run_cli("extract", "--base", BASE, "--data", str(images), "--split", "60/20/20", "--weights", "none",
+            "--input-size", str(SIZE), "--runtime", "openvino", "--layers", "blocks", "--out", str(ov),
+            "--no-progress")
+    a, b = read_attrs(ov), read_attrs(files["blocks"])
+    assert a["depths"] == b["depths"] and a["depth_dims"] == b["depth_dims"] and a["runtime"] == "openvino"
+    x, y = load_features(ov).splits["train"].X, load_features(files["blocks"]).splits["train"].X
+    np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-3)
