@@ -32,7 +32,8 @@ _API = {
     "evaluate": ("deploy.evaluate", "evaluate_model"), "evaluate_model": "deploy.evaluate",
     "EvaluateConfig": "deploy.evaluate", "EvaluateResult": "deploy.evaluate",
     "report": "reporting.report", "ReportConfig": "reporting.report",
-    "load_features": "store.features",
+    "load_features": "store.features", "load_views": "store.features",
+    "load_any_head": "heads.auto", "depth_slices": "nets.depths",
     "write_head_figures": "reporting.plots", "write_comparison_figure": "reporting.plots",
 }
 __all__ = sorted(_API)
