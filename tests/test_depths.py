@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, make_folder
+from pipeline.store.features import read_attrs
 
 BASE = "mobilenet_0.25"
 SIZE = 32
@@ -122,7 +123,6 @@ def test_blocks_file_layout(files):
 
 
 def test_views_are_stored_beside(files):
-    from pipeline.store.features import read_attrs
 
     attrs = read_attrs(files["blocks"])
     counts = attrs["counts"]
@@ -131,6 +131,26 @@ def test_views_are_stored_beside(files):
     with h5py.File(files["blocks"], "r") as h5:
         assert list(h5["train_view1"]["ids"].asstr()[...]) == list(h5["train"]["ids"].asstr()[...])
         assert not np.allclose(h5["train_view1"]["features"][...], h5["train"]["features"][...])
+
+
+def test_depths_and_views_through_shards_merge_and_resume(images, tmp_path):
+    """Shards carry the depths and the view splits; their merge equals the local file; a rerun of a
+    finished file is up to date (the fingerprint holds layers and views)."""
+    from test_shards import assert_equal_files
+
+    from pipeline.stage1.extract import ExtractConfig, extract as run
+    from pipeline.store.shards import merge_shards
+
+    common = dict(base=BASE, data=str(images), split="60/20/20", weights="none", input_size=SIZE,
+                  runtime="keras", batch_size=8, progress=False, layers="conv_pw_7,conv_pw_13", views=1)
+    local = run(ExtractConfig(out=tmp_path / "local.h5", **common))
+    parts = [run(ExtractConfig(out=tmp_path / "sh" / f"p{i}.h5", shard=f"{i}/2", **common)) for i in range(2)]
+    merged = merge_shards(parts, tmp_path / "merged.h5", copy=True)
+    assert_equal_files(local, merged, atol=1e-5)
+    attrs = read_attrs(merged)
+    assert attrs["depths"] == ["conv_pw_7_relu", "conv_pw_13_relu"] and attrs["counts"]["train_view1"] > 0
+    stamp = local.stat().st_mtime_ns
+    assert run(ExtractConfig(out=local, **common)) == local and local.stat().st_mtime_ns == stamp
 
 
 def test_mirror_view_is_the_flipped_image():
@@ -262,3 +282,19 @@ def test_openvino_runtime_gives_the_same_depths(files, images, tmp_path):
     assert a["depths"] == b["depths"] and a["depth_dims"] == b["depth_dims"] and a["runtime"] == "openvino"
     x, y = load_features(ov).splits["train"].X, load_features(files["blocks"]).splits["train"].X
     np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-3)
+
+
+def test_layers_and_views_enter_the_fingerprint_only_when_not_default():
+    from types import SimpleNamespace
+
+    from pipeline.nets.backbones import get_backbone
+    from pipeline.store import schema
+
+    src = SimpleNamespace(fingerprint="abc", split_spec="80/10/10")
+    args = (get_backbone(BASE), ("none", ""), SIZE, "avg", src)
+    plain = schema.fingerprint_fields(*args)
+    assert "layers" not in plain and "views" not in plain
+    assert schema.fingerprint(*args) == schema.fingerprint(*args, layers=None, views=0)
+    assert schema.fingerprint_fields(*args, layers=("conv_pw_7_relu",))["layers"] == ["conv_pw_7_relu"]
+    assert len({schema.fingerprint(*args), schema.fingerprint(*args, layers=("conv_pw_7_relu",)),
+                schema.fingerprint(*args, views=1)}) == 3
