@@ -91,3 +91,13 @@ def test_rerun_after_killed_driver_resumes_from_finished_shards(cluster, local, 
     timing = json.loads(read_attrs(result)["timing"])
     assert timing["shards_reused"] >= len(kept) >= 1
     assert_equal_files(reference, result, atol=1e-5)
+
+
+def test_ray_carries_the_depths(cluster, local, tmp_path):
+    """extract --layers on Ray actors: the same depths (attributes and columns) as the local engine."""
+    data, _ = local
+    depths = {**SETTINGS, "layers": "conv_pw_7,conv_pw_13"}
+    reference = extract(ExtractConfig(data=str(data), out=tmp_path / "local.h5", **depths))
+    out = extract(ExtractConfig(data=str(data), out=tmp_path / "ray.h5", **depths, **RAY))
+    assert read_attrs(out)["depths"] == ["conv_pw_7_relu", "conv_pw_13_relu"]
+    assert_equal_files(reference, out, atol=1e-5)
