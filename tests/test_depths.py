@@ -268,6 +268,15 @@ def test_export_auto_head_loads_without_tlpipe(files, images, tmp_path):
     head = load_any_head(head_dir)
     expected = head.predict_proba(val.X, views=load_views(files["blocks"], fs.splits).get("val"))
     np.testing.assert_allclose(exported, expected, atol=2e-4)
+    # tlpipe predict and evaluate take it as any exported model (Keras runtime: no resize difference)
+    first = images / val.ids[0]
+    pred = json.loads(run_cli("predict", "--model", str(model_path), "--format", "json", "--runtime", "keras",
+                              str(first)).stdout)
+    row = pred[0] if isinstance(pred, list) else pred["predictions"][0]
+    assert row["class"] == fs.class_names[int(expected[0].argmax())]
+    ev = json.loads(run_cli("evaluate", "--model", str(model_path), "--data", str(images), "--format", "json",
+                            "--runtime", "keras").stdout)
+    assert 0.0 <= ev["accuracy"] <= 1.0
 
 
 def test_openvino_runtime_gives_the_same_depths(files, images, tmp_path):

@@ -94,8 +94,8 @@ def record(depth_info: dict[str, Any], head: Head, views: Views) -> dict[str, An
     and the views (None: one depth and no views)."""
     if not depth_info and not views:
         return None
-    out = {**depth_info, **{k: v for k, v in (head.chosen or {}).items()
-                            if k in ("depths", "test_time_mirror", "train_views")}}
+    keys = ("depths", "test_time_mirror", "train_views") if views else ("depths",)
+    out = {**depth_info, **{k: v for k, v in (head.chosen or {}).items() if k in keys}}
     if views and not hasattr(head, "configure"):
         out.update(train_views=len(views.get("train", [])), test_time_mirror=bool(views.get("val")))
     if "depths" in out and (head.tuning or {}).get("depth_choice"):
