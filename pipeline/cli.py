@@ -304,8 +304,9 @@ def _head_info(folder: Path, as_json: bool, check: bool) -> str:
               help="Features file (path or bare name in CACHE/features or CACHE/dvc/features). Repeat to fuse several files "
                    "(other bases, or one base at other input sizes).")
 @click.option("--head", default="logistic", show_default=True,
-              help="logistic, dense, svm, rbf-svm, knn, or auto (depths, ridge strength and test-time mirror chosen "
-                   "by grouped CV on train: the recommended recipe on features extracted with --layers blocks).")
+              help="logistic, dense, svm, rbf-svm, knn, auto (depths, ridge strength and test-time mirror chosen "
+                   "by grouped CV on train: the recommended recipe on features extracted with --layers blocks), or "
+                   "ensemble (logistic, svm and knn stacked on their out-of-fold probabilities, chosen on train).")
 @click.option("--layers", default="all", show_default=True,
               help="Stored depths the head may use: all (auto chooses among them by CV on train; other heads use "
                    "them all) or names separated by commas (files extracted with --layers blocks or NAME,NAME).")

@@ -307,3 +307,41 @@ def test_layers_and_views_enter_the_fingerprint_only_when_not_default():
     assert schema.fingerprint_fields(*args, layers=("conv_pw_7_relu",))["layers"] == ["conv_pw_7_relu"]
     assert len({schema.fingerprint(*args), schema.fingerprint(*args, layers=("conv_pw_7_relu",)),
                 schema.fingerprint(*args, views=1)}) == 3
+
+
+# ----------------------------------------------------------------------------- the ensemble head
+
+def test_ensemble_head_stacks_members_chosen_on_train(tmp_path):
+    from pipeline.heads.auto import get_any_head, load_any_head
+    from pipeline.heads.ensemble import MEMBERS, EnsembleHead
+    from pipeline.heads.models import HeadParams
+
+    assert get_any_head("Ensemble") is EnsembleHead
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 150)
+    X = rng.normal(size=(150, 12)) + np.eye(3)[y].repeat(4, axis=1) * 1.5
+    head = EnsembleHead(3, HeadParams(cv_folds=3))
+    rows = head.fit((X, y), (X[:5], y[:5]))
+    t = head.tuning
+    assert set(t["candidates"]) == {*MEMBERS, "stack"} and t["val_used_for_tuning"] is False
+    best_member = min(MEMBERS, key=lambda n: t["candidates"][n]["cv_log_loss"])
+    if t["chosen"].startswith("stack"):  # kept only when CV on train prefers it to the best member
+        assert t["candidates"]["stack"]["cv_log_loss"] < t["candidates"][best_member]["cv_log_loss"]
+    else:
+        assert t["chosen"] == f"{best_member} alone"
+    assert [r["param"] for r in rows] == ["C"] * len(rows) and t["cv_accuracy"] > 0.8
+    proba = head.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-6)
+    (tmp_path / "model").mkdir()
+    head.save(tmp_path / "model")
+    (tmp_path / "model" / "head.json").write_text(json.dumps({"head": "ensemble"}))
+    np.testing.assert_allclose(load_any_head(tmp_path).predict_proba(X), proba)
+
+
+def test_ensemble_head_through_fit_head(files, tmp_path):
+    from pipeline.stage2.fit_head import FitConfig, fit_head, summary
+
+    out = fit_head(FitConfig(features=[files["last"]], head="ensemble", out=tmp_path / "ens", progress=False))
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert ev["head"] == "ensemble" and ev["tuning"]["val_used_for_tuning"] is False
+    assert "ensemble=" in summary(out) and (out / "grid.csv").is_file()

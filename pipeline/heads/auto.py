@@ -26,6 +26,7 @@ import numpy as np
 
 from pipeline.core.errors import UsageError
 from pipeline.heads.depths import DepthScaler, select_depths
+from pipeline.heads.ensemble import EnsembleHead
 from pipeline.heads.models import Head, HeadParams
 from pipeline.store.features import load_views
 
@@ -237,7 +238,7 @@ def subset_features(fs: Any, layers: str | list[str] | None) -> list[str]:
     return names
 
 
-EXTRA_HEADS: dict[str, type[Head]] = {AutoHead.name: AutoHead}
+EXTRA_HEADS: dict[str, type[Head]] = {AutoHead.name: AutoHead, EnsembleHead.name: EnsembleHead}
 
 
 def get_any_head(name: str) -> type[Head]:
