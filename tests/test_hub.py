@@ -149,6 +149,25 @@ def test_pooling_fits_the_model():
             get_backbone(base).pooling_for(pooling)
 
 
+def test_auto_pooling_keeps_keras_applications_fingerprints(colours, tmp_path):
+    """--pooling auto (the new default) is avg for a keras.applications base: same fingerprint, settings and
+    runtime spec as an explicit avg, so caches made with avg stay up to date."""
+    from dataclasses import replace
+
+    from pipeline.stage1.plan import plan
+
+    cfg = ExtractConfig(base="mobilenet_0.25", data=str(colours), weights="none", cache_dir=tmp_path,
+                        runtime="keras", progress=False)
+    assert cfg.pooling == "auto"
+    auto, avg = plan(cfg), plan(replace(cfg, pooling="avg"))
+    ids = (("none", ""), ("keras", "f32"))
+    assert auto.cfg.pooling == "avg" and auto.spec().pooling == "avg"
+    assert auto.fingerprint(*ids) == avg.fingerprint(*ids)
+    assert auto.static_attrs("x")["preprocessing"] == "keras.applications.mobilenet.preprocess_input"
+    assert auto.static_attrs("x")["constructor"] == "keras.applications.MobileNet"
+    assert plan(replace(cfg, pooling="max")).fingerprint(*ids) != avg.fingerprint(*ids)
+
+
 # --------------------------------------------------------------------------------------------- failures
 
 def _one_line_exit_2(r):
@@ -230,24 +249,43 @@ def test_pooling_is_in_the_attributes_and_the_fingerprint(presets, colours, tmp_
         np.testing.assert_allclose(fa["train/features"][:, :16], fc["train/features"][...], rtol=1e-5, atol=1e-5)
 
 
-def test_openvino_where_it_converts_else_one_logged_fallback(presets, colours, tmp_path, caplog):
+def test_openvino_converts_a_hub_base(presets, colours, tmp_path):
+    """Every family of TINY converts with KerasHub 0.32 / OpenVINO 2026 (checked by hand); DINOv2 here, the
+    hardest (interpolated position embeddings, register-free token slicing)."""
     pytest.importorskip("openvino")
     ref = _extract("dinov2_small", presets, colours, tmp_path / "k")
-    make_preset(presets, "dinov2_small")
-    with caplog.at_level("WARNING"):
-        out = extract(ExtractConfig(base="hub:dinov2_small", data=str(colours), weights=str(presets), input_size=28,
-                                    batch_size=8, cache_dir=tmp_path / "o", progress=False, runtime="auto",
-                                    precision="f32"))
-    a = read_attrs(out)
-    fallbacks = [r for r in caplog.records if "OpenVINO could not convert" in r.getMessage()]
-    if a["runtime"] == "keras":
-        assert len(fallbacks) == 1  # one logged line, then the Keras runtime
-    else:
-        assert a["runtime"] == "openvino" and not fallbacks
+    out = extract(ExtractConfig(base="hub:dinov2_small", data=str(colours), weights=str(presets), input_size=28,
+                                batch_size=8, cache_dir=tmp_path / "o", progress=False, runtime="openvino",
+                                precision="f32"))
+    assert read_attrs(out)["runtime"] == "openvino"
     import h5py
 
     with h5py.File(ref) as fk, h5py.File(out) as fo:
         np.testing.assert_allclose(fo["val/features"][...], fk["val/features"][...], rtol=1e-3, atol=1e-3)
+
+
+def test_openvino_failure_falls_back_in_one_logged_line(presets, colours, tmp_path, monkeypatch, caplog):
+    ov = pytest.importorskip("openvino")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Cannot create Gelu layer from unsupported opset\nsecond line")
+
+    monkeypatch.setattr(ov, "convert_model", refuse)
+    monkeypatch.setenv("TLPIPE_OPENVINO_CACHE", str(tmp_path / "ir"))  # nothing converted before
+    make_preset(presets, "dinov2_small")
+    cfg = {"base": "hub:dinov2_small", "data": str(colours), "weights": str(presets), "input_size": 28,
+           "batch_size": 8, "progress": False, "precision": "f32"}
+    with caplog.at_level("WARNING"):
+        out = extract(ExtractConfig(cache_dir=tmp_path / "a", runtime="auto", **cfg))
+    assert read_attrs(out)["runtime"] == "keras"
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "OpenVINO" in r.getMessage()]
+    want = ("OpenVINO could not convert or compile hub:dinov2_small (Cannot create Gelu layer from unsupported "
+            "opset); using the keras runtime")
+    assert lines == [want]
+    line = _one_line_exit_2(_run(["extract", "--base", "hub:dinov2_small", "--data", str(colours), "--weights",
+                                  str(presets), "--input-size", "28", "--cache-dir", str(tmp_path / "b"),
+                                  "--runtime", "openvino", "--no-progress"]))
+    assert "OpenVINO could not convert or compile hub:dinov2_small" in line and "--runtime keras" in line
 
 
 # --------------------------------------------------------------------------------------------- full route
@@ -329,27 +367,26 @@ def test_exported_model_loads_without_tlpipe(full, preset, colours, tmp_path):
 
 # --------------------------------------------------------------------------------------------- DVC
 
-def test_params_may_list_hub_bases_in_dvc_foreach(tmp_path):
-    """dvc.yaml's foreach takes hub:PRESET (':' in a stage name and a path works) and hub_PRESET."""
-    import shutil
-
+def test_params_may_list_hub_bases_in_dvc_foreach(tmp_path, colours):
+    """dvc.yaml's foreach takes hub:PRESET (':' in a stage name, a target and a path works) and hub_PRESET."""
     import yaml
 
+    from tests.conftest import make_dvc_project, run_dvc
+
     work = tmp_path / "proj"
-    work.mkdir()
-    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = make_dvc_project(work, colours, "hub:dinov2_small", epochs=1, patience=1)
     params["extract"]["bases"] = ["vgg16", "hub:dinov2_small", "hub_clip_vit_base_patch16"]
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "dvc", *a], cwd=work, env=env,
-                                    capture_output=True, text=True, timeout=300, check=False)
-    assert run("init", "-q").returncode == 0
-    listed = run("stage", "list")
+    listed = run_dvc("stage", "list", cwd=work)
     assert listed.returncode == 0, listed.stderr
     assert "extract@hub:dinov2_small" in listed.stdout and "cache/dvc/features/hub:dinov2_small.h5" in listed.stdout
     assert "extract@hub_clip_vit_base_patch16" in listed.stdout
+    (work / "cache/dvc").mkdir(parents=True)
+    (work / "cache/dvc/manifest.json").write_text("{}")  # the stage's dependency (a dry run hashes it)
+    dry = run_dvc("repro", "--dry", "--single-item", "extract@hub:dinov2_small", cwd=work)
+    assert dry.returncode == 0, dry.stderr
+    assert "--base hub:dinov2_small" in dry.stdout and "--out cache/dvc/features/hub:dinov2_small.h5" in dry.stdout
+    assert "vgg16" not in dry.stdout  # the target is the hub stage, not 'extract@hub' with a stage 'dinov2_small'
     assert get_backbone("hub_clip_vit_base_patch16").name == "hub:clip_vit_base_patch16"
 
 
