@@ -130,22 +130,24 @@ def bases_cmd(as_json: bool) -> None:
 
 
 @cli.command("extract")
-@click.option("--base", required=True, help="Base name or alias (see 'tlpipe bases'), e.g. vgg16, googlenet.")
+@click.option("--base", required=True, help="Base name or alias (see 'tlpipe bases'), e.g. vgg16, googlenet; "
+                                             "a KerasHub preset as hub:PRESET, e.g. hub:dinov2_small.")
 @click.option("--data", default="tfds:cats_vs_dogs", show_default=True, callback=_from_params,
               help="tfds:NAME, or a folder with one subfolder per class (or train/ val/ test/ subfolders); "
                    "params.yaml:KEY reads it from that file (as dvc.yaml does).")
 @click.option("--split", default="80/10/10", show_default=True,
               help="train/val/test percentages (ignored when the folder has train/ val/ subfolders).")
 @click.option("--weights", default="imagenet", show_default=True, callback=_from_params,
-              help="imagenet (Keras download + cache), none, a .h5/.weights.h5 file, or a folder holding one; "
-                   "params.yaml:KEY reads it from that file.")
+              help="imagenet (Keras download + cache), none, a .h5/.weights.h5 file, or a folder holding one "
+                   "(a hub base: a KerasHub preset folder, DIR or DIR/PRESET); params.yaml:KEY reads it from that "
+                   "file.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output HDF5 file [default: CACHE/features/BASE.h5].")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
 @click.option("--input-size", type=click.IntRange(0), default=0,
               help="Square input size (0: the base's own default).")
-@click.option("--pooling", type=click.Choice(["auto", "avg", "max", "cls", "mean", "cls_mean", "embed"]), default="auto",
-              show_default=True, help="auto: avg for keras.applications bases; a hub base's own (see 'tlpipe bases').")
+@click.option("--pooling", type=click.Choice(["auto", "avg", "max", "cls", "mean", "cls_mean", "embed"]),
+              default="auto", show_default=True, help="auto: avg for keras.applications bases; a hub base's own (see 'tlpipe bases').")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--decode-threads", type=click.IntRange(0), default=None,
               help="Decode threads per model (this process, or each Ray actor). 0: a quarter of the cores with "
