@@ -365,6 +365,9 @@ def build_pooled(backbone: HubBackbone, source: str, input_size: int, pooling: s
 
 def feature_pyramid(model) -> dict[str, Any]:
     """The intermediate outputs KerasHub exposes on a loaded backbone, by name (``pyramid_outputs``:
-    ResNet / EfficientNet / DenseNet ``P1``..``P5``, DINOv2 ``stem``, ``stage1``..``stageN``); empty for
-    ViT, CLIP and SigLIP, which expose none.  The depths ``--layers`` could offer for a hub base."""
+    ResNet / EfficientNet / DenseNet ``P1``..``P5``, feature maps ``[N, H, W, C]``; DINOv2 ``stem``,
+    ``stage1``..``stageN``, token sequences ``[N, 1 + registers + patches, D]``); empty for ViT, CLIP,
+    SigLIP and MobileNetV3, which expose none (KerasHub 0.32).  The depths ``--layers`` can offer for a
+    hub base: the values are symbolic tensors of the backbone's functional graph, so
+    ``keras.Model(model.inputs, [pyramid[n] for n in names])`` computes them."""
     return dict(getattr(model, "pyramid_outputs", None) or {})
