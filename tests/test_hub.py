@@ -330,6 +330,12 @@ def test_extract_fit_export_predict(full, preset, colours):
     np.testing.assert_allclose(got, expected, atol=2e-3)
 
 
+def test_fine_tune_refuses_a_hub_head_in_one_line(full):
+    cache, head, _ = full["resnet_18_imagenet"]
+    line = _one_line_exit_2(_run(["fine-tune", "--head", str(head), "--cache-dir", str(cache), "--epochs", "1"]))
+    assert "hub:resnet_18_imagenet is a KerasHub base" in line and "not supported yet" in line
+
+
 _FRESH = r"""
 import importlib.util, json, sys
 sys.modules["pipeline"] = None  # tlpipe must not be needed (the venv may hold an editable install)
