@@ -101,40 +101,53 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
 @cli.command("bases")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def bases_cmd(as_json: bool) -> None:
-    """List the bases: name, aliases, input size, feature size, ImageNet weights cached?"""
-    from pipeline.nets.backbones import BACKBONES
+    """List the bases: name, aliases, input size, feature size, weights cached? (hub: KerasHub presets)"""
+    from pipeline.nets.backbones import BACKBONES, hub_bases
+    from pipeline.nets.hub import INSTALL, cached_download, download_cache_root, keras_hub_available
     from pipeline.nets.weights import cached_weights_path, keras_cache_dir
 
     rows = [{"name": b.name, "aliases": list(b.aliases), "input_size": b.input_size,
              "feature_size": b.feature_size, "constructor": f"keras.applications.{b.constructor}",
-             "weights_cached": cached_weights_path(b) is not None, "weights_file": b.weights_file}
+             "weights_cached": cached_weights_path(b) is not None, "weights_file": b.weights_file,
+             "hub": False, "pooling": "avg"}
             for b in BACKBONES.values()]
+    have_hub = keras_hub_available()
+    rows += [{"name": b.name, "aliases": [], "input_size": b.input_size, "feature_size": b.feature_size,
+              "constructor": b.constructor_path, "weights_cached": have_hub and cached_download(b) is not None,
+              "weights_file": "", "hub": True, "pooling": b.default_pooling, "family": b.family}
+             for b in hub_bases()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'name':22s} {'input':>5s} {'features':>8s}  cached  aliases")
+    click.echo(f"{'name':44s} {'input':>5s} {'features':>8s}  {'pooling':8s} cached  aliases")
     for r in rows:
-        click.echo(f"{r['name']:22s} {r['input_size']:5d} {r['feature_size']:8d}  "
+        click.echo(f"{r['name']:44s} {r['input_size']:5d} {r['feature_size']:8d}  {r['pooling']:8s} "
                    f"{'yes' if r['weights_cached'] else 'no':6s}  {', '.join(r['aliases'])}")
     click.echo(f"\nImageNet weights cache: {keras_cache_dir()} (override with KERAS_HOME)")
+    state = "installed" if have_hub else f"not installed: {INSTALL}"
+    click.echo(f"hub:PRESET bases are KerasHub presets ({state}); their downloads: {download_cache_root()}, "
+               "or --weights DIR with a preset folder")
 
 
 @cli.command("extract")
-@click.option("--base", required=True, help="Base name or alias (see 'tlpipe bases'), e.g. vgg16, googlenet.")
+@click.option("--base", required=True, help="Base name or alias (see 'tlpipe bases'), e.g. vgg16, googlenet; "
+                                             "a KerasHub preset as hub:PRESET, e.g. hub:dinov2_small.")
 @click.option("--data", default="tfds:cats_vs_dogs", show_default=True, callback=_from_params,
               help="tfds:NAME, or a folder with one subfolder per class (or train/ val/ test/ subfolders); "
                    "params.yaml:KEY reads it from that file (as dvc.yaml does).")
 @click.option("--split", default="80/10/10", show_default=True,
               help="train/val/test percentages (ignored when the folder has train/ val/ subfolders).")
 @click.option("--weights", default="imagenet", show_default=True, callback=_from_params,
-              help="imagenet (Keras download + cache), none, a .h5/.weights.h5 file, or a folder holding one; "
-                   "params.yaml:KEY reads it from that file.")
+              help="imagenet (Keras download + cache), none, a .h5/.weights.h5 file, or a folder holding one "
+                   "(a hub base: a KerasHub preset folder, DIR or DIR/PRESET); params.yaml:KEY reads it from that "
+                   "file.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output HDF5 file [default: CACHE/features/BASE.h5].")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
 @click.option("--input-size", type=click.IntRange(0), default=0,
               help="Square input size (0: the base's own default).")
-@click.option("--pooling", type=click.Choice(["avg", "max"]), default="avg", show_default=True)
+@click.option("--pooling", type=click.Choice(["auto", "avg", "max", "cls", "mean", "cls_mean", "embed"]),
+              default="auto", show_default=True, help="auto: avg for keras.applications bases; a hub base's own (see 'tlpipe bases').")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--decode-threads", type=click.IntRange(0), default=None,
               help="Decode threads per model (this process, or each Ray actor). 0: a quarter of the cores with "

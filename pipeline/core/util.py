@@ -43,7 +43,13 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, the one file hasher of tlpipe (memoised on path, size and mtime: weights
-    files are large)."""
+    files are large); of a folder (a KerasHub preset), sha256 over its files' relative paths and sha256s
+    (hidden files left out)."""
+    if Path(path).is_dir():
+        digest = hashlib.sha256()
+        for f in sorted(p for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith(".")):
+            digest.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+        return digest.hexdigest()
     st = os.stat(path)
     return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 

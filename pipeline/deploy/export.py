@@ -29,6 +29,10 @@ SavedModel, ``NAME.json`` (+ ``NAME.labels.txt``) beside a .tflite file.  Models
 by older tlpipe versions kept them in the config of a ``tlpipe>Probabilities`` last layer;
 ``read_metadata`` reads both.  Base, input size, pooling and weights default to what the
 head's features file recorded.
+
+A KerasHub base (``hub:PRESET``, pipeline.nets.hub) brings its preset's image converter inside the
+base model instead of ``builtin_preprocess``; its ``.keras`` file loads with ``import keras_hub`` and
+``keras.saving.load_model`` (no tlpipe), as the metadata's ``requires`` says.
 """
 
 from __future__ import annotations
@@ -466,7 +470,30 @@ def _metadata(info: dict[str, Any], branches: list[Branch], sizes: list[int], he
             "branches": [{"base": b.base, "input_size": b.size, "pooling": b.pooling,
                           "weights": b.weights.label, "weights_sha256": b.weights.sha256} for b in branches],
             "head": name, "head_dir": head_dir, "custom_layers": name in CUSTOM_LAYER_HEADS,
+            "requires": requires(b.base for b in branches),
             "features": info.get("features"), "fingerprints": info.get("fingerprints")}
+
+
+def requires(bases) -> list[str]:
+    """The packages an exported ``.keras`` model needs to load (besides tlpipe's custom head layers)."""
+    from pipeline.nets.hub import is_hub_name
+
+    return ["keras", "keras-hub"] if any(is_hub_name(b) for b in bases) else ["keras"]
+
+
+def import_hub_layers(path: str | Path) -> None:
+    """Import ``keras_hub`` (its layers register on import) before loading an exported ``.keras`` model
+    whose base is a KerasHub preset; one line naming the install when it is missing."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            meta = json.loads(zf.read(METADATA_MEMBER)) if METADATA_MEMBER in zf.namelist() else {}
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return
+    if "keras-hub" in meta.get("requires", []):
+        from pipeline.nets.hub import require_keras_hub
+
+        require_keras_hub(f"{path} (a KerasHub base)")
+        import keras_hub  # noqa: F401
 
 
 def build_export_model(head_dir: str | Path, base: str | None = None, weights: str | None = None,
@@ -604,6 +631,7 @@ def read_metadata(source) -> dict[str, Any]:
                     return json.loads(zf.read(METADATA_MEMBER))
         import pipeline.nets.extractor  # noqa: F401 - registers BasePreprocess for old exports
 
+        import_hub_layers(path)
         return read_metadata(keras.saving.load_model(path))
     meta = getattr(source, "tlpipe_metadata", None) or _metadata_from_layer(source)
     if meta is None:

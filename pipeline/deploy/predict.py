@@ -78,8 +78,9 @@ def load_exported(path: str | Path):
 
     import pipeline.deploy.export  # noqa: F401 - registers the custom layers (svm, rbf-svm, knn; old exports)
     import pipeline.nets.extractor  # noqa: F401
-    from pipeline.deploy.export import METADATA_MEMBER, read_metadata
+    from pipeline.deploy.export import METADATA_MEMBER, import_hub_layers, read_metadata
 
+    import_hub_layers(path)  # a KerasHub base: its layers register when keras_hub is imported
     try:
         model = keras.saving.load_model(path)
     except Exception as exc:  # noqa: BLE001

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pipeline.core.errors import UsageError
+from pipeline.nets import hub
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,26 @@ class Backbone:
     aliases: tuple[str, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
     min_size: int = 32  # smallest input the architecture accepts
+
+    hub = False  # a keras.applications base (pipeline.nets.hub.HubBackbone: a KerasHub preset)
+
+    @property
+    def constructor_path(self) -> str:
+        return f"keras.applications.{self.constructor}"
+
+    @property
+    def preprocessing(self) -> str:
+        """What the features record as preprocessing (in the attributes and the fingerprint)."""
+        return f"keras.applications.{self.module}.preprocess_input"
+
+    def pooling_for(self, pooling: str | None) -> str:
+        """The pooling to use for ``--pooling`` (``auto``: global average)."""
+        p = (pooling or "auto").strip().lower()
+        if p == "auto":
+            return "avg"
+        if p not in ("avg", "max"):
+            raise UsageError(f"--pooling {p} does not fit {self.name} (a keras.applications CNN); use auto, avg or max")
+        return p
 
     @property
     def preprocess_mode(self) -> str:
@@ -162,7 +183,11 @@ def names() -> list[str]:
 
 
 def get_backbone(name: str) -> Backbone:
-    """Look a base up by name or alias (case-insensitive, '-' same as '_')."""
+    """Look a base up by name or alias (case-insensitive, '-' same as '_'); ``hub:PRESET``: a KerasHub preset."""
+    if not isinstance(name, str):  # already a base (a Backbone or a hub.HubBackbone)
+        return name
+    if hub.is_hub_name(name):
+        return hub.get_hub_backbone(name)
     key = name.strip().lower().replace("-", "_")
     key = ALIASES.get(key, key)
     if key not in BACKBONES:
@@ -171,5 +196,11 @@ def get_backbone(name: str) -> Backbone:
         close = difflib.get_close_matches(key, [*BACKBONES, *ALIASES], n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise UsageError(f"unknown base '{name}'; {hint}valid bases: {', '.join(names())} "
-                         "(aliases such as googlenet = inception_v3: see 'tlpipe bases')")
+                         "(aliases such as googlenet = inception_v3; KerasHub presets as hub:PRESET: "
+                         "see 'tlpipe bases')")
     return BACKBONES[key]
+
+
+def hub_bases() -> list:
+    """The listed KerasHub bases (``hub:PRESET``; ``pipeline.nets.hub.HubBackbone``), for 'tlpipe bases'."""
+    return hub.listing()

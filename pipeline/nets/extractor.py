@@ -99,10 +99,13 @@ def accelerator() -> str | None:
 def build_extractor(backbone: Backbone, base_model, input_size: int, mixed_precision: bool = False):
     """Wrap a built base into ``uint8 image -> float32 pooled features``."""
     inputs = keras.Input(shape=(input_size, input_size, 3), dtype="uint8", name="image")
-    x = BasePreprocess(backbone.name, name="preprocess")(inputs)
+    if backbone.hub:  # a KerasHub base holds its preset's image converter: it takes float pixels in [0, 255]
+        x = keras.layers.Rescaling(1.0, dtype="float32", name="preprocess")(inputs)
+    else:
+        x = BasePreprocess(backbone.name, name="preprocess")(inputs)
     x = base_model(x, training=False)
     outputs = keras.layers.Activation("linear", dtype="float32", name="features")(x)
-    model = keras.Model(inputs, outputs, name=f"tlpipe_{backbone.name}".replace(".", "_"))
+    model = keras.Model(inputs, outputs, name=f"tlpipe_{backbone.name}".replace(".", "_").replace(":", "_"))
     model.trainable = False
     # XLA only on accelerators: on this kind of CPU it is ~10x slower than plain graph mode.
     model.compile(jit_compile=accelerator() is not None or keras.backend.backend() == "jax")

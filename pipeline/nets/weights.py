@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 from pipeline.core.errors import UsageError, WeightsNotFound, WeightsUnavailable
 from pipeline.core.util import sha256_file, unreachable
+from pipeline.nets import hub
 from pipeline.nets.backbones import BACKBONES, Backbone
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ def known_weights(backbone: Backbone, weights: str | Path | None) -> tuple[str, 
         return "none", ""
     if isinstance(weights, Path):
         return "file", sha256_file(weights)
+    if backbone.hub:
+        folder = hub.cached_download(backbone)
+        return ("imagenet", sha256_file(folder)) if folder is not None else None
     cached = cached_weights_path(backbone)
     return ("imagenet", sha256_file(cached)) if cached is not None else None
 
@@ -116,6 +120,8 @@ def parse_weights(spec: str | None, backbone: Backbone | None = None) -> str | P
     if text.lower() == "imagenet":
         return "imagenet"
     path = Path(text).expanduser()
+    if backbone is not None and backbone.hub:
+        return _parse_hub_weights(path, text, backbone)
     if path.is_dir() and backbone is not None:
         found = find_weights_in_dir(path, backbone)
         if found is None:  # a usage error, like a --weights path that does not exist (exit 2)
@@ -206,6 +212,45 @@ def _size(shape: tuple[int, ...]) -> int:
     return n
 
 
+def _parse_hub_weights(path: Path, text: str, backbone) -> Path:
+    """A hub base's ``--weights DIR``: a KerasHub preset folder (DIR or DIR/PRESET)."""
+    found = hub.find_preset_dir(path, backbone) if path.is_dir() else None
+    if found is None:
+        raise WeightsNotFound(
+            f"no KerasHub preset for {backbone.name} at {text}: --weights takes a preset folder (config.json, "
+            f"model.weights.h5, image_converter.json) as DIR or DIR/{backbone.preset}, imagenet (the preset's "
+            "own weights, downloaded by KerasHub) or none (random, with the architecture of a downloaded preset)")
+    return found
+
+
+def _build_hub(backbone, weights, size: int, pooling: str):
+    """A hub base with resolved weights: a preset folder, the preset's download (imagenet), or none (random
+    weights on the architecture of the downloaded preset); a missing download fails in one line."""
+    if isinstance(weights, Path):
+        folder, info = weights, WeightsInfo("file", str(weights.resolve()), sha256_file(weights))
+    else:
+        folder = hub.cached_download(backbone)
+        if folder is None and weights is not None:
+            why = unreachable("https://www.kaggle.com")
+            if why:
+                raise WeightsNotFound(hub.missing_message(backbone, why))
+            folder = backbone.handle()  # KerasHub downloads it
+        elif folder is None:
+            raise WeightsNotFound(hub.missing_message(backbone, "--weights none takes the architecture from it"))
+    try:
+        model = backbone.build(folder, size, pooling, load_weights=weights is not None)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - KerasHub / kagglehub errors of any kind
+        raise WeightsUnavailable(f"could not load KerasHub preset {folder} as {backbone.name}: {_first_line(exc)}") from exc
+    if weights is None:
+        return model, WeightsInfo("none")
+    if not isinstance(weights, Path):
+        done = hub.cached_download(backbone)
+        info = WeightsInfo("imagenet", str(done or folder), sha256_file(done) if done else "")
+    return model, info
+
+
 @contextlib.contextmanager
 def _recording_get_file(record: dict[str, Any]) -> Iterator[None]:
     """Temporarily wrap Keras' ``get_file`` to learn which file it fetched or wanted."""
@@ -240,6 +285,8 @@ def build_with_weights(
     pooling: str = "avg",
 ):
     """Build ``backbone`` with resolved weights; return ``(model, WeightsInfo)``."""
+    if backbone.hub:
+        return _build_hub(backbone, weights, input_size or backbone.input_size, pooling)
     if pooling not in {"avg", "max"}:
         raise UsageError(f"pooling must be 'avg' or 'max', not '{pooling}'")
     size = input_size or backbone.input_size

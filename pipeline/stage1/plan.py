@@ -9,7 +9,7 @@ Distributors (``pipeline.stage1.local``, ``pipeline.stage1.distribute_ray``) tak
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from pipeline.core.errors import DataError, TlpipeError, UsageError
 from pipeline.core.safety import check_out_path
 from pipeline.data.sources import Source, open_source
 from pipeline.nets.backbones import Backbone, get_backbone
+from pipeline.nets.hub import file_stem
 from pipeline.stage1 import cluster
 from pipeline.stage1.runtime import Choice, RuntimeSpec, resolve_choice
 from pipeline.store import schema
@@ -47,7 +48,7 @@ class ExtractConfig:
     out: Path | None = None  # default: <cache_dir>/features/<base>.h5
     cache_dir: Path = Path("cache")
     input_size: int | None = None  # default: the base's own
-    pooling: str = "avg"
+    pooling: str = "auto"  # auto: the base's own (avg for keras.applications; a hub base's: pipeline.nets.hub)
     batch_size: int = 32
     decode_threads: int = 0  # decode threads per model (this process, or each Ray actor); 0 = auto
     prefetch: int = 0  # batches decoded ahead; 0 = 2 * decode_threads + 2
@@ -73,7 +74,7 @@ class ExtractConfig:
         """The output file: --out, else CACHE/features/BASE.h5 (a shard: CACHE/features/BASE.shards/...)."""
         if self.out:
             return Path(self.out)
-        name = self.base.strip().lower().replace("-", "_")
+        name = file_stem(self.base)
         if shard is not None:
             return Path(self.cache_dir) / "features" / f"{name}.shards" / shard_name(name, *shard)
         return Path(self.cache_dir) / "features" / f"{name}.h5"
@@ -147,13 +148,16 @@ def check_options(cfg: ExtractConfig) -> tuple[int, int] | None:
 
 
 def plan(cfg: ExtractConfig) -> Plan:
-    """Resolve ``cfg`` once (options, base, weights, runtime, output, data listing, ranges)."""
+    """Resolve ``cfg`` once (options, base, pooling, weights, runtime, output, data listing, ranges).
+    The plan holds a copy of ``cfg`` with ``pooling`` resolved (``auto``: avg for keras.applications
+    bases, so their fingerprints are those of ``avg``; a hub base's own pooling)."""
     from pipeline.nets.weights import known_weights, parse_weights
 
     from pipeline.data.views import check_views, with_views
     from pipeline.nets.depths import resolve_layers
 
     backbone = get_backbone(cfg.base)
+    cfg = replace(cfg, pooling=backbone.pooling_for(cfg.pooling))  # auto resolved: what is recorded is never auto
     shard = check_options(cfg)
     layers = resolve_layers(backbone.name, cfg.layers)  # a bad --layers: one line, before the data
     check_views(cfg.views, cfg.engine)

@@ -52,6 +52,7 @@ from pipeline.heads.metrics import chance
 from pipeline.heads.models import DenseHead, HeadParams, load_head
 from pipeline.nets.backbones import get_backbone
 from pipeline.nets.graph import build_branch, probabilities_layer
+from pipeline.nets.hub import is_hub_name
 from pipeline.store.features import load_features, read_attrs, resolve_features_path
 from pipeline.training.augment import DEFAULT_AUGMENT, normalise_augment, parse_augment
 from pipeline.training.checkpoint import CHECKPOINT, guard_resumable
@@ -268,6 +269,9 @@ def _read_head(head_dir: Path, cache_dir: Path) -> tuple[Path, dict, Path, dict,
         attrs = read_attrs(path)
     except (FeaturesFileError, OSError) as exc:
         raise UsageError(f"the head's features file is needed to rebuild its data and base: {exc}") from None
+    if is_hub_name(str(attrs.get("base", ""))):
+        raise UsageError(f"fine-tune unfreezes blocks of keras.applications bases; {attrs['base']} is a KerasHub "
+                         "base (not supported yet): its heads export and predict as they are")
     if attrs.get("fingerprint") != (info.get("fingerprints") or [None])[0]:
         raise UsageError(f"{path} was extracted again after {head_dir} was fitted (stale head); "
                          "fit the head again first")

@@ -46,7 +46,8 @@ def extraction_fingerprint(**fields: Any) -> str:
 
 
 def preprocessing_name(backbone: Any) -> str:
-    return f"keras.applications.{backbone.module}.preprocess_input"
+    """``keras.applications.<module>.preprocess_input``, or a hub base's image converter (``backbone.preprocessing``)."""
+    return backbone.preprocessing
 
 
 def depth_fields(layers: tuple[str, ...] | None = None, views: int = 0) -> dict[str, Any]:
@@ -104,7 +105,7 @@ def static_attrs(backbone: Any, base_requested: str, size: int, pooling: str, so
         "schema_version": SCHEMA_VERSION,
         "base": backbone.name,
         "base_requested": base_requested,
-        "constructor": f"keras.applications.{backbone.constructor}",
+        "constructor": backbone.constructor_path,
         "constructor_kwargs": json.dumps(backbone.kwargs),
         "input_size": size,
         "pooling": pooling,
