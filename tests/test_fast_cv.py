@@ -144,4 +144,4 @@ def test_progress_only_when_asked(capsys, enabled):
     err = capsys.readouterr().err
     assert ("knn CV" in err) is enabled
     if enabled:
-        assert "20/20" in err  # 5 folds x 4 values of k
+        assert "10/10" in err  # 5 folds: 10 pairs of folds multiplied (every k scored from them)

@@ -191,12 +191,19 @@ class _SklearnHead(Head):
     def cross_validate(self, Xp, y, grid, folds, groups) -> tuple[list[dict], int]:
         """One ``GRID_COLUMNS`` row per grid value (means over the folds) and the best row's index
         (lowest mean log loss; the first on ties, as ``GridSearchCV``)."""
-        from pipeline.heads.fastcv import Progress, fold_splits, run_folds
+        from pipeline.heads.fastcv import fold_splits
 
         splits = fold_splits(y, folds, self.params.seed, groups)
-        bar = Progress(self.name, len(splits) * len(grid), self.progress)
-        table = run_folds(self.fold_task(Xp, y, grid), splits, bar).mean(axis=0)  # [grid value, 4]
+        table = self.fold_table(Xp, y, grid, splits).mean(axis=0)  # [grid value, 4]
         return self.grid_rows(grid, table), int(np.argmin(table[:, 1]))
+
+    def fold_table(self, Xp, y, grid, splits) -> np.ndarray:
+        """Scores ``[fold, grid value, (test acc, test loss, train acc, train loss)]``: ``fold_task``
+        on every fold, folds in parallel threads, with a progress bar over the fits."""
+        from pipeline.heads.fastcv import Progress, run_folds
+
+        bar = Progress(self.name, len(splits) * len(grid), self.progress)
+        return run_folds(self.fold_task(Xp, y, grid), splits, bar)
 
     def grid_rows(self, grid: tuple, table: np.ndarray) -> list[dict]:
         """``GRID_COLUMNS`` rows from the mean scores ``[grid value, (cv acc, cv loss, train acc, train loss)]``."""
@@ -371,11 +378,11 @@ class KnnHead(_SklearnHead):
         return make_pipeline(Normalizer(), KNeighborsClassifier(n_neighbors=int(value), weights="distance",
                                                                 algorithm="brute", metric="euclidean"))
 
-    def fold_task(self, X, y, grid):
-        """Neighbours once per fold (largest k); every k scored from them."""
-        from pipeline.heads.fastcv import knn_task
+    def fold_table(self, Xp, y, grid, splits):
+        """Neighbours once for the largest k, each pair of folds multiplied once; every k scored from them."""
+        from pipeline.heads.fastcv import Progress, knn_blocks, knn_table
 
-        return knn_task(X, y, grid)
+        return knn_table(Xp, y, grid, splits, Progress(self.name, knn_blocks(splits), self.progress))
 
 
 class DenseHead(Head):
