@@ -233,15 +233,10 @@ def knn_neighbours(X: np.ndarray, splits: Sequence[Fold], kmax: int, tick: Calla
     return out
 
 
-def knn_table(X: np.ndarray, y: np.ndarray, grid: Sequence[int], splits: Sequence[Fold],
-              progress: "Progress") -> np.ndarray:
-    """The k-NN head's CV scores ``[fold, k, 4]`` (train columns NaN): neighbours of every fold's
-    test rows found once for the largest k (``knn_neighbours``), every k scored from them with
+def knn_table(y: np.ndarray, grid: Sequence[int], splits: Sequence[Fold], found: list[tuple]) -> np.ndarray:
+    """The k-NN head's CV scores ``[fold, k, 4]`` (train columns NaN) from each fold's sorted
+    neighbours (``knn_neighbours``, for at least the largest k), every k scored with
     ``KNeighborsClassifier(weights="distance")``'s vote."""
-    try:
-        found = knn_neighbours(X, splits, max(grid), lambda what: progress.tick(None, what))
-    finally:
-        progress.close()
     table = []
     for (tr, te), (dist, ind) in zip(splits, found):
         te = np.sort(te)
