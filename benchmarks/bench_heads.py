@@ -36,6 +36,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load, machine_line  # noqa: E402
 
+if os.environ.get("TLPIPE_BENCH_TREE"):  # fit_in_child: that tree's pipeline, not this one (_common put it first)
+    sys.path.insert(0, os.environ["TLPIPE_BENCH_TREE"])
+
 
 def write_features(path: Path, n_train: int, n_val: int, dim: int, classes: int, separation: float,
                    seed: int = 0) -> None:
@@ -76,6 +79,7 @@ def fit_once(h5: Path, head: str, out: Path) -> dict:
     """Fit ``head`` with whichever ``pipeline`` package is importable; its timings and choice."""
     import dataclasses
 
+    import pipeline
     from pipeline.stage2.fit_head import FitConfig, fit_head
 
     extra = {"progress": False} if "progress" in {f.name for f in dataclasses.fields(FitConfig)} else {}
@@ -87,13 +91,14 @@ def fit_once(h5: Path, head: str, out: Path) -> dict:
     return {"fit_seconds": m["fit_seconds"], "wall_seconds": round(wall, 2),
             "cpu_seconds": round(cpu, 2), "val_accuracy": m["val"]["accuracy"],
             "val_log_loss": m["val"]["log_loss"], "chosen": f"{tuning['param']}={tuning['chosen']}",
-            "cv_log_loss": tuning.get("cv_log_loss"), "at_grid_edge": tuning.get("at_grid_edge"), "load": load()}
+            "cv_log_loss": tuning.get("cv_log_loss"), "at_grid_edge": tuning.get("at_grid_edge"),
+            "grid": tuning.get("grid"), "tree": str(Path(pipeline.__file__).resolve().parents[1]), "load": load()}
 
 
 def fit_in_child(tree: Path, h5: Path, head: str, out: Path, timeout: float) -> dict:
     """``fit_once`` in a child process importing ``pipeline`` from ``tree``; ``{"timeout": s}`` if it
     runs past ``timeout`` seconds."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env = {**os.environ, "PYTHONPATH": str(tree), "TLPIPE_BENCH_TREE": str(tree)}
     cmd = [sys.executable, __file__, "--child", str(h5), head, str(out)]
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(tree))
@@ -111,7 +116,7 @@ def show(side: str, head: str, r: dict) -> str:
     return (f"{head:9s} {side:6s} fit {r['fit_seconds']:7.2f} s (call {r['wall_seconds']:7.2f} s, cpu {r['cpu_seconds']:7.2f} s)  val accuracy "
             f"{r['val_accuracy']:.4f} log loss {r['val_log_loss']:.4f}  chosen {r['chosen']} "
             f"(CV log loss {r['cv_log_loss'] if r['cv_log_loss'] is None else round(r['cv_log_loss'], 4)}"
-            f"{', at grid edge' if r.get('at_grid_edge') else ''})  {r['load']}")
+            f"{', at grid edge' if r.get('at_grid_edge') else ''})  {r['load']}  [{r.get('tree')}]")
 
 
 def compare(args, h5: Path, tmp: Path) -> dict:
@@ -122,6 +127,8 @@ def compare(args, h5: Path, tmp: Path) -> dict:
         pair = {}
         for side, tree in (("before", Path(args.compare).resolve()), ("after", here)):
             pair[side] = fit_in_child(tree, h5, head, tmp / f"{head}-{side}", args.timeout)
+            if pair[side].get("tree", str(tree)) != str(tree):
+                raise RuntimeError(f"the {side} side imported pipeline from {pair[side]['tree']}, not {tree}")
             print(show(side, head, pair[side]), flush=True)
         b, a = pair["before"], pair["after"]
         if "fit_seconds" in a:

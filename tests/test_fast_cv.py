@@ -55,6 +55,8 @@ def test_fast_path_chooses_what_gridsearchcv_chooses(name, k, dim, n):
     rows = head.fit((X, y))
     prep = head.model[:-1]
     estimator, param, grid = _reference(name, params)
+    assert set(grid) <= set(head.tuning["grid"]) and len(head.tuning["grid"]) <= len(grid) + 1
+    grid = head.tuning["grid"]  # extended once when the choice was at an edge: the reference sees the same grid
     ref = GridSearchCV(estimator, {param: list(grid)}, scoring={"log_loss": "neg_log_loss", "acc": "accuracy"},
                        refit="log_loss", cv=StratifiedKFold(head.tuning["folds"], shuffle=True, random_state=7))
     ref.fit(prep.transform(X), y)
@@ -124,15 +126,28 @@ def test_groups_stay_in_one_fold_and_are_recorded():
     assert plain.tuning["method"] == "5-fold stratified CV on train"
 
 
-def test_choice_at_the_grid_edge_is_said(caplog):
+def test_choice_at_the_grid_edge_extends_the_grid_once_and_says_so(caplog):
     X, y = _problem(120, 2, 10, seed=1, spread=0.3)  # well separated: the weakest regularisation wins
-    head = get_head("logistic")(2, HeadParams(c_grid=(1e-4, 1e-3)))
+    head = get_head("logistic")(2, HeadParams(c_grid=(1e-5, 1e-4)))
     with caplog.at_level(logging.WARNING, logger="pipeline.heads.models"):
-        head.fit((X, y))
+        rows = head.fit((X, y))
+    assert [r["value"] for r in rows] == [1e-5, 1e-4, 1e-3]  # one decade beyond the edge, once
+    assert head.tuning["grid"] == [1e-5, 1e-4, 1e-3] and head.tuning["grid_extended_to"] == 1e-3
     assert head.tuning["chosen"] == 1e-3 and head.tuning["at_grid_edge"] is True
-    assert "C=0.001 is the largest value of its grid" in caplog.text
+    assert "C=0.001 is the largest value of its grid [1e-05, 0.0001, 0.001] (extended once, to C=0.001)" in caplog.text
+    assert rows[2]["cv_log_loss"] < rows[1]["cv_log_loss"]
     assert head.grid_edge((0.01, 0.1, 1.0), 1) is None
     assert "smallest" in head.grid_edge((0.01, 0.1, 1.0), 0)
+
+
+def test_extension_that_does_not_help_keeps_the_choice():
+    X, y = _problem(150, 3, 12, seed=2, spread=6.0)  # noisy: strong regularisation wins
+    head = get_head("knn")(3, HeadParams(k_grid=(1, 3)))
+    rows = head.fit((X, y))
+    assert [r["value"] for r in rows] == [1, 3, 5] and head.tuning["grid_extended_to"] == 5
+    best = min(range(3), key=lambda i: (rows[i]["cv_log_loss"], i))
+    assert head.tuning["chosen"] == rows[best]["value"]
+    assert head.cv_cache is None  # the neighbours are not kept with the head
 
 
 @pytest.mark.parametrize("enabled", [False, True])
@@ -144,4 +159,4 @@ def test_progress_only_when_asked(capsys, enabled):
     err = capsys.readouterr().err
     assert ("knn CV" in err) is enabled
     if enabled:
-        assert "20/20" in err  # 5 folds x 4 values of k
+        assert "10/10" in err  # 5 folds: 10 pairs of folds multiplied (every k scored from them)

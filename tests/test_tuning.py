@@ -193,7 +193,9 @@ def test_head_folder_schema(tmp_path, name):
         assert t["param"] == "epochs" and f"best epoch {t['chosen']} of" in text
         assert "chosen by early stopping on a 10% stratified slice of train" in text
     else:
-        assert len(history) == 1 and len(grid) == 1 + 4
+        assert len(history) == 1 and len(grid) == 1 + len(t["grid"])
+        assert set(HeadParams().c_grid) <= set(t["grid"]) and len(t["grid"]) <= 4 + 1  # extended at most once
+        assert [float(r[1]) for r in grid[1:]] == t["grid"] and (t["grid_extended_to"] is None) == (len(t["grid"]) == 4)
         assert {r[0] for r in grid[1:]} == {"C"} and all(r[2] and r[3] and r[4] and r[5] for r in grid[1:])
         assert f"C={t['chosen']} chosen by 5-fold stratified CV on train" in text
     assert "val and test not used for tuning" in text

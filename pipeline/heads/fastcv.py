@@ -9,11 +9,14 @@ with fewer and cheaper fits:
   an exact reduced problem (the L2 solution lies in the span of the fold's training rows: one
   Gram matrix ``X Xᵀ`` of train, an eigendecomposition per fold, ``rows x rows`` instead of
   ``rows x features``);
-- k-NN computes each fold's neighbours once, for the largest k, and scores every k from them;
-- folds run in parallel threads on every core (one BLAS thread each);
+- k-NN finds each fold's neighbours once, for the largest k, and scores every k from them; the
+  distances come from one float32 product per pair of folds (a fold's training rows are the other
+  folds' rows, so each block serves both folds: half the products of a search per fold);
+- folds (k-NN: blocks) run in parallel threads on every core (one BLAS thread each);
 - the linear SVM is a squared-hinge L2 SVM (LinearSVC's objective, bias regularised as in
   liblinear) solved by L-BFGS, so that it can be warm-started; its sigmoid calibration is the
-  one ``CalibratedClassifierCV`` fits (3 stratified inner folds, averaged), per grid value.
+  one ``CalibratedClassifierCV`` fits (3 stratified inner folds, averaged), per grid value,
+  applied to decision values computed once per SVM (``Decisions``), the fold's rows copied once.
 
 Only train rows are used; val and test never reach this module.
 """
@@ -78,17 +81,18 @@ class Progress:
         self.done, self.t0, self.last = 0, time.perf_counter(), time.perf_counter()
         self.lock = threading.Lock()
 
-    def tick(self, fold: int, what: str) -> None:
+    def tick(self, fold: int | None, what: str) -> None:
+        """One more fit done (``fold``: its fold, or None when ``what`` says it)."""
+        where = what if fold is None else f"fold {fold + 1}, {what}"
         with self.lock:
             self.done += 1
-            self.bar.set_postfix_str(f"fold {fold + 1}, {what}")
+            self.bar.set_postfix_str(where)
             self.bar.update(1)
             now = time.perf_counter()
             if self.enabled and now - self.last >= 15.0 and self.done < self.total:
                 self.last = now
                 eta = (now - self.t0) / self.done * (self.total - self.done)
-                log.info("%s: CV fit %d/%d (fold %d, %s), about %.0f s left", self.name, self.done,
-                         self.total, fold + 1, what, eta)
+                log.info("%s: CV fit %d/%d (%s), about %.0f s left", self.name, self.done, self.total, where, eta)
 
     def close(self) -> None:
         self.bar.close()
@@ -159,32 +163,94 @@ def logistic_task(X, y, K, grid, make, train_scores: bool):
     return task
 
 
-def knn_task(X, y, grid):
-    """Fold task of the k-NN head: neighbours once (largest k), every k scored from them with
-    ``KNeighborsClassifier(weights="distance")``'s vote (a zero distance takes the whole vote)."""
-    from sklearn.neighbors import NearestNeighbors
+def knn_vote(dist: np.ndarray, labels: np.ndarray, k: int, n_classes: int) -> np.ndarray:
+    """``KNeighborsClassifier(weights="distance")``'s probabilities from the ``k`` nearest of sorted
+    neighbours (``dist``, their class codes ``labels``): a zero distance takes the whole vote."""
+    with np.errstate(divide="ignore"):
+        w = 1.0 / dist[:, :k]
+    inf = np.isinf(w)
+    rows = inf.any(1)
+    w[rows] = inf[rows]
+    votes = labels[:, :k]
+    proba = np.stack([(w * (votes == c)).sum(1) for c in range(n_classes)], axis=1)
+    total = proba.sum(1, keepdims=True)
+    return proba / np.where(total == 0, 1.0, total)
 
-    def task(i: int, fold: Fold, tick) -> FoldScores:
-        tr, te = fold
-        classes, codes = np.unique(y[tr], return_inverse=True)
-        nn = NearestNeighbors(n_neighbors=max(grid), algorithm="brute", metric="euclidean").fit(X[tr])
-        dist, ind = nn.kneighbors(X[te])
-        out = []
-        for k in grid:
-            with np.errstate(divide="ignore"):
-                w = 1.0 / dist[:, :k]
-            inf = np.isinf(w)
-            rows = inf.any(1)
-            w[rows] = inf[rows]
-            votes = codes[ind[:, :k]]
-            proba = np.stack([(w * (votes == c)).sum(1) for c in range(len(classes))], axis=1)
-            total = proba.sum(1, keepdims=True)
-            proba /= np.where(total == 0, 1.0, total)
-            out.append(scores(proba, y[te], classes) + (np.nan, np.nan))
-            tick(f"k={k}")
-        return out
 
-    return task
+def nearest(d2: np.ndarray, k: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` smallest squared distances along ``axis`` (unsorted) and their positions, with
+    ``axis`` moved last; all of them when there are no more than ``k``."""
+    d2 = d2 if axis == 1 else d2.T
+    if d2.shape[1] <= k:
+        pos = np.broadcast_to(np.arange(d2.shape[1]), d2.shape)
+    else:
+        pos = np.argpartition(d2, k - 1, axis=1)[:, :k]
+    return np.take_along_axis(d2, pos, axis=1), pos
+
+
+KNN_CHUNK = 1024  # rows of a fold multiplied at once (a chunk x fold block of distances in memory)
+
+
+def knn_neighbours(X: np.ndarray, splits: Sequence[Fold], kmax: int, tick: Callable[[str], None]) -> list[tuple]:
+    """For every fold's test rows, their ``kmax`` nearest training rows of that fold: (sorted
+    Euclidean distances, row indices into ``X``), as brute-force search finds them, but each pair
+    of folds multiplied once (a fold's training rows are the other folds' rows; a block gives both
+    folds their candidates): half the products of one search per fold.  Blocks run in threads,
+    BLAS on one thread each."""
+    from joblib import Parallel, delayed
+    from threadpoolctl import threadpool_limits
+
+    parts = [np.sort(te) for _, te in splits]
+    sq = np.einsum("ij,ij->i", X, X, dtype=np.float64).astype(X.dtype)
+    by_rows: dict[tuple[int, int], dict[int, tuple]] = {}  # (a, b) -> chunk start -> candidates of a's rows
+    by_cols: list[list[tuple]] = [[] for _ in parts]  # b -> candidates of all of b's rows, one per block
+    lock = threading.Lock()
+
+    def block(a: int, b: int, lo: int) -> None:
+        ra, rb = parts[a][lo:lo + KNN_CHUNK], parts[b]
+        d2 = sq[ra][:, None] + sq[rb][None, :] - 2.0 * (X[ra] @ X[rb].T)
+        np.maximum(d2, 0.0, out=d2)
+        da, pa = nearest(d2, kmax, 1)
+        db, pb = nearest(d2, kmax, 0)
+        with lock:
+            by_rows.setdefault((a, b), {})[lo] = (da, rb[pa])
+            by_cols[b].append((db, ra[pb]))
+        tick(f"folds {a + 1}-{b + 1}")
+
+    jobs = [(a, b, lo) for a in range(len(parts)) for b in range(a + 1, len(parts))
+            for lo in range(0, len(parts[a]), KNN_CHUNK)]
+    with threadpool_limits(limits=1, user_api="blas"):
+        Parallel(n_jobs=workers(len(jobs)), prefer="threads")(delayed(block)(*job) for job in jobs)
+    out = []
+    for f in range(len(parts)):
+        cands = list(by_cols[f])
+        for (a, _), chunks in sorted(by_rows.items()):
+            if a == f:
+                cands.append(tuple(np.concatenate([chunks[lo][j] for lo in sorted(chunks)]) for j in (0, 1)))
+        d2, ind = (np.concatenate([c[j] for c in cands], axis=1) for j in (0, 1))
+        order = np.lexsort((ind, d2))[:, :kmax]  # by distance, ties by row
+        out.append((np.sqrt(np.take_along_axis(d2, order, 1).astype(np.float64)), np.take_along_axis(ind, order, 1)))
+    return out
+
+
+def knn_table(y: np.ndarray, grid: Sequence[int], splits: Sequence[Fold], found: list[tuple]) -> np.ndarray:
+    """The k-NN head's CV scores ``[fold, k, 4]`` (train columns NaN) from each fold's sorted
+    neighbours (``knn_neighbours``, for at least the largest k), every k scored with
+    ``KNeighborsClassifier(weights="distance")``'s vote."""
+    table = []
+    for (tr, te), (dist, ind) in zip(splits, found):
+        te = np.sort(te)
+        classes = np.unique(y[tr])
+        labels = np.searchsorted(classes, y[ind])  # neighbours are training rows: every label is in classes
+        table.append([scores(knn_vote(dist, labels, k, len(classes)), y[te], classes) + (np.nan, np.nan)
+                      for k in grid])
+    return np.asarray(table, dtype=np.float64)
+
+
+def knn_blocks(splits: Sequence[Fold]) -> int:
+    """How many blocks ``knn_neighbours`` multiplies (for the progress bar)."""
+    sizes = [len(te) for _, te in splits]
+    return sum(-(-sizes[a] // KNN_CHUNK) * (len(sizes) - a - 1) for a in range(len(sizes)))
 
 
 def plain_task(X, y, grid, make, train_scores: bool):
@@ -204,13 +270,46 @@ def plain_task(X, y, grid, make, train_scores: bool):
     return task
 
 
+class Decisions(ClassifierMixin, BaseEstimator):
+    """A "classifier" whose decision values are its input: lets ``CalibratedClassifierCV`` fit and
+    apply its sigmoid to decision values computed once (one product with the whole of train per
+    SVM) instead of recomputing them from the features for every call."""
+
+    def __init__(self, classes: np.ndarray | None = None):
+        self.classes = classes
+
+    def fit(self, X, y=None):
+        self.classes_ = np.asarray(self.classes)
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        return X.ravel() if X.shape[1] == 1 else X
+
+    def predict(self, X) -> np.ndarray:
+        D = self.decision_function(X)
+        return self.classes_[(D > 0).astype(int)] if D.ndim == 1 else self.classes_[D.argmax(1)]
+
+
+def sigmoid_proba(D_fit: np.ndarray, y_fit: np.ndarray, classes: np.ndarray, *D_apply: np.ndarray) -> list[np.ndarray]:
+    """``CalibratedClassifierCV(method="sigmoid")`` fitted on the decision values ``D_fit`` (labels
+    ``y_fit``), its probabilities for each of ``D_apply``: sklearn's own sigmoid fit and
+    normalisation, on precomputed decision values (``Decisions``)."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.frozen import FrozenEstimator
+
+    every = np.arange(len(y_fit))  # one "split" holding every calibration row: no fold-size check
+    cal = CalibratedClassifierCV(FrozenEstimator(Decisions(classes).fit(None)), method="sigmoid", cv=[(every, every)])
+    cal.fit(D_fit, y_fit)
+    return [cal.predict_proba(D) for D in D_apply]
+
+
 def svm_task(X, y, grid, class_weight, train_scores: bool):
     """Fold task of the linear SVM: ``CalibratedClassifierCV(LinearSVC-objective, cv=3, sigmoid)``
     scored as ``GridSearchCV`` scored it, but each of the 3 inner SVMs walks the C grid
-    warm-started; the sigmoid of each C is fitted on that inner fold's held-out rows by
-    ``CalibratedClassifierCV`` itself (``FrozenEstimator``), the 3 probabilities averaged."""
-    from sklearn.calibration import CalibratedClassifierCV
-    from sklearn.frozen import FrozenEstimator
+    warm-started; its decision values on all of train come from one product per C, and the
+    sigmoid of each C is ``CalibratedClassifierCV``'s own, fitted on that inner fold's held-out
+    rows; the 3 probabilities averaged.  The fold's rows are copied once, not once per fit."""
     from sklearn.model_selection import StratifiedKFold
 
     def task(i: int, fold: Fold, tick) -> FoldScores:
@@ -219,20 +318,20 @@ def svm_task(X, y, grid, class_weight, train_scores: bool):
         p_te = np.zeros((len(grid), len(te), len(classes)))
         p_tr = np.zeros((len(grid), len(tr), len(classes)))
         inner = list(StratifiedKFold(n_splits=3).split(np.zeros((len(tr), 1)), y[tr]))
+        Xtr, ytr = X[tr], y[tr]
         for a, b in inner:
-            Xa, ya, Xb, yb = X[tr[a]], y[tr[a]], X[tr[b]], y[tr[b]]
+            Xa, ya = Xtr[a], ytr[a]
             svc = SquaredHingeSVC(C=grid[0], class_weight=class_weight, warm_start=True)
             for g, c in enumerate(grid):
-                # one "split" holding every calibration row: the sigmoid on all of them, no fold-size check
-                cal = CalibratedClassifierCV(FrozenEstimator(svc.set_params(C=c).fit(Xa, ya)), method="sigmoid",
-                                             cv=[(np.arange(len(yb)), np.arange(len(yb)))])
-                cal.fit(Xb, yb)
-                p_te[g] += cal.predict_proba(X[te]) / len(inner)
+                svc.set_params(C=c).fit(Xa, ya)
+                D = svc.decisions(X)  # every train row (the fold's train and test) in one product
+                probs = sigmoid_proba(D[tr[b]], ytr[b], svc.classes_, D[te], *([D[tr]] if train_scores else []))
+                p_te[g] += probs[0] / len(inner)
                 if train_scores:
-                    p_tr[g] += cal.predict_proba(X[tr]) / len(inner)
+                    p_tr[g] += probs[1] / len(inner)
         out = []
         for g, c in enumerate(grid):
-            train = scores(p_tr[g], y[tr], classes) if train_scores else (np.nan, np.nan)
+            train = scores(p_tr[g], ytr, classes) if train_scores else (np.nan, np.nan)
             out.append(scores(p_te[g], y[te], classes) + train)
             tick(f"C={c}")
         return out
@@ -331,8 +430,12 @@ class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
 
         check_is_fitted(self, "coef_")
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        Z = (X @ self.coef_.T.astype(X.dtype, copy=False)).astype(np.float64) + self.intercept_
+        Z = self.decisions(X)
         return Z.ravel() if Z.shape[1] == 1 else Z
+
+    def decisions(self, X: np.ndarray) -> np.ndarray:
+        """Decision values, one column per problem (float64), without input validation."""
+        return (X @ self.coef_.T.astype(X.dtype, copy=False)).astype(np.float64) + self.intercept_
 
     def predict(self, X) -> np.ndarray:
         Z = self.decision_function(X)

@@ -130,6 +130,7 @@ class _SklearnHead(Head):
     default = 1.0  # used when train is too small for cross-validation
     train_scores = True  # in-fold train scores (knn: skipped, exact on its own rows)
     min_per_class = 1  # rows of each class a CV training part needs (calibrated SVMs: 3 folds inside)
+    cv_cache: Any = None  # what one CV keeps between its grid and its extension (k-NN: the neighbours)
 
     def make(self, value):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -172,31 +173,63 @@ class _SklearnHead(Head):
         if not np.isfinite(Xp).all():
             raise UsageError(f"{self.name}: the training features hold NaN or infinite values; extract them again")
         with sklearn.config_context(assume_finite=True):  # checked once above, not in each fit
-            rows, best = self.cross_validate(Xp, y, grid, folds, groups)
+            grid, rows, best, extended = self.cross_validate(Xp, y, grid, folds, groups)
             value = grid[best]
             final = self.refit(Xp, y, value)
         self.model = Pipeline((prep.steps if prep is not None else []) + [(template.steps[-1][0], final)])
         self.chosen = {self.grid_name: value}
-        edge = self.grid_edge(grid, best)
+        edge = self.grid_edge(grid, best, extended)
         self.tuning = {"method": f"{folds}-fold stratified{' group' if groups is not None else ''} CV on train",
                        "param": self.grid_name, "chosen": value,
                        "cv_accuracy": rows[best]["cv_accuracy"], "cv_log_loss": rows[best]["cv_log_loss"],
-                       "folds": folds, "at_grid_edge": edge is not None, "val_used_for_tuning": False}
+                       "folds": folds, "grid": list(grid), "grid_extended_to": extended,
+                       "at_grid_edge": edge is not None, "val_used_for_tuning": False}
         log.info("%s: %s=%s chosen by %d-fold CV on train (CV accuracy %.4f, log loss %.4f)", self.name,
                  self.grid_name, value, folds, rows[best]["cv_accuracy"], rows[best]["cv_log_loss"])
         if edge:
             log.warning("%s: %s", self.name, edge)
         return rows
 
-    def cross_validate(self, Xp, y, grid, folds, groups) -> tuple[list[dict], int]:
-        """One ``GRID_COLUMNS`` row per grid value (means over the folds) and the best row's index
-        (lowest mean log loss; the first on ties, as ``GridSearchCV``)."""
-        from pipeline.heads.fastcv import Progress, fold_splits, run_folds
+    def cross_validate(self, Xp, y, grid, folds, groups) -> tuple[tuple, list[dict], int, Any]:
+        """(grid, one ``GRID_COLUMNS`` row per grid value (means over the folds), the best row's
+        index, the value the grid was extended to or None).  The best value has the lowest mean log
+        loss (the first on ties, as ``GridSearchCV``).  When it is the first or last of its grid,
+        the grid is extended once by one value beyond it (``beyond``: a decade of C, a step of k),
+        on the same folds; that value is chosen only if its CV log loss is lower."""
+        from pipeline.heads.fastcv import fold_splits
 
         splits = fold_splits(y, folds, self.params.seed, groups)
+        try:
+            table = self.fold_table(Xp, y, grid, splits).mean(axis=0)  # [grid value, 4]
+            best = int(np.argmin(table[:, 1]))
+            extra = self.beyond(grid, best, min(len(tr) for tr, _ in splits))
+            if extra is not None:
+                more = self.fold_table(Xp, y, (extra,), splits).mean(axis=0)
+                log.info("%s: %s=%s is at the edge of its grid; also tried %s=%s (CV log loss %.4f against %.4f)",
+                         self.name, self.grid_name, grid[best], self.grid_name, extra, more[0, 1], table[best, 1])
+                first = extra < grid[0]
+                grid = (extra,) + tuple(grid) if first else tuple(grid) + (extra,)
+                table = np.concatenate([more, table] if first else [table, more])
+                old = best + int(first)
+                best = old if table[old, 1] <= table[0 if first else -1, 1] else (0 if first else len(grid) - 1)
+        finally:
+            self.cv_cache = None  # k-NN: the neighbours found for the folds
+        return grid, self.grid_rows(grid, table), best, extra
+
+    def beyond(self, grid: tuple, best: int, room: int):
+        """The value one step beyond the edge of ``grid`` that ``best`` sits on, or None (not at an
+        edge): a decade of C further (``room``, the rows of the smallest CV training part, is for k)."""
+        if 0 < best < len(grid) - 1:
+            return None
+        return float(grid[0]) / 10.0 if best == 0 else float(grid[-1]) * 10.0
+
+    def fold_table(self, Xp, y, grid, splits) -> np.ndarray:
+        """Scores ``[fold, grid value, (test acc, test loss, train acc, train loss)]``: ``fold_task``
+        on every fold, folds in parallel threads, with a progress bar over the fits."""
+        from pipeline.heads.fastcv import Progress, run_folds
+
         bar = Progress(self.name, len(splits) * len(grid), self.progress)
-        table = run_folds(self.fold_task(Xp, y, grid), splits, bar).mean(axis=0)  # [grid value, 4]
-        return self.grid_rows(grid, table), int(np.argmin(table[:, 1]))
+        return run_folds(self.fold_task(Xp, y, grid), splits, bar)
 
     def grid_rows(self, grid: tuple, table: np.ndarray) -> list[dict]:
         """``GRID_COLUMNS`` rows from the mean scores ``[grid value, (cv acc, cv loss, train acc, train loss)]``."""
@@ -204,16 +237,17 @@ class _SklearnHead(Head):
                  "train_accuracy": float(t[2]) if self.train_scores else None,
                  "train_loss": float(t[3]) if self.train_scores else None} for value, t in zip(grid, table)]
 
-    def grid_edge(self, grid: tuple, best: int) -> str | None:
+    def grid_edge(self, grid: tuple, best: int, extended=None) -> str | None:
         """What to say when the chosen value is the first or last of its grid (a better one may lie
-        beyond it), or None."""
+        beyond it; ``extended``: the value the grid was already extended to), or None."""
         if 0 < best < len(grid) - 1:
             return None
         side = "smallest" if best == 0 else "largest"
         more = {"C": ("stronger" if best == 0 else "weaker") + " regularisation", "k": ("fewer" if best == 0 else "more")
                 + " neighbours"}.get(self.grid_name, "a value beyond it")
-        return (f"{self.grid_name}={grid[best]} is the {side} value of its grid {list(grid)}: {more} might fit "
-                f"better; widen the grid to check (tuning records at_grid_edge: true)")
+        once = f" (extended once, to {self.grid_name}={extended})" if extended is not None else ""
+        return (f"{self.grid_name}={grid[best]} is the {side} value of its grid {list(grid)}{once}: {more} might "
+                f"fit better; widen the grid to check (tuning records at_grid_edge: true)")
 
     def fit_fixed(self, X, y, grid, folds) -> list[dict]:
         """No cross-validation possible: the single grid value, or ``default``, fitted on all of train."""
@@ -334,6 +368,10 @@ class RbfSvmHead(_SklearnHead):
                         "logistic or svm fit in seconds", len(train[1]))
         return super().fit(train, val, groups)
 
+    def beyond(self, grid, best, room):
+        """No extension: a kernel SVM at a larger C can take many times longer (the edge is said)."""
+        return None
+
     def make(self, value):
         from sklearn.calibration import CalibratedClassifierCV
         from sklearn.pipeline import make_pipeline
@@ -371,11 +409,29 @@ class KnnHead(_SklearnHead):
         return make_pipeline(Normalizer(), KNeighborsClassifier(n_neighbors=int(value), weights="distance",
                                                                 algorithm="brute", metric="euclidean"))
 
-    def fold_task(self, X, y, grid):
-        """Neighbours once per fold (largest k); every k scored from them."""
-        from pipeline.heads.fastcv import knn_task
+    def beyond(self, grid, best, room):
+        """One step of the grid (the last gap) beyond its edge, within 1 and ``room``; None when not at
+        an edge or when there is no room."""
+        if 0 < best < len(grid) - 1:
+            return None
+        k = grid[0] - (grid[1] - grid[0]) if best == 0 else grid[-1] + (grid[-1] - grid[-2])
+        k = min(max(int(k), 1), room)
+        return None if k in grid else k
 
-        return knn_task(X, y, grid)
+    def fold_table(self, Xp, y, grid, splits):
+        """Neighbours once (for the largest k and one step beyond it, so that extending the grid costs
+        nothing), each pair of folds multiplied once; every k scored from them."""
+        from pipeline.heads.fastcv import Progress, knn_blocks, knn_neighbours, knn_table
+
+        if self.cv_cache is None or self.cv_cache[0] < max(grid):
+            room = min(len(tr) for tr, _ in splits)
+            kmax = max(max(grid), self.beyond(grid, len(grid) - 1, room) or 0) if len(grid) > 1 else max(grid)
+            bar = Progress(self.name, knn_blocks(splits), self.progress)
+            try:
+                self.cv_cache = (kmax, knn_neighbours(Xp, splits, kmax, lambda what: bar.tick(None, what)))
+            finally:
+                bar.close()
+        return knn_table(y, grid, splits, self.cv_cache[1])
 
 
 class DenseHead(Head):
