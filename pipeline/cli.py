@@ -473,12 +473,16 @@ def baseline_cmd(data, split, input_size, epochs, lr, augment, batch_size, patie
 
 @cli.command("report")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
-@click.option("--force", is_flag=True, help="Replace a report.md that tlpipe report did not write.")
-def report_cmd(cache_dir, force) -> None:
-    """Compare every fitted head: CACHE/report.md, report.json and plots/comparison.csv."""
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder to write report.md, report.json and plots/comparison.csv/.png in [default: CACHE].")
+@click.option("--force", is_flag=True,
+              help="Replace report.md, report.json or plots/comparison.csv/.png files that tlpipe report did "
+                   "not write.")
+def report_cmd(cache_dir, out, force) -> None:
+    """Compare every fitted head: CACHE/report.md, report.json and plots/comparison.csv and .png."""
     from pipeline.reporting.report import ReportConfig, report
 
-    path = report(ReportConfig(cache_dir=cache_dir, force=force))
+    path = report(ReportConfig(cache_dir=cache_dir, out_dir=out, force=force))
     click.echo(path.read_text())
 
 
