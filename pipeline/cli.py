@@ -43,7 +43,25 @@ class _Group(click.Group):
             head, tail = args, []
         flags = [a for a in head if a in _GLOBAL_FLAGS]
         rest = [a for a in head if a not in _GLOBAL_FLAGS]
-        return super().parse_args(ctx, flags + rest + tail)
+        try:
+            return super().parse_args(ctx, flags + rest + tail)
+        except click.UsageError as exc:  # a wrong option before the command: one line too, exit 2
+            if "--debug" in flags or any(a.startswith("-v") for a in flags) or isinstance(exc, click.exceptions.NoArgsIsHelpError):
+                raise
+            click.echo(f"tlpipe: error: {exc.format_message()}{self._option_hint(exc)} (see 'tlpipe --help')",
+                       err=True)
+            ctx.exit(2)
+
+    def _option_hint(self, exc: click.UsageError) -> str:
+        """For an option that belongs to commands (``tlpipe --cache-dir x bases``): say where it goes."""
+        name = getattr(exc, "option_name", None)
+        if not isinstance(exc, click.NoSuchOption) or not name:
+            return ""
+        users = [n for n, c in self.commands.items() if any(name in p.opts for p in c.params)]
+        if not users:
+            return ""
+        shown = ", ".join(users[:4]) + (", ..." if len(users) > 4 else "")
+        return f" ({name} is an option of {shown}: put it after the command, e.g. tlpipe {users[0]} {name} ...)"
 
     def invoke(self, ctx: click.Context):
         try:
