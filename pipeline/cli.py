@@ -46,7 +46,8 @@ class _Group(click.Group):
         try:
             return super().parse_args(ctx, flags + rest + tail)
         except click.UsageError as exc:  # a wrong option before the command: one line too, exit 2
-            if "--debug" in flags or any(a.startswith("-v") for a in flags) or isinstance(exc, click.exceptions.NoArgsIsHelpError):
+            loud = "--debug" in flags or any(a.startswith("-v") for a in flags)
+            if loud or isinstance(exc, click.exceptions.NoArgsIsHelpError):  # (bare 'tlpipe': the help)
                 raise
             click.echo(f"tlpipe: error: {exc.format_message()}{self._option_hint(exc)} (see 'tlpipe --help')",
                        err=True)
@@ -185,7 +186,7 @@ def bases_cmd(as_json: bool) -> None:
               help="float16 compute (auto: on GPUs only); features are stored as float32.")
 @click.option("--runtime", default="auto", show_default=True,
               help="auto | keras | openvino. auto: OpenVINO on x86-64 CPUs (when installed, TensorFlow backend), "
-                   "Keras elsewhere (README: CPU runtime).")
+                   "Keras elsewhere (docs/guide/extract.md, CPU runtime).")
 @click.option("--precision", default="auto", show_default=True,
               help="auto | f32 | bf16 | fp16. bf16: OpenVINO on CPUs with AMX/AVX512-BF16; "
                    "fp16: Keras float16 (for GPUs; slower on a CPU); auto: f32 on CPUs, fp16 per --mixed-precision on GPUs.")

@@ -60,3 +60,31 @@ def test_a_weights_folder_without_the_base_names_the_bases_it_has(tmp_path, monk
     monkeypatch.setenv("DVC_STAGE", "extract@vgg16")
     with pytest.raises(UsageError, match=r"dvc exp run -S 'extract.bases=\[mobilenet_0.75\]'"):
         parse_weights(str(folder), get_backbone("vgg16"))
+
+
+def test_predict_on_a_head_folder_says_to_export_it_first(tmp_path):
+    from pipeline.deploy.predict import check_model_path
+
+    head = tmp_path / "vgg16-logistic"
+    (head / "model").mkdir(parents=True)
+    (head / "model" / "head.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"is a head folder: run 'tlpipe export --head .*vgg16-logistic --out "
+                                         r"vgg16-logistic.keras' first"):
+        check_model_path(head)
+
+
+def test_every_docs_reference_in_the_package_exists():
+    """No message points to a README section that does not exist: messages name docs/guide pages,
+    and each page (and its named section, where one follows) is there."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = "\n".join(p.read_text() for p in sorted((root / "pipeline").rglob("*.py")))
+    assert "README:" not in text and "the README (" not in text
+    refs = set(re.findall(r"(docs/guide/[\w-]+\.md)(?:, ([A-Z][\w ]+))?", text))
+    assert refs
+    for page, section in refs:
+        assert (root / page).is_file(), page
+        if section:
+            assert re.search(rf"^#+ {re.escape(section)}", (root / page).read_text(), re.M), (page, section)

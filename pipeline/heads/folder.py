@@ -137,7 +137,8 @@ def user_files(old: Path) -> list[Path]:
     found = []
     for path in sorted(old.rglob("*")):
         rel = path.relative_to(old)
-        if (path.is_dir() and not path.is_symlink()) or rel.parts[0] == "model" or rel.parts[0].startswith(".checkpoint"):
+        ours = rel.parts[0] == "model" or rel.parts[0].startswith(".checkpoint")
+        if ours or (path.is_dir() and not path.is_symlink()):
             continue
         if rel.as_posix() not in OWN_FILES:
             found.append(rel)

@@ -118,10 +118,11 @@ def _no_weights_message(path: Path, backbone: Backbone) -> str:
     have = bases_with_weights(path)
     text = (f"no weights for {backbone.name} in {path}: expected {backbone.weights_file} "
             f"or {backbone.name}_*notop*.h5 there")
+    listed = f"; it has weights for {', '.join(have)}"
     if have and os.environ.get("DVC_STAGE"):
-        return text + f"; it has weights for {', '.join(have)}: dvc exp run -S 'extract.bases=[{','.join(have)}]' ..."
+        return text + f"{listed}: dvc exp run -S 'extract.bases=[{','.join(have)}]' ..."
     if have:
-        return text + f"; it has weights for {', '.join(have)} (--base {have[0]}), or pass --weights FILE / imagenet / none"
+        return text + f"{listed} (--base {have[0]}), or pass --weights FILE / imagenet / none"
     return text + " (it holds none for any base; pass --weights FILE / imagenet / none)"
 
 
