@@ -148,17 +148,18 @@ def user_files(old: Path) -> list[Path]:
 def publish(tmp: Path, out: Path) -> None:
     """Put the finished folder ``tmp`` in place of ``out``, carrying over the files the user added to the
     previous ``out`` (linked or copied first: a failure leaves the previous folder whole), with one log line."""
-    kept = user_files(out) if out.is_dir() else []
-    for rel in kept:
+    kept = []
+    for rel in user_files(out) if out.is_dir() else []:
         target = tmp / rel
-        if target.exists() or target.is_symlink():  # tlpipe writes this name now: the new one wins
+        if target.exists() or target.is_symlink():  # a name tlpipe writes now (an older tlpipe's file)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(out / rel, target, follow_symlinks=False)  # a second name: instant, even for a big file
         except OSError:
             shutil.copy2(out / rel, target, follow_symlinks=False)
+        kept.append(rel.as_posix())
     if kept:
-        names = ", ".join(r.as_posix() for r in kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+        names = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
         log.info("kept %d file(s) you added to %s: %s", len(kept), out, names)
     replace_dir(tmp, out)
