@@ -43,7 +43,26 @@ class _Group(click.Group):
             head, tail = args, []
         flags = [a for a in head if a in _GLOBAL_FLAGS]
         rest = [a for a in head if a not in _GLOBAL_FLAGS]
-        return super().parse_args(ctx, flags + rest + tail)
+        try:
+            return super().parse_args(ctx, flags + rest + tail)
+        except click.UsageError as exc:  # a wrong option before the command: one line too, exit 2
+            loud = "--debug" in flags or any(a.startswith("-v") for a in flags)
+            if loud or isinstance(exc, click.exceptions.NoArgsIsHelpError):  # (bare 'tlpipe': the help)
+                raise
+            click.echo(f"tlpipe: error: {exc.format_message()}{self._option_hint(exc)} (see 'tlpipe --help')",
+                       err=True)
+            ctx.exit(2)
+
+    def _option_hint(self, exc: click.UsageError) -> str:
+        """For an option that belongs to commands (``tlpipe --cache-dir x bases``): say where it goes."""
+        name = getattr(exc, "option_name", None)
+        if not isinstance(exc, click.NoSuchOption) or not name:
+            return ""
+        users = [n for n, c in self.commands.items() if any(name in p.opts for p in c.params)]
+        if not users:
+            return ""
+        shown = ", ".join(users[:4]) + (", ..." if len(users) > 4 else "")
+        return f" ({name} is an option of {shown}: put it after the command, e.g. tlpipe {users[0]} {name} ...)"
 
     def invoke(self, ctx: click.Context):
         try:
@@ -167,7 +186,7 @@ def bases_cmd(as_json: bool) -> None:
               help="float16 compute (auto: on GPUs only); features are stored as float32.")
 @click.option("--runtime", default="auto", show_default=True,
               help="auto | keras | openvino. auto: OpenVINO on x86-64 CPUs (when installed, TensorFlow backend), "
-                   "Keras elsewhere (README: CPU runtime).")
+                   "Keras elsewhere (docs/guide/extract.md, CPU runtime).")
 @click.option("--precision", default="auto", show_default=True,
               help="auto | f32 | bf16 | fp16. bf16: OpenVINO on CPUs with AMX/AVX512-BF16; "
                    "fp16: Keras float16 (for GPUs; slower on a CPU); auto: f32 on CPUs, fp16 per --mixed-precision on GPUs.")
@@ -473,12 +492,16 @@ def baseline_cmd(data, split, input_size, epochs, lr, augment, batch_size, patie
 
 @cli.command("report")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
-@click.option("--force", is_flag=True, help="Replace a report.md that tlpipe report did not write.")
-def report_cmd(cache_dir, force) -> None:
-    """Compare every fitted head: CACHE/report.md, report.json and plots/comparison.csv."""
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder to write report.md, report.json and plots/comparison.csv/.png in [default: CACHE].")
+@click.option("--force", is_flag=True,
+              help="Replace report.md, report.json or plots/comparison.csv/.png files that tlpipe report did "
+                   "not write.")
+def report_cmd(cache_dir, out, force) -> None:
+    """Compare every fitted head: CACHE/report.md, report.json and plots/comparison.csv and .png."""
     from pipeline.reporting.report import ReportConfig, report
 
-    path = report(ReportConfig(cache_dir=cache_dir, force=force))
+    path = report(ReportConfig(cache_dir=cache_dir, out_dir=out, force=force))
     click.echo(path.read_text())
 
 

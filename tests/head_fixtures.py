@@ -45,6 +45,8 @@ def write_head(folder: Path, base: str = "vgg16", head: str = "logistic", val: f
         "feature_size": 512, "fit_seconds": 1.5, "extract_images_per_second": 40.0, "tuning": tuning,
         "splits": splits, "chance": {"val": 1 / k, "test": 1 / k}, "untrained": {"val": {"accuracy": 0.5}},
     }
+    (folder / "model").mkdir(exist_ok=True)  # what fit-head records (no fingerprints: status ok)
+    (folder / "model" / "head.json").write_text(json.dumps({"head": head, "features": [], "fingerprints": []}))
     (folder / "metrics.json").write_text(json.dumps(metrics))
     (folder / "evaluation.json").write_text(json.dumps(evaluation))
     if dense:

@@ -372,7 +372,7 @@ def test_file_instead_of_folder(tmp_path):
 
 def test_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no images found in class subfolders of .*empty$"):
+    with pytest.raises(DataError, match=r"no images found in class subfolders of .*empty \(images must sit in one "):
         open_source(str(tmp_path / "empty"))
 
 

@@ -94,6 +94,51 @@ def test_hand_run_fit_head_never_replaces_a_head_fitted_otherwise(tmp_path):
     assert (mine / "thesis.txt").read_text() == "do not delete"
 
 
+def test_a_refit_keeps_the_files_the_user_added_to_the_head_folder(tmp_path):
+    """fit-head into its own folder again (same settings): notes.txt and figures/mine.png survive, said in
+    one log line; tlpipe's own files are replaced, not duplicated."""
+    data = make_folder(tmp_path / "data", per_class=6)
+    feats = tmp_path / "f.h5"
+    assert _run(["extract", "--base", "mobilenet_0.25", "--data", str(data), "--out", str(feats),
+                 *TINY]).exit_code == 0
+    head = tmp_path / "h"
+    fit = ["fit-head", "--features", str(feats), "--out", str(head)]
+    assert _run(fit).exit_code == 0
+    (head / "notes.txt").write_text("my notes")
+    (head / "figures" / "mine.png").write_bytes(b"my figure")
+    (head / "figures" / "confusion.png").write_bytes(b"old")  # tlpipe's: drawn again
+    r = _run(fit)
+    assert r.exit_code == 0, r.output
+    assert (head / "notes.txt").read_text() == "my notes"
+    assert (head / "figures" / "mine.png").read_bytes() == b"my figure"
+    assert (head / "figures" / "confusion.png").read_bytes() != b"old"
+    kept = [line for line in r.output.splitlines() if "kept 2 file(s) you added to" in line]
+    assert len(kept) == 1 and kept[0].endswith("figures/mine.png, notes.txt"), r.output
+    assert not list(tmp_path.glob(".h*"))  # no temporary or old folder left
+
+
+def test_publish_carries_only_the_users_files(tmp_path):
+    """The one head-folder writer (fit-head, fine-tune, baseline): model/, .checkpoint/ and tlpipe's own
+    names are not carried over; anything else is, and the new folder's files win."""
+    from pipeline.heads.folder import publish, temp_folder
+
+    out = tmp_path / "head"
+    for rel, text in (("model/weights.npz", "old model"), (".checkpoint/state.json", "{}"),
+                      ("metrics.json", "{}"), ("figures/grid.png", "old"), ("notes.txt", "mine"),
+                      ("sub/deep/data.csv", "mine too")):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    tmp = temp_folder(out)
+    (tmp / "model").mkdir()
+    (tmp / "model" / "head.json").write_text("{}")
+    (tmp / "metrics.json").write_text('{"new": 1}')
+    publish(tmp, out)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["metrics.json", "model/head.json", "notes.txt", "sub/deep/data.csv"]
+    assert (out / "metrics.json").read_text() == '{"new": 1}' and (out / "notes.txt").read_text() == "mine"
+    assert not tmp.exists() and not list(tmp_path.glob(".head*"))
+
+
 # ----------------------------------------------------------------------------- DVC
 
 

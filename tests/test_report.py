@@ -120,3 +120,44 @@ def test_comparison_tells_a_dvc_head_from_a_hand_run_one(tmp_path, monkeypatch):
     report(ReportConfig(cache_dir=cache / "dvc"))
     models = [r["model"] for r in csv.DictReader((cache / "dvc" / "plots" / "comparison.csv").read_text().splitlines())]
     assert models == ["mobilenet_0.75-logistic"]
+
+
+def test_report_never_replaces_a_comparison_file_of_the_users(tmp_path):
+    """Every file report writes (report.md, report.json, plots/comparison.csv and .png) is replaced only
+    when tlpipe report wrote it; otherwise one line, exit 2, nothing written; --out and --force work."""
+    cache = _cache(tmp_path)
+    run = CliRunner().invoke
+    assert run(cli, ["report", "--cache-dir", str(cache)]).exit_code == 0
+    assert run(cli, ["report", "--cache-dir", str(cache)]).exit_code == 0  # its own files: replaced
+    md_before = (cache / "report.md").read_bytes()
+    for name, mine in (("comparison.csv", b"my,own\n1,2\n"), ("comparison.png", b"\x89PNG\r\n\x1a\nmine")):
+        own = (cache / "plots" / name).read_bytes()
+        (cache / "plots" / name).write_bytes(mine)
+        r = run(cli, ["report", "--cache-dir", str(cache)])
+        assert r.exit_code == 2 and "not a report's comparison" in r.output and "--force" in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
+        assert (cache / "plots" / name).read_bytes() == mine and (cache / "report.md").read_bytes() == md_before
+        (cache / "plots" / name).write_bytes(own)
+    (cache / "plots" / "comparison.png").write_bytes(b"mine")
+    elsewhere = tmp_path / "elsewhere"
+    r = run(cli, ["report", "--cache-dir", str(cache), "--out", str(elsewhere)])
+    assert r.exit_code == 0, r.output
+    assert (elsewhere / "report.md").is_file() and (elsewhere / "plots" / "comparison.png").stat().st_size > 1000
+    assert (cache / "plots" / "comparison.png").read_bytes() == b"mine"
+    assert run(cli, ["report", "--cache-dir", str(cache), "--force"]).exit_code == 0
+    assert (cache / "plots" / "comparison.png").read_bytes() != b"mine"
+
+
+def test_dvc_report_skips_heads_left_by_an_earlier_experiment(tmp_path, caplog):
+    """After -S 'fit_head.heads=[logistic]': DVC removed the dense head's model/, its metrics stay."""
+    import logging
+    import shutil
+
+    cache = _cache(tmp_path, pipeline=True)
+    shutil.rmtree(cache / "dvc" / "heads" / "vgg16-dense" / "model")
+    with caplog.at_level(logging.INFO):
+        report(ReportConfig(cache_dir=cache / "dvc"))
+    data = json.loads((cache / "dvc" / "report.json").read_text())
+    assert {r["features"] + "-" + r["head"] for r in data["rows"]} == {"vgg16-logistic", "resnet50-dense"}
+    assert any("vgg16-dense: skipped" in m and "earlier DVC experiment" in m for m in caplog.messages)
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING]

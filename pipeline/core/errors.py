@@ -52,3 +52,8 @@ class NotAModel(UsageError, DataError):
 
 class WeightsMismatch(UsageError, WeightsUnavailable):
     """A --weights file whose arrays do not fit the base (another base's file): exit code 2."""
+
+
+class DataLayoutError(UsageError, DataError):
+    """A --data folder not laid out as tlpipe reads it (no class subfolders, a single class, train/
+    without val/): a usage error, exit code 2."""

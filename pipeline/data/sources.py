@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.core.errors import DataError, DataNotFound, UsageError
+from pipeline.core.errors import DataError, DataLayoutError, DataNotFound, UsageError
 from pipeline.core.util import unreachable
 from pipeline.data.images import IMAGE_EXTENSIONS, DecodeError, decode_image, resize_array
 
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT = "80/10/10"
+PER_CLASS_HINT = "images must sit in one subfolder per class"
 SPLIT_BUCKETS = 10_000
 # How a folder of class subfolders is split; stored in features files (attribute ``split_rule``) and in
 # the source fingerprint. Files without the attribute were made with OLD_SPLIT_RULE.
@@ -178,6 +179,11 @@ def _file_size(path: Path) -> int:
         return -1
 
 
+def loose_images(folder: Path) -> list[Path]:
+    """The image files directly in ``folder`` (not in a class subfolder)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and _is_image(p))
+
+
 def list_images(folder: Path) -> list[Path]:
     """The image files under ``folder`` (links followed, hidden names skipped), sorted."""
     files = []
@@ -268,11 +274,11 @@ def _presplit(root: Path, split_dirs: dict[str, Path]) -> tuple[dict[str, list[I
     train = per_split["train"]
     class_names = sorted(c for c, files in train.items() if files)
     if not class_names:
-        raise DataError(f"no images found under {root / 'train'} (expected train/<class>/<image>)")
+        raise DataLayoutError(f"no images found under {root / 'train'} (expected train/<class>/<image>)")
     if len(class_names) < 2:
-        raise DataError(f"only one class ('{class_names[0]}') under {root / 'train'}: need at least two")
+        raise DataLayoutError(f"only one class ('{class_names[0]}') under {root / 'train'}: need at least two")
     if "val" not in per_split:
-        raise DataError(f"{root} has train/ but no val/ (or validation/) folder: heads are tuned on it")
+        raise DataLayoutError(f"{root} has train/ but no val/ (or validation/) folder: heads are tuned on it")
     index = {c: i for i, c in enumerate(class_names)}
     items: dict[str, list[Item]] = {}
     for split, classes in per_split.items():
@@ -324,11 +330,12 @@ def _split_by_hash(root: Path, folders: list[Path],
     listed = {c.name: list_images(c) for c in folders}
     class_names = sorted(c for c, files in listed.items() if files)
     if not class_names:
-        loose = [p for p in root.iterdir() if _is_image(p)]
-        hint = " (images must sit in one subfolder per class)" if loose else ""
-        raise DataError(f"no images found in class subfolders of {root}{hint}")
+        loose = loose_images(root)
+        found = f"; {len(loose)} image(s) sit directly in it" if loose else ""
+        raise DataLayoutError(f"no images found in class subfolders of {root}{found} "
+                              f"({PER_CLASS_HINT}, e.g. {root}/cat/1.jpg)")
     if len(class_names) < 2:
-        raise DataError(f"only one class ('{class_names[0]}') in {root}: need at least two class subfolders")
+        raise DataLayoutError(f"only one class ('{class_names[0]}') in {root}: need at least two class subfolders")
     empty = sorted(set(listed) - set(class_names))
     if empty:
         log.warning("ignoring empty class folders: %s", ", ".join(empty))

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.errors import DataError, DataNotFound, UsageError
+from pipeline.core.errors import DataLayoutError, DataNotFound, UsageError
 from pipeline.core.safety import OutputExists, check_out_path
 from pipeline.core.util import atomic_write_text, write_json
-from pipeline.data.sources import SPLIT_DIRS, class_dirs, list_images
+from pipeline.data.sources import PER_CLASS_HINT, SPLIT_DIRS, class_dirs, list_images, loose_images
 from pipeline.deploy.predict import load_exported, predict
 from pipeline.heads.metrics import normalise_proba, split_scores
 from pipeline.reporting.plots import confusion_figure
@@ -91,7 +91,10 @@ def labelled_files(data: Path, split: str | None = None) -> tuple[dict[str, list
         if files:
             classes[sub.name] = files
     if not classes:
-        raise DataError(f"no images in class subfolders of {folder}")
+        loose = len(loose_images(folder))
+        found = f"; {loose} image(s) sit directly in it" if loose else ""
+        raise DataLayoutError(f"no images in class subfolders of {folder}{found} ({PER_CLASS_HINT}, "
+                              f"e.g. {folder}/cat/1.jpg)")
     return classes, split
 
 

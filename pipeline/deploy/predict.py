@@ -63,9 +63,12 @@ def list_inputs(inputs: list[str | Path]) -> list[Path]:
 def check_model_path(path: str | Path) -> Path:
     """The model file, checked before anything slow is imported (one line for a wrong path)."""
     path = Path(path)
+    if path.is_dir() and ((path / "model" / "head.json").is_file() or (path / "head.json").is_file()):
+        raise UsageError(f"--model {path} is a head folder: run 'tlpipe export --head {path} --out "
+                         f"{path.name}.keras' first, then --model {path.name}.keras")
     if path.is_dir() or path.suffix == ".tflite":
         raise UsageError(f"--model {path}: tlpipe reads the .keras file that 'tlpipe export' writes; a "
-                         "SavedModel folder or a TFLite file runs without tlpipe (README: Outputs, export)")
+                         "SavedModel folder or a TFLite file runs without tlpipe (docs/guide/deploy.md, Export)")
     if not path.is_file():
         raise UsageError(f"model file not found: {path} (make one with 'tlpipe export')")
     return path

@@ -13,14 +13,17 @@ Schema (see ``pipeline.stage2.fit_head``)::
     curves.csv        long rows for DVC plots: per epoch (dense) or against C / k (the others)
     figures/          PNGs drawn from the files above
 
-The files are written into a temporary folder (``temp_folder``) that the caller renames into place
-(``pipeline.core.safety.replace_dir``) once complete.
+The files are written into a temporary folder (``temp_folder``) that the caller puts in place with
+``publish`` once complete: files the user added to the previous folder (``notes.txt``,
+``figures/mine.png``) are carried into the new one, never deleted.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -28,11 +31,19 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from pipeline.core.errors import UsageError
+from pipeline.core.safety import replace_dir
 from pipeline.core.util import write_json
 from pipeline.heads.metrics import split_scores
 from pipeline.heads.models import GRID_COLUMNS, HISTORY_COLUMNS
 from pipeline.reporting import curves
 from pipeline.reporting.plots import write_head_figures
+
+log = logging.getLogger(__name__)
+
+# what tlpipe writes in a head folder (any version), besides model/ and .checkpoint/
+OWN_FILES = frozenset({"metrics.json", "evaluation.json", "history.csv", "grid.csv", "curves.csv", "depths.csv",
+                       "predictions.csv", "roc.csv", "model.keras", "figures/curves.png", "figures/grid.png",
+                       "figures/confusion.png", "figures/depths.png"})
 
 PREDICTION_COLUMNS = ["split", "id", "actual", "predicted", "probability"]
 ROC_COLUMNS = curves.ROC_COLUMNS
@@ -118,3 +129,37 @@ def write_head_folder(tmp: Path, *, head_json: dict[str, Any], metrics: dict[str
     write_csv(tmp / "predictions.csv", predictions, PREDICTION_COLUMNS)
     write_csv(tmp / "roc.csv", roc, ROC_COLUMNS)
     write_head_figures(tmp)  # figures/: curves or C/k grid, confusion matrices (PNG)
+
+
+def user_files(old: Path) -> list[Path]:
+    """The files (relative paths) in the head folder ``old`` that tlpipe did not write: anything outside
+    ``model/``, ``.checkpoint/`` (fine-tune's, baseline's) and ``OWN_FILES``."""
+    found = []
+    for path in sorted(old.rglob("*")):
+        rel = path.relative_to(old)
+        ours = rel.parts[0] == "model" or rel.parts[0].startswith(".checkpoint")
+        if ours or (path.is_dir() and not path.is_symlink()):
+            continue
+        if rel.as_posix() not in OWN_FILES:
+            found.append(rel)
+    return found
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Put the finished folder ``tmp`` in place of ``out``, carrying over the files the user added to the
+    previous ``out`` (linked or copied first: a failure leaves the previous folder whole), with one log line."""
+    kept = []
+    for rel in user_files(out) if out.is_dir() else []:
+        target = tmp / rel
+        if target.exists() or target.is_symlink():  # a name tlpipe writes now (an older tlpipe's file)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(out / rel, target, follow_symlinks=False)  # a second name: instant, even for a big file
+        except OSError:
+            shutil.copy2(out / rel, target, follow_symlinks=False)
+        kept.append(rel.as_posix())
+    if kept:
+        names = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+        log.info("kept %d file(s) you added to %s: %s", len(kept), out, names)
+    replace_dir(tmp, out)

@@ -107,6 +107,25 @@ def find_weights_in_dir(folder: Path, backbone: Backbone) -> Path | None:
     return hits[0] if hits else None
 
 
+def bases_with_weights(folder: Path) -> list[str]:
+    """The keras.applications bases that ``folder`` holds a no-top weights file for."""
+    return [b.name for b in BACKBONES.values() if not b.hub and find_weights_in_dir(folder, b) is not None]
+
+
+def _no_weights_message(path: Path, backbone: Backbone) -> str:
+    """One line: what was expected, which bases the folder does have weights for, how to pick them
+    (``-S 'extract.bases=[...]'`` in a DVC stage, ``--base`` by hand)."""
+    have = bases_with_weights(path)
+    text = (f"no weights for {backbone.name} in {path}: expected {backbone.weights_file} "
+            f"or {backbone.name}_*notop*.h5 there")
+    listed = f"; it has weights for {', '.join(have)}"
+    if have and os.environ.get("DVC_STAGE"):
+        return text + f"{listed}: dvc exp run -S 'extract.bases=[{','.join(have)}]' ..."
+    if have:
+        return text + f"{listed} (--base {have[0]}), or pass --weights FILE / imagenet / none"
+    return text + " (it holds none for any base; pass --weights FILE / imagenet / none)"
+
+
 def parse_weights(spec: str | None, backbone: Backbone | None = None) -> str | Path | None:
     """Normalise a ``--weights`` value: "imagenet", None (for none) or an existing Path.
 
@@ -125,10 +144,7 @@ def parse_weights(spec: str | None, backbone: Backbone | None = None) -> str | P
     if path.is_dir() and backbone is not None:
         found = find_weights_in_dir(path, backbone)
         if found is None:  # a usage error, like a --weights path that does not exist (exit 2)
-            raise WeightsNotFound(
-                f"no weights for {backbone.name} in {path}: expected {backbone.weights_file} "
-                f"or {backbone.name}_*notop*.h5 there (or pass --weights FILE / imagenet / none)"
-            )
+            raise WeightsNotFound(_no_weights_message(path, backbone))
         return found
     if not path.is_file():
         raise UsageError(

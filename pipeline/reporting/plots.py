@@ -118,10 +118,20 @@ def _column(rows: list[dict[str, str]], name: str) -> list[float] | None:
     return out if any(not math.isnan(v) for v in out) else None
 
 
+PNG_SOFTWARE = "tlpipe"  # the PNG's Software text: how a later run knows the file is tlpipe's (``is_tlpipe_png``)
+
+
+def is_tlpipe_png(path: Path) -> bool:
+    """True for a PNG that tlpipe drew (its ``Software`` text chunk, written by ``_save``)."""
+    with open(path, "rb") as fh:
+        start = fh.read(1 << 16)
+    return start.startswith(b"\x89PNG") and b"tEXtSoftware\x00" + PNG_SOFTWARE.encode() in start
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata={"Software": f"{PNG_SOFTWARE} (Matplotlib)"})
     _pyplot().close(fig)
     tmp.replace(path)
     return path

@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.core.errors import UsageError
 from pipeline.core.safety import guard_user_file
 from pipeline.core.util import atomic_write_text, write_json
-from pipeline.reporting.plots import write_comparison_figure
+from pipeline.reporting.plots import is_tlpipe_png, write_comparison_figure
 from pipeline.store.features import head_status
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,9 @@ def head_row(head_dir: Path) -> dict[str, Any]:
     new = "splits" in e
     name = head_dir.name
     status, attrs_data, attrs_weights, low_precision = _head_status(head_dir)
-    if status == "unknown":
-        log.warning("%s: no model/head.json; cannot tell whether its features changed since", name)
+    if status == "unknown":  # an older layout: listed, not an error
+        log.info("%s: listed with status 'unknown' (no model/head.json, an older head folder: whether its "
+                 "features changed since cannot be checked)", name)
     elif status != "ok":
         log.warning("%s: %s (fitted on features that have changed or gone since); fit it again", name, status)
     head = e.get("head") or m.get("head") or name.rsplit("-", 1)[-1]
@@ -142,12 +143,17 @@ def _features_name(folder: str, head: str) -> str:
 
 def collect(folders: Path | list[tuple[Path, bool]]) -> list[dict[str, Any]]:
     """One row per ``<folder>/*/metrics.json``, best validation accuracy first; ``folders`` is one
-    heads folder or ``(folder, made by the pipeline?)`` pairs (``pipeline`` in each row)."""
+    heads folder or ``(folder, made by the pipeline?)`` pairs (``pipeline`` in each row). A folder of
+    the pipeline's without ``model/head.json`` is an earlier experiment's leftover: skipped."""
     if isinstance(folders, (str, Path)):
         folders = [(Path(folders), False)]
     rows = []
     for heads_dir, made_by_pipeline in folders:
         for path in sorted(Path(heads_dir).glob("*/metrics.json")):
+            if made_by_pipeline and not (path.parent / "model" / "head.json").is_file():
+                log.info("%s: skipped (no model/: left by an earlier DVC experiment whose stage is gone)",
+                         path.parent)
+                continue
             try:
                 row = head_row(path.parent)
             except (ValueError, OSError) as exc:
@@ -246,31 +252,57 @@ class ReportConfig:
     """Where heads live and where the report goes."""
 
     cache_dir: Path = Path("cache")
-    out_md: Path | None = None  # default <cache>/report.md
-    out_json: Path | None = None  # default <cache>/report.json
-    out_csv: Path | None = None  # default <cache>/plots/comparison.csv (the PNG goes beside it)
+    out_dir: Path | None = None  # the folder of report.md, report.json and plots/ (default: the cache)
+    out_md: Path | None = None  # default <out_dir>/report.md
+    out_json: Path | None = None  # default <out_dir>/report.json
+    out_csv: Path | None = None  # default <out_dir>/plots/comparison.csv (the PNG goes beside it)
     force: bool = False  # replace outputs of these names that tlpipe report did not write
+
+    def outputs(self) -> tuple[Path, Path, Path, Path]:
+        """(report.md, report.json, comparison.csv, comparison.png) paths."""
+        where = Path(self.out_dir or self.cache_dir)
+        csv_path = Path(self.out_csv or where / "plots" / "comparison.csv")
+        return (Path(self.out_md or where / "report.md"), Path(self.out_json or where / "report.json"),
+                csv_path, csv_path.with_suffix(".png"))
+
+
+def _is_report_json(path: Path) -> bool:
+    return {"data_sources", "rows"} <= set(json.loads(path.read_text()))
+
+
+def _is_comparison_csv(path: Path) -> bool:
+    return path.read_text().startswith(",".join(["model"] + COLUMNS[:4]))
+
+
+def guard_outputs(cfg: ReportConfig) -> None:
+    """Refuse (one line, exit 2) before writing anything when any output path holds a file that tlpipe
+    report did not write (the user's), unless ``cfg.force``."""
+    md, js, csv_path, png = cfg.outputs()
+    checks = ((md, "a report", lambda p: p.read_text().startswith("# tlpipe report\n")),
+              (js, "a report", _is_report_json),
+              (csv_path, "a report's comparison table", _is_comparison_csv),
+              (png, "a report's comparison figure", is_tlpipe_png))
+    for path, what, ours in checks:
+        guard_user_file(path, what, ours, cfg.force, option="")
 
 
 def report(cfg: ReportConfig) -> Path:
-    """Write the comparison of every head under ``<cache>/heads``; return the markdown path."""
+    """Write the comparison of every head under ``<cache>/heads`` (and the others ``heads_folders``
+    lists); return the markdown path. Files of these names that tlpipe did not write are never replaced
+    (unless ``cfg.force``)."""
     cache = Path(cfg.cache_dir)
     folders = heads_folders(cache)
     rows = collect(folders)
     if not rows:
         raise UsageError(f"no fitted heads under {cache / 'heads'} or {cache / 'dvc' / 'heads'}: "
                           "run 'tlpipe fit-head' or 'dvc repro' first")
-    md = Path(cfg.out_md or cache / "report.md")
-    guard_user_file(md, "a report", lambda p: p.read_text().startswith("# tlpipe report\n"), cfg.force, option="")
-    guard_user_file(Path(cfg.out_json or cache / "report.json"), "a report",
-                    lambda p: {"data_sources", "rows"} <= set(json.loads(p.read_text())), cfg.force, option="")
+    guard_outputs(cfg)
+    md, js, out_csv, png = cfg.outputs()
     both = any(r["pipeline"] for r in rows) and not all(r["pipeline"] for r in rows)
     label_models(rows)  # the names in comparison.csv / .png: a DVC head and a hand-run one told apart
     atomic_write_text(md, to_markdown(rows, pipeline_known=both))
     sources = sorted({(r["data_index"], r["data"]) for r in rows if r["data_index"]})
-    write_json(Path(cfg.out_json or cache / "report.json"),
-               {"data_sources": {str(i): d for i, d in sources}, "rows": rows})
-    out_csv = Path(cfg.out_csv or cache / "plots" / "comparison.csv")
+    write_json(js, {"data_sources": {str(i): d for i, d in sources}, "rows": rows})
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=["model"] + COLUMNS, extrasaction="ignore")
     writer.writeheader()
@@ -278,7 +310,7 @@ def report(cfg: ReportConfig) -> Path:
         writer.writerow(r)
     atomic_write_text(out_csv, text.getvalue())
     try:
-        write_comparison_figure(rows, out_csv.with_suffix(".png"))
+        write_comparison_figure(rows, png)
     except ImportError as exc:  # matplotlib missing: the tables are still written
         log.warning("no comparison.png (%s)", exc)
     log.info("report of %d heads -> %s", len(rows), md)

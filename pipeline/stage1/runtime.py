@@ -11,7 +11,7 @@ actor can build its own):
 
 ``auto`` (runtime): OpenVINO on x86-64 CPUs (no accelerator) with the TensorFlow backend and
 OpenVINO installed; Keras everywhere else (GPUs, ARM, ``KERAS_BACKEND=jax``/``torch``, no
-OpenVINO).  ``auto`` (precision): see ``AUTO_PRECISION_BF16`` and the README (CPU runtime).
+OpenVINO).  ``auto`` (precision): see ``AUTO_PRECISION_BF16`` and docs/guide/extract.md (CPU runtime).
 
 The converted model (IR ``.xml`` + ``.bin``) is cached in ``openvino_cache_dir()``, keyed by
 base, weights sha256, input size, pooling and the Keras / OpenVINO / tlpipe versions; it is

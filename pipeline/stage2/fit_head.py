@@ -35,7 +35,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.core.errors import FeaturesFileError, UsageError
-from pipeline.core.safety import guard_head_folder, replace_dir
+from pipeline.core.safety import guard_head_folder
 from pipeline.core.util import require_tensorboard
 from pipeline.heads import folder
 from pipeline.heads.metrics import chance, evaluate
@@ -207,7 +207,7 @@ def fit_head(cfg: FitConfig) -> Path:
                                      fs.class_names)
         evaluation = _evaluation(cfg, fs, head, scored[0], fit_seconds, memory, depths.record(depth_info, head, views))
         metrics = _write(tmp, cfg, fs, head, rows, scored, evaluation)
-        replace_dir(tmp, out)  # the previous folder goes only once the new one is complete
+        folder.publish(tmp, out)  # the previous folder goes only once the new one is complete (keeping your files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.core.safety import replace_dir
 from pipeline.heads import folder
 from pipeline.heads.metrics import accuracy_and_log_loss
 from pipeline.nets.graph import resize_in_graph, save_keras
@@ -165,7 +164,7 @@ def publish(out: Path, *, head_json: dict, evaluation: dict, state: dict, parts:
     save_keras(export_model, metadata, tmp / "model.keras")
     folder.write_head_folder(tmp, head_json=head_json, metrics=metrics, evaluation=evaluation,
                              history=state["history"], predictions=folder.prediction_rows(parts, classes), roc=roc)
-    replace_dir(tmp, out)
+    folder.publish(tmp, out)  # keeps the files the user added to the previous folder
     return metrics
 
 
