@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from pipeline.reporting.curves import CURVE_COLUMNS, ROC_COLUMNS, curve_rows, roc_rows
+from pipeline.reporting.depth_plot import write_depth_plot
 from pipeline.reporting.plots import write_head_figures
 from pipeline.reporting.report import ReportConfig, report
 from tests.head_fixtures import write_head
@@ -78,6 +79,7 @@ def test_dvc_plots_show_draws_offline(tmp_path):
         p = np.random.default_rng(0).dirichlet(np.ones(3), 30) + np.eye(3)[y]
         roc = roc_rows(y, p / p.sum(1, keepdims=True), ["cat", "dog", "eel"])
         _write_csv(folder / "roc.csv", ROC_COLUMNS, [[r[c] for c in ROC_COLUMNS] for r in roc])
+        write_depth_plot(folder, [])  # as fit_head writes it for a head without a depth choice: header only
         assert write_head_figures(folder)
     report(ReportConfig(cache_dir=work / "cache" / "dvc"))
 
