@@ -28,7 +28,6 @@ from pipeline.core.errors import UsageError
 from pipeline.heads.depths import DepthScaler, select_depths
 from pipeline.heads.ensemble import EnsembleHead
 from pipeline.heads.models import Head, HeadParams
-from pipeline.reporting.depth_plot import DEPTH_COLUMNS
 from pipeline.store.features import load_views
 
 __all__ = ["AutoHead", "EXTRA_HEADS", "get_any_head", "load_any_head", "load_views", "parse_subset",
