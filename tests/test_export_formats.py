@@ -63,16 +63,39 @@ print(json.dumps({"pipeline_modules": bad}))
 """
 
 
-def run_without_tlpipe(fmt: str, path: Path, inputs: dict[str, np.ndarray], tmp: Path) -> np.ndarray:
-    npz, out = tmp / "inputs.npz", tmp / "probabilities.npy"
-    np.savez(npz, **inputs)
+# LOADER once per job, all in ONE fresh interpreter (one TensorFlow start for them all).
+LOAD_ALL = r"""
+import sys
+LOADER = open(sys.argv[1]).read()
+for fmt, path, inputs, out in zip(*[iter(sys.argv[2:])] * 4):
+    sys.argv = ["-", fmt, path, inputs, out]
+    exec(LOADER, {"__name__": "__main__"})
+"""
+
+
+def run_all_without_tlpipe(jobs: list[tuple[str, Path, dict[str, np.ndarray]]], tmp: Path) -> list[np.ndarray]:
+    """Each job's (format, model path, inputs) probabilities, from one fresh interpreter that refuses to
+    import tlpipe."""
+    loader, args, outs = tmp / "loader.txt", [], []
+    loader.write_text(LOADER)
+    for i, (fmt, path, x) in enumerate(jobs):
+        npz, out = tmp / f"inputs{i}.npz", tmp / f"probabilities{i}.npy"
+        np.savez(npz, **x)
+        args += [fmt, str(path), str(npz), str(out)]
+        outs.append(out)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    r = subprocess.run([sys.executable, "-c", LOADER, fmt, str(path), str(npz), str(out)], cwd=tmp, env=env,
+    r = subprocess.run([sys.executable, "-c", LOAD_ALL, str(loader), *args], cwd=tmp, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"pipeline_modules": []}
-    return np.load(out)
+    said = [json.loads(line) for line in r.stdout.strip().splitlines()[-len(outs):]]
+    assert said == [{"pipeline_modules": []}] * len(outs)
+    return [np.load(out) for out in outs]
+
+
+def run_without_tlpipe(fmt: str, path: Path, inputs: dict[str, np.ndarray], tmp: Path) -> np.ndarray:
+    """The model's probabilities on ``inputs`` in a fresh interpreter that refuses to import tlpipe."""
+    return run_all_without_tlpipe([(fmt, path, inputs)], tmp)[0]
 
 
 @pytest.fixture(scope="module")
@@ -139,19 +162,52 @@ def test_builtin_preprocess_equals_preprocess_input_for_every_base():
         assert np.abs(np.asarray(got) - want).max() <= 1e-5 * span, name
 
 
-@pytest.mark.parametrize("key,head,sizes", [("three", "logistic", (32,)), ("two", "dense", (32,)),
-                                            ("three", "logistic", (32, 40))])
-def test_keras_export_loads_without_tlpipe(data, key, head, sizes, tmp_path):
+# The exports that the two tests below load without tlpipe: case -> (format, colour set, head, input sizes).
+CASES = {
+    "keras-three-logistic": ("keras", "three", "logistic", (32,)),
+    "keras-two-dense": ("keras", "two", "dense", (32,)),
+    "keras-three-logistic-fused": ("keras", "three", "logistic", (32, 40)),
+    "savedmodel-two-dense": ("savedmodel", "two", "dense", (32,)),
+    "tflite-three-logistic": ("tflite", "three", "logistic", (32,)),
+    "savedmodel-three-knn": ("savedmodel", "three", "knn", (32,)),
+}
+ODD = {"image": np.random.default_rng(0).integers(0, 255, (2, 57, 41, 3), dtype=np.uint8)}  # any size: resized
+
+
+@pytest.fixture(scope="module")
+def exported(data, tmp_path_factory):
+    """Every case exported with 'tlpipe export' (its result kept for the test to check), then each export
+    that succeeded run on the val images (a SavedModel also on ODD) in one interpreter without tlpipe:
+    case -> dict(result, out, folder, X, probabilities)."""
+    tmp = tmp_path_factory.mktemp("exported")
+    runs, jobs = {}, []
+    for case, (fmt, key, head, sizes) in CASES.items():
+        root, folder, files = _fit(data, key, head, sizes)
+        (tmp / case).mkdir()
+        out = tmp / case / {"keras": "m.keras", "savedmodel": "model", "tflite": "m.tflite"}[fmt]
+        t0 = time.perf_counter()
+        r = _export(folder, data[1], out, *(["--format", fmt] if fmt != "keras" else []))
+        seconds = time.perf_counter() - t0
+        X, inputs = _val_inputs(root, files)
+        runs[case] = {"result": r, "out": out, "folder": folder, "X": X, "seconds": seconds, "probabilities": []}
+        if r.exit_code == 0:
+            jobs += [(case, fmt, out, x) for x in ([inputs, ODD] if fmt == "savedmodel" else [inputs])]
+    got = run_all_without_tlpipe([job[1:] for job in jobs], tmp)
+    for (case, *_), p in zip(jobs, got):
+        runs[case]["probabilities"].append(p)
+    return runs
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("keras")])
+def test_keras_export_loads_without_tlpipe(exported, case):
     """keras.saving.load_model in a process that never imports tlpipe; equal to the head on cached features."""
-    tmp, cache, _ = data
-    root, folder, files = _fit(data, key, head, sizes)
-    out = tmp_path / "m.keras"
-    r = _export(folder, cache, out)
+    _, key, head, sizes = CASES[case]
+    run = exported[case]
+    r, out = run["result"], run["out"]
     assert r.exit_code == 0, r.output
     assert "custom layers" not in r.output
-    X, inputs = _val_inputs(root, files)
-    got = run_without_tlpipe("keras", out, inputs, tmp_path)
-    expected = load_head(folder).predict_proba(X)
+    got = run["probabilities"][0]
+    expected = load_head(run["folder"]).predict_proba(run["X"])
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
@@ -160,33 +216,25 @@ def test_keras_export_loads_without_tlpipe(data, key, head, sizes, tmp_path):
     meta = read_metadata(out)
     assert meta["class_names"] == sorted({"three": COLOURS, "two": ["blue", "red"]}[key])
     assert meta["head"] == head and meta["input_sizes"] == list(sizes) and not meta["custom_layers"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
-@pytest.mark.parametrize("fmt,key,head", [("savedmodel", "two", "dense"), ("tflite", "three", "logistic"),
-                                          ("savedmodel", "three", "knn")])
-def test_savedmodel_and_tflite_run_without_tlpipe(data, fmt, key, head, tmp_path):
+@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("keras")])
+def test_savedmodel_and_tflite_run_without_tlpipe(exported, case):
     """SavedModel (uint8 images of any size; TF Serving) and TFLite (fixed base input size) run with
     TensorFlow alone and give the head's probabilities on the cached features."""
-    tmp, cache, _ = data
-    root, folder, files = _fit(data, key, head)
-    out = tmp_path / ("model" if fmt == "savedmodel" else "m.tflite")
-    t0 = time.perf_counter()
-    r = _export(folder, cache, out, "--format", fmt)
-    seconds = time.perf_counter() - t0
+    fmt, _, head, _ = CASES[case]
+    run = exported[case]
+    r, out = run["result"], run["out"]
     assert r.exit_code == 0, r.output
     size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"{fmt} {head}: exported in {seconds:.1f} s, {size / 1e6:.2f} MB")
-    X, inputs = _val_inputs(root, files)
-    got = run_without_tlpipe(fmt, out, inputs, tmp_path)
-    np.testing.assert_allclose(got, load_head(folder).predict_proba(X), atol=1e-4)
+    print(f"{fmt} {head}: exported in {run['seconds']:.1f} s, {size / 1e6:.2f} MB")
+    np.testing.assert_allclose(run["probabilities"][0], load_head(run["folder"]).predict_proba(run["X"]), atol=1e-4)
     if fmt == "tflite":
         assert out.with_suffix(".labels.txt").read_text().split() == sorted(COLOURS)
         assert json.loads(out.with_suffix(".json").read_text())["input_size"] == 32
     else:  # any image size: resized inside
-        big = {"image": np.random.default_rng(0).integers(0, 255, (2, 57, 41, 3), dtype=np.uint8)}
-        p = run_without_tlpipe(fmt, out, big, tmp_path)
-        np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
+        np.testing.assert_allclose(run["probabilities"][1].sum(1), 1, atol=1e-5)
         assert json.loads((out / "assets.extra" / "tlpipe.json").read_text())["head"] == head
 
 
