@@ -394,6 +394,7 @@ def build_export(head_dir: str | Path, base: str | None = None, weights: str | N
         raise UsageError(f"export supports the heads {', '.join((*EXPORTABLE_HEADS, *DEPTH_HEADS))}, not '{name}'")
     all_attrs = _features_attrs(info, Path(cache_dir))
     _check_base(base, all_attrs)
+    _check_single_depth(name, all_attrs)
     low = sorted({str(a.get("precision")) for a in all_attrs} & {"bf16", "fp16"})
     if low:
         log.warning("the head was fitted on %s features; the exported model computes float32 features, so its "
@@ -417,6 +418,19 @@ def build_export(head_dir: str | Path, base: str | None = None, weights: str | N
                         name=re.sub(r"[^A-Za-z0-9_]", "_", model_name))
     model.trainable = False
     return model, metadata
+
+
+def _check_single_depth(name: str, all_attrs: list[dict[str, Any]]) -> None:
+    """A plain head exports on features of the base's pooled output (``--layers last``) only: one line
+    saying what to do for a head fitted on a file of pooled depths (``extract --layers blocks|NAMES``)."""
+    from pipeline.nets.depths import depths_of
+
+    for attrs in all_attrs:
+        if attrs.get("depths"):
+            names = [n for n, _ in depths_of(attrs)]
+            raise UsageError(f"the {name} head was fitted on pooled depths ({', '.join(names)} of {attrs['base']}), "
+                             f"which export builds for --head auto only: refit with 'tlpipe fit-head --head auto' "
+                             f"(it may choose any of these depths), or extract with --layers last for a {name} head")
 
 
 def _check_base(base: str | None, all_attrs: list[dict[str, Any]]) -> None:
