@@ -234,6 +234,7 @@ def test_extract_each_family(preset, presets, colours, tmp_path):
     assert a["preprocessing"] == f"keras_hub image converter of {preset}"
     assert a["constructor"] == f"keras_hub.models.{b.spec.backbone_class}.from_preset"
     assert a["weights"] == str((presets / preset).resolve()) and len(a["weights_sha256"]) == 64
+    assert "depths" not in a and "depth_dims" not in a  # --layers last: one depth, not recorded as depths
 
 
 def test_pooling_is_in_the_attributes_and_the_fingerprint(presets, colours, tmp_path):

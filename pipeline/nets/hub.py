@@ -340,7 +340,8 @@ def pool_layers(backbone: HubBackbone, model, x, pooling: str, depth: str | None
 
     if backbone.spec.kind == "cnn":
         pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
-        return pool(name=f"pool_{depth or pooling}")(x)
+        # pool_* names mark pooled depths (depth_layout): the base's own pooled output is global_<pooling>
+        return pool(name=f"pool_{depth}" if depth else f"global_{pooling}")(x)
     sfx = f"_{depth}" if depth else ""
     tokens = int(x.shape[1])
     prefix = 1 + int(getattr(model, "num_register_tokens", 0) or 0)  # class token, then register tokens
