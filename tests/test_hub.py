@@ -511,12 +511,25 @@ def test_auto_head_on_hub_depths_exports_and_predicts(depth_head, colours, tmp_p
     assert not fresh["tlpipe"] and np.allclose(np.asarray(fresh["p"]).sum(1), 1.0, atol=1e-4)
 
 
-def test_plain_head_on_depths_says_how_to_export(depth_head):
+def test_plain_head_on_depths_exports_through_the_depth_graph(depth_head, colours):
+    import h5py
+
+    from pipeline.deploy.predict import predict
+    from pipeline.heads.models import load_head
+
     cache, _, _ = depth_head
+    head = cache / "heads" / "logit"
     r = _run(["fit-head", "--features", "hub_resnet_18_imagenet", "--head", "logistic", "--cache-dir", str(cache),
-              "--out", str(cache / "heads" / "logit")])
+              "--out", str(head)])
     assert r.exit_code == 0, r.output
-    line = _one_line_exit_2(_run(["export", "--head", str(cache / "heads" / "logit"), "--out",
-                                  str(cache / "logit.keras"), "--cache-dir", str(cache)]))
-    assert "the logistic head was fitted on pooled depths (P2, P3 of hub:resnet_18_imagenet)" in line
-    assert "--head auto" in line and "--layers last" in line
+    model = cache / "logit.keras"
+    r = _run(["export", "--head", str(head), "--out", str(model), "--cache-dir", str(cache)])
+    assert r.exit_code == 0, r.output
+    meta = json.loads(__import__("zipfile").ZipFile(model).read("tlpipe.json"))
+    assert meta["depths"] == ["P2", "P3"] and meta["requires"] == ["keras", "keras-hub"]
+    with h5py.File(cache / "features" / "hub_resnet_18_imagenet.h5") as h5:
+        X, ids = h5["val/features"][...], list(h5["val/ids"].asstr()[...])
+    expected = load_head(head).predict_proba(X)
+    result = predict(model, [colours / i for i in ids], runtime="keras")
+    got = np.array([[row["probabilities"][c] for c in result.class_names] for row in result.rows])
+    np.testing.assert_allclose(got, expected, atol=2e-3)

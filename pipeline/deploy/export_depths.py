@@ -1,4 +1,5 @@
 """Export of heads fitted on several pooled depths (``--head auto``): image -> probabilities.
+``depth_trunk`` also serves the other heads fitted on pooled depths (``pipeline.deploy.export``).
 
 The exported model resizes the image as decoding does, applies the base's preprocessing with
 built-in layers, computes the chosen depths' global pools from one pass of the base (a KerasHub base:
@@ -35,7 +36,9 @@ def mirror_layers(x, size: int, suffix: str = ""):
     return keras.layers.Permute((1, 3, 2), name=f"width_back{suffix}")(x)
 
 
-def _trunk(attrs: dict[str, Any], weights: str | None, layers: list[str]):
+def depth_trunk(attrs: dict[str, Any], weights: str | None, layers: list[str]):
+    """``(backbone, size, pooling, trunk, weights info)``: the trunk computes ``layers``' pools from the
+    base's (preprocessed) input in one pass, with the weights the features file was extracted with."""
     from pipeline.nets.backbones import get_backbone
     from pipeline.nets.depths import pooled_depths_model
     from pipeline.nets.weights import build_with_weights, parse_weights, sha256_file
@@ -71,7 +74,7 @@ def build_depth_export(head_dir: Path, model_dir: Path, info: dict[str, Any], at
 
     head = load_any_head(model_dir)
     W, b, layers = head.linear()
-    backbone, size, pooling, trunk, winfo = _trunk(attrs, weights, layers)
+    backbone, size, pooling, trunk, winfo = depth_trunk(attrs, weights, layers)
     if int(trunk.output_shape[-1]) != W.shape[0]:
         raise UsageError(f"the chosen depths give {trunk.output_shape[-1]} features but the head expects {W.shape[0]}")
     image = keras.Input(shape=(size, size, 3) if fixed_size else (None, None, 3), dtype="uint8", name="image")
