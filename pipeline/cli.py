@@ -206,7 +206,8 @@ def bases_cmd(as_json: bool) -> None:
                    "e.g. one per Slurm array task; join them with 'tlpipe merge'.")
 @click.option("--layers", default="last", show_default=True,
               help="Depths to pool and store: last (the base's output), blocks (every block or stage of the base), "
-                   "or layer names separated by commas. Several depths cost one pass; fit-head chooses among them.")
+                   "or layer names separated by commas (a hub base: its KerasHub feature pyramid levels, e.g. "
+                   "stage1 or P3). Several depths cost one pass; fit-head chooses among them.")
 @click.option("--views", type=click.IntRange(0), default=0, show_default=True,
               help="Also store K augmented views of each training image (1: its mirror; more: small crops) and "
                    "the mirror of each val/test image (test-time view), as splits SPLIT_viewK (local engine).")

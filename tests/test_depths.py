@@ -279,6 +279,36 @@ def test_export_auto_head_loads_without_tlpipe(files, images, tmp_path):
     assert 0.0 <= ev["accuracy"] <= 1.0
 
 
+def test_plain_head_on_some_depths_exports_with_the_mirror(files, images, tmp_path):
+    """A logistic head on one stored depth of a file with views: the export computes that depth and
+    averages the probabilities of the image and its mirror, as fit-head scored it."""
+    from pipeline.data.images import decode_image
+    from pipeline.heads.auto import load_views
+    from pipeline.heads.models import load_head
+    from pipeline.store.features import load_features
+
+    head_dir = tmp_path / "logit"
+    run_cli("fit-head", "--features", str(files["blocks"]), "--head", "logistic", "--layers", "conv_pw_7",
+            "--out", str(head_dir))
+    model_path = tmp_path / "logit.keras"
+    run_cli("export", "--head", str(head_dir), "--out", str(model_path))
+    meta = json.loads(__import__("zipfile").ZipFile(model_path).read("tlpipe.json"))
+    assert meta["depths"] == ["conv_pw_7_relu"] and meta["test_time_mirror"] is True
+    import keras
+
+    from pipeline.nets.depths import split_columns
+
+    fs = load_features(files["blocks"])
+    val = fs.splits["val"]
+    mirror = load_views(files["blocks"], fs.splits)["val"][0]
+    head = load_head(head_dir)
+    expected = (head.predict_proba(split_columns(val.X, fs.attrs, ["conv_pw_7_relu"])["conv_pw_7_relu"])
+                + head.predict_proba(split_columns(mirror, fs.attrs, ["conv_pw_7_relu"])["conv_pw_7_relu"])) / 2
+    batch = np.stack([decode_image(images / i, SIZE) for i in val.ids])
+    got = keras.saving.load_model(model_path).predict(batch, verbose=0)
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+
+
 def test_openvino_runtime_gives_the_same_depths(files, images, tmp_path):
     pytest.importorskip("openvino")
     from pipeline.store.features import load_features, read_attrs

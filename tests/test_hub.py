@@ -234,6 +234,7 @@ def test_extract_each_family(preset, presets, colours, tmp_path):
     assert a["preprocessing"] == f"keras_hub image converter of {preset}"
     assert a["constructor"] == f"keras_hub.models.{b.spec.backbone_class}.from_preset"
     assert a["weights"] == str((presets / preset).resolve()) and len(a["weights_sha256"]) == 64
+    assert "depths" not in a and "depth_dims" not in a  # --layers last: one depth, not recorded as depths
 
 
 def test_pooling_is_in_the_attributes_and_the_fingerprint(presets, colours, tmp_path):
@@ -401,3 +402,134 @@ def test_feature_pyramid_names_the_depths_kerashub_exposes(presets):
                          ("vit_base_patch16_224_imagenet", [])]:
         model = keras_hub.models.Backbone.from_preset(str(make_preset(presets, preset)))
         assert list(hub.feature_pyramid(model))[:len(want) or None] == want, preset
+
+
+# --------------------------------------------------------------------------------------------- depths (--layers)
+
+PYRAMID = {"dinov2_small": (["stem", "stage1"], [32, 32]), "resnet_18_imagenet": (["P2", "P3"], [64, 16])}
+
+
+@pytest.mark.parametrize("preset", sorted(PYRAMID))
+def test_layers_blocks_stores_the_feature_pyramid(preset, presets, colours, tmp_path):
+    from pipeline.nets.depths import depths_of
+
+    a = read_attrs(_extract(preset, presets, colours, tmp_path, layers="blocks"))
+    names, dims = PYRAMID[preset]
+    assert depths_of(a) == list(zip(names, dims)) and a["feature_size"] == sum(dims)
+    assert a["pooling"] == get_backbone(f"hub:{preset}").default_pooling  # DINOv2 stages: its token pooling
+
+
+def test_layers_names_pick_pyramid_levels_and_the_last_is_the_base_output(presets, colours, tmp_path):
+    import h5py
+
+    deep = _extract("resnet_18_imagenet", presets, colours, tmp_path / "d", layers="P3")
+    last = _extract("resnet_18_imagenet", presets, colours, tmp_path / "l")
+    assert list(read_attrs(deep)["depths"]) == ["P3"]
+    with h5py.File(deep) as fd, h5py.File(last) as fl:  # P3 average-pooled is the base's pooled output
+        np.testing.assert_allclose(fd["train/features"][...], fl["train/features"][...], rtol=1e-5, atol=1e-5)
+
+
+def test_hub_depths_fail_in_one_line(presets, colours, tmp_path):
+    make_preset(presets, "resnet_18_imagenet")
+    common = ["--data", str(colours), "--weights", str(presets), "--cache-dir", str(tmp_path), "--no-progress",
+              "--runtime", "keras", "--input-size", "32"]
+    line = _one_line_exit_2(_run(["extract", "--base", "hub:vit_base_patch16_224_imagenet", "--layers", "blocks",
+                                  *common]))
+    assert "hub:vit_base_patch16_224_imagenet exposes no depths" in line and "--layers last" in line
+    line = _one_line_exit_2(_run(["extract", "--base", "hub:resnet_18_imagenet", "--layers", "P2,P9", *common]))
+    assert "unknown depth 'P9' for hub:resnet_18_imagenet" in line and "P2, P3" in line
+
+
+def test_no_depths_fails_at_plan_time_before_tensorflow(colours):
+    code = ("import sys\nfrom pipeline.stage1.extract import ExtractConfig\nfrom pipeline.stage1.plan import plan\n"
+            "try:\n    plan(ExtractConfig(base='hub:clip_vit_base_patch16', data=sys.argv[1], layers='blocks'))\n"
+            "except Exception as exc:\n    print(type(exc).__name__, exc)\n"
+            "print(sorted({'tensorflow', 'keras', 'keras_hub'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code, str(colours)], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120, check=True)
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("UsageError hub:clip_vit_base_patch16 exposes no depths") and lines[1] == "[]"
+
+
+def test_openvino_gives_the_same_hub_depths(presets, colours, tmp_path):
+    pytest.importorskip("openvino")
+    import h5py
+
+    ref = _extract("dinov2_small", presets, colours, tmp_path / "k", layers="blocks")
+    out = extract(ExtractConfig(base="hub:dinov2_small", data=str(colours), weights=str(presets), input_size=28,
+                                batch_size=8, cache_dir=tmp_path / "o", progress=False, runtime="openvino",
+                                precision="f32", layers="blocks"))
+    a, b = read_attrs(out), read_attrs(ref)
+    assert a["runtime"] == "openvino" and (a["depths"], a["depth_dims"]) == (b["depths"], b["depth_dims"])
+    with h5py.File(ref) as fk, h5py.File(out) as fo:
+        np.testing.assert_allclose(fo["val/features"][...], fk["val/features"][...], rtol=1e-3, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def depth_head(presets, colours, tmp_path_factory):
+    """hub:resnet_18_imagenet --layers blocks -> fit-head --head auto -> export, with the CLI."""
+    preset = "resnet_18_imagenet"
+    make_preset(presets, preset)
+    cache = tmp_path_factory.mktemp("depths")
+    r = _run(["extract", "--base", f"hub:{preset}", "--data", str(colours), "--weights", str(presets), "--input-size",
+              "32", "--batch-size", "8", "--cache-dir", str(cache), "--no-progress", "--runtime", "keras",
+              "--layers", "blocks"])
+    assert r.exit_code == 0, r.output
+    head = cache / "heads" / "auto"
+    r = _run(["fit-head", "--features", f"hub_{preset}", "--head", "auto", "--cache-dir", str(cache),
+              "--out", str(head)])
+    assert r.exit_code == 0, r.output
+    model = cache / "auto.keras"
+    r = _run(["export", "--head", str(head), "--out", str(model), "--cache-dir", str(cache)])
+    assert r.exit_code == 0, r.output
+    return cache, head, model
+
+
+def test_auto_head_on_hub_depths_exports_and_predicts(depth_head, colours, tmp_path):
+    import h5py
+
+    from pipeline.deploy.predict import predict
+    from pipeline.heads.auto import load_any_head
+
+    cache, head, model = depth_head
+    meta = json.loads(__import__("zipfile").ZipFile(model).read("tlpipe.json"))
+    assert meta["requires"] == ["keras", "keras-hub"] and meta["base"] == "hub:resnet_18_imagenet"
+    assert set(meta["depths"]) <= {"P2", "P3"} and meta["depths"]
+    with h5py.File(cache / "features" / "hub_resnet_18_imagenet.h5") as h5:
+        X, ids = h5["val/features"][...], list(h5["val/ids"].asstr()[...])
+    expected = load_any_head(head).predict_proba(X)
+    result = predict(model, [colours / i for i in ids], runtime="keras")
+    got = np.array([[row["probabilities"][c] for c in result.class_names] for row in result.rows])
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+    # loads with keras + keras-hub alone, in a fresh process
+    images = sorted(str(p) for p in colours.rglob("*.png"))[:2]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-I", "-c", _FRESH, str(model), *images], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not fresh["tlpipe"] and np.allclose(np.asarray(fresh["p"]).sum(1), 1.0, atol=1e-4)
+
+
+def test_plain_head_on_depths_exports_through_the_depth_graph(depth_head, colours):
+    import h5py
+
+    from pipeline.deploy.predict import predict
+    from pipeline.heads.models import load_head
+
+    cache, _, _ = depth_head
+    head = cache / "heads" / "logit"
+    r = _run(["fit-head", "--features", "hub_resnet_18_imagenet", "--head", "logistic", "--cache-dir", str(cache),
+              "--out", str(head)])
+    assert r.exit_code == 0, r.output
+    model = cache / "logit.keras"
+    r = _run(["export", "--head", str(head), "--out", str(model), "--cache-dir", str(cache)])
+    assert r.exit_code == 0, r.output
+    meta = json.loads(__import__("zipfile").ZipFile(model).read("tlpipe.json"))
+    assert meta["depths"] == ["P2", "P3"] and meta["requires"] == ["keras", "keras-hub"]
+    with h5py.File(cache / "features" / "hub_resnet_18_imagenet.h5") as h5:
+        X, ids = h5["val/features"][...], list(h5["val/ids"].asstr()[...])
+    expected = load_head(head).predict_proba(X)
+    result = predict(model, [colours / i for i in ids], runtime="keras")
+    got = np.array([[row["probabilities"][c] for c in result.class_names] for row in result.rows])
+    np.testing.assert_allclose(got, expected, atol=2e-3)

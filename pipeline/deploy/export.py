@@ -53,7 +53,7 @@ import numpy as np
 from pipeline.core.errors import FeaturesFileError, TlpipeError, UsageError
 from pipeline.core.safety import check_out_path
 from pipeline.core.util import atomic_write_text
-from pipeline.deploy.export_depths import DEPTH_HEADS, build_depth_export
+from pipeline.deploy.export_depths import DEPTH_HEADS, build_depth_export, depth_trunk, mirror_layers
 from pipeline.heads.folded import logistic_layers
 from pipeline.heads.folder import read_head_info
 from pipeline.heads.models import load_head
@@ -399,6 +399,9 @@ def build_export(head_dir: str | Path, base: str | None = None, weights: str | N
         log.warning("the head was fitted on %s features; the exported model computes float32 features, so its "
                     "accuracy can differ a little from the head's reported metrics (extract with --precision f32 "
                     "for exact agreement)", "/".join(low))
+    if any(a.get("depths") for a in all_attrs):  # fitted on pooled depths (extract --layers blocks|NAMES)
+        _check_single_depth(name, all_attrs)
+        return _plain_head_on_depths(name, Path(head_dir), model_dir, info, all_attrs[0], weights, fixed_size)
     k, dim = len(info["classes"]), int(info["feature_size"])
     fused = len(all_attrs) > 1
     head_model = load_head(model_dir).model
@@ -417,6 +420,54 @@ def build_export(head_dir: str | Path, base: str | None = None, weights: str | N
                         name=re.sub(r"[^A-Za-z0-9_]", "_", model_name))
     model.trainable = False
     return model, metadata
+
+
+def _check_single_depth(name: str, all_attrs: list[dict[str, Any]]) -> None:
+    """A plain head on pooled depths exports from one features file (not fused with others)."""
+    if len(all_attrs) > 1:
+        raise UsageError(f"the {name} head was fitted on several features files, one of them of pooled depths "
+                         "(extract --layers blocks|NAMES), which export builds from one file only: refit it on "
+                         "one file, or extract that base with --layers last")
+
+
+def _depths_used(head_dir: Path, model_dir: Path, attrs: dict[str, Any]) -> dict[str, Any]:
+    """evaluation.json's ``depths`` of the head: the depths it used and whether it predicted with the mirror."""
+    from pipeline.nets.depths import depths_of
+
+    for folder in (head_dir, model_dir.parent):
+        path = folder / "evaluation.json"
+        if path.is_file():
+            used = dict(json.loads(path.read_text()).get("depths") or {})
+            if used.get("depths"):
+                return used
+    return {"depths": [n for n, _ in depths_of(attrs)]}
+
+
+def _plain_head_on_depths(name: str, head_dir: Path, model_dir: Path, info: dict[str, Any], attrs: dict[str, Any],
+                          weights: str | None, fixed_size: bool) -> tuple[Any, dict[str, Any]]:
+    """image -> probabilities for a plain head (logistic, svm, ...) fitted on pooled depths: the depths it
+    used from one pass of the base (``export_depths.depth_trunk``), the head, and, when it predicted so,
+    the mean with the mirror image (as ``tlpipe fit-head`` scored it on files with views)."""
+    used = _depths_used(head_dir, model_dir, attrs)
+    backbone, size, pooling, trunk, winfo = depth_trunk(attrs, weights, list(used["depths"]))
+    k, dim = len(info["classes"]), int(info["feature_size"])
+    if int(trunk.output_shape[-1]) != dim:
+        raise UsageError(f"the depths {', '.join(used['depths'])} give {trunk.output_shape[-1]} features but the "
+                         f"head expects {dim}")
+    image = keras.Input(shape=(size, size, 3) if fixed_size else (None, None, 3), dtype="uint8", name="image")
+    x = (keras.layers.Rescaling(1.0, dtype="float32", name="to_float")(image) if fixed_size
+         else resize_in_graph(image, size))
+    for layer in builtin_preprocess(backbone, name="preprocess"):
+        x = layer(x)
+    head = _head_layer(name, load_head(model_dir).model, k, dim)
+    out = head(trunk(x, training=False))
+    if used.get("test_time_mirror"):
+        out = keras.layers.Average(name="mean_with_mirror")([out, head(trunk(mirror_layers(x, size), training=False))])
+    model = keras.Model(image, probabilities_layer(out, k),
+                        name=re.sub(r"[^A-Za-z0-9_]", "_", f"tlpipe_{backbone.name}_{name}"))
+    model.trainable = False
+    metadata = _metadata(info, [Branch(backbone.name, size, pooling, trunk, winfo)], [size], str(head_dir), fixed_size)
+    return model, {**metadata, "depths": list(used["depths"]), "test_time_mirror": bool(used.get("test_time_mirror"))}
 
 
 def _check_base(base: str | None, all_attrs: list[dict[str, Any]]) -> None:

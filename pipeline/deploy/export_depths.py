@@ -1,11 +1,13 @@
 """Export of heads fitted on several pooled depths (``--head auto``): image -> probabilities.
+``depth_trunk`` also serves the other heads fitted on pooled depths (``pipeline.deploy.export``).
 
 The exported model resizes the image as decoding does, applies the base's preprocessing with
-built-in layers, computes the chosen depths' global pools from one pass of the base, and applies
+built-in layers, computes the chosen depths' global pools from one pass of the base (a KerasHub base:
+its preset's converter and pyramid levels, ``pipeline.nets.hub.build_pooled_depths``), and applies
 the head as one ``Dense`` + softmax (per-depth standardisation folded into it).  When the head
 chose the test-time mirror, the mirrored image goes through the same layers (the flip is a fixed
 ``Dense`` on the width axis between two ``Permute``) and the two probabilities are averaged.
-Built-in Keras layers only: the ``.keras`` file loads without tlpipe.
+Built-in Keras layers only (and KerasHub's, for a hub base): the ``.keras`` file loads without tlpipe.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ def mirror_layers(x, size: int, suffix: str = ""):
     return keras.layers.Permute((1, 3, 2), name=f"width_back{suffix}")(x)
 
 
-def _trunk(attrs: dict[str, Any], weights: str | None, layers: list[str]):
+def depth_trunk(attrs: dict[str, Any], weights: str | None, layers: list[str]):
+    """``(backbone, size, pooling, trunk, weights info)``: the trunk computes ``layers``' pools from the
+    base's (preprocessed) input in one pass, with the weights the features file was extracted with."""
     from pipeline.nets.backbones import get_backbone
     from pipeline.nets.depths import pooled_depths_model
     from pipeline.nets.weights import build_with_weights, parse_weights, sha256_file
@@ -49,10 +53,14 @@ def _trunk(attrs: dict[str, Any], weights: str | None, layers: list[str]):
     state = random.getstate()
     random.seed(0)  # as extract: --weights none gives the same random base
     try:
-        base_model, winfo = build_with_weights(backbone, resolved, size, pooling)
+        if backbone.hub:  # the preset's converter and the pooled pyramid levels, built by pipeline.nets.hub
+            trunk, winfo = build_with_weights(backbone, resolved, size, pooling, depths=tuple(layers))
+        else:
+            base_model, winfo = build_with_weights(backbone, resolved, size, pooling)
+            trunk = pooled_depths_model(base_model, tuple(layers), pooling)
     finally:
         random.setstate(state)
-    return backbone, size, pooling, pooled_depths_model(base_model, tuple(layers), pooling), winfo
+    return backbone, size, pooling, trunk, winfo
 
 
 def build_depth_export(head_dir: Path, model_dir: Path, info: dict[str, Any], attrs: dict[str, Any],
@@ -66,7 +74,7 @@ def build_depth_export(head_dir: Path, model_dir: Path, info: dict[str, Any], at
 
     head = load_any_head(model_dir)
     W, b, layers = head.linear()
-    backbone, size, pooling, trunk, winfo = _trunk(attrs, weights, layers)
+    backbone, size, pooling, trunk, winfo = depth_trunk(attrs, weights, layers)
     if int(trunk.output_shape[-1]) != W.shape[0]:
         raise UsageError(f"the chosen depths give {trunk.output_shape[-1]} features but the head expects {W.shape[0]}")
     image = keras.Input(shape=(size, size, 3) if fixed_size else (None, None, 3), dtype="uint8", name="image")
@@ -92,6 +100,7 @@ def build_depth_export(head_dir: Path, model_dir: Path, info: dict[str, Any], at
                 "branches": [{"base": backbone.name, "input_size": size, "pooling": pooling,
                               "weights": winfo.label, "weights_sha256": winfo.sha256}],
                 "depths": layers, "test_time_mirror": bool(head.tta),
+                "requires": ["keras", "keras-hub"] if backbone.hub else ["keras"],
                 "head": info["head"], "head_dir": str(head_dir), "custom_layers": False,
                 "features": info.get("features"), "fingerprints": info.get("fingerprints")}
     return model, metadata

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import UsageError
+from pipeline.nets import hub
 from pipeline.nets.block_table import BLOCKS
 
 __all__ = ["BLOCKS", "parse_layers", "resolve_layers", "depth_slices", "depths_of", "build_depth_extractor",
@@ -41,11 +42,15 @@ def resolve_layers(base: str, spec: str | tuple[str, ...] | None, model: Any = N
 
     Names are checked against ``model`` when given (a built base), else against the table; a short
     name such as ``conv_pw_7`` stands for ``conv_pw_7_relu`` when that is a block.  An unknown name
-    fails in one line listing the valid ones.
+    fails in one line listing the valid ones.  A hub base (``hub:PRESET``) offers the levels of its
+    KerasHub feature pyramid (``pipeline.nets.hub.resolve_depths``: ``blocks`` stays ``("blocks",)``
+    until the backbone is loaded; a family without a pyramid fails here in one line).
     """
     spec = parse_layers(spec) if isinstance(spec, str) or spec is None else tuple(spec)
     if spec == "last":
         return None
+    if hub.is_hub_name(base):  # a KerasHub base: its feature pyramid (checked when built: hub.build_pooled_depths)
+        return hub.resolve_depths(hub.get_hub_backbone(base), spec)
     blocks = BLOCKS.get(base)
     if blocks is None:
         raise UsageError(f"no depth table for base '{base}'; use --layers last")
@@ -96,10 +101,16 @@ def pooled_depths_model(base_model, layers: tuple[str, ...], pooling: str = "avg
 
 
 def build_depth_extractor(backbone, base_model, input_size: int, layers: tuple[str, ...], pooling: str = "avg"):
-    """``uint8 image -> float32 [pooled depth, ...]`` (the extractor of ``--layers`` other than last)."""
+    """``uint8 image -> float32 [pooled depth, ...]`` (the extractor of ``--layers`` other than last).
+
+    A hub base's ``base_model`` already pools its depths behind the preset's converter
+    (``pipeline.nets.hub.build_pooled_depths``): it is wrapped as ``build_extractor`` wraps a hub base."""
     import keras
 
-    from pipeline.nets.extractor import BasePreprocess, accelerator
+    from pipeline.nets.extractor import BasePreprocess, accelerator, build_extractor
+
+    if backbone.hub:
+        return build_extractor(backbone, base_model, input_size)
 
     trunk = pooled_depths_model(base_model, layers, pooling, name=f"{backbone.name}_depths".replace(".", "_"))
     trunk.trainable = False

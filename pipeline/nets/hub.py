@@ -51,17 +51,18 @@ class Family:
     kind: str  # tokens | embed | cnn
     poolings: tuple[str, ...]  # the first is the default (--pooling auto)
     resizable: bool  # any input size (interpolated position embeddings, or convolutional)
+    pyramid: bool = False  # exposes intermediate outputs (``pyramid_outputs``): depths for --layers
 
 
 FAMILIES: dict[str, Family] = {
-    "dinov2": Family("DINOV2Backbone", "tokens", ("cls_mean", "cls", "mean"), True),
+    "dinov2": Family("DINOV2Backbone", "tokens", ("cls_mean", "cls", "mean"), True, pyramid=True),
     "vit": Family("ViTBackbone", "tokens", ("cls", "mean", "cls_mean"), False),
     "clip": Family("CLIPBackbone", "embed", ("embed",), False),
     "siglip": Family("SigLIPBackbone", "embed", ("embed",), False),
-    "resnet": Family("ResNetBackbone", "cnn", ("avg", "max"), True),
-    "efficientnet": Family("EfficientNetBackbone", "cnn", ("avg", "max"), True),
+    "resnet": Family("ResNetBackbone", "cnn", ("avg", "max"), True, pyramid=True),
+    "efficientnet": Family("EfficientNetBackbone", "cnn", ("avg", "max"), True, pyramid=True),
     "mobilenet": Family("MobileNetBackbone", "cnn", ("avg", "max"), True),
-    "densenet": Family("DenseNetBackbone", "cnn", ("avg", "max"), True),
+    "densenet": Family("DenseNetBackbone", "cnn", ("avg", "max"), True, pyramid=True),
 }
 
 # family -> (preset, input size, width): width is the token / embedding / channel size of the preset
@@ -182,10 +183,13 @@ class HubBackbone:
         return str(meta.get("kaggle_handle") or self.preset)
 
     def build(self, source: str | Path, input_size: int | None = None, pooling: str = "auto",
-              load_weights: bool = True):
-        """The frozen base: float32 pixels ``[N, S, S, 3]`` in [0, 255] -> pooled features."""
-        return build_pooled(self, str(source), input_size or self.input_size, self.pooling_for(pooling),
-                            load_weights)
+              load_weights: bool = True, depths: tuple[str, ...] | None = None):
+        """The frozen base: float32 pixels ``[N, S, S, 3]`` in [0, 255] -> pooled features (``depths``: the
+        pooled outputs of those pyramid levels side by side, ``build_pooled_depths``)."""
+        size, pooling = input_size or self.input_size, self.pooling_for(pooling)
+        if depths:
+            return build_pooled_depths(self, str(source), size, depths, pooling, load_weights)
+        return build_pooled(self, str(source), size, pooling, load_weights)
 
 
 PRESETS: dict[str, HubBackbone] = {
@@ -327,21 +331,29 @@ def check_size(backbone: HubBackbone, model, input_size: int) -> None:
         raise UsageError(f"{backbone.name} takes {shape[0]}-pixel inputs only, not --input-size {input_size}")
 
 
-def pool_layers(backbone: HubBackbone, model, x, pooling: str):
-    """Pool the backbone's output ``x`` (tokens or a feature map) with built-in Keras layers."""
+def pool_layers(backbone: HubBackbone, model, x, pooling: str, depth: str | None = None):
+    """Pool the backbone's output ``x`` (tokens or a feature map) with built-in Keras layers.
+
+    ``depth``: a pyramid level (``build_pooled_depths``): its layers' names carry it, and the last one
+    is ``pool_<depth>`` (``pipeline.nets.depths.depth_layout`` reads the widths from those)."""
     import keras
 
     if backbone.spec.kind == "cnn":
         pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
-        return pool(name=f"pool_{pooling}")(x)
+        # pool_* names mark pooled depths (depth_layout): the base's own pooled output is global_<pooling>
+        return pool(name=f"pool_{depth}" if depth else f"global_{pooling}")(x)
+    sfx = f"_{depth}" if depth else ""
     tokens = int(x.shape[1])
     prefix = 1 + int(getattr(model, "num_register_tokens", 0) or 0)  # class token, then register tokens
-    cls = keras.layers.Flatten(name="cls_token")(keras.layers.Cropping1D((0, tokens - 1), name="take_cls")(x))
+    cls = keras.layers.Flatten(name=f"cls_token{sfx}")(
+        keras.layers.Cropping1D((0, tokens - 1), name=f"take_cls{sfx}")(x))
     if pooling == "cls":
-        return cls
-    mean = keras.layers.GlobalAveragePooling1D(name="mean_patches")(
-        keras.layers.Cropping1D((prefix, 0), name="take_patches")(x))
-    return mean if pooling == "mean" else keras.layers.Concatenate(name="cls_mean")([cls, mean])
+        y = cls
+    else:
+        mean = keras.layers.GlobalAveragePooling1D(name=f"mean_patches{sfx}")(
+            keras.layers.Cropping1D((prefix, 0), name=f"take_patches{sfx}")(x))
+        y = mean if pooling == "mean" else keras.layers.Concatenate(name=f"cls_mean{sfx}")([cls, mean])
+    return keras.layers.Identity(name=f"pool_{depth}")(y) if depth else y
 
 
 def build_pooled(backbone: HubBackbone, source: str, input_size: int, pooling: str, load_weights: bool = True):
@@ -361,6 +373,52 @@ def build_pooled(backbone: HubBackbone, source: str, input_size: int, pooling: s
     out = keras.Model(inputs, y, name=f"hub_{backbone.preset}".replace(".", "_"))
     out.trainable = False
     return out
+
+
+def build_pooled_depths(backbone: HubBackbone, source: str, input_size: int, depths: tuple[str, ...],
+                        pooling: str, load_weights: bool = True):
+    """converter -> backbone -> the pooled outputs of the pyramid levels ``depths`` side by side, as one
+    frozen Keras model on float32 [0, 255] pixels (feature maps pooled with ``pooling`` avg / max, DINOv2
+    token stages with the base's token pooling; each pooled level is the layer ``pool_<level>``).
+    ``depths`` (``blocks`` or names) is resolved against the loaded backbone's pyramid (``resolve_depths``)."""
+    import keras
+
+    require_keras_hub(f"--base {backbone.name}")
+    model, converter = load_preset(backbone, source, input_size, load_weights)
+    check_size(backbone, model, input_size)
+    pyramid = feature_pyramid(model)
+    names = resolve_depths(backbone, depths, list(pyramid))
+    levels = keras.Model(model.inputs, [pyramid[n] for n in names], name="pyramid")
+    inputs = keras.Input(shape=(input_size, input_size, 3), dtype="float32", name="pixels")
+    x = converter(inputs) if converter is not None else inputs
+    ys = levels({"images": x} if isinstance(model.input, dict) else x)
+    ys = ys if isinstance(ys, (list, tuple)) else [ys]
+    pooled = [pool_layers(backbone, model, y, pooling, depth=n) for n, y in zip(names, ys)]
+    merged = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name="depths_concat")(pooled)
+    out = keras.Model(inputs, merged, name=f"hub_{backbone.preset}_depths".replace(".", "_"))
+    out.trainable = False
+    return out
+
+
+def resolve_depths(backbone: HubBackbone, spec: str | tuple[str, ...], valid: list[str] | None = None
+                   ) -> tuple[str, ...]:
+    """The pyramid levels of ``--layers`` on a hub base (one line when the family exposes none).
+
+    Without ``valid`` (at plan time, nothing built) ``blocks`` stays ``("blocks",)`` and names are kept
+    as given; with the loaded backbone's pyramid names ``blocks`` is all of them, and an unknown name
+    fails in one line listing the valid ones."""
+    if not backbone.spec.pyramid:
+        raise UsageError(f"{backbone.name} exposes no depths (KerasHub gives {backbone.family} no feature "
+                         "pyramid); use --layers last")
+    names = ("blocks",) if spec in ("blocks", ("blocks",)) else tuple(spec)
+    if valid is None:
+        return names
+    if names == ("blocks",):
+        return tuple(valid)
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise UsageError(f"unknown depth '{unknown[0]}' for {backbone.name}; its depths are: {', '.join(valid)}")
+    return names
 
 
 def feature_pyramid(model) -> dict[str, Any]:

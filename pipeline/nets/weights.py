@@ -239,7 +239,7 @@ def _parse_hub_weights(path: Path, text: str, backbone) -> Path:
     return found
 
 
-def _build_hub(backbone, weights, size: int, pooling: str):
+def _build_hub(backbone, weights, size: int, pooling: str, depths: tuple[str, ...] | None = None):
     """A hub base with resolved weights: a preset folder, the preset's download (imagenet), or none (random
     weights on the architecture of the downloaded preset); a missing download fails in one line."""
     if isinstance(weights, Path):
@@ -254,7 +254,7 @@ def _build_hub(backbone, weights, size: int, pooling: str):
         elif folder is None:
             raise WeightsNotFound(hub.missing_message(backbone, "--weights none takes the architecture from it"))
     try:
-        model = backbone.build(folder, size, pooling, load_weights=weights is not None)
+        model = backbone.build(folder, size, pooling, load_weights=weights is not None, depths=depths)
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - KerasHub / kagglehub errors of any kind
@@ -299,10 +299,12 @@ def build_with_weights(
     weights: str | Path | None,
     input_size: int | None = None,
     pooling: str = "avg",
+    depths: tuple[str, ...] | None = None,
 ):
-    """Build ``backbone`` with resolved weights; return ``(model, WeightsInfo)``."""
+    """Build ``backbone`` with resolved weights; return ``(model, WeightsInfo)``.  ``depths``: a hub base's
+    pyramid levels, pooled side by side (``pipeline.nets.hub.build_pooled_depths``; hub bases only)."""
     if backbone.hub:
-        return _build_hub(backbone, weights, input_size or backbone.input_size, pooling)
+        return _build_hub(backbone, weights, input_size or backbone.input_size, pooling, depths)
     if pooling not in {"avg", "max"}:
         raise UsageError(f"pooling must be 'avg' or 'max', not '{pooling}'")
     size = input_size or backbone.input_size

@@ -479,11 +479,13 @@ def _build_keras_extractor(backbone, weights, input_size: int, pooling: str, fp1
     rng_state = random.getstate()
     random.seed(0)
     try:
-        base_model, winfo = build_with_weights(backbone, weights, input_size, pooling)
+        hub_depths = tuple(layers) if layers and backbone.hub else None  # pooled inside the hub base
+        base_model, winfo = build_with_weights(backbone, weights, input_size, pooling, depths=hub_depths)
         if layers:
             from pipeline.nets.depths import build_depth_extractor, resolve_layers
 
-            layers = resolve_layers(backbone.name, layers, base_model)
+            if not backbone.hub:  # a hub base resolved its pyramid levels when it was built
+                layers = resolve_layers(backbone.name, layers, base_model)
             model = build_depth_extractor(backbone, base_model, input_size, layers, pooling)
         else:
             model = build_extractor(backbone, base_model, input_size)
