@@ -256,6 +256,37 @@ def test_usage_errors_end_before_tensorflow_is_imported(tmp_path):
         assert not {"tensorflow", "keras"} & _imported(r.stderr), (args, lines)
 
 
+def _usage_error_before_tensorflow(args, cwd: Path) -> str:
+    """Run the CLI with ``-X importtime``: assert one line, exit 2, no TensorFlow or Keras imported; the line."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline.cli", *map(str, args)], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=str(cwd))
+    lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("import time:")]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("tlpipe: error: "), (args, r.stderr[-2000:])
+    assert not {"tensorflow", "keras"} & _imported(r.stderr), (args, lines)
+    return lines[0]
+
+
+def _head_folder(folder: Path, head: str) -> Path:
+    """The least a head folder holds for the checks made before TensorFlow: model/head.json."""
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "head.json").write_text(json.dumps({"head": head, "classes": ["a", "b"]}))
+    return folder
+
+
+def test_export_refusals_end_before_tensorflow_is_imported(tmp_path):
+    """An existing --out, and --format tflite for a custom-layer head, are refused before TensorFlow starts."""
+    svm = _head_folder(tmp_path / "svm", "svm")
+    existing = tmp_path / "m.keras"
+    existing.write_text("the user's file")
+    line = _usage_error_before_tensorflow(["export", "--head", svm, "--out", existing], tmp_path)
+    assert "exists; pass --force" in line
+    line = _usage_error_before_tensorflow(["export", "--head", svm, "--out", tmp_path / "m.tflite",
+                                           "--format", "tflite"], tmp_path)
+    assert "--format tflite supports the logistic and dense heads, not svm" in line
+
+
 class _ReadOnly:
     """Make a folder unwritable for this process: chmod 555, or (as root, who ignores modes) the
     immutable attribute; ``ok`` is False where neither works (the test then skips that part)."""
