@@ -24,7 +24,9 @@ import numpy as np
 
 from pipeline.core.errors import DataError, NotAModel, UsageError
 from pipeline.core.util import sha256_file
+from pipeline.nets.graph import METADATA_MEMBER
 from pipeline.stage1.runtime import compile_keras_model, resolve
+from pipeline.store.features import is_features_file
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +63,35 @@ def list_inputs(inputs: list[str | Path]) -> list[Path]:
 
 
 def check_model_path(path: str | Path) -> Path:
-    """The model file, checked before anything slow is imported (one line for a wrong path)."""
+    """The model file, checked before anything slow is imported: a wrong path, a features file or any
+    other file that is not a ``.keras`` zip is one line (exit 2)."""
     path = Path(path)
     if path.is_dir() or path.suffix == ".tflite":
         raise UsageError(f"--model {path}: tlpipe reads the .keras file that 'tlpipe export' writes; a "
                          "SavedModel folder or a TFLite file runs without tlpipe (README: Outputs, export)")
     if not path.is_file():
         raise UsageError(f"model file not found: {path} (make one with 'tlpipe export')")
+    how = "export a head first: tlpipe export --head HEAD_DIR --out X.keras"
+    if is_features_file(path):
+        raise NotAModel(f"--model {path} is a tlpipe features file; {how}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            keras_zip = "config.json" in zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        keras_zip = False
+    if not keras_zip:
+        raise NotAModel(f"--model {path} is not a model written by 'tlpipe export' (a .keras file); {how}")
     return path
+
+
+def zip_metadata(path: str | Path) -> dict[str, Any] | None:
+    """Class names and provenance (``tlpipe.json``) read from a ``.keras`` zip without loading the model;
+    None for older exports, which kept them in the model's last layer."""
+    path = check_model_path(path)
+    with zipfile.ZipFile(path) as zf:
+        if METADATA_MEMBER not in zf.namelist():
+            return None
+        return json.loads(zf.read(METADATA_MEMBER))
 
 
 def load_exported(path: str | Path):
@@ -78,7 +101,7 @@ def load_exported(path: str | Path):
 
     import pipeline.deploy.export  # noqa: F401 - registers the custom layers (svm, rbf-svm, knn; old exports)
     import pipeline.nets.extractor  # noqa: F401
-    from pipeline.deploy.export import METADATA_MEMBER, import_hub_layers, read_metadata
+    from pipeline.deploy.export import import_hub_layers, read_metadata
 
     import_hub_layers(path)  # a KerasHub base: its layers register when keras_hub is imported
     try:

@@ -152,6 +152,11 @@ def check_weights_file(path: Path, text: str) -> None:
     if not h5py.is_hdf5(path):
         raise UsageError(f"--weights {text} is not a weights file (not HDF5): give a .h5 / .weights.h5 file, "
                          "a folder holding the base's weights, imagenet or none")
+    with h5py.File(path, "r") as h5:
+        features = all(k in h5.attrs for k in ("fingerprint", "base", "feature_size"))
+    if features:
+        raise UsageError(f"--weights {text}: this is a tlpipe features file, not weights: give the base's weights "
+                         "(.h5 / .weights.h5), a folder holding them, imagenet or none")
     if not path.name.endswith(".h5"):
         raise UsageError(f"weights file must be a .h5 or .weights.h5 file: {text}")
 
