@@ -543,3 +543,39 @@ def test_param_reference_reads_hostile_paths_from_params_yaml(tmp_path, monkeypa
         param_reference("params.yaml:data.nope")
     with pytest.raises(UsageError, match="cannot read"):
         param_reference("other.yaml:data.source")
+
+
+def test_progress_off_a_terminal_is_a_log_line_at_most_every_15_s(monkeypatch, caplog, capsys):
+    """heads.md: when stderr is not a terminal, progress is a log line at most every 15 s (no tqdm redraws)."""
+    import pipeline.core.util as u
+
+    clock = [0.0]
+    monkeypatch.setattr(u.time, "perf_counter", lambda: clock[0])
+    bar = u.progress_bar(total=100, desc="extract x")  # pytest's stderr is not a terminal
+    with caplog.at_level(logging.INFO, logger="tlpipe.progress"):
+        for _ in range(99):
+            clock[0] += 1.0
+            bar.set_postfix_str("train", refresh=False)
+            bar.update(1)
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "tlpipe.progress"]
+    assert len(lines) == 6, lines  # 99 s: at 15, 30, ..., 90
+    assert lines[0] == "extract x: 15/100 img, 1.0 img/s, about 85 s left (train)"
+    assert "\r" not in capsys.readouterr().err
+
+
+def test_fit_head_and_extract_write_no_progress_redraws_to_a_file(fitted, tmp_path):
+    """``fit-head ... 2>file`` and ``extract ... 2>file``: no tqdm bar (``\\r`` redraws) in the file."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    runs = {
+        "fit-head": ["fit-head", "--features", str(fitted["features"]), "--head", "logistic",
+                     "--out", str(tmp_path / "h")],
+        "extract": ["extract", "--base", "mobilenet_0.25", "--data", str(fitted["data"]), "--weights", "none",
+                    "--input-size", "32", "--batch-size", "2", "--out", str(tmp_path / "f.h5")],
+    }
+    for name, args in runs.items():
+        with open(tmp_path / f"{name}.err", "wb") as err:  # stderr is a file, as with 2>file or a DVC log
+            rc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, stdout=subprocess.DEVNULL,
+                                stderr=err, timeout=300, cwd=str(REPO)).returncode
+        raw = (tmp_path / f"{name}.err").read_bytes()
+        assert rc == 0 and b"\r" not in raw and b"%|" not in raw, (name, raw[-500:])
