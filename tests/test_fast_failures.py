@@ -579,3 +579,27 @@ def test_fit_head_and_extract_write_no_progress_redraws_to_a_file(fitted, tmp_pa
                                 stderr=err, timeout=300, cwd=str(REPO)).returncode
         raw = (tmp_path / f"{name}.err").read_bytes()
         assert rc == 0 and b"\r" not in raw and b"%|" not in raw, (name, raw[-500:])
+
+
+def test_imagenet_weights_offline_and_not_cached_fail_before_tensorflow_is_imported(tmp_path):
+    """``extract --base vgg16`` offline with an empty Keras cache: the one line (put FILE in the cache or pass
+    --weights PATH) comes before TensorFlow is imported, from the bases table's file name."""
+    data = make_folder(tmp_path / "data", per_class=2)
+    code = (
+        "import sys\n"
+        "import pipeline.nets.weights as w\n"
+        "w.unreachable = lambda url, timeout=3.0: 'storage.test: name lookup failed'\n"
+        "from pipeline.cli import cli\n"
+        "try:\n"
+        f"    cli.main(['extract', '--base', 'vgg16', '--data', {str(data)!r}, '--out', {str(tmp_path / 'f.h5')!r}],"
+        " prog_name='tlpipe')\n"
+        "except SystemExit as e:\n"
+        "    print('EXIT', e.code, sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KERAS_HOME": str(tmp_path / "keras"), "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=str(tmp_path))
+    assert r.stdout.strip().splitlines()[-1] == "EXIT 1 []", (r.stdout, r.stderr[-1500:])
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("tlpipe: error: ")]
+    assert len(errors) == 1 and "name lookup failed" in errors[0], r.stderr
+    assert f"put vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 in {tmp_path / 'keras' / 'models'}/" in errors[0]
+    assert "--weights PATH" in errors[0]

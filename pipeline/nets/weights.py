@@ -39,6 +39,9 @@ class WeightsInfo:
         return self.path if self.kind == "file" else self.kind
 
 
+KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"  # keras.applications' downloads
+
+
 def keras_cache_dir() -> Path:
     """Folder where Keras caches downloaded application weights."""
     home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
@@ -318,16 +321,28 @@ def build_with_weights(
     except ValueError as exc:
         raise UsageError(f"{backbone.name} with ImageNet weights: {_first_line(exc)}") from exc
     except Exception as exc:
-        fname = record.get("fname") or backbone.weights_file
-        target = keras_cache_dir() / fname
-        raise WeightsUnavailable(
-            f"ImageNet weights for {backbone.name} are not cached and could not be downloaded "
-            f"({_first_line(exc)}): put {fname} in {target.parent}/ or pass --weights PATH "
-            "(or --weights none; with DVC: dvc exp run -S extract.weights=PATH)"
-        ) from exc
+        raise WeightsUnavailable(_not_cached(backbone, record.get("fname") or backbone.weights_file,
+                                             _first_line(exc))) from exc
     path = record.get("path") or ""
     digest = sha256_file(path) if path and os.path.isfile(path) else ""
     return model, WeightsInfo("imagenet", str(path), digest)
+
+
+def _not_cached(backbone: Backbone, fname: str, why: str) -> str:
+    return (f"ImageNet weights for {backbone.name} are not cached and could not be downloaded ({why}): put {fname} "
+            f"in {keras_cache_dir()}/ or pass --weights PATH (or --weights none; with DVC: dvc exp run -S "
+            "extract.weights=PATH)")
+
+
+def check_imagenet_reachable(backbone: Backbone, weights: str | Path | None) -> None:
+    """Before TensorFlow is imported: ImageNet weights of a keras.applications base that are neither in the
+    Keras cache nor downloadable (``KERAS_WEIGHTS_URL`` unreachable) end in one line now, not after the
+    import and Keras' own download attempt."""
+    if weights != "imagenet" or backbone.hub or cached_weights_path(backbone) is not None:
+        return
+    why = unreachable(KERAS_WEIGHTS_URL)
+    if why:
+        raise WeightsUnavailable(_not_cached(backbone, backbone.weights_file, why))
 
 
 def _first_line(exc: BaseException) -> str:
