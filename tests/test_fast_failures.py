@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -603,3 +604,51 @@ def test_imagenet_weights_offline_and_not_cached_fail_before_tensorflow_is_impor
     assert len(errors) == 1 and "name lookup failed" in errors[0], r.stderr
     assert f"put vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 in {tmp_path / 'keras' / 'models'}/" in errors[0]
     assert "--weights PATH" in errors[0]
+
+
+@pytest.mark.parametrize("base", ["mobilenet_0.25", "vgg16"])
+def test_weight_table_is_each_bases_arrays(base):
+    """``WEIGHT_ARRAYS`` (arrays, values) of the no-top bases, as built (every base: TLPIPE_ALL_BASES=1 on
+    test_weight_table_of_every_base)."""
+    from pipeline.nets.backbones import get_backbone
+    from pipeline.nets.weight_table import WEIGHT_ARRAYS
+    from pipeline.nets.weights import model_weight_shapes
+
+    shapes = model_weight_shapes(get_backbone(base).build(None, None, "avg"))
+    assert WEIGHT_ARRAYS[base] == (len(shapes), sum(int(np.prod(s)) for s in shapes))
+
+
+@pytest.mark.skipif(not os.environ.get("TLPIPE_ALL_BASES"), reason="builds every base (minutes): TLPIPE_ALL_BASES=1")
+def test_weight_table_of_every_base():
+    from pipeline.nets.backbones import BACKBONES
+
+    for name, b in BACKBONES.items():
+        if not b.hub:
+            test_weight_table_is_each_bases_arrays(name)
+
+
+def test_wrong_base_and_top_weights_are_refused_before_tensorflow_is_imported(tmp_path):
+    """Arrays of another base (as saved by save_weights) or with the classification top: one line, exit 2,
+    from the file's arrays read with h5py, TensorFlow never imported."""
+    import h5py
+
+    from pipeline.nets.weight_table import WEIGHT_ARRAYS
+
+    def fake(path: Path, arrays: int, values: int, top: int = 0) -> Path:
+        """``arrays`` float32 arrays holding ``values`` values in all, plus ``top`` more (a classifier)."""
+        with h5py.File(path, "w") as h5:
+            for i in range(arrays - 1):
+                h5.create_dataset(f"layers/l{i}/vars/0", data=np.zeros(1, "float32"))
+            h5.create_dataset(f"layers/l{arrays}/vars/0", data=np.zeros(values - (arrays - 1), "float32"))
+            for i in range(top):
+                h5.create_dataset(f"layers/top{i}/vars/0", data=np.zeros(4, "float32"))
+        return path
+
+    data = make_folder(tmp_path / "data", per_class=2)
+    mobilenet = fake(tmp_path / "mobilenet_0.75_224_imagenet_notop.weights.h5", *WEIGHT_ARRAYS["mobilenet_0.75"])
+    line = _usage_error_before_tensorflow(["extract", "--base", "resnet50", "--data", data, "--weights", mobilenet],
+                                          tmp_path)
+    assert "does not fit resnet50" in line and "it fits mobilenet_0.75: use --base mobilenet_0.75" in line
+    top = fake(tmp_path / "vgg16_top.weights.h5", *WEIGHT_ARRAYS["vgg16"], top=6)
+    line = _usage_error_before_tensorflow(["extract", "--base", "vgg16", "--data", data, "--weights", top], tmp_path)
+    assert "does not fit vgg16" in line and "a file with the classification top" in line

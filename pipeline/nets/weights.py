@@ -139,6 +139,8 @@ def parse_weights(spec: str | None, backbone: Backbone | None = None) -> str | P
             "or a folder holding the base's Keras weights file)"
         )
     check_weights_file(path, text)
+    if backbone is not None:
+        check_weight_arrays(path, backbone)  # another base's file, or one with the top: one line, no TensorFlow
     return path
 
 
@@ -178,6 +180,32 @@ def file_weight_shapes(path: str | Path) -> list[tuple[int, ...]]:
         root = h5["model_weights"] if "model_weights" in h5 else h5  # a whole legacy model file
         root.visititems(visit)
     return sorted(shapes)
+
+
+def check_weight_arrays(path: Path, backbone: Backbone) -> None:
+    """Refuse (``WeightsMismatch``, exit 2) before TensorFlow is imported a weights file whose arrays (count
+    and values, read with h5py) are not ``backbone``'s without its top (``WEIGHT_ARRAYS``), naming the base
+    they are when one is, or saying that the file has the classification top. ``check_weights_fit`` compares
+    every shape once the model is built."""
+    from pipeline.core.errors import WeightsMismatch
+    from pipeline.nets.weight_table import WEIGHT_ARRAYS
+
+    want = WEIGHT_ARRAYS.get(backbone.name)
+    if want is None:
+        return
+    shapes = file_weight_shapes(path)
+    have = (len(shapes), sum(_size(x) for x in shapes))
+    if have == want:
+        return
+    owners = [n for n, sig in WEIGHT_ARRAYS.items() if sig == have]
+    named = weights_owner(path.name)
+    owner = named if named in owners else owners[0] if owners else None
+    hint = (f"; it fits {owner}: use --base {owner}" if owner else
+            " (it has more arrays: a file with the classification top? give the no-top file, *notop*.h5)"
+            if have[0] > want[0] else
+            f"; give {backbone.name}'s own no-top weights ({backbone.weights_file}) or --weights imagenet / none")
+    raise WeightsMismatch(f"--weights {path} does not fit {backbone.name}: {have[0]} arrays ({have[1]:,} values) "
+                          f"in the file, {backbone.name} without its top has {want[0]} ({want[1]:,}){hint}")
 
 
 def model_weight_shapes(model) -> list[tuple[int, ...]]:
