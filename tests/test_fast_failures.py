@@ -340,6 +340,7 @@ def test_wrong_files_and_folders_are_refused_before_tensorflow_is_imported(fitte
     f, h, m = fitted["features"], fitted["head"], fitted["model"]
     photo_dir = tmp_path / "photos"
     photo_dir.mkdir()
+    shutil.copy(next(Path(fitted["data"]).rglob("*.png")), photo_dir / "a.png")
     notes = tmp_path / "notes.keras"
     notes.write_text("not a model")
     line = _usage_error_before_tensorflow(["predict", "--model", f, photo_dir], tmp_path)

@@ -63,14 +63,20 @@ def list_inputs(inputs: list[str | Path]) -> list[Path]:
 
 
 def check_model_path(path: str | Path) -> Path:
-    """The model file, checked before anything slow is imported: a wrong path, a features file or any
-    other file that is not a ``.keras`` zip is one line (exit 2)."""
+    """The model path, checked before anything slow is imported (one line for a wrong path)."""
     path = Path(path)
     if path.is_dir() or path.suffix == ".tflite":
         raise UsageError(f"--model {path}: tlpipe reads the .keras file that 'tlpipe export' writes; a "
                          "SavedModel folder or a TFLite file runs without tlpipe (README: Outputs, export)")
     if not path.is_file():
         raise UsageError(f"model file not found: {path} (make one with 'tlpipe export')")
+    return path
+
+
+def check_model_file(path: str | Path) -> Path:
+    """``check_model_path``, then the file's kind, still before anything slow is imported: a features file
+    or any other file that is not a ``.keras`` zip is one line (exit 2)."""
+    path = check_model_path(path)
     how = "export a head first: tlpipe export --head HEAD_DIR --out X.keras"
     if is_features_file(path):
         raise NotAModel(f"--model {path} is a tlpipe features file; {how}")
@@ -87,7 +93,7 @@ def check_model_path(path: str | Path) -> Path:
 def zip_metadata(path: str | Path) -> dict[str, Any] | None:
     """Class names and provenance (``tlpipe.json``) read from a ``.keras`` zip without loading the model;
     None for older exports, which kept them in the model's last layer."""
-    path = check_model_path(path)
+    path = check_model_file(path)
     with zipfile.ZipFile(path) as zf:
         if METADATA_MEMBER not in zf.namelist():
             return None
@@ -96,7 +102,7 @@ def zip_metadata(path: str | Path) -> dict[str, Any] | None:
 
 def load_exported(path: str | Path):
     """Load a ``.keras`` model written by ``tlpipe export``; return ``(model, metadata)``."""
-    path = check_model_path(path)
+    path = check_model_file(path)
     import keras
 
     import pipeline.deploy.export  # noqa: F401 - registers the custom layers (svm, rbf-svm, knn; old exports)
@@ -129,6 +135,7 @@ def predict(model_path: str | Path, inputs: list[str | Path], batch_size: int = 
     files = list_inputs(inputs)
     if not files:
         raise UsageError("no images given (pass image files or folders)")
+    check_model_file(model_path)  # a features file or another file: one line, before TensorFlow
     model, meta = load_exported(model_path)
     # one input per input size (fused bases at several sizes): each sees the image resized as at extraction
     sizes = [int(s) for s in meta.get("input_sizes") or [meta["input_size"]]]
