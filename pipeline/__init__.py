@@ -27,7 +27,7 @@ _API = {
     "extract": "stage1.extract", "ExtractConfig": "stage1.extract",
     "fit_head": "stage2.fit_head", "FitConfig": "stage2.fit_head", "HeadParams": "heads.models",
     "load_head": "heads.models",
-    "export": ("deploy.export", "export_model"), "export_model": "deploy.export", "ExportConfig": "deploy.export",
+    "export": ("deploy.api", "export_model"), "export_model": "deploy.api", "ExportConfig": "deploy.export_spec",
     "predict": "deploy.predict", "PredictResult": "deploy.predict",
     "evaluate": ("deploy.evaluate", "evaluate_model"), "evaluate_model": "deploy.evaluate",
     "EvaluateConfig": "deploy.evaluate", "EvaluateResult": "deploy.evaluate",

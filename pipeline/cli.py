@@ -553,20 +553,18 @@ def export_cmd(head_dir, out, fmt, force, base, weights, cache_dir) -> None:
 
     A head on fused features gets one branch per features file, and one image input per
     input size when the branches need several ('tlpipe predict' feeds them)."""
-    from pipeline.core.safety import check_out_path
+    from pipeline.deploy.export_spec import ExportConfig, check_export, custom_layer_note
     from pipeline.store.features import head_status
 
-    if not (Path(head_dir) / "model" / "head.json").is_file() and not (Path(head_dir) / "head.json").is_file():
-        raise UsageError(f"{head_dir} is not a fitted head folder (no head.json); run 'tlpipe fit-head' first")
-    check_out_path(out, "folder" if fmt == "savedmodel" else "file")  # before TensorFlow is imported
-    from pipeline.deploy.export import ExportConfig, custom_layer_note, export_model, read_metadata
-
+    cfg = ExportConfig(head=head_dir, out=out, base=base, weights=weights, cache_dir=cache_dir, format=fmt,
+                       force=force)
+    check_export(cfg)  # the head folder, --out and the format, before TensorFlow is imported
     status, why, _ = head_status(head_dir)
     if status in ("stale", "features missing"):
         log.warning("%s is %s: %s; fit it again before exporting", head_dir, status, why)
+    from pipeline.deploy.export import export_model, read_metadata
 
-    path = export_model(ExportConfig(head=head_dir, out=out, base=base, weights=weights, cache_dir=cache_dir,
-                                     format=fmt, force=force))
+    path = export_model(cfg)
     size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     click.echo(f"{path}: exported {head_dir} as {fmt} ({size / 1e6:.1f} MB)")
     note = custom_layer_note(read_metadata(path)["head"], fmt)

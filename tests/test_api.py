@@ -45,3 +45,11 @@ def test_report_from_the_api(tmp_path):
     write_head(tmp_path / "heads" / "vgg16-logistic")
     md = report(ReportConfig(cache_dir=tmp_path))
     assert md == tmp_path / "report.md" and "| vgg16 | vgg16 | logistic |" in md.read_text()
+
+
+def test_every_public_name_imports_without_tensorflow():
+    """README: nothing heavy is imported until one runs (``export`` imported TensorFlow before)."""
+    out = _py("import sys, pipeline\n"
+              "for name in pipeline.__all__:\n    getattr(pipeline, name)\n"
+              "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    assert out.splitlines()[-1] == "[]"

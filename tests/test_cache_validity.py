@@ -208,7 +208,7 @@ def test_load_features_refuses_malformed_files(runs, tmp_path, case):
 def test_load_features_refuses_non_hdf5_and_missing_files(runs, tmp_path):
     text = tmp_path / "notes.h5"
     text.write_text("not HDF5 at all\n")
-    with pytest.raises(FeaturesFileError, match="not a readable HDF5 file"):
+    with pytest.raises(FeaturesFileError, match="notes.h5 is not an HDF5 file; "):
         load_features(text)
     half = tmp_path / "half.h5"
     half.write_bytes(runs["ref"].read_bytes()[: runs["ref"].stat().st_size // 2])

@@ -151,12 +151,35 @@ def test_extension_that_does_not_help_keeps_the_choice():
 
 
 @pytest.mark.parametrize("enabled", [False, True])
-def test_progress_only_when_asked(capsys, enabled):
+def test_progress_only_when_asked(capsys, monkeypatch, enabled):
+    import sys
+
     X, y = _problem(90, 3, 6, seed=8)
     head = get_head("knn")(3, HeadParams())
     head.progress = enabled
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: the bar (else a log line per 15 s)
     head.fit((X, y))
     err = capsys.readouterr().err
     assert ("knn CV" in err) is enabled
     if enabled:
         assert "10/10" in err  # 5 folds: 10 pairs of folds multiplied (every k scored from them)
+
+
+def test_knn_train_scores_are_leave_one_out():
+    """Each training row's neighbours are the other rows (in-sample, every row is its own neighbour:
+    accuracy 1, log loss 0); the same probabilities as KNeighborsClassifier fitted without the row."""
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import normalize
+
+    X, y = _problem(60, 3, 6, seed=9)
+    X[6] = X[3]  # a duplicate row (same class): only the row itself is left out, not its twin
+    head = get_head("knn")(3, HeadParams(k_grid=(3,)))
+    head.fit((X, y))
+    loo = head.train_proba(X, y)
+    assert np.allclose(head.predict_proba(X).argmax(1), y)  # in-sample: exact
+    Z = normalize(X)
+    for i in range(len(X)):
+        rest = np.arange(len(X)) != i
+        ref = KNeighborsClassifier(3, weights="distance", algorithm="brute").fit(Z[rest], y[rest])
+        assert np.allclose(loo[i], ref.predict_proba(Z[i:i + 1])[0]), i
+    assert (loo.argmax(1) != y).any()

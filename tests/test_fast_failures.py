@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -175,9 +176,10 @@ def test_a_file_of_the_wrong_kind_is_a_usage_error(tmp_path):
     photo = tmp_path / "photo.jpg"
     Image.new("RGB", (8, 8)).save(photo)
     r = _run(["info", str(notes)])
-    assert r.exit_code == 2 and "not a readable HDF5 file" in r.output
+    assert r.exit_code == 2 and f"{notes} is not an HDF5 file; give a features file" in r.output
+    assert "signature" not in r.output and len(r.output.strip().splitlines()) == 1
     r = _run(["predict", "--model", str(notes), str(photo)])
-    assert r.exit_code == 2 and "could not load" in r.output and "as a Keras model" in r.output
+    assert r.exit_code == 2 and "is not a model written by 'tlpipe export'" in r.output
     r = _run(["report", "--cache-dir", str(tmp_path / "nothing")])
     assert r.exit_code == 2 and "no fitted heads" in r.output
     settings = dict(base="mobilenet_0.25", weights="none", input_size=32, batch_size=4, progress=False)
@@ -256,6 +258,38 @@ def test_usage_errors_end_before_tensorflow_is_imported(tmp_path):
         assert not {"tensorflow", "keras"} & _imported(r.stderr), (args, lines)
 
 
+def _usage_error_before_tensorflow(args, cwd: Path) -> str:
+    """Run the CLI with ``-X importtime``: assert one line, exit 2, no TensorFlow or Keras imported; the line."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline.cli", *map(str, args)], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=str(cwd))
+    lines = [ln for ln in r.stderr.splitlines()
+             if not ln.startswith(("import time:", "WARNING pipeline.data"))]  # tiny splits are warned about
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("tlpipe: error: "), (args, r.stderr[-2000:])
+    assert not {"tensorflow", "keras"} & _imported(r.stderr), (args, lines)
+    return lines[0]
+
+
+def _head_folder(folder: Path, head: str) -> Path:
+    """The least a head folder holds for the checks made before TensorFlow: model/head.json."""
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "head.json").write_text(json.dumps({"head": head, "classes": ["a", "b"]}))
+    return folder
+
+
+def test_export_refusals_end_before_tensorflow_is_imported(tmp_path):
+    """An existing --out, and --format tflite for a custom-layer head, are refused before TensorFlow starts."""
+    svm = _head_folder(tmp_path / "svm", "svm")
+    existing = tmp_path / "m.keras"
+    existing.write_text("the user's file")
+    line = _usage_error_before_tensorflow(["export", "--head", svm, "--out", existing], tmp_path)
+    assert "exists; pass --force" in line
+    line = _usage_error_before_tensorflow(["export", "--head", svm, "--out", tmp_path / "m.tflite",
+                                           "--format", "tflite"], tmp_path)
+    assert "--format tflite supports the logistic and dense heads, not svm" in line
+
+
 class _ReadOnly:
     """Make a folder unwritable for this process: chmod 555, or (as root, who ignores modes) the
     immutable attribute; ``ok`` is False where neither works (the test then skips that part)."""
@@ -298,6 +332,33 @@ def fitted(tmp_path_factory):
     head = fit_head(FitConfig(features=[str(feats)], head="logistic", out=root / "head"))
     model = export_model(ExportConfig(head=head, out=root / "m.keras"))
     return {"data": data, "features": feats, "head": head, "model": model, "root": root}
+
+
+def test_wrong_files_and_folders_are_refused_before_tensorflow_is_imported(fitted, tmp_path):
+    """A features file given as --model or --weights, another file as --model, class folders that are
+    not the model's, and a fine-tune --out the user made: one line, exit 2, TensorFlow never imported."""
+    f, h, m = fitted["features"], fitted["head"], fitted["model"]
+    photo_dir = tmp_path / "photos"
+    photo_dir.mkdir()
+    shutil.copy(next(Path(fitted["data"]).rglob("*.png")), photo_dir / "a.png")
+    notes = tmp_path / "notes.keras"
+    notes.write_text("not a model")
+    line = _usage_error_before_tensorflow(["predict", "--model", f, photo_dir], tmp_path)
+    assert "is a tlpipe features file; export a head first: tlpipe export --head" in line
+    line = _usage_error_before_tensorflow(["predict", "--model", notes, photo_dir], tmp_path)
+    assert "is not a model written by 'tlpipe export'" in line
+    other = make_folder(tmp_path / "other", per_class=2, classes=("ant", "bee"))
+    line = _usage_error_before_tensorflow(["evaluate", "--model", m, "--data", other], tmp_path)
+    assert "are not the model's classes" in line and "ant" in line
+    line = _usage_error_before_tensorflow(["extract", "--base", "mobilenet_0.25", "--data", fitted["data"],
+                                           "--weights", f, "--out", tmp_path / "g.h5"], tmp_path)
+    assert "this is a tlpipe features file, not weights" in line
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's folder")
+    line = _usage_error_before_tensorflow(["fine-tune", "--head", h, "--out", mine], tmp_path)
+    assert "--force" in line and "not a tlpipe head folder" in line
+    assert (mine / "notes.txt").read_text() == "a user's folder"
 
 
 def test_an_unwritable_output_is_one_line_exit_2_before_the_work(fitted, tmp_path, monkeypatch):
@@ -484,3 +545,111 @@ def test_param_reference_reads_hostile_paths_from_params_yaml(tmp_path, monkeypa
         param_reference("params.yaml:data.nope")
     with pytest.raises(UsageError, match="cannot read"):
         param_reference("other.yaml:data.source")
+
+
+def test_progress_off_a_terminal_is_a_log_line_at_most_every_15_s(monkeypatch, caplog, capsys):
+    """heads.md: when stderr is not a terminal, progress is a log line at most every 15 s (no tqdm redraws)."""
+    import pipeline.core.util as u
+
+    clock = [0.0]
+    monkeypatch.setattr(u.time, "perf_counter", lambda: clock[0])
+    bar = u.progress_bar(total=100, desc="extract x")  # pytest's stderr is not a terminal
+    with caplog.at_level(logging.INFO, logger="tlpipe.progress"):
+        for _ in range(99):
+            clock[0] += 1.0
+            bar.set_postfix_str("train", refresh=False)
+            bar.update(1)
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "tlpipe.progress"]
+    assert len(lines) == 6, lines  # 99 s: at 15, 30, ..., 90
+    assert lines[0] == "extract x: 15/100 img, 1.0 img/s, about 85 s left (train)"
+    assert "\r" not in capsys.readouterr().err
+
+
+def test_fit_head_and_extract_write_no_progress_redraws_to_a_file(fitted, tmp_path):
+    """``fit-head ... 2>file`` and ``extract ... 2>file``: no tqdm bar (``\\r`` redraws) in the file."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    runs = {
+        "fit-head": ["fit-head", "--features", str(fitted["features"]), "--head", "logistic",
+                     "--out", str(tmp_path / "h")],
+        "extract": ["extract", "--base", "mobilenet_0.25", "--data", str(fitted["data"]), "--weights", "none",
+                    "--input-size", "32", "--batch-size", "2", "--out", str(tmp_path / "f.h5")],
+    }
+    for name, args in runs.items():
+        with open(tmp_path / f"{name}.err", "wb") as err:  # stderr is a file, as with 2>file or a DVC log
+            rc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, stdout=subprocess.DEVNULL,
+                                stderr=err, timeout=300, cwd=str(REPO)).returncode
+        raw = (tmp_path / f"{name}.err").read_bytes()
+        assert rc == 0 and b"\r" not in raw and b"%|" not in raw, (name, raw[-500:])
+
+
+def test_imagenet_weights_offline_and_not_cached_fail_before_tensorflow_is_imported(tmp_path):
+    """``extract --base vgg16`` offline with an empty Keras cache: the one line (put FILE in the cache or pass
+    --weights PATH) comes before TensorFlow is imported, from the bases table's file name."""
+    data = make_folder(tmp_path / "data", per_class=2)
+    code = (
+        "import sys\n"
+        "import pipeline.nets.weights as w\n"
+        "w.unreachable = lambda url, timeout=3.0: 'storage.test: name lookup failed'\n"
+        "from pipeline.cli import cli\n"
+        "try:\n"
+        f"    cli.main(['extract', '--base', 'vgg16', '--data', {str(data)!r}, '--out', {str(tmp_path / 'f.h5')!r}],"
+        " prog_name='tlpipe')\n"
+        "except SystemExit as e:\n"
+        "    print('EXIT', e.code, sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KERAS_HOME": str(tmp_path / "keras"), "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=str(tmp_path))
+    assert r.stdout.strip().splitlines()[-1] == "EXIT 1 []", (r.stdout, r.stderr[-1500:])
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("tlpipe: error: ")]
+    assert len(errors) == 1 and "name lookup failed" in errors[0], r.stderr
+    assert f"put vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 in {tmp_path / 'keras' / 'models'}/" in errors[0]
+    assert "--weights PATH" in errors[0]
+
+
+@pytest.mark.parametrize("base", ["mobilenet_0.25", "vgg16"])
+def test_weight_table_is_each_bases_arrays(base):
+    """``WEIGHT_ARRAYS`` (arrays, values) of the no-top bases, as built (every base: TLPIPE_ALL_BASES=1 on
+    test_weight_table_of_every_base)."""
+    from pipeline.nets.backbones import get_backbone
+    from pipeline.nets.weight_table import WEIGHT_ARRAYS
+    from pipeline.nets.weights import model_weight_shapes
+
+    shapes = model_weight_shapes(get_backbone(base).build(None, None, "avg"))
+    assert WEIGHT_ARRAYS[base] == (len(shapes), sum(int(np.prod(s)) for s in shapes))
+
+
+@pytest.mark.skipif(not os.environ.get("TLPIPE_ALL_BASES"), reason="builds every base (minutes): TLPIPE_ALL_BASES=1")
+def test_weight_table_of_every_base():
+    from pipeline.nets.backbones import BACKBONES
+
+    for name, b in BACKBONES.items():
+        if not b.hub:
+            test_weight_table_is_each_bases_arrays(name)
+
+
+def test_wrong_base_and_top_weights_are_refused_before_tensorflow_is_imported(tmp_path):
+    """Arrays of another base (as saved by save_weights) or with the classification top: one line, exit 2,
+    from the file's arrays read with h5py, TensorFlow never imported."""
+    import h5py
+
+    from pipeline.nets.weight_table import WEIGHT_ARRAYS
+
+    def fake(path: Path, arrays: int, values: int, top: int = 0) -> Path:
+        """``arrays`` float32 arrays holding ``values`` values in all, plus ``top`` more (a classifier)."""
+        with h5py.File(path, "w") as h5:
+            for i in range(arrays - 1):
+                h5.create_dataset(f"layers/l{i}/vars/0", data=np.zeros(1, "float32"))
+            h5.create_dataset(f"layers/l{arrays}/vars/0", data=np.zeros(values - (arrays - 1), "float32"))
+            for i in range(top):
+                h5.create_dataset(f"layers/top{i}/vars/0", data=np.zeros(4, "float32"))
+        return path
+
+    data = make_folder(tmp_path / "data", per_class=2)
+    mobilenet = fake(tmp_path / "mobilenet_0.75_224_imagenet_notop.weights.h5", *WEIGHT_ARRAYS["mobilenet_0.75"])
+    line = _usage_error_before_tensorflow(["extract", "--base", "resnet50", "--data", data, "--weights", mobilenet],
+                                          tmp_path)
+    assert "does not fit resnet50" in line and "it fits mobilenet_0.75: use --base mobilenet_0.75" in line
+    top = fake(tmp_path / "vgg16_top.weights.h5", *WEIGHT_ARRAYS["vgg16"], top=6)
+    line = _usage_error_before_tensorflow(["extract", "--base", "vgg16", "--data", data, "--weights", top], tmp_path)
+    assert "does not fit vgg16" in line and "a file with the classification top" in line

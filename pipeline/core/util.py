@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,22 +68,52 @@ class _NullBar:
     def update(self, n: int = 1) -> None:
         pass
 
-    def set_postfix_str(self, s: str) -> None:
+    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
         pass
 
     def close(self) -> None:
         pass
 
 
+class LogBar:
+    """Progress where stderr is not a terminal (a file, a DVC log): no ``\\r`` redraws, one log line at
+    most every ``interval`` seconds (count, rate, time left), none at the end (the stage logs its result)."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "", unit: str = "img", interval: float = 15.0):
+        self.total, self.n, self.desc, self.unit, self.interval = total, initial, desc, unit, interval
+        self.start_n, self.postfix = initial, ""
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if now - self.last < self.interval or self.n >= self.total:
+            return
+        self.last = now
+        rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
+        left = f", about {(self.total - self.n) / rate:.0f} s left" if rate > 0 else ""
+        extra = f" ({self.postfix})" if self.postfix else ""
+        logging.getLogger("tlpipe.progress").info("%s: %d/%d %s, %.1f %s/s%s", self.desc, self.n, self.total,
+                                                  self.unit, rate, self.unit, left + extra)
+
+    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
+        self.postfix = s
+
+    def close(self) -> None:
+        pass
+
+
 def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool = True, unit: str = "img"):
-    """A tqdm bar counting ``unit`` (images by default; rate per second, ETA) on stderr; quiet when disabled."""
+    """A tqdm bar counting ``unit`` (images by default; rate per second, ETA) on stderr when it is a
+    terminal; a ``LogBar`` (a log line at most every 15 s) when it is not; quiet when disabled."""
     if not enabled:
         return _NullBar()
+    if not sys.stderr.isatty():
+        return LogBar(total, initial, desc, unit)
     from tqdm.auto import tqdm
 
-    tty = sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
-                mininterval=0.5 if tty else 15.0, file=sys.stderr, smoothing=0.1)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5,
+                file=sys.stderr, smoothing=0.1)
 
 
 def setup_logging(verbose: int = 0) -> None:

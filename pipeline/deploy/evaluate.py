@@ -22,7 +22,7 @@ from pipeline.core.errors import DataLayoutError, DataNotFound, UsageError
 from pipeline.core.safety import OutputExists, check_out_path
 from pipeline.core.util import atomic_write_text, write_json
 from pipeline.data.sources import PER_CLASS_HINT, SPLIT_DIRS, class_dirs, list_images, loose_images
-from pipeline.deploy.predict import load_exported, predict
+from pipeline.deploy.predict import load_exported, predict, zip_metadata
 from pipeline.heads.metrics import normalise_proba, split_scores
 from pipeline.reporting.plots import confusion_figure
 
@@ -106,7 +106,9 @@ def evaluate_model(cfg: EvaluateConfig) -> EvaluateResult:
     if split == "train":
         log.warning("scoring the train split of %s: if the model was fitted on these images, its accuracy here "
                     "is higher than on new photos (val or test say that)", cfg.data)
-    _, meta = load_exported(cfg.model)
+    meta = zip_metadata(cfg.model)  # the classes, before TensorFlow is imported
+    if meta is None:  # an older export: they are in the model
+        _, meta = load_exported(cfg.model)
     model_classes = [str(c) for c in meta["class_names"]]
     unknown = sorted(set(per_class) - set(model_classes))
     if unknown:

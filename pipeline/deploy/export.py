@@ -43,7 +43,6 @@ import os
 import re
 import shutil
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +50,15 @@ import keras
 import numpy as np
 
 from pipeline.core.errors import FeaturesFileError, TlpipeError, UsageError
-from pipeline.core.safety import check_out_path
 from pipeline.core.util import atomic_write_text
+from pipeline.deploy.export_spec import (  # noqa: F401 - FORMATS, check_out, custom_layer_note: re-exported
+    CUSTOM_LAYER_HEADS,
+    FORMATS,
+    ExportConfig,
+    check_export,
+    check_out,
+    custom_layer_note,
+)
 from pipeline.deploy.export_depths import DEPTH_HEADS, build_depth_export, depth_trunk, mirror_layers
 from pipeline.heads.folded import logistic_layers
 from pipeline.heads.folder import read_head_info
@@ -74,8 +80,6 @@ from pipeline.store.features import read_attrs, resolve_features_path
 log = logging.getLogger(__name__)
 
 METADATA_VERSION = 2  # 1: metadata in the Probabilities layer's config (still read)
-FORMATS = ("keras", "savedmodel", "tflite")
-CUSTOM_LAYER_HEADS = ("svm", "rbf-svm", "knn")  # their .keras files need 'import pipeline.deploy.export' to load
 
 
 @keras.saving.register_keras_serializable(package="tlpipe")
@@ -271,19 +275,6 @@ class KnnProba(keras.layers.Layer):
 
 
 EXPORTABLE_HEADS = ("logistic", "dense", "svm", "rbf-svm", "knn")
-
-
-@dataclass
-class ExportConfig:
-    """Everything ``export_model`` needs."""
-
-    head: Path  # a fitted head folder (cache/heads/<features>-<head>)
-    out: Path
-    base: str | None = None  # must match the head's base when given
-    weights: str | None = None  # default: what the features file recorded
-    cache_dir: Path = Path("cache")
-    format: str = "keras"  # keras | savedmodel | tflite
-    force: bool = False  # replace an existing --out
 
 
 def _features_attrs(info: dict[str, Any], cache_dir: Path) -> list[dict[str, Any]]:
@@ -555,31 +546,6 @@ def build_export_model(head_dir: str | Path, base: str | None = None, weights: s
 
 # ----------------------------------------------------------------------------- writing the formats
 
-def check_out(out: str | Path, fmt: str, force: bool = False) -> Path:
-    """Refuse an ``--out`` that does not fit ``fmt``, or that exists without ``force``."""
-    out = Path(out)
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown --format '{fmt}': {', '.join(FORMATS)}")
-    want = {"keras": ".keras", "tflite": ".tflite"}.get(fmt)
-    if want and out.suffix != want:
-        raise UsageError(f"--out must end in {want} for --format {fmt}, not {out.name}")
-    if fmt == "savedmodel" and out.suffix in (".keras", ".tflite", ".h5", ".pb", ".zip"):
-        raise UsageError(f"--format savedmodel writes a directory: --out must be a folder name, not {out.name}")
-    check_out_path(out, "folder" if fmt == "savedmodel" else "file")
-    if not force:
-        for path in _outputs(out, fmt):
-            if path.exists() or path.is_symlink():
-                raise UsageError(f"{path} exists; pass --force to replace it")
-    return out
-
-
-def _outputs(out: Path, fmt: str) -> list[Path]:
-    """Every path the export writes (the model and, for TFLite, its sidecars)."""
-    if fmt == "tflite":
-        return [out, out.with_suffix(".json"), out.with_suffix(".labels.txt")]
-    return [out]
-
-
 def _save_savedmodel(model, metadata: dict[str, Any], out: Path) -> None:
     tmp = temp_name(out)
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -614,12 +580,11 @@ def _save_tflite(model, metadata: dict[str, Any], out: Path) -> None:
 
 
 def export_model(cfg: ExportConfig) -> Path:
-    """Build the exported model and save it to ``cfg.out`` in ``cfg.format``; return the path."""
-    out = check_out(cfg.out, cfg.format, cfg.force)
-    head = read_head_info(cfg.head)[1].get("head")
-    if cfg.format == "tflite" and head in CUSTOM_LAYER_HEADS:
-        raise UsageError(f"--format tflite supports the logistic and dense heads, not {head} (its float64 "
-                         f"layers need TensorFlow ops that TFLite lacks); use --format savedmodel")
+    """Build the exported model and save it to ``cfg.out`` in ``cfg.format``; return the path.
+
+    ``pipeline.export`` (``pipeline.deploy.api.export_model``) makes the same checks before importing
+    this module, so that a usage error ends before TensorFlow starts."""
+    out = check_export(cfg)
     model, metadata = build_export(cfg.head, cfg.base, cfg.weights, cfg.cache_dir,
                                    fixed_size=cfg.format == "tflite")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -631,14 +596,6 @@ def export_model(cfg: ExportConfig) -> Path:
         _save_tflite(model, metadata, out)
     log.info("exported %s -> %s (%s)", cfg.head, out, cfg.format)
     return out
-
-
-def custom_layer_note(head: str, fmt: str) -> str | None:
-    """One line for heads whose ``.keras`` file needs tlpipe to load, else None."""
-    if head in CUSTOM_LAYER_HEADS and fmt == "keras":
-        return (f"note: the {head} head uses tlpipe's custom layers: load this .keras file after "
-                f"'import pipeline.deploy.export' (or export with --format savedmodel to run it without tlpipe)")
-    return None
 
 
 # ----------------------------------------------------------------------------- reading metadata

@@ -24,7 +24,9 @@ import numpy as np
 
 from pipeline.core.errors import DataError, NotAModel, UsageError
 from pipeline.core.util import sha256_file
+from pipeline.nets.graph import METADATA_MEMBER
 from pipeline.stage1.runtime import compile_keras_model, resolve
+from pipeline.store.features import is_features_file
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def list_inputs(inputs: list[str | Path]) -> list[Path]:
 
 
 def check_model_path(path: str | Path) -> Path:
-    """The model file, checked before anything slow is imported (one line for a wrong path)."""
+    """The model path, checked before anything slow is imported (one line for a wrong path)."""
     path = Path(path)
     if path.is_dir() and ((path / "model" / "head.json").is_file() or (path / "head.json").is_file()):
         raise UsageError(f"--model {path} is a head folder: run 'tlpipe export --head {path} --out "
@@ -74,14 +76,41 @@ def check_model_path(path: str | Path) -> Path:
     return path
 
 
+def check_model_file(path: str | Path) -> Path:
+    """``check_model_path``, then the file's kind, still before anything slow is imported: a features file
+    or any other file that is not a ``.keras`` zip is one line (exit 2)."""
+    path = check_model_path(path)
+    how = "export a head first: tlpipe export --head HEAD_DIR --out X.keras"
+    if is_features_file(path):
+        raise NotAModel(f"--model {path} is a tlpipe features file; {how}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            keras_zip = "config.json" in zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        keras_zip = False
+    if not keras_zip:
+        raise NotAModel(f"--model {path} is not a model written by 'tlpipe export' (a .keras file); {how}")
+    return path
+
+
+def zip_metadata(path: str | Path) -> dict[str, Any] | None:
+    """Class names and provenance (``tlpipe.json``) read from a ``.keras`` zip without loading the model;
+    None for older exports, which kept them in the model's last layer."""
+    path = check_model_file(path)
+    with zipfile.ZipFile(path) as zf:
+        if METADATA_MEMBER not in zf.namelist():
+            return None
+        return json.loads(zf.read(METADATA_MEMBER))
+
+
 def load_exported(path: str | Path):
     """Load a ``.keras`` model written by ``tlpipe export``; return ``(model, metadata)``."""
-    path = check_model_path(path)
+    path = check_model_file(path)
     import keras
 
     import pipeline.deploy.export  # noqa: F401 - registers the custom layers (svm, rbf-svm, knn; old exports)
     import pipeline.nets.extractor  # noqa: F401
-    from pipeline.deploy.export import METADATA_MEMBER, import_hub_layers, read_metadata
+    from pipeline.deploy.export import import_hub_layers, read_metadata
 
     import_hub_layers(path)  # a KerasHub base: its layers register when keras_hub is imported
     try:
@@ -109,6 +138,7 @@ def predict(model_path: str | Path, inputs: list[str | Path], batch_size: int = 
     files = list_inputs(inputs)
     if not files:
         raise UsageError("no images given (pass image files or folders)")
+    check_model_file(model_path)  # a features file or another file: one line, before TensorFlow
     model, meta = load_exported(model_path)
     # one input per input size (fused bases at several sizes): each sees the image resized as at extraction
     sizes = [int(s) for s in meta.get("input_sizes") or [meta["input_size"]]]

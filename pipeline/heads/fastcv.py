@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -70,29 +69,23 @@ def workers(n_tasks: int) -> int:
 
 
 class Progress:
-    """Counts fits (fold x grid value) from any thread: a tqdm bar (i/n, rate, ETA) and, when stderr
-    is not a terminal, a log line at most every 15 s; silent when ``enabled`` is false."""
+    """Counts fits (fold x grid value) from any thread: a tqdm bar (i/n, rate, ETA) on a terminal, a log
+    line at most every 15 s when stderr is not one (``pipeline.core.util.progress_bar``); silent when
+    ``enabled`` is false."""
 
     def __init__(self, name: str, total: int, enabled: bool):
         from pipeline.core.util import progress_bar
 
         self.name, self.total, self.enabled = name, total, enabled
         self.bar = progress_bar(total=total, desc=f"{name} CV", enabled=enabled, unit="fit")
-        self.done, self.t0, self.last = 0, time.perf_counter(), time.perf_counter()
         self.lock = threading.Lock()
 
     def tick(self, fold: int | None, what: str) -> None:
         """One more fit done (``fold``: its fold, or None when ``what`` says it)."""
         where = what if fold is None else f"fold {fold + 1}, {what}"
         with self.lock:
-            self.done += 1
-            self.bar.set_postfix_str(where)
+            self.bar.set_postfix_str(where, refresh=False)
             self.bar.update(1)
-            now = time.perf_counter()
-            if self.enabled and now - self.last >= 15.0 and self.done < self.total:
-                self.last = now
-                eta = (now - self.t0) / self.done * (self.total - self.done)
-                log.info("%s: CV fit %d/%d (%s), about %.0f s left", self.name, self.done, self.total, where, eta)
 
     def close(self) -> None:
         self.bar.close()

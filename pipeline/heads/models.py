@@ -433,6 +433,29 @@ class KnnHead(_SklearnHead):
                 bar.close()
         return knn_table(y, grid, splits, self.cv_cache[1])
 
+    def train_proba(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Leave-one-out probabilities of the rows the head was fitted on (``X``, ``y``, in order): each
+        row's k neighbours among the other rows, voted as ``predict_proba`` votes. In-sample, every
+        row is its own nearest neighbour at distance 0 (train accuracy 1, log loss 0)."""
+        norm, knn = self.model.steps[0][1], self.model.steps[-1][1]
+        n = len(X)
+        if n < 2:
+            return self.predict_proba(X)
+        dist, ind = knn.kneighbors(norm.transform(np.asarray(X)), n_neighbors=min(knn.n_neighbors + 1, n))
+        own = ind == np.arange(n)[:, None]  # drop the row itself (else, tied with a duplicate, the farthest)
+        keep = np.ones_like(own)
+        keep[np.arange(n), np.where(own.any(1), own.argmax(1), ind.shape[1] - 1)] = False
+        dist, ind = dist[keep].reshape(n, -1), ind[keep].reshape(n, -1)
+        with np.errstate(divide="ignore"):
+            w = 1.0 / dist
+        inf = np.isinf(w)
+        w[inf.any(1)] = inf[inf.any(1)]  # a zero distance takes the whole vote, as in KNeighborsClassifier
+        codes = np.searchsorted(knn.classes_, np.asarray(y)[ind])
+        proba = np.zeros((n, self.n_classes))
+        for j, c in enumerate(knn.classes_):
+            proba[:, int(c)] = (w * (codes == j)).sum(1)
+        return proba / np.where(proba.sum(1, keepdims=True) == 0, 1.0, proba.sum(1, keepdims=True))
+
 
 class DenseHead(Head):
     """A small Keras network: normalise → dropout → dense(relu) → dropout → sigmoid/softmax."""

@@ -35,7 +35,7 @@ import numpy as np
 from pipeline.core.errors import FeaturesFileError, UsageError
 from pipeline.heads.metrics import normalise_proba
 from pipeline.heads.models import DenseHead, Head, HeadParams, LogisticHead, tune_split
-from pipeline.store.features import FeatureSet, check_attrs, check_labels, check_split
+from pipeline.store.features import FeatureSet, check_attrs, check_labels, check_split, not_hdf5_message
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def in_memory_bytes(paths: list[Path]) -> int:
                         shape = h5[name]["features"].shape
                         total += int(np.prod(shape)) * 4 if len(shape) == 2 else 0
         except OSError as exc:
-            raise FeaturesFileError(f"{path} is not a readable HDF5 file ({exc})") from None
+            raise FeaturesFileError(not_hdf5_message(Path(path), exc)) from None
     return IN_MEMORY_FACTOR * total
 
 

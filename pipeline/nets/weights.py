@@ -39,6 +39,9 @@ class WeightsInfo:
         return self.path if self.kind == "file" else self.kind
 
 
+KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"  # keras.applications' downloads
+
+
 def keras_cache_dir() -> Path:
     """Folder where Keras caches downloaded application weights."""
     home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
@@ -152,6 +155,8 @@ def parse_weights(spec: str | None, backbone: Backbone | None = None) -> str | P
             "or a folder holding the base's Keras weights file)"
         )
     check_weights_file(path, text)
+    if backbone is not None:
+        check_weight_arrays(path, backbone)  # another base's file, or one with the top: one line, no TensorFlow
     return path
 
 
@@ -168,6 +173,11 @@ def check_weights_file(path: Path, text: str) -> None:
     if not h5py.is_hdf5(path):
         raise UsageError(f"--weights {text} is not a weights file (not HDF5): give a .h5 / .weights.h5 file, "
                          "a folder holding the base's weights, imagenet or none")
+    with h5py.File(path, "r") as h5:
+        features = all(k in h5.attrs for k in ("fingerprint", "base", "feature_size"))
+    if features:
+        raise UsageError(f"--weights {text}: this is a tlpipe features file, not weights: give the base's weights "
+                         "(.h5 / .weights.h5), a folder holding them, imagenet or none")
     if not path.name.endswith(".h5"):
         raise UsageError(f"weights file must be a .h5 or .weights.h5 file: {text}")
 
@@ -186,6 +196,32 @@ def file_weight_shapes(path: str | Path) -> list[tuple[int, ...]]:
         root = h5["model_weights"] if "model_weights" in h5 else h5  # a whole legacy model file
         root.visititems(visit)
     return sorted(shapes)
+
+
+def check_weight_arrays(path: Path, backbone: Backbone) -> None:
+    """Refuse (``WeightsMismatch``, exit 2) before TensorFlow is imported a weights file whose arrays (count
+    and values, read with h5py) are not ``backbone``'s without its top (``WEIGHT_ARRAYS``), naming the base
+    they are when one is, or saying that the file has the classification top. ``check_weights_fit`` compares
+    every shape once the model is built."""
+    from pipeline.core.errors import WeightsMismatch
+    from pipeline.nets.weight_table import WEIGHT_ARRAYS
+
+    want = WEIGHT_ARRAYS.get(backbone.name)
+    if want is None:
+        return
+    shapes = file_weight_shapes(path)
+    have = (len(shapes), sum(_size(x) for x in shapes))
+    if have == want:
+        return
+    owners = [n for n, sig in WEIGHT_ARRAYS.items() if sig == have]
+    named = weights_owner(path.name)
+    owner = named if named in owners else owners[0] if owners else None
+    hint = (f"; it fits {owner}: use --base {owner}" if owner else
+            " (it has more arrays: a file with the classification top? give the no-top file, *notop*.h5)"
+            if have[0] > want[0] else
+            f"; give {backbone.name}'s own no-top weights ({backbone.weights_file}) or --weights imagenet / none")
+    raise WeightsMismatch(f"--weights {path} does not fit {backbone.name}: {have[0]} arrays ({have[1]:,} values) "
+                          f"in the file, {backbone.name} without its top has {want[0]} ({want[1]:,}){hint}")
 
 
 def model_weight_shapes(model) -> list[tuple[int, ...]]:
@@ -331,16 +367,28 @@ def build_with_weights(
     except ValueError as exc:
         raise UsageError(f"{backbone.name} with ImageNet weights: {_first_line(exc)}") from exc
     except Exception as exc:
-        fname = record.get("fname") or backbone.weights_file
-        target = keras_cache_dir() / fname
-        raise WeightsUnavailable(
-            f"ImageNet weights for {backbone.name} are not cached and could not be downloaded "
-            f"({_first_line(exc)}): put {fname} in {target.parent}/ or pass --weights PATH "
-            "(or --weights none; with DVC: dvc exp run -S extract.weights=PATH)"
-        ) from exc
+        raise WeightsUnavailable(_not_cached(backbone, record.get("fname") or backbone.weights_file,
+                                             _first_line(exc))) from exc
     path = record.get("path") or ""
     digest = sha256_file(path) if path and os.path.isfile(path) else ""
     return model, WeightsInfo("imagenet", str(path), digest)
+
+
+def _not_cached(backbone: Backbone, fname: str, why: str) -> str:
+    return (f"ImageNet weights for {backbone.name} are not cached and could not be downloaded ({why}): put {fname} "
+            f"in {keras_cache_dir()}/ or pass --weights PATH (or --weights none; with DVC: dvc exp run -S "
+            "extract.weights=PATH)")
+
+
+def check_imagenet_reachable(backbone: Backbone, weights: str | Path | None) -> None:
+    """Before TensorFlow is imported: ImageNet weights of a keras.applications base that are neither in the
+    Keras cache nor downloadable (``KERAS_WEIGHTS_URL`` unreachable) end in one line now, not after the
+    import and Keras' own download attempt."""
+    if weights != "imagenet" or backbone.hub or cached_weights_path(backbone) is not None:
+        return
+    why = unreachable(KERAS_WEIGHTS_URL)
+    if why:
+        raise WeightsUnavailable(_not_cached(backbone, backbone.weights_file, why))
 
 
 def _first_line(exc: BaseException) -> str:

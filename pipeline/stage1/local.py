@@ -69,8 +69,8 @@ def extract_local(p: Plan) -> Path:
 
     def on_batch(split: str, index: int, rows: int, n: int, seconds: float) -> None:
         save_state(ckpt, state, seconds)
+        bar.set_postfix_str(split, refresh=False)
         bar.update(n)
-        bar.set_postfix_str(split)
 
     runner = Runner(rt, p.size, p.cfg.batch_size, p.cfg.decode_threads, p.cfg.prefetch, p.cfg.decode_nice)
     t0 = time.perf_counter()

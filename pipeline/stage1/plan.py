@@ -151,7 +151,7 @@ def plan(cfg: ExtractConfig) -> Plan:
     """Resolve ``cfg`` once (options, base, pooling, weights, runtime, output, data listing, ranges).
     The plan holds a copy of ``cfg`` with ``pooling`` resolved (``auto``: avg for keras.applications
     bases, so their fingerprints are those of ``avg``; a hub base's own pooling)."""
-    from pipeline.nets.weights import known_weights, parse_weights
+    from pipeline.nets.weights import check_imagenet_reachable, known_weights, parse_weights
 
     from pipeline.data.views import check_views, with_views
     from pipeline.nets.depths import resolve_layers
@@ -171,6 +171,7 @@ def plan(cfg: ExtractConfig) -> Plan:
     source = open_source(cfg.data, cfg.split, cfg.tfds_data_dir, cfg.limit)
     if not source.splits:
         raise DataError(f"no images in {cfg.data}")
+    check_imagenet_reachable(backbone, weights)  # offline and not cached: one line before TensorFlow starts
     source = with_views(source, cfg.views)  # view splits (SPLIT_viewK) after the clean ones
     out.parent.mkdir(parents=True, exist_ok=True)
     counts = {s: source.counts[s] for s in source.splits}

@@ -202,10 +202,18 @@ def fit_head(cfg: FitConfig) -> Path:
         t0 = time.perf_counter()
         rows = depths.fit(head, fs, views, cfg.layers)  # val: scored per epoch by dense, chooses nothing
         fit_seconds = time.perf_counter() - t0
-        scored = folder.score_splits(fs.splits, lambda name: depths.predict(head, fs, views, name),
-                                     {n: s.y for n, s in fs.splits.items()}, {n: s.ids for n, s in fs.splits.items()},
-                                     fs.class_names)
+        loo = hasattr(head, "train_proba") and not views  # knn: train scored leave-one-out
+
+        def proba_of(name: str) -> np.ndarray:
+            if loo and name == "train":
+                return head.train_proba(fs.splits["train"].X, fs.splits["train"].y)
+            return depths.predict(head, fs, views, name)
+
+        scored = folder.score_splits(fs.splits, proba_of, {n: s.y for n, s in fs.splits.items()},
+                                     {n: s.ids for n, s in fs.splits.items()}, fs.class_names)
         evaluation = _evaluation(cfg, fs, head, scored[0], fit_seconds, memory, depths.record(depth_info, head, views))
+        evaluation["train_scoring"] = ("leave-one-out: each training row's neighbours are the other rows" if loo
+                                       else "in-sample: the fitted head on its own training rows")
         metrics = _write(tmp, cfg, fs, head, rows, scored, evaluation)
         folder.publish(tmp, out)  # the previous folder goes only once the new one is complete (keeping your files)
     except BaseException:

@@ -478,6 +478,10 @@ def fine_tune(cfg: FineTuneConfig) -> Path:
     compared with this run's settings: the real mistake is named first."""
     _check(cfg)
     job = _open_job(cfg)
+    if str(cfg.unfreeze).strip().lower() in ("all", "block") and cfg.weights is None:
+        # no --unfreeze block name or --weights left to check on the model: an --out that is not ours
+        # is refused before TensorFlow starts
+        guard_resumable(job.out, job.new_meta, cfg.force)
     import keras  # after the checks: a usage error does not wait for TensorFlow
 
     keras.utils.set_random_seed(cfg.seed)

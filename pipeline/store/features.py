@@ -50,11 +50,7 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
         with h5py.File(path, "r") as h5:
             attrs = {k: _plain(v) for k, v in h5.attrs.items()}
     except OSError as exc:
-        kind = _not_hdf5_kind(Path(path))
-        if kind:
-            raise WrongFile(f"{path} is not a readable HDF5 file: it is {kind}; give a features file "
-                            "written by 'tlpipe extract' (.h5)") from None
-        raise WrongFile(f"{path} is not a readable HDF5 file ({exc})") from None
+        raise WrongFile(not_hdf5_message(Path(path), exc)) from None
     for key in JSON_ATTRS:
         if isinstance(attrs.get(key), str):
             try:
@@ -62,6 +58,37 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
             except ValueError:
                 pass
     return attrs
+
+
+def is_features_file(path: str | Path) -> bool:
+    """Whether ``path`` is an HDF5 file with the attributes of a features file (h5py only, no TensorFlow)."""
+    import h5py
+
+    try:
+        if not Path(path).is_file() or not h5py.is_hdf5(path):
+            return False
+        with h5py.File(path, "r") as h5:
+            return "fingerprint" in h5.attrs and "base" in h5.attrs and "feature_size" in h5.attrs
+    except OSError:
+        return False
+
+
+def not_hdf5_message(path: Path, exc: OSError) -> str:
+    """One plain line for a file h5py cannot open: what it is when that can be told ("X is not an HDF5
+    file: it is an image"), h5py's reason only for a damaged HDF5 file (truncated, ...)."""
+    import h5py
+
+    kind = _not_hdf5_kind(path)
+    hint = "give a features file written by 'tlpipe extract' (.h5)"
+    if kind:
+        return f"{path} is not an HDF5 file: it is {kind}; {hint}"
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError:
+        is_hdf5 = True  # cannot tell: keep h5py's reason
+    if not is_hdf5:
+        return f"{path} is not an HDF5 file; {hint}"
+    return f"{path} is not a readable HDF5 file ({str(exc).strip().splitlines()[0] if str(exc).strip() else exc})"
 
 
 def _not_hdf5_kind(path: Path) -> str:
