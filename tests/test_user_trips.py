@@ -88,3 +88,15 @@ def test_every_docs_reference_in_the_package_exists():
         assert (root / page).is_file(), page
         if section:
             assert re.search(rf"^#+ {re.escape(section)}", (root / page).read_text(), re.M), (page, section)
+
+
+def test_typos_of_head_and_layers_keywords_suggest_the_keyword():
+    """A mistyped `--head auto` or `--layers blocks` says what was meant (new-user trial)."""
+    from pipeline.core.errors import UsageError
+    from pipeline.heads.auto import get_any_head
+    from pipeline.nets.depths import resolve_layers
+
+    with pytest.raises(UsageError, match="did you mean auto"):
+        get_any_head("atuo")
+    with pytest.raises(UsageError, match="did you mean --layers blocks"):
+        resolve_layers("mobilenet_0.75", "blokcs")

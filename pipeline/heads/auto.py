@@ -248,8 +248,12 @@ def get_any_head(name: str) -> type[Head]:
     if key in EXTRA_HEADS:
         return EXTRA_HEADS[key]
     if key not in HEADS:
-        valid = ", ".join([*HEADS, *EXTRA_HEADS])
-        raise UsageError(f"unknown head '{name}'; valid heads: {valid}")
+        import difflib
+
+        names = [*HEADS, *EXTRA_HEADS]
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UsageError(f"unknown head '{name}'; {hint}valid heads: {', '.join(names)}")
     return get_head(key)
 
 

@@ -61,10 +61,19 @@ def resolve_layers(base: str, spec: str | tuple[str, ...] | None, model: Any = N
     for name in spec:
         hit = name if name in valid else next((b for b in blocks if b.startswith(name + "_")), None)
         if hit is None or hit not in valid:
-            raise UsageError(f"unknown layer '{name}' for {base}; its blocks are: {', '.join(blocks)}"
+            raise UsageError(f"unknown layer '{name}' for {base}; {keyword_hint(name)}its blocks are: "
+                             f"{', '.join(blocks)}"
                              + ("" if model is None else " (any layer name of the base is accepted)"))
         out.append(hit)
     return tuple(out)
+
+
+def keyword_hint(name: str) -> str:
+    """``"did you mean blocks? "`` when ``name`` looks like a mistyped keyword of ``--layers``."""
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), ["last", "blocks"], n=1, cutoff=0.6)
+    return f"did you mean --layers {close[0]}? (keywords: last, blocks) " if close else ""
 
 
 def depths_of(attrs: dict[str, Any]) -> list[tuple[str, int]]:
