@@ -427,3 +427,49 @@ def test_contradicting_precision_flags_and_fp16_for_predict_are_refused():
             rt.resolve("auto", precision, "on", **CPU)
     with pytest.raises(UsageError, match="fp16 is for extract"):
         rt.compile_keras_model(None, "auto", "fp16")
+
+
+# ------------------------------------------------------------------------------- compiled-model cache
+
+def _tiny_ov_model():
+    import openvino.opset8 as ops
+
+    x = ops.parameter([2, 8], np.float32)
+    w = ops.constant(np.arange(64, dtype=np.float32).reshape(8, 8) / 64)
+    return openvino.Model([ops.relu(ops.matmul(x, w, False, False))], [x])
+
+
+def test_compiles_wait_for_each_other_on_one_cache(tmp_path):
+    """OpenVINO's blob cache breaks when two processes write one blob (CI: Ray actors, 'cannot set
+    permissions ... .blob'): compile_cpu holds a file lock on the cache folder while it compiles."""
+    import threading
+
+    from filelock import FileLock
+
+    cache = tmp_path / "compiled"
+    cache.mkdir()
+    done = threading.Event()
+    with FileLock(str(cache / ".compile.lock")):
+        worker = threading.Thread(target=lambda: (rt.compile_cpu(_tiny_ov_model(), {}, cache), done.set()))
+        worker.start()
+        assert not done.wait(1.5), "compiled while another process held the cache"
+    worker.join(60)
+    assert done.is_set() and list(cache.glob("*.blob")), "no compiled blob in the cache"
+
+
+def test_a_broken_cache_is_bypassed_with_a_warning(tmp_path, caplog):
+    blocker = tmp_path / "compiled"
+    blocker.write_text("a file where the cache folder should be")
+    with caplog.at_level(logging.WARNING):
+        compiled = rt.compile_cpu(_tiny_ov_model(), {}, blocker)
+    out = compiled.create_infer_request().infer({0: np.ones((2, 8), np.float32)})
+    assert np.asarray(list(out.values())[0]).shape == (2, 8)
+    assert "compiling without it" in caplog.text
+
+
+def test_error_reason_skips_openvinos_source_location():
+    exc = RuntimeError("Exception from src/inference/src/cpp/core.cpp:117:\nfilesystem error: cannot set "
+                       "permissions: No such file or directory [/c/1.blob]\n")
+    assert rt.error_reason(exc).startswith("filesystem error: cannot set permissions")
+    assert rt.error_reason(RuntimeError("")) == "RuntimeError"
+    assert rt.error_reason(ValueError("one\ntwo")) == "one"

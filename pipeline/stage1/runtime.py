@@ -295,7 +295,7 @@ def cached_ir(key_fields: dict[str, Any], convert: Callable[[], Any], cache_dir:
             return model, meta.get("extra", {}), folder, False
         except Exception as exc:  # noqa: BLE001 - anything unreadable is rebuilt
             log.warning("cached OpenVINO model %s is unusable (%s); converting again", folder,
-                        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                        error_reason(exc))
             shutil.rmtree(folder, ignore_errors=True)
     model, extra = convert()
     root.mkdir(parents=True, exist_ok=True)
@@ -314,6 +314,37 @@ def cached_ir(key_fields: dict[str, Any], convert: Callable[[], Any], cache_dir:
         raise
     log.info("converted to OpenVINO and cached in %s", folder)
     return model, extra, folder, True
+
+
+def error_reason(exc: BaseException) -> str:
+    """The first line of ``exc`` that says something: OpenVINO puts "Exception from src/...cpp:117:" first."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not (ln.startswith("Exception from ") and ln.endswith(":"))]
+    return (useful or lines or [type(exc).__name__])[0]
+
+
+def compile_cpu(ov_model, config: dict[str, Any], cache_dir: Path | None = None):
+    """``ov_model`` compiled for the CPU, through OpenVINO's blob cache in ``cache_dir`` when given.
+
+    OpenVINO's cache is not safe for processes that write one blob at once (Ray actors, shard workers:
+    "cannot set permissions: No such file or directory [...blob]"), so a file lock lets one compile
+    while the others wait and then read its blob; a cache that still fails is bypassed with a warning.
+    """
+    import openvino as ov
+    from filelock import FileLock
+
+    if cache_dir is None:
+        return ov.Core().compile_model(ov_model, "CPU", config)
+    core = ov.Core()
+    core.set_property({"CACHE_DIR": str(cache_dir)})
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        with FileLock(str(Path(cache_dir) / ".compile.lock")):
+            return core.compile_model(ov_model, "CPU", config)
+    except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: compile without it
+        log.warning("OpenVINO's compiled-model cache in %s failed (%s); compiling without it",
+                    cache_dir, error_reason(exc))
+        return ov.Core().compile_model(ov_model, "CPU", config)
 
 
 # --------------------------------------------------------------------------------------------- runtimes
@@ -379,8 +410,6 @@ class OpenVINORuntime(Runtime):
 
     def __init__(self, ov_model, batch_size: int, input_size: int, feature_size: int, weights,
                  precision: str = "f32", streams: int = 1, cache_dir: Path | None = None):
-        import openvino as ov
-
         super().__init__(batch_size, input_size, feature_size, weights)
         self.precision = precision
         self.streams = max(1, min(int(streams), batch_size))
@@ -395,10 +424,7 @@ class OpenVINORuntime(Runtime):
             config.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(self.streams)})
         else:
             config["PERFORMANCE_HINT"] = "LATENCY"
-        core = ov.Core()
-        if cache_dir is not None:
-            core.set_property({"CACHE_DIR": str(cache_dir)})
-        self.compiled = core.compile_model(ov_model, "CPU", config)
+        self.compiled = compile_cpu(ov_model, config, cache_dir)
         # two sets of requests: one batch running (a request per stream), the next queued behind it
         self._requests = [[self.compiled.create_infer_request() for _ in range(self.streams)] for _ in range(2)]
         self._turn = 0
@@ -595,7 +621,7 @@ def _build_openvino(backbone, weights, input_size: int, pooling: str, precision:
     except TlpipeError:
         raise
     except Exception as exc:  # noqa: BLE001 - conversion / compilation failures of any kind
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = error_reason(exc)
         if strict:
             raise UsageError(f"OpenVINO could not convert or compile {backbone.name} ({first}); "
                              "use --runtime keras") from None
@@ -653,12 +679,10 @@ def compile_keras_model(model, runtime: str = "auto", precision: str = "auto", k
 
         ov_model, _, folder, _ = cached_ir({"model": key or {}, "kind": "exported", "sizes": input_sizes},
                                            convert, cache_dir)
-        core = ov.Core()
-        core.set_property({"CACHE_DIR": str(folder / "compiled")})
-        compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
-                                                        "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False})
+        compiled = compile_cpu(ov_model, {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
+                                          "ENABLE_CPU_PINNING": False}, folder / "compiled")
     except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = error_reason(exc)
         if requested == "openvino":
             raise UsageError(f"OpenVINO could not convert or compile the model ({first}); use --runtime keras") from None
         log.warning("OpenVINO could not convert or compile the model (%s); using the keras runtime", first)
