@@ -210,7 +210,7 @@ def bases_cmd(as_json: bool) -> None:
                    "stage1 or P3). Several depths cost one pass; fit-head chooses among them.")
 @click.option("--views", type=click.IntRange(0), default=0, show_default=True,
               help="Also store K augmented views of each training image (1: its mirror; more: small crops) and "
-                   "the mirror of each val/test image (test-time view), as splits SPLIT_viewK (local engine).")
+                   "the mirror of each val/test image (test-time view), as splits SPLIT_viewK (every engine).")
 def extract_cmd(base, data, split, weights, out, cache_dir, input_size, pooling, batch_size, decode_threads, actors,
                 workers, limit, resume, force, tfds_data_dir, mixed_precision, runtime, precision, progress, engine,
                 ray_address, gpus_per_worker, shard_size, shard, layers, views) -> None:
@@ -404,7 +404,8 @@ def fit_head_cmd(features, head, layers, out, cache_dir, seed, epochs, patience,
 
 @cli.command("fine-tune")
 @click.option("--head", "head_dir", type=click.Path(path_type=Path), required=True,
-              help="A fitted dense or logistic head folder (CACHE/heads/FEATURES-HEAD) on one features file.")
+              help="A fitted dense, logistic or auto head folder (CACHE/heads/FEATURES-HEAD) on one features "
+                   "file, of any depths.")
 @click.option("--unfreeze", default="block", show_default=True,
               help="Layers of the base to train: N from the top, a block name (from that block to the top; "
                    "a wrong name lists the valid ones), all, or block (the base's last block). "

@@ -181,7 +181,7 @@ def test_model_works_with_predict_and_refuses_replace_without_force(heads, tmp_p
 def test_bad_heads_refused(heads, tmp_path):
     svm = fit_head(FitConfig(features=[heads["features"]], head="knn", cache_dir=heads["cache"]))
     r = CliRunner().invoke(cli, ["fine-tune", "--head", str(svm), "--cache-dir", str(heads["cache"])])
-    assert r.exit_code == 2 and "dense or logistic" in r.output
+    assert r.exit_code == 2 and "starts from a dense, logistic or auto head (on any depths), not 'knn'" in r.output
     r = CliRunner().invoke(cli, ["fine-tune", "--head", str(heads["dense"]), "--cache-dir", str(heads["cache"]),
                                  "--unfreeze", "0"])
     assert r.exit_code == 2 and "out of range" in r.output

@@ -1,8 +1,10 @@
 """Stage three: fine-tune the top of the base together with a fitted head, on the images.
 
-Starts from a head fitted on cached features (``dense``, or ``logistic`` folded into a
-``Dense(K, softmax)`` as ``tlpipe export`` does), so epoch 0 already scores the head's
-accuracy.  The same base, weights, input size, data source, split and limit are read from the
+Starts from a head fitted on cached features (``dense``, ``logistic`` folded into a
+``Dense(K, softmax)`` as ``tlpipe export`` does, or ``auto`` as its affine map), so epoch 0 already
+scores the head's accuracy.  A head fitted on several pooled depths (``extract --layers``) gets them
+from one pass of the base, and one that predicted with the mean over each image and its mirror keeps
+that mean in the model (``pipeline.stage3.start``).  The same base, weights, input size, data source, split and limit are read from the
 head's features file; the rows of each split are the features file's rows (files skipped at
 extraction stay out).
 
@@ -10,13 +12,14 @@ Model (one graph, Keras 3 only)::
 
     uint8[N, S, S, 3] -> augmentation (training model only) -> the base's preprocessing
       -> base(training=False: BatchNorm in inference mode, and never trainable)
-      -> head -> probabilities [N, K]
+         (a head on pooled depths: the base up to its deepest depth, the depths' pools side by side)
+      -> head -> probabilities [N, K]   (the head's mirror mean: the same on the mirrored image, averaged)
 
 Built-in Keras layers only, as ``tlpipe export``: ``model.keras`` (uint8 images of any size,
 resized in the graph as decoding does) loads with ``keras.saving.load_model`` without tlpipe.
 
 Only the top of the base is trainable (``--unfreeze N`` layers, ``BLOCK`` to the top, or
-``all``).  Tuning is honest: the epochs are chosen by early stopping on a seeded, stratified
+``all``; checked before TensorFlow starts against ``pipeline.stage3.unfreeze_table``).  Tuning is honest: the epochs are chosen by early stopping on a seeded, stratified
 10 % slice of train (the best epoch, epoch 0 included, is restored); val is only scored after
 each epoch for the curve.  A checkpoint after each epoch (weights, optimizer state, epoch,
 best so far, history) in ``<out>/.checkpoint/`` lets the same command resume after a kill
@@ -46,13 +49,23 @@ from pipeline.core.errors import FeaturesFileError, UsageError
 from pipeline.core.safety import check_out_path
 from pipeline.core.util import require_tensorboard
 from pipeline.data.sources import old_split_rule, open_source
-from pipeline.heads.folded import logistic_layers
 from pipeline.heads.folder import read_head_info
 from pipeline.heads.metrics import chance
-from pipeline.heads.models import DenseHead, HeadParams, load_head
+from pipeline.heads.models import DenseHead, HeadParams
 from pipeline.nets.backbones import get_backbone
 from pipeline.nets.graph import build_branch, probabilities_layer
 from pipeline.nets.hub import is_hub_name
+from pipeline.stage3.start import (
+    Start,
+    check_cached_views,
+    check_kind,
+    check_unfreeze,
+    check_weights,
+    depth_trunk,
+    head_layers,
+    mirror_layers,
+    read_start,
+)
 from pipeline.store.features import load_features, read_attrs, resolve_features_path
 from pipeline.training.augment import DEFAULT_AUGMENT, normalise_augment, parse_augment
 from pipeline.training.checkpoint import CHECKPOINT, guard_resumable
@@ -72,7 +85,6 @@ from pipeline.training.views import proba as views_proba
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_HEADS = ("dense", "logistic")
 
 @dataclass
 class FineTuneConfig:
@@ -219,47 +231,57 @@ class _Built:
 
 
 def build_models(head_dir: Path, info: dict, attrs: dict, weights: str | None, unfreeze: str, augment: str,
-                 seed: int, metadata: dict) -> _Built:
-    """The core, training and export models sharing one set of layers."""
+                 seed: int, metadata: dict, start: Start | None = None) -> _Built:
+    """The core, training and export models sharing one set of layers.  ``start`` (default: read from
+    the head folder): the head's kind, the pooled depths it reads and whether it averages with the mirror."""
     import keras
 
     from pipeline.nets.extractor import builtin_preprocess  # Keras: imported when a model is built
 
-    branch = build_branch(attrs, weights, 0, False)
-    base, size, k = branch.model, branch.size, len(info["classes"])
-    head = load_head(head_dir)
-    start = unfreeze_start(base, unfreeze)
-    trainable = set_trainable(base, start)
+    start = start or read_start(Path(head_dir).parent, Path(head_dir), info, attrs)
+    k = len(info["classes"])
+    if start.depths:  # several pooled depths: one pass of the base computes them (as tlpipe export)
+        base_name, size, pooling, base, winfo = depth_trunk(attrs, weights, start.depths)
+    else:
+        branch = build_branch(attrs, weights, 0, False)
+        base_name, size, pooling, base, winfo = branch.base, branch.size, branch.pooling, branch.model, branch.weights
+    head_fn, dim = head_layers(start, Path(head_dir), k, int(info["feature_size"]))
+    if int(base.output_shape[-1]) != dim:
+        raise UsageError(f"{base_name} gives {base.output_shape[-1]} features"
+                         f"{' at ' + ', '.join(start.depths) if start.depths else ''} but the head expects {dim}")
+    first = unfreeze_start(base, unfreeze)
+    trainable = set_trainable(base, first)
 
     # built-in layers only (as tlpipe export): model.keras loads with plain keras.saving.load_model
     image = keras.Input(shape=(size, size, 3), dtype="uint8", name="image")
-    pre = [keras.layers.Rescaling(1.0, dtype="float32", name="to_float"), *builtin_preprocess(get_backbone(branch.base))]
+    pre = [keras.layers.Rescaling(1.0, dtype="float32", name="to_float"), *builtin_preprocess(get_backbone(base_name))]
     x = image
     for layer in pre:
         x = layer(x)
-    x = base(x, training=False)  # BatchNorm in inference mode, whatever the rest does
-    head_fn = head.model if info["head"] == "dense" else logistic_layers(head.model, k, int(info["feature_size"]))
-    x = head_fn(x)
-    x = probabilities_layer(x, k)
-    metadata.update({"base": branch.base, "input_size": size, "input_sizes": [size], "pooling": branch.pooling,
-                     "weights": branch.weights.label, "weights_sha256": branch.weights.sha256,
+    out = head_fn(base(x, training=False))  # BatchNorm in inference mode, whatever the rest does
+    if start.mirror:  # the head predicted with the mean over the image and its mirror: so does the model
+        mirrored = head_fn(base(mirror_layers(x, size), training=False))
+        out = keras.layers.Average(name="mean_with_mirror")([out, mirrored])
+    x = probabilities_layer(out, k)
+    metadata.update({"base": base_name, "input_size": size, "input_sizes": [size], "pooling": pooling,
+                     "weights": winfo.label, "weights_sha256": winfo.sha256, **start.record(),
                      "class_names": list(info["classes"])})  # saved in the .keras zip, as export does
-    name = re.sub(r"[^A-Za-z0-9_]", "_", f"tlpipe_{branch.base}_{info['head']}_ft")
+    name = re.sub(r"[^A-Za-z0-9_]", "_", f"tlpipe_{base_name}_{info['head']}_ft")
     core = keras.Model(image, x, name="finetuned")
     train, export = training_and_export(core, size, augment, seed, name)  # export: the same resize as decoding
-    return _Built(core, train, export, base, trainable, start, pre, head_fn, size, k)
+    return _Built(core, train, export, base, trainable, first, pre, head_fn, size, k)
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def _read_head(head_dir: Path, cache_dir: Path) -> tuple[Path, dict, Path, dict, dict]:
-    """(model dir, head.json, features path, features attrs, head evaluation.json); bad input -> UsageError."""
+def _read_head(head_dir: Path, cache_dir: Path) -> tuple[Path, dict, Path, dict, dict, Start]:
+    """(model dir, head.json, features path, features attrs, head evaluation.json, what the fine-tuning
+    starts from); bad input -> UsageError."""
     if not Path(head_dir).exists():
         raise UsageError(f"head folder not found: {head_dir} (fit one with 'tlpipe fit-head')")
     model_dir, info = read_head_info(head_dir)
-    if info.get("head") not in SUPPORTED_HEADS:
-        raise UsageError(f"fine-tune starts from a dense or logistic head, not '{info.get('head')}'")
+    check_kind(info)
     feats = info.get("features") or []
     if len(feats) != 1:
         raise UsageError(f"fine-tune cannot rebuild a head fitted on fused features ({len(feats)} files); "
@@ -277,7 +299,7 @@ def _read_head(head_dir: Path, cache_dir: Path) -> tuple[Path, dict, Path, dict,
                          "fit the head again first")
     ev_path = Path(head_dir) / "evaluation.json"
     evaluation = json.loads(ev_path.read_text()) if ev_path.is_file() else {}
-    return model_dir, info, path, attrs, evaluation
+    return model_dir, info, path, attrs, evaluation, read_start(Path(head_dir), model_dir, info, attrs)
 
 
 def split_rows(fs, source) -> tuple[list, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, list[str]]]:
@@ -321,6 +343,7 @@ class _Job:
     rows: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
     ids: dict[str, list[str]]
+    start: Start  # the head's kind, depths and mirror
 
 
 def _check(cfg: FineTuneConfig) -> None:
@@ -336,7 +359,10 @@ def _check(cfg: FineTuneConfig) -> None:
 def _open_job(cfg: FineTuneConfig) -> _Job:
     """Read the head and its features file, check the output is writable, and find the images of every row."""
     head_dir = Path(cfg.head)
-    model_dir, info, feat_path, attrs, head_eval = _read_head(head_dir, Path(cfg.cache_dir))
+    model_dir, info, feat_path, attrs, head_eval, start = _read_head(head_dir, Path(cfg.cache_dir))
+    check_unfreeze(str(attrs["base"]), cfg.unfreeze, start.depths)  # a wrong block: one line, no TensorFlow
+    check_weights(attrs, cfg.weights)
+    check_cached_views(start, cfg.views)
     out, name, settings = output_dir(cfg), f"{info['head']}+ft", cfg.settings()
     new_meta = {"head": name, "fingerprints": list(info.get("fingerprints") or []), "params": settings}
     check_out_path(out, "folder")  # unwritable: one line before TensorFlow starts
@@ -349,7 +375,7 @@ def _open_job(cfg: FineTuneConfig) -> _Job:
                          "extract again, then fit the head again")
     items, rows, labels, ids = split_rows(fs, source)
     return _Job(head_dir, model_dir, info, feat_path, attrs, head_eval, out, name, settings, new_meta, fs,
-                items, rows, labels, ids)
+                items, rows, labels, ids, start)
 
 
 @dataclass
@@ -447,7 +473,7 @@ def _fine_record(cfg: FineTuneConfig, job: _Job, built: _Built, state: dict, vie
                          patience=cfg.patience, epochs=cfg.epochs),
             "epoch0_val_accuracy": state["epoch0"]["val_accuracy"],
             "head_val_accuracy": state["epoch0"]["head_val_accuracy"],
-            "batchnorm": "inference mode, frozen"}
+            "batchnorm": "inference mode, frozen", **job.start.record()}
     if views is not None:
         fine["views"] = cfg.views
         fine["views_sampling"] = ("each epoch, one view per fit image, drawn uniformly from the K cached views "
@@ -474,22 +500,19 @@ def _evaluation(job: _Job, fine: dict, tuning: dict, splits: dict, state: dict) 
 def fine_tune(cfg: FineTuneConfig) -> Path:
     """Fine-tune the head's base and head on the images; write the output folder and return it.
 
-    Every value is checked (options, head, data, --unfreeze, --weights) before an existing --out is
-    compared with this run's settings: the real mistake is named first."""
+    Every value is checked (options, head, data, --unfreeze against the base's table, --weights) before
+    an existing --out is compared with this run's settings, and all before TensorFlow is imported: the
+    real mistake is named first, in one line."""
     _check(cfg)
     job = _open_job(cfg)
-    if str(cfg.unfreeze).strip().lower() in ("all", "block") and cfg.weights is None:
-        # no --unfreeze block name or --weights left to check on the model: an --out that is not ours
-        # is refused before TensorFlow starts
-        guard_resumable(job.out, job.new_meta, cfg.force)
+    guard_resumable(job.out, job.new_meta, cfg.force)
     import keras  # after the checks: a usage error does not wait for TensorFlow
 
     keras.utils.set_random_seed(cfg.seed)
     metadata = {"head": job.name, "head_dir": str(job.head_dir), "features": job.info.get("features"),
                 "fingerprints": job.info.get("fingerprints"), "fine_tune": job.settings}
     built = build_models(job.model_dir, job.info, job.attrs, cfg.weights, cfg.unfreeze, cfg.augment, cfg.seed,
-                         metadata)
-    guard_resumable(job.out, job.new_meta, cfg.force)  # after --unfreeze and --weights are known to be valid
+                         metadata, job.start)
     size = built.size
     memo = not cfg.views and len(job.items) * size * size * 3 <= MEMO_BYTES  # views: each image decoded once
     images = Images(job.items, size, cfg.workers, memo)
