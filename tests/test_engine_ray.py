@@ -101,3 +101,28 @@ def test_ray_carries_the_depths(cluster, local, tmp_path):
     out = extract(ExtractConfig(data=str(data), out=tmp_path / "ray.h5", **depths, **RAY))
     assert read_attrs(out)["depths"] == ["conv_pw_7_relu", "conv_pw_13_relu"]
     assert_equal_files(reference, out, atol=1e-5)
+
+
+def test_ray_carries_the_views(cluster, local, tmp_path):
+    """extract --views K on Ray actors: the same rows, view splits and file as the local engine."""
+    data, _ = local
+    views = {**SETTINGS, "layers": "conv_pw_13", "views": 2}
+    reference = extract(ExtractConfig(data=str(data), out=tmp_path / "local.h5", **views))
+    out = extract(ExtractConfig(data=str(data), out=tmp_path / "ray.h5", **views, **RAY))
+    splits = read_attrs(out)["splits"]
+    assert {"train_view1", "train_view2", "val_view1", "test_view1"} <= set(splits)
+    assert read_attrs(out)["views"] == 2 and json.loads(read_attrs(out)["timing"])["engine"] == "ray"
+    assert_equal_files(reference, out, atol=1e-5)
+
+
+def test_a_tfds_source_reopened_by_an_actor_has_the_view_splits(tmp_path):
+    """Ray actors open a tfds source themselves (``Plan.reopen_args``): with the plan's view splits and items."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from pipeline.stage1.plan import plan, reopen_source
+
+    with tfds.testing.mock_data(num_examples=12):
+        p = plan(ExtractConfig(data="tfds:cats_vs_dogs", out=tmp_path / "f.h5", views=2, **SETTINGS))
+        source = reopen_source(*p.reopen_args())
+        assert source.splits == p.source.splits and "train_view2" in source.splits
+        for split in source.splits:
+            assert [i.id for i in source.iter_items(split)] == [i.id for i in p.source.iter_items(split)]

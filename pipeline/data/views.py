@@ -31,12 +31,10 @@ def parse_view_split(name: str) -> tuple[str, int]:
     return (base, int(k)) if sep and k.isdigit() else (name, 0)
 
 
-def check_views(views: int, engine: str = "local") -> None:
+def check_views(views: int) -> None:
     """One line for a bad ``--views``."""
     if not 0 <= int(views) <= MAX_VIEWS:
         raise UsageError(f"--views must be between 0 and {MAX_VIEWS}, not {views}")
-    if views and engine != "local":
-        raise UsageError("--views is not supported by the ray engine yet; use --engine local")
 
 
 def views_of(split: str, views: int) -> list[str]:

@@ -7,8 +7,10 @@
     driver: merges the shards into one self-contained features file (pipeline.store.shards)
 
 No pixels travel: actors decode their shard themselves (a tfds source is opened by each actor from
-its spec).  The driver holds the source listing and at most two descriptors per actor, so its memory
-does not grow with the images beyond that.  Finished shards are kept in ``.<out>.shards/`` until the
+``Plan.reopen_args``).  The distributor knows nothing of the data: depths are the runtime's, and views
+(``--views K``) are splits of the plan like the others (``SPLIT_viewK``), partitioned and merged alike.
+The driver holds the source listing and at most two descriptors per actor, so its memory does not grow
+with the images beyond that.  Finished shards are kept in ``.<out>.shards/`` until the
 merge: a rerun after a crash or a killed driver extracts only the missing ones.  A lost actor is
 restarted and its shards retried (``MAX_RESTARTS``).
 """
@@ -22,15 +24,13 @@ import os
 import resource
 import shutil
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import DataError, TlpipeError
+from pipeline.core.errors import TlpipeError
 from pipeline.core.util import atomic_write_text, progress_bar
-from pipeline.data.sources import open_source
 from pipeline.stage1 import cluster
-from pipeline.stage1.plan import Plan
+from pipeline.stage1.plan import Plan, reopen_source
 from pipeline.stage1.reader import Items, ListedItems
 from pipeline.stage1.runner import Runner
 from pipeline.stage1.runtime import RuntimeSpec, build
@@ -44,15 +44,6 @@ log = logging.getLogger(__name__)
 
 MAX_RESTARTS = 3  # restarts of a lost model actor, and retries of its shard
 IN_FLIGHT_PER_ACTOR = 2  # shards queued on an actor: the next one starts as soon as one finishes
-
-
-@lru_cache(maxsize=2)
-def open_tfds_source(data: str, split: str, tfds_data_dir: str | None, limit: int | None, fingerprint: str):
-    """A tfds source opened where the actor runs (once per actor), checked against the driver's listing."""
-    source = open_source(data, split, tfds_data_dir, limit)
-    if source.fingerprint != fingerprint:
-        raise DataError(f"{data} lists other items on this worker than on the driver (fingerprint differs)")
-    return source
 
 
 def peak_rss_mb() -> float:
@@ -70,11 +61,11 @@ class ShardWorker:
         self.runner = Runner(rt, spec.size, spec.batch_size, decode_threads)
         self.attrs = {**attrs, **schema.runtime_attrs(rt)}
         self.folder = Path(folder)
-        self.tfds = tfds  # (data, split, tfds_data_dir, limit, fingerprint) of a tfds source, else None
+        self.tfds = tfds  # a tfds source: what reopens it here (pipeline.stage1.plan.reopen_source), else None
 
     def run(self, work: dict[str, Any]) -> dict[str, float]:
         """Write shard ``work["index"]`` of ``work["count"]``; return its inputs, seconds and memory."""
-        items: Items = work["items"] if work["items"] is not None else open_tfds_source(*self.tfds)
+        items: Items = work["items"] if work["items"] is not None else reopen_source(*self.tfds)
         ranges = {s: tuple(r) for s, r in work["ranges"].items()}
         final = self.folder / work["name"]
         tmp = self.folder / f".{work['name']}.partial-{os.getpid()}"
@@ -217,9 +208,7 @@ def _start_actors(p: Plan, spec: RuntimeSpec, attrs: dict, folder: Path, count: 
     gpus = float(p.cfg.gpus_per_worker or 0)
     cpus = float(ray.cluster_resources().get("CPU", 1))
     actor_cpus = 1.0 if gpus > 0 else max(0.01, min(1.0, cpus / count))
-    src = p.source
-    tfds = None if src.kind == "folder" else (p.cfg.data, p.cfg.split, p.cfg.tfds_data_dir, p.cfg.limit,
-                                              src.fingerprint)
+    tfds = p.reopen_args()
     cls = ray.remote(ShardWorker).options(num_cpus=actor_cpus, num_gpus=gpus, max_restarts=MAX_RESTARTS,
                                           max_task_retries=MAX_RESTARTS)
     return [cls.remote(spec, attrs, str(folder), p.cfg.decode_threads, tfds) for _ in range(count)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +127,32 @@ class Plan:
         guard_existing(self.out, new, self.cfg.force, self.shard)
         return fp
 
+    def reopen_args(self) -> tuple | None:
+        """What a worker elsewhere needs to open the data source itself (``reopen_source``), with its view
+        splits; None for a folder, whose partitions are listed for the worker (``ListedItems``)."""
+        src = self.source
+        if src.kind == "folder":
+            return None
+        return (self.cfg.data, self.cfg.split, self.cfg.tfds_data_dir, self.cfg.limit, src.fingerprint,
+                int(self.cfg.views))
+
     def static_attrs(self, fingerprint: str) -> dict[str, Any]:
         """The features-file attributes fixed by the settings and the listed data."""
         return schema.static_attrs(self.backbone, self.cfg.base, self.size, self.cfg.pooling, self.source,
                                    fingerprint, self.cfg.limit, self.cfg.batch_size, self.cfg.layers, **self.depth_id)
+
+
+@lru_cache(maxsize=2)
+def reopen_source(data: str, split: str, tfds_data_dir: str | None, limit: int | None, fingerprint: str,
+                  views: int = 0) -> Any:
+    """The plan's source opened again where a worker runs (once per process; ``Plan.reopen_args``), with the
+    same view splits, checked against the driver's listing."""
+    from pipeline.data.views import with_views
+
+    source = open_source(data, split, tfds_data_dir, limit)
+    if source.fingerprint != fingerprint:
+        raise DataError(f"{data} lists other items on this worker than on the driver (fingerprint differs)")
+    return with_views(source, views)
 
 
 def check_options(cfg: ExtractConfig) -> tuple[int, int] | None:
@@ -160,7 +183,7 @@ def plan(cfg: ExtractConfig) -> Plan:
     cfg = replace(cfg, pooling=backbone.pooling_for(cfg.pooling))  # auto resolved: what is recorded is never auto
     shard = check_options(cfg)
     layers = resolve_layers(backbone.name, cfg.layers)  # a bad --layers: one line, before the data
-    check_views(cfg.views, cfg.engine)
+    check_views(cfg.views)
     weights = parse_weights(cfg.weights, backbone)
     # Ray with GPU actors: the driver decides for them (Keras, fp16 per --mixed-precision), as they will run it
     gpu = {"accelerator": "gpu"} if cfg.engine == "ray" and cfg.gpus_per_worker > 0 else {}
