@@ -219,3 +219,20 @@ def test_stale_or_missing_features_refused(heads, tmp_path):
 def test_tensorboard_logs(heads, tmp_path):
     fine_tune(_cfg(heads, out=tmp_path / "ft", augment="none", tensorboard=tmp_path / "tb"))
     assert any(p.is_file() for p in (tmp_path / "tb").rglob("*"))
+
+
+def test_bad_unfreeze_and_weights_end_before_tensorflow_and_before_the_existing_out(heads, tmp_path):
+    """issue 20: --unfreeze block99 (and a layer count out of range, weights that are not the features')
+    is one line, exit 2, TensorFlow never imported, and never the 'made from other settings' line."""
+    from tests.test_finetune_depths import _refused_before_tensorflow
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's folder")
+    base = ["fine-tune", "--head", heads["dense"], "--cache-dir", heads["cache"], "--out", mine]
+    line = _refused_before_tensorflow([*base, "--unfreeze", "block99"], tmp_path)
+    assert "unknown block 'block99' for mobilenet_0.25" in line and "conv_pw_13" in line and "--force" not in line
+    line = _refused_before_tensorflow([*base, "--unfreeze", "9999"], tmp_path)
+    assert "--unfreeze 9999 is out of range: mobilenet_0.25 has 86 layers; give 1..86" in line
+    line = _refused_before_tensorflow([*base, "--weights", "imagenet"], tmp_path)
+    assert "does not match the features file, extracted with weights none" in line
