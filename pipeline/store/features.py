@@ -388,8 +388,7 @@ def size_layout(sets: list[FeatureSet]) -> dict[str, Any]:
         for name, dim in depths_of(s.attrs):
             names.append(f"{name}@{int(s.attrs['input_size'])}")
             dims.append(dim)
-    return {"depths": names, "depth_dims": dims, "input_sizes": [int(s.attrs["input_size"]) for s in sets],
-            "base": sets[0].base}
+    return {"depths": names, "depth_dims": dims, "input_sizes": [int(s.attrs["input_size"]) for s in sets]}
 
 
 def staleness(path: str | Path) -> tuple[bool, str]:
