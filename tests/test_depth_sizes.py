@@ -85,6 +85,7 @@ def test_auto_on_two_sizes_records_and_exports(sized, images, tmp_path):
     assert all("@" in n for n in d["depths"]) and set(d["depths"]) <= set(d["stored"])
     assert d["input_sizes"] == ev["tuning"]["input_sizes"] == sorted({int(n.split("@")[1]) for n in d["depths"]})
     assert d["train_views"] == 1 and ev["tuning"]["val_used_for_tuning"] is False
+    assert "every depth at each input size" in ev["tuning"]["depth_choice"]["method"]
     rows = (head_dir / "depths.csv").read_text().splitlines()
     assert any("@32," in r for r in rows) and any("@48," in r for r in rows)
 

@@ -223,4 +223,6 @@ def _ranked(score, names: list[str], alone: dict[str, float], min_gain: float, m
             best = (acc, subset)
     key = tuple(sorted(best[1], key=names.index))
     scores = score(key)
-    return Selection(list(key), LAMBDAS[int(scores.argmax())], float(scores.max()), alone, steps)
+    how = ("ranked depths, nested best-k sets and every depth at each input size scored by leave-one-group-out "
+           "ridge accuracy on train") if extra else Selection.how
+    return Selection(list(key), LAMBDAS[int(scores.argmax())], float(scores.max()), alone, steps, how)
