@@ -133,3 +133,31 @@ def test_auto_refuses_depths_of_other_bases_in_one_line(sized, images, tmp_path)
     # the other heads fuse them as before
     run_cli("fit-head", "--features", str(sized[0]), "--features", str(other), "--head", "logistic",
             "--out", str(tmp_path / "logit"))
+
+
+def test_auto_on_last_layer_files_at_two_sizes_exports(images, tmp_path):
+    """Files of the last layer only (``--layers last``) at two sizes: candidates ``last@32`` and
+    ``last@48``; the exported head computes each at its size."""
+    import keras
+
+    from pipeline.data.images import decode_image
+    from pipeline.heads.auto import load_any_head
+    from pipeline.store.features import fuse, load_features
+
+    files = []
+    for size in SIZES:
+        out = tmp_path / f"last{size}.h5"
+        run_cli("extract", "--base", BASE, "--data", str(images), "--split", "60/20/20", "--weights", "none",
+                "--input-size", str(size), "--runtime", "keras", "--out", str(out), "--no-progress")
+        files.append(out)
+    head_dir = tmp_path / "auto"
+    run_cli("fit-head", "--features", str(files[0]), "--features", str(files[1]), "--head", "auto",
+            "--layers", "last", "--out", str(head_dir))
+    ev = json.loads((head_dir / "evaluation.json").read_text())
+    assert ev["depths"]["depths"] == ["last@32", "last@48"] and ev["depths"]["input_sizes"] == list(SIZES)
+    model_path = tmp_path / "auto.keras"
+    run_cli("export", "--head", str(head_dir), "--out", str(model_path))
+    val = fuse([load_features(f) for f in files]).splits["val"]
+    expected = load_any_head(head_dir).predict_proba(val.X)
+    batches = [np.stack([decode_image(images / i, s) for i in val.ids]) for s in SIZES]
+    np.testing.assert_allclose(keras.saving.load_model(model_path).predict(batches, verbose=0), expected, atol=2e-4)

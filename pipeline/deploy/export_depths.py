@@ -58,7 +58,10 @@ def depth_trunk(attrs: dict[str, Any], weights: str | None, layers: list[str], n
             trunk, winfo = build_with_weights(backbone, resolved, size, pooling, depths=tuple(layers))
         else:
             base_model, winfo = build_with_weights(backbone, resolved, size, pooling)
-            trunk = pooled_depths_model(base_model, tuple(layers), pooling, name=name)
+            # "last" (a file of --layers last): the base's own pooled output, the pool of the layer before it
+            last = base_model.layers[-2].name if len(base_model.output.shape) == 2 else base_model.layers[-1].name
+            trunk = pooled_depths_model(base_model, tuple(last if n == "last" else n for n in layers), pooling,
+                                        name=name)
     finally:
         random.setstate(state)
     return backbone, size, pooling, trunk, winfo
