@@ -19,8 +19,9 @@ from pipeline.store.schema import JSON_ATTRS, REQUIRED_ATTRS, SCHEMA_VERSION, ex
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_views", "load_fused_views", "split_size", "size_layout", "SCHEMA_VERSION", "REQUIRED_ATTRS", "JSON_ATTRS", "extraction_fingerprint", "read_attrs", "load_features",
-           "FeatureSet", "Split", "fuse", "staleness", "warn_if_stale", "head_status", "resolve_features_path"]
+__all__ = ["load_views", "load_fused_views", "split_size", "size_layout", "SCHEMA_VERSION", "REQUIRED_ATTRS",
+           "JSON_ATTRS", "extraction_fingerprint", "read_attrs", "load_features", "FeatureSet", "Split", "fuse",
+           "staleness", "warn_if_stale", "head_status", "resolve_features_path"]
 
 
 def resolve_features_path(name: str | Path, cache_dir: str | Path = "cache") -> Path:
@@ -360,8 +361,10 @@ def fuse(sets: list[FeatureSet], allow_mixed_precision: bool = False) -> Feature
 def same_base(sets: list[FeatureSet]) -> bool:
     """Whether every file holds the same base with the same weights and pooling (then they differ, if at
     all, in input size and stored depths)."""
-    keys = ("base", "weights_sha256", "weights", "pooling")
-    return all(all(s.attrs.get(k) == sets[0].attrs.get(k) for k in keys) for s in sets[1:])
+    def key(s: FeatureSet) -> tuple:  # the weights by their sha256 (one file named by two paths), else label
+        return (s.attrs.get("base"), s.attrs.get("pooling"), s.attrs.get("weights_sha256") or s.attrs.get("weights"))
+
+    return all(key(s) == key(sets[0]) for s in sets[1:])
 
 
 def check_sizes(sets: list[FeatureSet]) -> list[int]:
