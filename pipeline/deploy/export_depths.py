@@ -22,6 +22,7 @@ import keras
 import numpy as np
 
 from pipeline.core.errors import UsageError
+from pipeline.nets.graph import OUTPUT_LAYER
 
 DEPTH_HEADS = ("auto",)
 
@@ -36,7 +37,7 @@ def mirror_layers(x, size: int, suffix: str = ""):
     return keras.layers.Permute((1, 3, 2), name=f"width_back{suffix}")(x)
 
 
-def depth_trunk(attrs: dict[str, Any], weights: str | None, layers: list[str]):
+def depth_trunk(attrs: dict[str, Any], weights: str | None, layers: list[str], name: str = "depths"):
     """``(backbone, size, pooling, trunk, weights info)``: the trunk computes ``layers``' pools from the
     base's (preprocessed) input in one pass, with the weights the features file was extracted with."""
     from pipeline.nets.backbones import get_backbone
@@ -57,53 +58,105 @@ def depth_trunk(attrs: dict[str, Any], weights: str | None, layers: list[str]):
             trunk, winfo = build_with_weights(backbone, resolved, size, pooling, depths=tuple(layers))
         else:
             base_model, winfo = build_with_weights(backbone, resolved, size, pooling)
-            trunk = pooled_depths_model(base_model, tuple(layers), pooling)
+            # "last" (a file of --layers last): the base's own pooled output, the pool of the layer before it
+            last = base_model.layers[-2].name if len(base_model.output.shape) == 2 else base_model.layers[-1].name
+            trunk = pooled_depths_model(base_model, tuple(last if n == "last" else n for n in layers), pooling,
+                                        name=name)
     finally:
         random.setstate(state)
     return backbone, size, pooling, trunk, winfo
+
+
+def size_groups(layers: list[str], size: int) -> list[tuple[int, list[str]]]:
+    """``[(input size, [depth, ...])]`` in the head's order: depths named ``NAME@SIZE`` (files of one base
+    fused at several input sizes) grouped by size, else every depth at the file's ``size``."""
+    from pipeline.store.features import split_size
+
+    groups: list[tuple[int, list[str]]] = []
+    for layer in layers:
+        name, at = split_size(layer)
+        at = size if at is None else at
+        if groups and groups[-1][0] == at:
+            groups[-1][1].append(name)
+        elif any(g[0] == at for g in groups):
+            raise UsageError(f"the head's depths are not grouped by input size ({', '.join(layers)}); refit it")
+        else:
+            groups.append((at, [name]))
+    return groups
 
 
 def build_depth_export(head_dir: Path, model_dir: Path, info: dict[str, Any], attrs: dict[str, Any],
                        weights: str | None = None, fixed_size: bool = False,
                        metadata_version: int = 2) -> tuple[Any, dict[str, Any]]:
     """The image -> probabilities model of a multi-depth head, and its metadata (tlpipe.json, in
-    ``pipeline.deploy.export``'s format ``metadata_version``)."""
+    ``pipeline.deploy.export``'s format ``metadata_version``).  A head on depths at several input sizes
+    (``NAME@SIZE``) takes one input per size, ``image_<size>``, each resized as at extraction (as
+    ``pipeline.deploy.export`` does for fused files; ``tlpipe predict`` feeds them)."""
     from pipeline.heads.auto import load_any_head
-    from pipeline.nets.extractor import builtin_preprocess
-    from pipeline.nets.graph import OUTPUT_LAYER, resize_in_graph
+    from pipeline.nets.backbones import get_backbone
 
     head = load_any_head(model_dir)
     W, b, layers = head.linear()
-    backbone, size, pooling, trunk, winfo = depth_trunk(attrs, weights, layers)
-    if int(trunk.output_shape[-1]) != W.shape[0]:
-        raise UsageError(f"the chosen depths give {trunk.output_shape[-1]} features but the head expects {W.shape[0]}")
-    image = keras.Input(shape=(size, size, 3) if fixed_size else (None, None, 3), dtype="uint8", name="image")
-    x = (keras.layers.Rescaling(1.0, dtype="float32", name="to_float")(image) if fixed_size
-         else resize_in_graph(image, size))
-    for layer in builtin_preprocess(backbone, name="preprocess"):
-        x = layer(x)
+    groups = size_groups(layers, int(attrs["input_size"]))
+    multi = len(groups) > 1
+    if multi and get_backbone(attrs["base"]).hub:
+        raise UsageError("export of a head on a KerasHub base at several input sizes is not supported; refit "
+                         "--head auto on one features file")
+    branches = [_branch(attrs, weights, size, names, multi, fixed_size) for size, names in groups]
+    backbone, pooling, winfo = branches[0]["backbone"], branches[0]["pooling"], branches[0]["winfo"]
+    width = sum(int(br["trunk"].output_shape[-1]) for br in branches)
+    if width != W.shape[0]:
+        raise UsageError(f"the chosen depths give {width} features but the head expects {W.shape[0]}")
     dense = keras.layers.Dense(W.shape[1], activation="softmax", name="auto_head")
     dense.build((None, W.shape[0]))
     dense.set_weights([W, b])
-    out = dense(trunk(x, training=False))
+    out = dense(_joined([br["trunk"](br["x"], training=False) for br in branches], "depths_sizes"))
     if head.tta:
-        mirrored = dense(trunk(mirror_layers(x, size), training=False))
-        out = keras.layers.Average(name="mean_with_mirror")([out, mirrored])
+        mirrored = [br["trunk"](mirror_layers(br["x"], br["size"], br["suffix"]), training=False) for br in branches]
+        out = keras.layers.Average(name="mean_with_mirror")([out, dense(_joined(mirrored, "mirror_sizes"))])
     out = keras.layers.Activation("linear", dtype="float32", name=OUTPUT_LAYER)(out)
-    model = keras.Model(image, out, name=re.sub(r"[^A-Za-z0-9_]", "_", f"tlpipe_{backbone.name}_auto"))
+    inputs = [br["input"] for br in branches]
+    model = keras.Model(inputs if multi else inputs[0], out,
+                        name=re.sub(r"[^A-Za-z0-9_]", "_", f"tlpipe_{backbone.name}_auto"))
     model.trainable = False
+    sizes = [br["size"] for br in branches]
     metadata = {"format_version": metadata_version, "class_names": list(info["classes"]), "base": backbone.name,
-                "input_size": size, "input_sizes": [size], "inputs": ["image"],
+                "input_size": sizes[0], "input_sizes": sizes,
+                "inputs": [f"image_{s}" for s in sizes] if multi else ["image"],
                 "input_shape": "fixed: [N, S, S, 3] uint8, S = input_size" if fixed_size
                 else "any: [N, H, W, 3] uint8, resized inside",
                 "pooling": pooling, "weights": winfo.label, "weights_sha256": winfo.sha256,
-                "branches": [{"base": backbone.name, "input_size": size, "pooling": pooling,
-                              "weights": winfo.label, "weights_sha256": winfo.sha256}],
+                "branches": [{"base": backbone.name, "input_size": br["size"], "pooling": pooling,
+                              "weights": winfo.label, "weights_sha256": winfo.sha256,
+                              "depths": br["depths"]} for br in branches],
                 "depths": layers, "test_time_mirror": bool(head.tta),
                 "requires": ["keras", "keras-hub"] if backbone.hub else ["keras"],
                 "head": info["head"], "head_dir": str(head_dir), "custom_layers": False,
                 "features": info.get("features"), "fingerprints": info.get("fingerprints")}
     return model, metadata
+
+
+def _branch(attrs: dict[str, Any], weights: str | None, size: int, names: list[str], multi: bool,
+            fixed_size: bool) -> dict[str, Any]:
+    """One input size: its image input, resize and preprocessing, and the trunk of its depths."""
+    from pipeline.nets.extractor import builtin_preprocess
+    from pipeline.nets.graph import resize_in_graph
+
+    suffix = f"_{size}" if multi else ""
+    backbone, size, pooling, trunk, winfo = depth_trunk({**attrs, "input_size": size}, weights, names,
+                                                        name=f"depths{suffix}")
+    image = keras.Input(shape=(size, size, 3) if fixed_size else (None, None, 3), dtype="uint8",
+                        name=f"image{suffix}")
+    x = (keras.layers.Rescaling(1.0, dtype="float32", name=f"to_float{suffix}")(image) if fixed_size
+         else resize_in_graph(image, size, suffix))
+    for layer in builtin_preprocess(backbone, name=f"preprocess{suffix}"):
+        x = layer(x)
+    return {"backbone": backbone, "size": size, "pooling": pooling, "trunk": trunk, "winfo": winfo, "input": image,
+            "x": x, "suffix": suffix, "depths": names}
+
+
+def _joined(parts: list, name: str):
+    return parts[0] if len(parts) == 1 else keras.layers.Concatenate(name=name)(parts)
 
 
 def head_json(model_dir: Path) -> dict[str, Any]:

@@ -28,10 +28,10 @@ from pipeline.core.errors import UsageError
 from pipeline.heads.depths import DepthScaler, select_depths
 from pipeline.heads.ensemble import EnsembleHead
 from pipeline.heads.models import Head, HeadParams
-from pipeline.store.features import load_views
+from pipeline.store.features import load_views, split_size
 
 __all__ = ["AutoHead", "EXTRA_HEADS", "get_any_head", "load_any_head", "load_views", "parse_subset",
-           "columns", "subset_features"]
+           "columns", "subset_features", "sizes_of", "by_size", "compact_depths"]
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,57 @@ def parse_subset(layers: str | list[str] | None, stored: list[str]) -> tuple[lis
     names = [n.strip() for n in (layers.split(",") if isinstance(layers, str) else layers) if n.strip()]
     out = []
     for name in names:
-        hit = name if name in stored else next((s for s in stored if s.startswith(name + "_")), None)
-        if hit is None:
+        hits = _matches(name, stored)
+        if not hits:
             raise UsageError(f"--layers: '{name}' is not stored in the features file; stored depths: "
                              f"{', '.join(stored)}")
-        out.append(hit)
-    return out, False
+        out.extend(h for h in hits if h not in out)
+    return [n for n in stored if n in out], False
+
+
+def _matches(name: str, stored: list[str]) -> list[str]:
+    """The stored depths ``name`` stands for: itself, or the first ``NAME_...`` (``conv_pw_7`` for
+    ``conv_pw_7_relu``); for files fused at several input sizes, that depth at every size unless
+    ``NAME@SIZE`` names one."""
+    depth, size = split_size(name)
+    pairs = [(s, *split_size(s)) for s in stored]
+    pairs = [p for p in pairs if size is None or p[2] == size]
+    exact = [s for s, d, _ in pairs if d == depth]
+    if exact:
+        return exact
+    out, seen = [], set()
+    for s, d, at in pairs:
+        if d.startswith(depth + "_") and at not in seen:
+            out.append(s)
+            seen.add(at)
+    return out
+
+
+def sizes_of(names: list[str]) -> list[int]:
+    """The input sizes of depths named ``NAME@SIZE`` (``[]`` for depths of one file), in order."""
+    return list(dict.fromkeys(size for size in (split_size(n)[1] for n in names) if size is not None))
+
+
+def by_size(names: list[str]) -> dict[str, list[str]]:
+    """``{"all@SIZE": [every depth at SIZE]}`` for depths of several input sizes (``{}`` otherwise)."""
+    sizes = sizes_of(names)
+    if len(sizes) < 2:
+        return {}
+    return {f"all@{size}": [n for n in names if split_size(n)[1] == size] for size in sizes}
+
+
+def compact_depths(depths: list[str], stored: list[str]) -> str:
+    """``conv_pw_7_relu,conv_pw_13_relu``; depths at several sizes grouped by size, ``all 13`` for every
+    stored depth at that size: ``224 px: all 13; 320 px: conv_pw_12_relu,conv_pw_13_relu``."""
+    sizes = sizes_of(depths)
+    if not sizes:
+        return ",".join(depths)
+    parts = []
+    for size in sizes:
+        here = [split_size(n)[0] for n in depths if split_size(n)[1] == size]
+        every = [n for n in stored if split_size(n)[1] == size]
+        parts.append(f"{size} px: " + (f"all {len(here)}" if len(here) == len(every) else ",".join(here)))
+    return "; ".join(parts)
 
 
 def columns(layout: list[tuple[str, int]], X: np.ndarray) -> dict[str, np.ndarray]:
@@ -106,15 +151,16 @@ class AutoHead(Head):
         rows, lam, tta, cv, temperature, loss = self._choose_ridge(Z, yall, groups, bool(views))
         self._fit_ridge(Z, yall, lam, temperature)
         self.tta = tta
+        sized = {"input_sizes": sizes_of(self.names)} if sizes_of(names) else {}  # several sizes: those chosen
         self.chosen = {"depths": self.names, "ridge": lam, "test_time_mirror": tta, "train_views": len(views),
-                       "temperature": temperature}
+                       "temperature": temperature, **sized}
         self.tuning = {"method": "leave-one-photo-out CV on train (a photo and its views held out together)",
                        "param": "ridge", "chosen": lam, "cv_accuracy": cv, "cv_log_loss": loss, "depths": self.names,
                        "depth_choice": how, "depth_select_seconds": round(select_seconds, 2),
                        "test_time_mirror": tta, "train_views": len(views), "temperature": temperature,
-                       "val_used_for_tuning": False}
+                       **sized, "val_used_for_tuning": False}
         log.info("auto: depths %s, ridge %.3g, test-time mirror %s (leave-one-photo-out accuracy %.4f on train)",
-                 ",".join(self.names), lam, "on" if tta else "off", cv)
+                 compact_depths(self.names, [n for n, _ in self.layout]), lam, "on" if tta else "off", cv)
         return rows
 
     def _choose_depths(self, Xall, yall, groups, names, choose: bool, views: bool) -> dict[str, Any]:
@@ -123,13 +169,16 @@ class AutoHead(Head):
             return {"method": "given by --layers" if self.layers not in (None, "all") else "the only stored depth"}
         Z = self.scaler.transform(columns(self.layout, Xall))
         sel = select_depths(Z, yall, groups, names, [dict(self.layout)[n] for n in names], self.n_classes,
-                            positions=(0, 1) if views else (0,))
+                            positions=(0, 1) if views else (0,), extra=by_size(names))
         self.names = sel.chosen
         self.depth_rows = ([{"step": 0, "depth": n, "set": n, "cv_accuracy": a, "kind": "alone"}
                             for n, a in sel.alone.items()]
                            + [{"step": i + 1, "depth": s["added"], "set": "+".join(s["set"]),
                                "cv_accuracy": s["cv_accuracy"], "kind": "set"} for i, s in enumerate(sel.steps)])
-        return {"method": sel.how, "cv_accuracy": round(sel.cv_accuracy, 4), "alone": sel.alone, "steps": sel.steps}
+        how = {"method": sel.how, "cv_accuracy": round(sel.cv_accuracy, 4), "alone": sel.alone, "steps": sel.steps}
+        if by_size(names):  # features of one base at several input sizes: the sizes were chosen too
+            how["input_sizes"] = sizes_of(self.names)
+        return how
 
     def _choose_ridge(self, Z, y, groups, views: bool):
         """Ridge strength and test-time mirror by exact leave-one-photo-out CV; the softmax temperature

@@ -8,8 +8,10 @@ on centred one-hot labels, computed in closed form from one eigendecomposition p
 number of ridge strengths): a group is one photo and its augmented views (``--views``), so a photo is
 never scored against its own mirror image; its prediction is the mean over its views, as at test time.
 Depth choice (``ranked``, the default, as Head2Toe ranks features by relevance): score each depth alone,
-rank them, and score the nested sets of the best 1, 2, ... ``max_depths`` depths and the set of all;
-the best-scoring set wins (a smaller one on ties within ``min_gain``).  ``greedy`` (forward selection:
+rank them, and score the nested sets of the best 1, 2, ... ``max_depths`` depths, the set of every
+depth at each input size (features files of one base fused at several sizes: depths ``NAME@SIZE``)
+and the set of all; the best-scoring set wins (an earlier, smaller one on ties within ``min_gain``), so
+input sizes are chosen with the depths: one size, or a mix of several.  ``greedy`` (forward selection:
 add the depth that raises the score most, stop when nothing adds ``min_gain``) costs several times
 more.  Only training rows are used: val and test score the result.
 """
@@ -112,7 +114,9 @@ def logo_scores(X: np.ndarray, y: np.ndarray, G: np.ndarray, n_classes: int,
         U, w, dims = U[:, keep], w[keep], min(gram[0].shape[0], int(gram[1]))
     Y = np.eye(n_classes)[y]
     Y = Y - Y.mean(axis=0)
-    if w.size == 0:  # constant features: nothing to learn, chance-level score
+    if w.size == 0:  # constant features: nothing to learn, chance-level score (every class scored the same)
+        if scores_out is not None:
+            scores_out.update({lam: np.zeros((len(G), n_classes)) for lam in lambdas})
         return np.zeros(len(lambdas))
     UtY = U.T @ Y
     unit = float(w.sum()) / dims
@@ -147,8 +151,11 @@ class Selection:
 
 def select_depths(X: np.ndarray, y: np.ndarray, groups: np.ndarray, names: list[str], widths: list[int],
                   n_classes: int, min_gain: float = 0.002, max_depths: int = 6, strategy: str = "ranked",
-                  positions: tuple[int, ...] | None = None) -> Selection:
-    """Choose depths on standardised train rows ``X`` (depth blocks side by side): ``ranked`` or ``greedy``."""
+                  positions: tuple[int, ...] | None = None,
+                  extra: dict[str, list[str]] | None = None) -> Selection:
+    """Choose depths on standardised train rows ``X`` (depth blocks side by side): ``ranked`` or ``greedy``.
+    ``extra``: more candidate sets for ``ranked``, by label (every depth at one input size: ``all@320``),
+    scored after the nested sets and before the set of all."""
     G = group_matrix(groups)
     starts = np.cumsum([0, *widths])
     cols = {n: np.arange(starts[i], starts[i + 1]) for i, n in enumerate(names)}
@@ -177,7 +184,7 @@ def select_depths(X: np.ndarray, y: np.ndarray, groups: np.ndarray, names: list[
     min_gain = max(min_gain, 2.0 / len(G))  # at least two photos more must be right
     alone = {n: float(score((n,)).max()) for n in names}
     if strategy == "ranked":
-        return _ranked(score, names, alone, min_gain, max_depths)
+        return _ranked(score, names, alone, min_gain, max_depths, extra or {})
     chosen: list[str] = []
     best = 0.0
     steps: list[dict[str, Any]] = []
@@ -197,20 +204,25 @@ def select_depths(X: np.ndarray, y: np.ndarray, groups: np.ndarray, names: list[
                      "greedy forward selection, leave-one-group-out ridge accuracy on train")
 
 
-def _ranked(score, names: list[str], alone: dict[str, float], min_gain: float, max_depths: int) -> Selection:
-    """Nested sets of the best-ranked depths (and all of them); the best score wins, smaller on ties."""
+def _ranked(score, names: list[str], alone: dict[str, float], min_gain: float, max_depths: int,
+            extra: dict[str, list[str]]) -> Selection:
+    """Nested sets of the best-ranked depths, the ``extra`` sets, and all of them; the best score wins, an
+    earlier (smaller) one on ties within ``min_gain``."""
     ranking = sorted(names, key=lambda n: (-alone[n], -names.index(n)))
-    sets = [tuple(ranking[:k]) for k in range(1, min(max_depths, len(names)) + 1)]
+    sets = [(r[-1], r) for r in (tuple(ranking[:k]) for k in range(1, min(max_depths, len(names)) + 1))]
+    sets += [(label, tuple(subset)) for label, subset in extra.items()
+             if len(subset) > 1 and tuple(sorted(subset)) not in {tuple(sorted(s)) for _, s in sets}]
     if len(names) > max_depths:
-        sets.append(tuple(names))
+        sets.append(("all", tuple(names)))
     steps, best = [], None
-    for subset in sets:
+    for label, subset in sets:
         acc = float(score(subset).max())
-        steps.append({"added": subset[-1] if len(subset) <= max_depths else "all", "set": list(subset),
-                      "cv_accuracy": round(acc, 4)})
-        log.info("depths: best %d -> %.4f (LOGO ridge on train)", len(subset), acc)
+        steps.append({"added": label, "set": list(subset), "cv_accuracy": round(acc, 4)})
+        log.info("depths: %s (%d) -> %.4f (LOGO ridge on train)", label, len(subset), acc)
         if best is None or acc >= best[0] + min_gain:
             best = (acc, subset)
     key = tuple(sorted(best[1], key=names.index))
     scores = score(key)
-    return Selection(list(key), LAMBDAS[int(scores.argmax())], float(scores.max()), alone, steps)
+    how = ("ranked depths, nested best-k sets and every depth at each input size scored by leave-one-group-out "
+           "ridge accuracy on train") if extra else Selection.how
+    return Selection(list(key), LAMBDAS[int(scores.argmax())], float(scores.max()), alone, steps, how)

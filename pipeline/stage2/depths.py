@@ -3,6 +3,9 @@
 
 * ``--layers all`` (default): the auto head chooses among every stored depth by CV on train; other
   heads see every stored depth.  ``--layers NAME,NAME``: only those depths' columns.
+* Several features files of one base at different input sizes (``--features m224.h5 --features
+  m320.h5``): the auto head sees every stored depth at every size (``NAME@SIZE``) and chooses sizes
+  and depths together; other heads fuse them as before (``pipeline.store.features.fuse``).
 * Views: every head trains on the clean rows and their views, with the views of one photo in one CV
   fold (grouped CV: otherwise CV scores a photo against its own mirror image), and scores a split
   with the mean of the probabilities of each image and its stored mirror.  The auto head decides by
@@ -21,7 +24,7 @@ from pipeline.core.errors import UsageError
 from pipeline.heads.auto import columns, parse_subset
 from pipeline.heads.models import Head
 from pipeline.nets.depths import depths_of
-from pipeline.store.features import FeatureSet, load_views
+from pipeline.store.features import FeatureSet, load_fused_views, load_views, read_attrs
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,15 @@ def prepare_depths(fs: FeatureSet, head_cls: type[Head], layers: str, streamed: 
     Returns what evaluation.json records about depths ({} for a file of one depth) and the views."""
     stored = [n for n, _ in depths_of(fs.attrs)]
     requested = str(layers or "all").strip().lower() not in ("all", "")
+    if len(fs.paths) > 1 and fs.attrs.get("input_sizes") and head_cls.name == "auto" and not streamed:
+        # one base at several input sizes: every (depth, size) is a candidate of the auto head
+        return ({"stored": stored, "requested": layers, "stored_input_sizes": list(fs.attrs["input_sizes"])},
+                load_fused_views(fs.paths, fs.splits))
+    if len(fs.paths) > 1 and head_cls.name == "auto" and any(depths_of(read_attrs(p)) != [("last", int(
+            read_attrs(p)["feature_size"]))] for p in fs.paths):
+        raise UsageError("--head auto chooses among the depths and input sizes of one base: these files hold "
+                         f"other bases or weights ({fs.base}); give files of one base and weights at different "
+                         "--input-size, or one file")
     if len(fs.paths) > 1 or stored == ["last"]:
         if requested:
             raise UsageError("--layers needs one features file extracted with --layers blocks or NAME,NAME")
@@ -94,7 +106,7 @@ def record(depth_info: dict[str, Any], head: Head, views: Views) -> dict[str, An
     and the views (None: one depth and no views)."""
     if not depth_info and not views:
         return None
-    keys = ("depths", "test_time_mirror", "train_views") if views else ("depths",)
+    keys = ("depths", "input_sizes", "test_time_mirror", "train_views") if views else ("depths", "input_sizes")
     out = {**depth_info, **{k: v for k, v in (head.chosen or {}).items() if k in keys}}
     if views and not hasattr(head, "configure"):
         out.update(train_views=len(views.get("train", [])), test_time_mirror=bool(views.get("val")))

@@ -39,7 +39,7 @@ from pipeline.core.safety import guard_head_folder
 from pipeline.core.util import require_tensorboard
 from pipeline.heads import folder
 from pipeline.heads.metrics import chance, evaluate
-from pipeline.heads.auto import get_any_head
+from pipeline.heads.auto import compact_depths, get_any_head
 from pipeline.heads.models import Head, HeadParams
 from pipeline.reporting.depth_plot import write_depth_plot
 from pipeline.heads.stream import Rows, chunks_of, decide, open_streamed, stream_head, stream_params
@@ -235,7 +235,10 @@ def _depth_lines(d: dict[str, Any]) -> list[str]:
     """The depths a head used and why; the views it trained and predicted with."""
     out = []
     if d.get("depths"):
-        out.append(f"  depths {','.join(d['depths'])} ({d.get('how', '')})")
+        out.append(f"  depths {compact_depths(d['depths'], d.get('stored') or [])} ({d.get('how', '')})")
+    if d.get("stored_input_sizes"):
+        out.append(f"  input sizes {', '.join(map(str, d.get('input_sizes') or []))} px chosen among "
+                   f"{', '.join(map(str, d['stored_input_sizes']))} (with the depths, by the same CV on train)")
     if "test_time_mirror" in d:
         out.append(f"  views: trained on {d.get('train_views', 0)} per photo; "
                    f"test-time mirror {'on' if d['test_time_mirror'] else 'off'}")

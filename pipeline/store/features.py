@@ -19,8 +19,9 @@ from pipeline.store.schema import JSON_ATTRS, REQUIRED_ATTRS, SCHEMA_VERSION, ex
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_views", "SCHEMA_VERSION", "REQUIRED_ATTRS", "JSON_ATTRS", "extraction_fingerprint", "read_attrs", "load_features",
-           "FeatureSet", "Split", "fuse", "staleness", "warn_if_stale", "head_status", "resolve_features_path"]
+__all__ = ["load_views", "load_fused_views", "split_size", "size_layout", "SCHEMA_VERSION", "REQUIRED_ATTRS",
+           "JSON_ATTRS", "extraction_fingerprint", "read_attrs", "load_features", "FeatureSet", "Split", "fuse",
+           "staleness", "warn_if_stale", "head_status", "resolve_features_path"]
 
 
 def resolve_features_path(name: str | Path, cache_dir: str | Path = "cache") -> Path:
@@ -256,6 +257,40 @@ def load_views(path: str | Path, clean: dict[str, Any]) -> dict[str, list[np.nda
     return out
 
 
+def load_fused_views(paths: list[Path], clean: dict[str, Any]) -> dict[str, list[np.ndarray]]:
+    """The views of files fused side by side (one base at several input sizes): view k of a split is
+    the files' view k, rows matched by id to the fused ``clean`` splits.  Only views every file holds
+    are kept (a file without views: none)."""
+    import h5py
+
+    per_file = []
+    for path in paths:
+        with h5py.File(path, "r") as h5:
+            own = {name: Split(np.zeros((0, 0)), np.zeros(0), h5[name]["ids"].asstr()[...])
+                   for name in clean if name in h5}
+        per_file.append((own, load_views(path, own)))
+    out: dict[str, list[np.ndarray]] = {}
+    for split, data in clean.items():
+        count = min(len(views.get(split, [])) for _, views in per_file)
+        if count < max(len(views.get(split, [])) for _, views in per_file):
+            log.warning("%s: only the first %d views are held by every fused file; the others are left out",
+                        split, count)
+        for k in range(count):
+            parts = []
+            for own, views in per_file:
+                pos = {v: i for i, v in enumerate(own[split].ids)}
+                parts.append(views[split][k][np.fromiter((pos[i] for i in data.ids), np.int64, len(data.ids))])
+            out.setdefault(split, []).append(np.concatenate(parts, axis=1))
+    return out
+
+
+def split_size(depth: str) -> tuple[str, int | None]:
+    """``("conv_pw_7_relu", 320)`` for ``conv_pw_7_relu@320`` (a depth of fused files at several input
+    sizes); ``(depth, None)`` for a depth of one file."""
+    name, at, size = depth.rpartition("@")
+    return (name, int(size)) if at and size.isdigit() else (depth, None)
+
+
 def feature_precision(attrs: dict[str, Any]) -> str:
     """The precision a features file was computed in (files from before the option: f32, or fp16 when
     made with Keras mixed precision)."""
@@ -266,7 +301,10 @@ def fuse(sets: list[FeatureSet], allow_mixed_precision: bool = False) -> Feature
     """Concatenate features of several bases, rows matched by id.
 
     Refused unless every file comes from the same data source, split and classes, and (unless
-    ``allow_mixed_precision``) was computed in the same precision (f32 / bf16 / fp16).
+    ``allow_mixed_precision``) was computed in the same precision (f32 / bf16 / fp16).  Files of one
+    base (same weights and pooling) at several input sizes also get a depth layout (``size_layout``:
+    ``DEPTH@SIZE``) so that ``--head auto`` chooses sizes and depths together; that base at the same
+    input size twice is refused.
     """
     if len(sets) == 1:
         return sets[0]
@@ -289,6 +327,7 @@ def fuse(sets: list[FeatureSet], allow_mixed_precision: bool = False) -> Feature
                           f"{other.attrs.get(key) if key != 'source_fingerprint' else other.attrs.get('data_source')}"
                 raise WrongFile(
                     f"cannot fuse {first.paths[0]} and {other.paths[0]}: different {key.replace('_', ' ')}: {why}")
+    sizes = check_sizes(sets)
     splits: dict[str, Split] = {}
     for name in first.splits:
         if not all(name in s.splits for s in sets):
@@ -314,7 +353,45 @@ def fuse(sets: list[FeatureSet], allow_mixed_precision: bool = False) -> Feature
     attrs["base"] = "+".join(s.base for s in sets)
     attrs["feature_size"] = sum(int(s.attrs["feature_size"]) for s in sets)
     attrs["fused_from"] = [str(s.paths[0]) for s in sets]
+    if sizes:  # one base at several input sizes: every (depth, size) is a depth of its own
+        attrs.update(size_layout(sets))
     return FeatureSet([p for s in sets for p in s.paths], attrs, splits)
+
+
+def same_base(sets: list[FeatureSet]) -> bool:
+    """Whether every file holds the same base with the same weights and pooling (then they differ, if at
+    all, in input size and stored depths)."""
+    def key(s: FeatureSet) -> tuple:  # the weights by their sha256 (one file named by two paths), else label
+        return (s.attrs.get("base"), s.attrs.get("pooling"), s.attrs.get("weights_sha256") or s.attrs.get("weights"))
+
+    return all(key(s) == key(sets[0]) for s in sets[1:])
+
+
+def check_sizes(sets: list[FeatureSet]) -> list[int]:
+    """The input sizes of files of one base (``[]`` for files of different bases or weights: plain
+    fusion); the same base at the same input size twice is refused in one line."""
+    if not same_base(sets):
+        return []
+    sizes = [int(s.attrs.get("input_size") or 0) for s in sets]
+    for i, size in enumerate(sizes):
+        if size in sizes[:i]:
+            raise WrongFile(f"cannot fuse {sets[sizes.index(size)].paths[0]} and {sets[i].paths[0]}: the same base "
+                            f"({sets[0].base}) with the same weights at the same input size ({size}) twice; give "
+                            "one file per input size (extract --input-size N --layers blocks)")
+    return sizes
+
+
+def size_layout(sets: list[FeatureSet]) -> dict[str, Any]:
+    """Attributes of files of one base at several input sizes, fused: each stored depth of each file
+    named ``DEPTH@SIZE`` (``last@224`` for a file of the last layer only), in the files' order."""
+    from pipeline.nets.depths import depths_of
+
+    names, dims = [], []
+    for s in sets:
+        for name, dim in depths_of(s.attrs):
+            names.append(f"{name}@{int(s.attrs['input_size'])}")
+            dims.append(dim)
+    return {"depths": names, "depth_dims": dims, "input_sizes": [int(s.attrs["input_size"]) for s in sets]}
 
 
 def staleness(path: str | Path) -> tuple[bool, str]:
