@@ -1,5 +1,5 @@
 """Export of heads fitted on several pooled depths (``--head auto``): image -> probabilities.
-``depth_trunk`` also serves the other heads fitted on pooled depths (``pipeline.deploy.export``).
+The trunk and the mirror flip are ``pipeline.nets.depth_graph``'s (shared with fine-tuning).
 
 The exported model resizes the image as decoding does, applies the base's preprocessing with
 built-in layers, computes the chosen depths' global pools from one pass of the base (a KerasHub base:
@@ -13,58 +13,17 @@ Built-in Keras layers only (and KerasHub's, for a hub base): the ``.keras`` file
 from __future__ import annotations
 
 import json
-import random
 import re
 from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 
 from pipeline.core.errors import UsageError
+from pipeline.nets.depth_graph import depth_trunk, mirror_layers
 from pipeline.nets.graph import OUTPUT_LAYER
 
 DEPTH_HEADS = ("auto",)
-
-
-def mirror_layers(x, size: int, suffix: str = ""):
-    """``x[:, :, ::-1, :]`` with built-in layers (exact: a permutation matrix on the width axis)."""
-    x = keras.layers.Permute((1, 3, 2), name=f"width_last{suffix}")(x)
-    flip = keras.layers.Dense(size, use_bias=False, trainable=False, name=f"mirror{suffix}")
-    flip.build((None, None, 3, size))
-    flip.set_weights([np.eye(size, dtype="float32")[::-1]])
-    x = flip(x)
-    return keras.layers.Permute((1, 3, 2), name=f"width_back{suffix}")(x)
-
-
-def depth_trunk(attrs: dict[str, Any], weights: str | None, layers: list[str], name: str = "depths"):
-    """``(backbone, size, pooling, trunk, weights info)``: the trunk computes ``layers``' pools from the
-    base's (preprocessed) input in one pass, with the weights the features file was extracted with."""
-    from pipeline.nets.backbones import get_backbone
-    from pipeline.nets.depths import pooled_depths_model
-    from pipeline.nets.weights import build_with_weights, parse_weights, sha256_file
-
-    backbone = get_backbone(attrs["base"])
-    size, pooling = int(attrs["input_size"]), str(attrs.get("pooling", "avg"))
-    recorded = str(attrs.get("weights", "imagenet"))
-    resolved = parse_weights(weights if weights is not None else recorded, backbone)
-    want = str(attrs.get("weights_sha256") or "")
-    if isinstance(resolved, Path) and want and sha256_file(resolved) != want:
-        raise UsageError(f"weights {resolved} differ from the ones the features were extracted with")
-    state = random.getstate()
-    random.seed(0)  # as extract: --weights none gives the same random base
-    try:
-        if backbone.hub:  # the preset's converter and the pooled pyramid levels, built by pipeline.nets.hub
-            trunk, winfo = build_with_weights(backbone, resolved, size, pooling, depths=tuple(layers))
-        else:
-            base_model, winfo = build_with_weights(backbone, resolved, size, pooling)
-            # "last" (a file of --layers last): the base's own pooled output, the pool of the layer before it
-            last = base_model.layers[-2].name if len(base_model.output.shape) == 2 else base_model.layers[-1].name
-            trunk = pooled_depths_model(base_model, tuple(last if n == "last" else n for n in layers), pooling,
-                                        name=name)
-    finally:
-        random.setstate(state)
-    return backbone, size, pooling, trunk, winfo
 
 
 def size_groups(layers: list[str], size: int) -> list[tuple[int, list[str]]]:

@@ -53,6 +53,7 @@ from pipeline.heads.folder import read_head_info
 from pipeline.heads.metrics import chance
 from pipeline.heads.models import DenseHead, HeadParams
 from pipeline.nets.backbones import get_backbone
+from pipeline.nets.depth_graph import depth_trunk, mirror_layers
 from pipeline.nets.graph import build_branch, probabilities_layer
 from pipeline.nets.hub import is_hub_name
 from pipeline.stage3.start import (
@@ -61,9 +62,7 @@ from pipeline.stage3.start import (
     check_kind,
     check_unfreeze,
     check_weights,
-    depth_trunk,
     head_layers,
-    mirror_layers,
     read_start,
 )
 from pipeline.store.features import load_features, read_attrs, resolve_features_path
@@ -241,7 +240,9 @@ def build_models(head_dir: Path, info: dict, attrs: dict, weights: str | None, u
     start = start or read_start(Path(head_dir).parent, Path(head_dir), info, attrs)
     k = len(info["classes"])
     if start.depths:  # several pooled depths: one pass of the base computes them (as tlpipe export)
-        base_name, size, pooling, base, winfo = depth_trunk(attrs, weights, start.depths)
+        backbone, size, pooling, base, winfo = depth_trunk(attrs, weights, start.depths,
+                                                           name=f"{attrs['base']}_depths".replace(".", "_"))
+        base_name = backbone.name
     else:
         branch = build_branch(attrs, weights, 0, False)
         base_name, size, pooling, base, winfo = branch.base, branch.size, branch.pooling, branch.model, branch.weights

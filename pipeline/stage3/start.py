@@ -3,7 +3,7 @@ with the mean over each image and its mirror, and the checks made on them before
 
 A head fitted on a features file of several depths (``extract --layers blocks|NAMES``) reads the
 global pools of some layers of the base; fine-tuning rebuilds those pools from the image in one pass of
-the base (``depth_trunk``), puts the fitted head on them (``dense``, ``logistic`` folded into one
+the base (``pipeline.nets.depth_graph.depth_trunk``), puts the fitted head on them (``dense``, ``logistic`` folded into one
 ``Dense``, ``auto`` as its affine map: per-depth standardisation folded in) and, when the head predicted
 so, averages with the mirror image, so that the model at step 0 gives the head's probabilities.
 Heads without layers to train through (``svm``, ``rbf-svm``, ``knn``, ``ensemble``) are refused.
@@ -156,22 +156,6 @@ def check_cached_views(start: Start, views: int | None) -> None:
 # ----------------------------------------------------------------------------- Keras (after the checks)
 
 
-def depth_trunk(attrs: dict[str, Any], weights: str | None, depths: list[str]):
-    """``(base name, size, pooling, trunk, weights info)``: the trunk computes ``depths``' global pools
-    from the base's preprocessed input in one pass, with the weights the features were extracted with
-    (as ``pipeline.deploy.export_depths.depth_trunk``, which sits above the stages)."""
-    from pipeline.nets.depths import pooled_depths_model
-    from pipeline.nets.weights import build_with_weights, parse_weights, seeded_init
-
-    backbone = get_backbone(attrs["base"])
-    size, pooling = int(attrs["input_size"]), str(attrs.get("pooling", "avg"))
-    resolved = parse_weights(weights if weights is not None else str(attrs.get("weights", "imagenet")), backbone)
-    with seeded_init():  # as extract: --weights none gives the same random base
-        base_model, winfo = build_with_weights(backbone, resolved, size, pooling)
-    trunk = pooled_depths_model(base_model, tuple(depths), pooling, name=f"{backbone.name}_depths".replace(".", "_"))
-    return backbone.name, size, pooling, trunk, winfo
-
-
 def head_layers(start: Start, model_dir: Path, k: int, dim: int):
     """The fitted head as Keras layers (features -> probabilities) and the width it reads."""
     import keras
@@ -191,15 +175,3 @@ def head_layers(start: Start, model_dir: Path, k: int, dim: int):
     if start.kind == "dense":
         return head.model, int(head.model.input_shape[-1])
     return logistic_layers(head.model, k, dim), dim
-
-
-def mirror_layers(x, size: int):
-    """``x[:, :, ::-1, :]`` with built-in layers (exact: a permutation matrix on the width axis)."""
-    import keras
-    import numpy as np
-
-    x = keras.layers.Permute((1, 3, 2), name="width_last")(x)
-    flip = keras.layers.Dense(size, use_bias=False, trainable=False, name="mirror")
-    flip.build((None, None, 3, size))
-    flip.set_weights([np.eye(size, dtype="float32")[::-1]])
-    return keras.layers.Permute((1, 3, 2), name="width_back")(flip(x))
