@@ -183,3 +183,26 @@ def test_knn_train_scores_are_leave_one_out():
         ref = KNeighborsClassifier(3, weights="distance", algorithm="brute").fit(Z[rest], y[rest])
         assert np.allclose(loo[i], ref.predict_proba(Z[i:i + 1])[0]), i
     assert (loo.argmax(1) != y).any()
+
+
+@pytest.mark.parametrize("k_grid", [(3,), (1, 3, 5)])
+def test_knn_leave_one_out_reuses_the_cv_neighbours(k_grid):
+    """With a CV (several k), train_proba reuses each fold's neighbours in the other folds and
+    searches only within the fold; without one (a single k), every pair of rows.  Both give the
+    leave-one-out definition: KNeighborsClassifier fitted on all rows but the one scored (float64)."""
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import normalize
+
+    X, y = _problem(300, 3, 20, seed=11, spread=3.0)
+    X[7] = X[4]  # duplicates of one class: a twin (not the row itself) is a neighbour at distance 0
+    X[10] = X[4]  # (twins tie: of different classes, which of them is kept would decide the vote)
+    head = get_head("knn")(3, HeadParams(k_grid=k_grid))
+    head.fit((X, y))
+    assert (head.loo_cache is not None) == (len(k_grid) > 1)
+    loo = head.train_proba(X, y)
+    Z, k = normalize(X.astype(np.float64)), head.chosen["k"]
+    for i in range(len(X)):
+        rest = np.arange(len(X)) != i
+        ref = KNeighborsClassifier(k, weights="distance", algorithm="brute").fit(Z[rest], y[rest])
+        np.testing.assert_allclose(loo[i], ref.predict_proba(Z[i:i + 1])[0], atol=1e-6, err_msg=str(i))
+    np.testing.assert_allclose(head.train_proba(X.copy(), y), loo, atol=1e-6)  # another array: the full search

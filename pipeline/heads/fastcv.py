@@ -226,6 +226,71 @@ def knn_neighbours(X: np.ndarray, splits: Sequence[Fold], kmax: int, tick: Calla
     return out
 
 
+NEAR_ZERO = 1e-3  # squared distances below this are recomputed in float64 (duplicates: exactly 0)
+
+
+def within_parts(X: np.ndarray, parts: Sequence[np.ndarray], k: int) -> list[tuple]:
+    """For each part (sorted row indices into ``X``), each of its rows' ``k`` nearest *other* rows of
+    the same part: (squared distances, row indices), unsorted.  Each pair of chunks of a part is
+    multiplied once (it gives both chunks their candidates); the row itself is left out.  Blocks
+    run in threads, BLAS on one thread each."""
+    from joblib import Parallel, delayed
+    from threadpoolctl import threadpool_limits
+
+    sq = np.einsum("ij,ij->i", X, X, dtype=np.float64).astype(X.dtype)
+    chunks = [[p[lo:lo + KNN_CHUNK] for lo in range(0, len(p), KNN_CHUNK)] for p in parts]
+    got: dict[tuple[int, int], list[tuple]] = {}  # (part, chunk) -> candidates of the chunk's rows
+    lock = threading.Lock()
+
+    def block(f: int, i: int, j: int) -> None:
+        ra, rb = chunks[f][i], chunks[f][j]
+        d2 = sq[ra][:, None] + sq[rb][None, :] - 2.0 * (X[ra] @ X[rb].T)
+        np.maximum(d2, 0.0, out=d2)
+        if i == j:
+            np.fill_diagonal(d2, np.inf)  # not its own neighbour
+        found = [(i, nearest(d2, k, 1), rb)] + ([] if i == j else [(j, nearest(d2, k, 0), ra)])
+        with lock:
+            for c, (dist, pos), rows in found:
+                got.setdefault((f, c), []).append((dist, rows[pos]))
+
+    jobs = [(f, i, j) for f, cs in enumerate(chunks) for i in range(len(cs)) for j in range(i, len(cs))]
+    with threadpool_limits(limits=1, user_api="blas"):
+        Parallel(n_jobs=workers(len(jobs)), prefer="threads")(delayed(block)(*job) for job in jobs)
+    return [tuple(np.concatenate([np.concatenate([c[j] for c in got[(f, i)]], axis=1) for i in range(len(cs))])
+                  for j in (0, 1)) for f, cs in enumerate(chunks)]
+
+
+def knn_leave_one_out(X: np.ndarray, k: int, splits: Sequence[Fold] | None = None,
+                      found: list[tuple] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's ``k`` nearest other rows of ``X`` (fewer when ``X`` has no more than ``k`` rows):
+    (sorted Euclidean distances, row indices), rows in ``X``'s order, ties by row index.
+
+    With the CV's ``splits`` and its neighbours ``found`` (``knn_neighbours``, for at least ``k``:
+    each fold's rows against the other folds), only the rows within each fold are multiplied;
+    without them, every pair of rows (in float32 blocks, as the CV).  Squared distances under
+    ``NEAR_ZERO`` are recomputed in float64 from the difference (a duplicate row: exactly 0)."""
+    n = len(X)
+    parts = [np.arange(n)] if splits is None else [np.sort(te) for _, te in splits]
+    within = within_parts(X, parts, k)
+    rows, d2, ind = [], [], []
+    for f, part in enumerate(parts):
+        cand_d, cand_i = within[f]
+        if found is not None:
+            dist, idx = found[f]
+            cand_d = np.concatenate([cand_d, (dist[:, :k] ** 2).astype(cand_d.dtype)], axis=1)
+            cand_i = np.concatenate([cand_i, idx[:, :k]], axis=1)
+        rows.append(part), d2.append(cand_d.astype(np.float64)), ind.append(cand_i)
+    rows, d2, ind = np.concatenate(rows), np.concatenate(d2), np.concatenate(ind)
+    r, c = np.nonzero(d2 < NEAR_ZERO)
+    if len(r):
+        diff = X[rows[r]].astype(np.float64) - X[ind[r, c]].astype(np.float64)
+        d2[r, c] = np.einsum("ij,ij->i", diff, diff)
+    order = np.lexsort((ind, d2))[:, :min(k, n - 1)]
+    out_d, out_i = np.empty((n, order.shape[1])), np.empty((n, order.shape[1]), dtype=np.int64)
+    out_d[rows], out_i[rows] = np.sqrt(np.take_along_axis(d2, order, 1)), np.take_along_axis(ind, order, 1)
+    return out_d, out_i
+
+
 def knn_table(y: np.ndarray, grid: Sequence[int], splits: Sequence[Fold], found: list[tuple]) -> np.ndarray:
     """The k-NN head's CV scores ``[fold, k, 4]`` (train columns NaN) from each fold's sorted
     neighbours (``knn_neighbours``, for at least the largest k), every k scored with
