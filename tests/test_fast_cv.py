@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import pytest
 
-from pipeline.heads.fastcv import SquaredHingeSVC, fold_splits, gram, reduced
+from pipeline.heads.fastcv import SquaredHingeSVC, fold_splits, gram, penalties, reduced, signs, solve_squared_hinge
 from pipeline.heads.models import HeadParams, get_head
 
 
@@ -86,6 +86,23 @@ def test_squared_hinge_svm_has_liblinears_optimum(k, weight):
         a, b = ours.decision_function(X), ref.decision_function(X)
         np.testing.assert_allclose(a, b, atol=2e-3 * np.abs(b).max())
         np.testing.assert_array_equal(ours.predict(X), ref.predict(X))
+
+
+def test_each_class_of_a_multiclass_svm_is_solved_as_if_alone():
+    """One-vs-rest classes share the products with X but not their L-BFGS: each column of the joint
+    solve is the solve of that column alone (and the exact optimum: zero gradient)."""
+    X, y = _problem(300, 4, 30, seed=12)
+    classes = np.unique(y)
+    S = signs(y, classes)
+    Cw = penalties(y, np.arange(len(y)), classes, 0.5, "balanced", S)
+    W = solve_squared_hinge(X, S, Cw, None, True, 1e-8, 5000)
+    for j in range(S.shape[1]):
+        alone = solve_squared_hinge(X, S[:, j:j + 1], Cw[:, j:j + 1], None, True, 1e-8, 5000)
+        np.testing.assert_allclose(W[:, j], alone[:, 0], atol=1e-4 * np.abs(alone).max())
+    Z = X.astype(np.float64) @ W[:-1] + W[-1]
+    R = -2.0 * Cw * S * np.maximum(1.0 - S * Z, 0.0)
+    G = W + np.vstack([X.T.astype(np.float64) @ R, R.sum(0)])
+    assert np.abs(G).max() <= 1e-5 * np.abs(np.vstack([X.T @ (2.0 * Cw * S), (2.0 * Cw * S).sum(0)])).max()
 
 
 def test_warm_start_reaches_the_cold_optimum():

@@ -333,11 +333,13 @@ class SvmHead(_SklearnHead):
         svc = SquaredHingeSVC(C=value, class_weight=self.params.class_weight, random_state=self.params.seed)
         return make_pipeline(StandardScaler(), CalibratedClassifierCV(svc, method="sigmoid", cv=3))
 
-    def fold_task(self, X, y, grid):
-        """Each inner calibration SVM walks the C grid warm-started; sigmoid per C as before."""
-        from pipeline.heads.fastcv import svm_task
+    def fold_table(self, Xp, y, grid, splits):
+        """Each inner calibration SVM of each fold walks the C grid warm-started, all in parallel;
+        sigmoid per C as before (``pipeline.heads.fastcv.svm_table``)."""
+        from pipeline.heads.fastcv import SVM_INNER, Progress, svm_table
 
-        return svm_task(X, y, grid, self.params.class_weight, self.train_scores)
+        bar = Progress(self.name, len(splits) * SVM_INNER * len(grid), self.progress)
+        return svm_table(Xp, y, grid, splits, self.params.class_weight, self.train_scores, bar)
 
 
 class RbfSvmHead(_SklearnHead):
