@@ -15,7 +15,8 @@ import logging
 import numpy as np
 import pytest
 
-from pipeline.heads.fastcv import SquaredHingeSVC, fold_splits, gram, penalties, reduced, signs, solve_squared_hinge
+from pipeline.heads.fastcv import (SquaredHingeSVC, fold_splits, gram, penalties, reduced, sigmoid_proba,
+                                   sigmoid_proba_sklearn, signs, solve_squared_hinge)
 from pipeline.heads.models import HeadParams, get_head
 
 
@@ -103,6 +104,21 @@ def test_each_class_of_a_multiclass_svm_is_solved_as_if_alone():
     R = -2.0 * Cw * S * np.maximum(1.0 - S * Z, 0.0)
     G = W + np.vstack([X.T.astype(np.float64) @ R, R.sum(0)])
     assert np.abs(G).max() <= 1e-5 * np.abs(np.vstack([X.T @ (2.0 * Cw * S), (2.0 * Cw * S).sum(0)])).max()
+
+
+@pytest.mark.parametrize("k,spread", [(2, 1.0), (4, 1.0), (3, 80.0)])
+def test_sigmoid_calibration_is_calibratedclassifiercvs(k, spread):
+    """The Newton-solved Platt sigmoid gives CalibratedClassifierCV's probabilities (its own L-BFGS-B
+    fit, tolerance 1e-6), binary and one-vs-rest, decision values beyond ±30 rescaled as there."""
+    rng = np.random.default_rng(k)
+    y = np.arange(240) % k
+    cols = 1 if k == 2 else k
+    D = rng.normal(0, spread, (240, cols)) + spread * ((y[:, None] == np.arange(cols) + (k == 2)) - 0.5)
+    probe = rng.normal(0, spread, (50, cols))
+    ours = sigmoid_proba(D, y, np.arange(k), probe, D)
+    theirs = sigmoid_proba_sklearn(D, y, np.arange(k), probe, D)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, atol=2e-5)
 
 
 def test_warm_start_reaches_the_cold_optimum():
