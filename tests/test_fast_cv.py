@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pipeline.heads.fastcv import (SquaredHingeSVC, fold_splits, gram, penalties, reduced, sigmoid_proba,
-                                   sigmoid_proba_sklearn, signs, solve_squared_hinge)
+                                   sigmoid_proba_sklearn, signs, solve_joint, solve_per_class)
 from pipeline.heads.models import HeadParams, get_head
 
 
@@ -90,15 +90,17 @@ def test_squared_hinge_svm_has_liblinears_optimum(k, weight):
 
 
 def test_each_class_of_a_multiclass_svm_is_solved_as_if_alone():
-    """One-vs-rest classes share the products with X but not their L-BFGS: each column of the joint
-    solve is the solve of that column alone (and the exact optimum: zero gradient)."""
+    """One-vs-rest classes share the products with X but not their L-BFGS: each column of the
+    per-class solve is the solve of that column alone, the joint L-BFGS-B's solution, and the exact
+    optimum (zero gradient)."""
     X, y = _problem(300, 4, 30, seed=12)
     classes = np.unique(y)
     S = signs(y, classes)
     Cw = penalties(y, np.arange(len(y)), classes, 0.5, "balanced", S)
-    W = solve_squared_hinge(X, S, Cw, None, True, 1e-8, 5000)
+    W = solve_per_class(X, S, Cw, None, True, 1e-8, 5000)
+    np.testing.assert_allclose(W, solve_joint(X, S, Cw, None, True, 1e-8, 5000), atol=1e-3 * np.abs(W).max())
     for j in range(S.shape[1]):
-        alone = solve_squared_hinge(X, S[:, j:j + 1], Cw[:, j:j + 1], None, True, 1e-8, 5000)
+        alone = solve_per_class(X, S[:, j:j + 1], Cw[:, j:j + 1], None, True, 1e-8, 5000)
         np.testing.assert_allclose(W[:, j], alone[:, 0], atol=1e-4 * np.abs(alone).max())
     Z = X.astype(np.float64) @ W[:-1] + W[-1]
     R = -2.0 * Cw * S * np.maximum(1.0 - S * Z, 0.0)

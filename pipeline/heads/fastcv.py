@@ -14,12 +14,13 @@ with fewer and cheaper fits:
   folds' rows, so each block serves both folds: half the products of a search per fold);
 - folds (k-NN: blocks) run in parallel threads on every core (one BLAS thread each);
 - the linear SVM is a squared-hinge L2 SVM (LinearSVC's objective, bias regularised as in
-  liblinear) solved by L-BFGS, so that it can be warm-started; one-vs-rest, each class is its
-  own L-BFGS (own curvature pairs, exact line search on the piecewise-quadratic objective, its
-  own stopping) while all classes share one matrix product per step; its sigmoid calibration
-  is the one ``CalibratedClassifierCV`` fits (3 stratified inner folds, averaged), per grid
-  value, applied to decision values computed once per SVM (``Decisions``); the 3 inner SVMs of
-  every fold (15 with 5 folds) run in parallel, not the 5 folds.
+  liblinear) solved by L-BFGS, so that it can be warm-started; on large one-vs-rest problems
+  each class is its own L-BFGS (own curvature pairs, exact line search on the piecewise-quadratic
+  objective, its own stopping) while all classes share one matrix product per step; its sigmoid
+  calibration is the one ``CalibratedClassifierCV`` fits (3 stratified inner folds, averaged;
+  Platt's objective solved by Newton's method), per grid value, applied to decision values
+  computed once per SVM; the 3 inner SVMs of every fold (15 with 5 folds) run in parallel, not
+  the 5 folds.
 
 Only train rows are used; val and test never reach this module.
 """
@@ -567,8 +568,8 @@ def lbfgs_direction(G: np.ndarray, pairs: list[tuple], gamma: np.ndarray) -> np.
     return -r
 
 
-def solve_squared_hinge(X: np.ndarray, S: np.ndarray, Cw: np.ndarray, W0: np.ndarray | None,
-                        fit_intercept: bool, tol: float, max_iter: int, memory: int = 20) -> np.ndarray:
+def solve_per_class(X: np.ndarray, S: np.ndarray, Cw: np.ndarray, W0: np.ndarray | None,
+                    fit_intercept: bool, tol: float, max_iter: int, memory: int = 20) -> np.ndarray:
     """Minimise ``Σ_columns ½‖[w; b]‖² + Σᵢ Cwᵢ max(0, 1 − Sᵢ (w·xᵢ + b))²`` from ``W0`` (zeros when
     None); ``W`` is ``(features [+ 1]) x columns``.  Each column (a one-vs-rest problem) is its own
     L-BFGS (own curvature pairs, exact line search) but all columns' products with ``X`` are one
@@ -601,6 +602,52 @@ def solve_squared_hinge(X: np.ndarray, S: np.ndarray, Cw: np.ndarray, W0: np.nda
         gamma = np.where(ok, sy / np.maximum((y_ * y_).sum(0), 1e-300), gamma)
         G[:, cols] = G_new
     return W
+
+
+def solve_joint(X: np.ndarray, S: np.ndarray, Cw: np.ndarray, W0: np.ndarray | None,
+                        fit_intercept: bool, tol: float, max_iter: int) -> np.ndarray:
+    """``solve_squared_hinge`` by one SciPy L-BFGS-B over every column's weights (compiled: the
+    cheaper one while the products with ``X`` are small).  Stops when the largest gradient entry
+    falls below ``tol`` times its value at zero."""
+    from scipy.optimize import minimize
+
+    d, m = X.shape[1], S.shape[1]
+    rows = d + int(fit_intercept)
+
+    def loss_grad(w: np.ndarray) -> tuple[float, np.ndarray]:
+        W = w.reshape(rows, m)
+        Z = (X @ W[:d].astype(X.dtype)).astype(np.float64)
+        if fit_intercept:
+            Z += W[d]
+        slack = np.maximum(1.0 - S * Z, 0.0)
+        R = -2.0 * Cw * S * slack  # d loss / d Z
+        G = W.copy()
+        G[:d] += (X.T @ R.astype(X.dtype)).astype(np.float64)
+        if fit_intercept:
+            G[d] += R.sum(0)
+        return 0.5 * float((W * W).sum()) + float((Cw * slack * slack).sum()), G.ravel()
+
+    zero = np.zeros(rows * m)
+    scale = max(float(np.abs(loss_grad(zero)[1]).max()), 1e-12)
+    start = zero if W0 is None or W0.size != zero.size else np.asarray(W0, dtype=np.float64).ravel()
+    res = minimize(loss_grad, start, jac=True, method="L-BFGS-B",
+                   options={"maxiter": max_iter, "gtol": tol * scale, "ftol": 1e-15, "maxcor": 20})
+    return res.x.reshape(rows, m)
+
+
+PER_CLASS_MIN = 1e8  # rows x features x classes from which per-class L-BFGS beats one joint L-BFGS-B
+
+
+def solve_squared_hinge(X: np.ndarray, S: np.ndarray, Cw: np.ndarray, W0: np.ndarray | None,
+                        fit_intercept: bool, tol: float, max_iter: int) -> np.ndarray:
+    """Minimise ``Σ_columns ½‖[w; b]‖² + Σᵢ Cwᵢ max(0, 1 − Sᵢ (w·xᵢ + b))²`` from ``W0`` (zeros when
+    None); ``W`` is ``(features [+ 1]) x columns``.  Large one-vs-rest problems (measured: 10
+    classes on 10,667 x 2,048, 1.5x faster) by ``solve_per_class``; smaller ones, where Python's
+    per-step overhead outweighs the products (6 classes on 3,200 x 1,024: 1.6x slower), by
+    ``solve_joint``.  Both stop at the same rule."""
+    if X.shape[0] * (X.shape[1] + 1) * S.shape[1] >= PER_CLASS_MIN:
+        return solve_per_class(X, S, Cw, W0, fit_intercept, tol, max_iter)
+    return solve_joint(X, S, Cw, W0, fit_intercept, tol, max_iter)
 
 
 class SquaredHingeSVC(ClassifierMixin, BaseEstimator):
