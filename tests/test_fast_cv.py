@@ -15,7 +15,8 @@ import logging
 import numpy as np
 import pytest
 
-from pipeline.heads.fastcv import SquaredHingeSVC, fold_splits, gram, reduced
+from pipeline.heads.fastcv import (SquaredHingeSVC, fold_splits, gram, penalties, reduced, sigmoid_proba,
+                                   sigmoid_proba_sklearn, signs, solve_joint, solve_per_class)
 from pipeline.heads.models import HeadParams, get_head
 
 
@@ -86,6 +87,40 @@ def test_squared_hinge_svm_has_liblinears_optimum(k, weight):
         a, b = ours.decision_function(X), ref.decision_function(X)
         np.testing.assert_allclose(a, b, atol=2e-3 * np.abs(b).max())
         np.testing.assert_array_equal(ours.predict(X), ref.predict(X))
+
+
+def test_each_class_of_a_multiclass_svm_is_solved_as_if_alone():
+    """One-vs-rest classes share the products with X but not their L-BFGS: each column of the
+    per-class solve is the solve of that column alone, the joint L-BFGS-B's solution, and the exact
+    optimum (zero gradient)."""
+    X, y = _problem(300, 4, 30, seed=12)
+    classes = np.unique(y)
+    S = signs(y, classes)
+    Cw = penalties(y, np.arange(len(y)), classes, 0.5, "balanced", S)
+    W = solve_per_class(X, S, Cw, None, True, 1e-8, 5000)
+    np.testing.assert_allclose(W, solve_joint(X, S, Cw, None, True, 1e-8, 5000), atol=1e-3 * np.abs(W).max())
+    for j in range(S.shape[1]):
+        alone = solve_per_class(X, S[:, j:j + 1], Cw[:, j:j + 1], None, True, 1e-8, 5000)
+        np.testing.assert_allclose(W[:, j], alone[:, 0], atol=1e-4 * np.abs(alone).max())
+    Z = X.astype(np.float64) @ W[:-1] + W[-1]
+    R = -2.0 * Cw * S * np.maximum(1.0 - S * Z, 0.0)
+    G = W + np.vstack([X.T.astype(np.float64) @ R, R.sum(0)])
+    assert np.abs(G).max() <= 1e-5 * np.abs(np.vstack([X.T @ (2.0 * Cw * S), (2.0 * Cw * S).sum(0)])).max()
+
+
+@pytest.mark.parametrize("k,spread", [(2, 1.0), (4, 1.0), (3, 80.0)])
+def test_sigmoid_calibration_is_calibratedclassifiercvs(k, spread):
+    """The Newton-solved Platt sigmoid gives CalibratedClassifierCV's probabilities (its own L-BFGS-B
+    fit, tolerance 1e-6), binary and one-vs-rest, decision values beyond ±30 rescaled as there."""
+    rng = np.random.default_rng(k)
+    y = np.arange(240) % k
+    cols = 1 if k == 2 else k
+    D = rng.normal(0, spread, (240, cols)) + spread * ((y[:, None] == np.arange(cols) + (k == 2)) - 0.5)
+    probe = rng.normal(0, spread, (50, cols))
+    ours = sigmoid_proba(D, y, np.arange(k), probe, D)
+    theirs = sigmoid_proba_sklearn(D, y, np.arange(k), probe, D)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, atol=2e-5)
 
 
 def test_warm_start_reaches_the_cold_optimum():
@@ -183,3 +218,26 @@ def test_knn_train_scores_are_leave_one_out():
         ref = KNeighborsClassifier(3, weights="distance", algorithm="brute").fit(Z[rest], y[rest])
         assert np.allclose(loo[i], ref.predict_proba(Z[i:i + 1])[0]), i
     assert (loo.argmax(1) != y).any()
+
+
+@pytest.mark.parametrize("k_grid", [(3,), (1, 3, 5)])
+def test_knn_leave_one_out_reuses_the_cv_neighbours(k_grid):
+    """With a CV (several k), train_proba reuses each fold's neighbours in the other folds and
+    searches only within the fold; without one (a single k), every pair of rows.  Both give the
+    leave-one-out definition: KNeighborsClassifier fitted on all rows but the one scored (float64)."""
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import normalize
+
+    X, y = _problem(300, 3, 20, seed=11, spread=3.0)
+    X[7] = X[4]  # duplicates of one class: a twin (not the row itself) is a neighbour at distance 0
+    X[10] = X[4]  # (twins tie: of different classes, which of them is kept would decide the vote)
+    head = get_head("knn")(3, HeadParams(k_grid=k_grid))
+    head.fit((X, y))
+    assert (head.loo_cache is not None) == (len(k_grid) > 1)
+    loo = head.train_proba(X, y)
+    Z, k = normalize(X.astype(np.float64)), head.chosen["k"]
+    for i in range(len(X)):
+        rest = np.arange(len(X)) != i
+        ref = KNeighborsClassifier(k, weights="distance", algorithm="brute").fit(Z[rest], y[rest])
+        np.testing.assert_allclose(loo[i], ref.predict_proba(Z[i:i + 1])[0], atol=1e-6, err_msg=str(i))
+    np.testing.assert_allclose(head.train_proba(X.copy(), y), loo, atol=1e-6)  # another array: the full search

@@ -333,11 +333,13 @@ class SvmHead(_SklearnHead):
         svc = SquaredHingeSVC(C=value, class_weight=self.params.class_weight, random_state=self.params.seed)
         return make_pipeline(StandardScaler(), CalibratedClassifierCV(svc, method="sigmoid", cv=3))
 
-    def fold_task(self, X, y, grid):
-        """Each inner calibration SVM walks the C grid warm-started; sigmoid per C as before."""
-        from pipeline.heads.fastcv import svm_task
+    def fold_table(self, Xp, y, grid, splits):
+        """Each inner calibration SVM of each fold walks the C grid warm-started, all in parallel;
+        sigmoid per C as before (``pipeline.heads.fastcv.svm_table``)."""
+        from pipeline.heads.fastcv import SVM_INNER, Progress, svm_table
 
-        return svm_task(X, y, grid, self.params.class_weight, self.train_scores)
+        bar = Progress(self.name, len(splits) * SVM_INNER * len(grid), self.progress)
+        return svm_table(Xp, y, grid, splits, self.params.class_weight, self.train_scores, bar)
 
 
 class RbfSvmHead(_SklearnHead):
@@ -395,6 +397,16 @@ class KnnHead(_SklearnHead):
 
     default = 1
     train_scores = False
+    # (train X as fitted, kmax, CV splits, each fold's neighbours in the other folds): train_proba reuses them
+    loo_cache: tuple | None = None
+
+    def fit(self, train, val=None, groups=None):
+        """As the other grid heads; the CV's neighbours are kept (not saved) for ``train_proba``."""
+        self.loo_cache = None
+        rows = super().fit(train, val, groups)
+        if self.loo_cache is not None:
+            self.loo_cache = (train[0], *self.loo_cache[1:])
+        return rows
 
     def grid(self, n_train, folds):
         # every k must fit in the smallest CV training part (all of train without CV)
@@ -431,30 +443,30 @@ class KnnHead(_SklearnHead):
                 self.cv_cache = (kmax, knn_neighbours(Xp, splits, kmax, lambda what: bar.tick(None, what)))
             finally:
                 bar.close()
+            self.loo_cache = (None, *self.cv_cache[:1], splits, self.cv_cache[1])  # for train_proba
         return knn_table(y, grid, splits, self.cv_cache[1])
 
     def train_proba(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Leave-one-out probabilities of the rows the head was fitted on (``X``, ``y``, in order): each
         row's k neighbours among the other rows, voted as ``predict_proba`` votes. In-sample, every
-        row is its own nearest neighbour at distance 0 (train accuracy 1, log loss 0)."""
+        row is its own nearest neighbour at distance 0 (train accuracy 1, log loss 0).  When ``X`` is
+        the array the CV ran on, its neighbours in the other folds are reused (only the rows within
+        each fold are multiplied); otherwise every pair of rows, in float32 blocks as in the CV."""
+        from pipeline.heads.fastcv import knn_leave_one_out, knn_vote
+
         norm, knn = self.model.steps[0][1], self.model.steps[-1][1]
         n = len(X)
         if n < 2:
             return self.predict_proba(X)
-        dist, ind = knn.kneighbors(norm.transform(np.asarray(X)), n_neighbors=min(knn.n_neighbors + 1, n))
-        own = ind == np.arange(n)[:, None]  # drop the row itself (else, tied with a duplicate, the farthest)
-        keep = np.ones_like(own)
-        keep[np.arange(n), np.where(own.any(1), own.argmax(1), ind.shape[1] - 1)] = False
-        dist, ind = dist[keep].reshape(n, -1), ind[keep].reshape(n, -1)
-        with np.errstate(divide="ignore"):
-            w = 1.0 / dist
-        inf = np.isinf(w)
-        w[inf.any(1)] = inf[inf.any(1)]  # a zero distance takes the whole vote, as in KNeighborsClassifier
+        k = int(knn.n_neighbors)
+        kept = self.loo_cache
+        reuse = kept is not None and kept[0] is X and kept[1] >= k
+        dist, ind = knn_leave_one_out(norm.transform(np.asarray(X)), k, *(kept[2:] if reuse else ()))
         codes = np.searchsorted(knn.classes_, np.asarray(y)[ind])
+        votes = knn_vote(dist, codes, dist.shape[1], len(knn.classes_))
         proba = np.zeros((n, self.n_classes))
-        for j, c in enumerate(knn.classes_):
-            proba[:, int(c)] = (w * (codes == j)).sum(1)
-        return proba / np.where(proba.sum(1, keepdims=True) == 0, 1.0, proba.sum(1, keepdims=True))
+        proba[:, knn.classes_.astype(int)] = votes
+        return proba
 
 
 class DenseHead(Head):
