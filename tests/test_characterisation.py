@@ -49,17 +49,23 @@ PINNED_FINGERPRINT = "79ef682c479228082b23b6a7521d16ed4fd0e12060ef82d0f007945954
 
 
 def _machine() -> str:
+    """CPU model, the vector extensions oneDNN picks kernels by, and TensorFlow: features are compared
+    bit for bit only between runs with the same string (one "AMD EPYC" name covers AVX2-only and
+    AVX-512 hosts, whose float sums differ in the last bits)."""
     import tensorflow as tf
 
-    cpu = ""
+    cpu, flags = platform.processor(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and not flags:
                 cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
-        cpu = platform.processor()
-    return f"{cpu} | tf {tf.__version__}"
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{cpu} [{' '.join(isa)}] | tf {tf.__version__}"
 
 
 def _strip_timings(value):
