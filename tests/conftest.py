@@ -117,20 +117,38 @@ def run_dvc(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedPr
 
 def make_dvc_project(work: Path, data: Path, base: str, epochs: int, patience: int) -> dict:
     """``work``: a git + DVC project with the real dvc.yaml and params.yaml set to one tiny base
-    (random weights, 32 px) over ``data`` and one logistic head; returns the params written."""
+    (random weights, 32 px, the Keras runtime) over ``data`` and one logistic head; returns the params
+    written. (What these tests check is DVC's plumbing; converting each base to OpenVINO for a few dozen
+    images cost more than the extraction: tests/test_runtime.py checks that runtime.)"""
     import yaml
 
     work.mkdir()
     shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["source"] = str(data)
-    params["extract"].update(bases=[base], weights="none", input_size=32, batch_size=8)
+    params["extract"].update(bases=[base], weights="none", input_size=32, batch_size=8, runtime="keras")
     params["fit_head"].update(heads=["logistic"], epochs=epochs, patience=patience)
     (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"]):
         subprocess.run(cmd, cwd=work, check=True)
     assert run_dvc("init", "-q", cwd=work).returncode == 0
     return params
+
+
+
+# The files measured longest (per-file time under `-n 2`, longest first; see docs/development.md). With
+# `--dist loadfile` a worker takes the next file when it is nearly done, in collection order (pyproject.toml
+# turns off xdist's own order, most tests first, which left the one-test DVC and acceptance files to the
+# end, on one worker): started first, they let the two workers finish together. Other files keep their order.
+LONGEST_FIRST = ("test_export_predict.py", "test_depths.py", "test_export_formats.py", "test_dvc.py",
+                 "test_no_data_loss.py", "test_baseline.py", "test_runtime.py", "test_engine_ray.py",
+                 "test_backbones.py", "test_hub.py", "test_spine.py", "test_finetune.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Whole files in the order of ``LONGEST_FIRST``, then the rest as collected (a stable sort)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture

@@ -100,15 +100,17 @@ def run_without_tlpipe(fmt: str, path: Path, inputs: dict[str, np.ndarray], tmp:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Three colour classes (and two, for the dense head's binary sigmoid); vgg16 features at 32 and 40 px."""
+    """Three colour classes, vgg16 features at 32 and 40 px (for the fused case), and two classes at 32 px
+    (the dense head's binary sigmoid)."""
     tmp = tmp_path_factory.mktemp("fmt")
     cache = tmp / "cache"
     out = {}
-    for key, classes in (("three", COLOURS), ("two", {k: v for k, v in COLOURS.items() if k != "green"})):
+    for key, classes, sizes in (("three", COLOURS, (32, 40)),
+                                ("two", {k: v for k, v in COLOURS.items() if k != "green"}, (32,))):
         root = _colour_folder(tmp / key, classes, 12)
         files = [extract(ExtractConfig(base=BASE, data=str(root), weights="none", input_size=size, batch_size=8,
                                        cache_dir=cache, out=cache / "features" / f"{key}_{size}.h5", progress=False))
-                 for size in (32, 40)]
+                 for size in sizes]
         out[key] = (root, files)
     return tmp, cache, out
 

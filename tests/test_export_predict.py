@@ -236,20 +236,18 @@ def test_acceptance_mobilenet_export_agrees(tmp_path):
     exported model reproduces the head's predictions from the images (>= 99.9 %, within 1e-3).
 
     The best head fuses the base's features at two input sizes (256 and 288: the 180 px photos
-    upscaled) and fits an RBF-kernel SVM; measured: rbf-svm 0.992, svm 0.987, logistic 0.985."""
+    upscaled) and fits an RBF-kernel SVM; measured: rbf-svm 0.992, svm 0.987, logistic 0.985 (only
+    rbf-svm is fitted here: the others took 15 s and were never the one exported)."""
     cache = tmp_path / "cache"
     files = [extract(ExtractConfig(base="mobilenet_0.75", data=str(CATS_DOGS), weights=str(WEIGHTS.parent),
                                    input_size=size, out=cache / "features" / f"mobilenet_0.75_{size}.h5",
                                    cache_dir=cache, progress=False)) for size in (256, 288)]
-    accuracy, folders = {}, {}
-    for head in ("logistic", "svm", "rbf-svm"):
-        folders[head] = fit_head(FitConfig(features=[str(f) for f in files], head=head, cache_dir=cache))
-        accuracy[head] = json.loads((folders[head] / "metrics.json").read_text())["val"]["accuracy"]
-    print("val accuracy per head:", accuracy)
-    best = max(accuracy, key=accuracy.get)
-    assert accuracy[best] >= 0.99, accuracy
+    best = "rbf-svm"
+    folder = fit_head(FitConfig(features=[str(f) for f in files], head=best, cache_dir=cache))
+    accuracy = json.loads((folder / "metrics.json").read_text())["val"]["accuracy"]
+    print(f"val accuracy ({best}): {accuracy:.4f}")
+    assert accuracy >= 0.99, accuracy
 
-    folder = folders[best]
     model = tmp_path / "model.keras"
     assert CliRunner().invoke(cli, ["export", "--head", str(folder), "--out", str(model), "--cache-dir",
                                     str(cache)], catch_exceptions=False).exit_code == 0

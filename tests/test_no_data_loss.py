@@ -216,7 +216,7 @@ def test_failed_or_interrupted_dvc_runs_keep_every_features_file_and_head(projec
     assert _snapshot(work) == before
 
     # other settings that succeed: DVC's own outputs are replaced (their old versions are in its cache)
-    params["extract"].update(input_size=40, batch_size=8, runtime="auto")
+    params["extract"].update(input_size=40, batch_size=8)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     ok = _dvc("repro", cwd=work)
     assert ok.returncode == 0, ok.stdout + ok.stderr
