@@ -238,6 +238,7 @@ def test_usage_errors_end_before_tensorflow_is_imported(tmp_path):
         ("extract", "--base", "vgg16", "--data", str(tmp_path / "nope")),
         ("extract", "--base", "no_such_base", "--data", str(data)),
         ("extract", "--base", "vgg16", "--data", str(data), "--split", "50/60/10"),
+        ("extract", "--base", "googlenet", "--data", str(data), "--input-size", "22"),  # min 75 px
         ("extract", "--base", "vgg16", "--data", str(data), "--weights", str(photo)),
         ("fit-head", "--features", str(tmp_path / "missing.h5")),
         ("fit-head", "--features", str(photo)),
