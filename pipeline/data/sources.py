@@ -143,7 +143,7 @@ def parse_split(spec: str) -> tuple[float, float, float]:
     if parts[0] <= 0:
         raise UsageError(f"--split needs a training share above 0, not '{spec}'")
     if parts[1] <= 0:
-        raise UsageError(f"--split needs a validation share (heads are tuned on it), not '{spec}'")
+        raise UsageError(f"--split needs a validation share (heads are scored on it; they are tuned inside train), not '{spec}'")
     return parts[0], parts[1], parts[2]
 
 
