@@ -267,7 +267,7 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
     from pipeline.store.features import load_features, resolve_features_path, staleness
 
     if Path(file).is_dir():
-        click.echo(_head_info(Path(file), as_json, check))
+        click.echo(_head_info(Path(file), as_json, check, cache_dir))
         return
     path = resolve_features_path(file, cache_dir)
     fs = load_features(path, need=())
@@ -293,7 +293,7 @@ def info_cmd(file, cache_dir, as_json, check) -> None:
         click.echo(f"  {'status':20s} {'STALE: ' + why if stale else 'up to date (' + why + ')'}")
 
 
-def _head_info(folder: Path, as_json: bool, check: bool) -> str:
+def _head_info(folder: Path, as_json: bool, check: bool, cache_dir: Path = Path("cache")) -> str:
     """``tlpipe info HEAD_DIR``: the head's evaluation summary (fit-head, fine-tune or baseline folders)."""
     from pipeline.store.features import head_status
 
@@ -305,7 +305,7 @@ def _head_info(folder: Path, as_json: bool, check: bool) -> str:
         ev = json.loads(ev_path.read_text())
     except (OSError, ValueError) as exc:
         raise UsageError(f"{ev_path} is not readable JSON ({exc})") from None
-    status, why = head_status(folder)[:2] if check else ("not checked", "")
+    status, why = head_status(folder, cache_dir)[:2] if check else ("not checked", "")
     if as_json:
         return json.dumps({**ev, "status": status, "status_reason": why}, indent=2, default=str)
     tuning = ev.get("tuning") or {}
@@ -560,7 +560,7 @@ def export_cmd(head_dir, out, fmt, force, base, weights, cache_dir) -> None:
     cfg = ExportConfig(head=head_dir, out=out, base=base, weights=weights, cache_dir=cache_dir, format=fmt,
                        force=force)
     check_export(cfg)  # the head folder, --out and the format, before TensorFlow is imported
-    status, why, _ = head_status(head_dir)
+    status, why, _ = head_status(head_dir, cache_dir)
     if status in ("stale", "features missing"):
         log.warning("%s is %s: %s; fit it again before exporting", head_dir, status, why)
     from pipeline.deploy.export import export_model, read_metadata

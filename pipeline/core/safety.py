@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import configparser
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -178,14 +179,71 @@ def replace_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _names(paths) -> str:
+    return ", ".join(Path(str(p)).name for p in paths) or "none"
+
+
+def _features_change(old: dict, new: dict) -> list[str]:
+    """The features part of ``_head_changes``: other files (fingerprints), or the same ones in another order."""
+    before, after = list(old.get("fingerprints") or []), list(new.get("fingerprints") or [])
+    if before == after:
+        return []
+    names = (f"{_names(old['features'])} -> {_names(new['features'])}"
+             if old.get("features") and new.get("features") else "")
+    if sorted(before) == sorted(after):
+        return [f"the same features files in another order{': ' + names if names else ''}"]
+    return [f"fitted on other features ({names + ': ' if names else ''}other files, or extracted again with "
+            "other base, weights, data or settings)"]
+
+
+def _layers(value) -> str:
+    """``--layers`` in a comparable form: ``all``, or the names sorted (the head uses them in stored order)."""
+    text = str(value or "all").strip()
+    if text.lower() in ("all", ""):
+        return "all"
+    return ",".join(sorted({n.strip() for n in text.split(",") if n.strip()}))
+
+
+def _stream_change(before: dict, after: dict) -> list[str]:
+    """Streamed from disk or in memory (another solver and tuning), and the streamed chunk size."""
+    old_x, new_x = before.get("extra") or {}, after.get("extra") or {}
+    old_s, new_s = bool(old_x.get("stream")), bool(new_x.get("stream"))
+    if old_s != new_s:
+        return [f"stream {'on' if old_s else 'off'} -> {'on' if new_s else 'off'} (fitted "
+                f"{'from disk' if old_s else 'in memory'} before)"]
+    if old_s and old_x.get("chunk_rows") != new_x.get("chunk_rows"):
+        return [f"chunk_rows {old_x.get('chunk_rows')} -> {new_x.get('chunk_rows')}"]
+    return []
+
+
+def _head_changes(old: dict, new: dict) -> list[str]:
+    """What differs between a head folder's ``head.json`` (``old``) and a new fit (``new``): the head,
+    its features (files and their order), ``--layers``, the parameters, streaming."""
+    changes = []
+    if old.get("head") != new["head"]:
+        changes.append(f"head {old.get('head')} -> {new['head']}")
+    changes += _features_change(old, new)
+    if _layers(old.get("layers")) != _layers(new.get("layers")):
+        changes.append(f"layers {_layers(old.get('layers'))} -> {_layers(new.get('layers'))}")
+    before, after = old.get("params") or {}, new.get("params") or {}
+    changed = sorted(k for k in set(before) | set(after)
+                     if k != "extra" and json.dumps(before.get(k)) != json.dumps(after.get(k)))
+    if changed:
+        def show(v):
+            return "none" if v is None else v
+
+        changes.append(", ".join(f"{k} {show(before.get(k))} -> {show(after.get(k))}" for k in changed))
+    return changes + _stream_change(before, after)
+
+
 def guard_head_folder(out: Path, new: dict, force: bool) -> None:
-    """Refuse to replace a head folder fitted from other features, head or parameters.
+    """Refuse to replace a head folder fitted from other features, head, layers or parameters.
 
-    ``new`` holds what the new head's ``model/head.json`` will record (``head``,
-    ``fingerprints``, ``params``); a folder whose ``model/`` DVC can restore may be replaced.
+    ``new`` holds what the new head's ``model/head.json`` will record (``head``, ``features``,
+    ``fingerprints``, ``params`` with streaming in ``params["extra"]``, ``layers`` unless all); any
+    difference is named in the one-line refusal (``_head_changes``).  A folder whose ``model/`` DVC can
+    restore may be replaced.
     """
-    import json
-
     check_out_path(out, "folder")
     if not out.exists() or not any(out.iterdir()):
         return
@@ -197,21 +255,9 @@ def guard_head_folder(out: Path, new: dict, force: bool) -> None:
     if old is None:
         changes = ["it is not a tlpipe head folder (no model/head.json)"]
     else:
-        changes = []
-        if old.get("head") != new["head"]:
-            changes.append(f"head {old.get('head')} -> {new['head']}")
-        if list(old.get("fingerprints") or []) != list(new["fingerprints"]):
-            changes.append("fitted on other features (other base, weights, data or settings)")
-        before, after = old.get("params") or {}, new.get("params") or {}
-        changed = sorted(k for k in set(before) | set(after)
-                         if k != "extra" and json.dumps(before.get(k)) != json.dumps(after.get(k)))
-        if changed:
-            def show(v):
-                return "none" if v is None else v
-
-            changes.append(", ".join(f"{k} {show(before.get(k))} -> {show(after.get(k))}" for k in changed))
+        changes = _head_changes(old, new)
         if not changes:
-            return  # same head, features and parameters: fitting again is a refresh
+            return  # same head, features, layers and parameters: fitting again is a refresh
     if not force and os.environ.get("DVC_STAGE") and (out / "model").is_dir() and in_dvc_cache(out / "model"):
         log.info("replacing %s; its model is in the DVC cache (dvc checkout restores it)", out)
         return

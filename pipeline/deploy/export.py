@@ -75,7 +75,7 @@ from pipeline.nets.graph import (
     save_keras,
     temp_name,
 )
-from pipeline.store.features import read_attrs, resolve_features_path
+from pipeline.store.features import locate_head_features, read_attrs
 
 log = logging.getLogger(__name__)
 
@@ -277,15 +277,16 @@ class KnnProba(keras.layers.Layer):
 EXPORTABLE_HEADS = ("logistic", "dense", "svm", "rbf-svm", "knn")
 
 
-def _features_attrs(info: dict[str, Any], cache_dir: Path) -> list[dict[str, Any]]:
-    """The attributes of every features file the head was fitted on, in the head's order."""
+def _features_attrs(info: dict[str, Any], cache_dir: Path, head_dir: Path) -> list[dict[str, Any]]:
+    """The attributes of every features file the head was fitted on, in the head's order (found by
+    ``locate_head_features``: old heads recorded paths relative to where fit-head ran)."""
     paths = info.get("features") or []
     if not paths:
         raise UsageError("the head records no features file; refit it with 'tlpipe fit-head'")
     out = []
     for path in paths:
         try:
-            resolved = resolve_features_path(path, cache_dir)
+            resolved = locate_head_features(path, head_dir, cache_dir)
         except FeaturesFileError as exc:
             raise FeaturesFileError(f"the head's features files are needed for export (base, input size, "
                                     f"pooling, weights): {exc}") from None
@@ -378,12 +379,12 @@ def build_export(head_dir: str | Path, base: str | None = None, weights: str | N
     model_dir, info = read_head_info(head_dir)
     name = info["head"]
     if name in DEPTH_HEADS:  # several pooled depths (tlpipe fit-head --head auto): pipeline.deploy.export_depths
-        attrs = _features_attrs(info, Path(cache_dir))
+        attrs = _features_attrs(info, Path(cache_dir), Path(head_dir))
         _check_base(base, attrs)
         return build_depth_export(Path(head_dir), model_dir, info, attrs[0], weights, fixed_size, METADATA_VERSION)
     if name not in EXPORTABLE_HEADS:
         raise UsageError(f"export supports the heads {', '.join((*EXPORTABLE_HEADS, *DEPTH_HEADS))}, not '{name}'")
-    all_attrs = _features_attrs(info, Path(cache_dir))
+    all_attrs = _features_attrs(info, Path(cache_dir), Path(head_dir))
     _check_base(base, all_attrs)
     low = sorted({str(a.get("precision")) for a in all_attrs} & {"bf16", "fp16"})
     if low:

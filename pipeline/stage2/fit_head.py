@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -143,7 +144,7 @@ def _evaluation(cfg: FitConfig, fs: FeatureSet, head: Head, splits: dict, fit_se
     return {
         "base": fs.base,
         "head": head.name,
-        "features": [str(p) for p in fs.paths],
+        "features": _absolute(fs),
         "weights": [str(a.get("weights", "")) for a in attrs],
         "data_source": str(fs.attrs.get("data_source", "")),
         "limit": int(fs.attrs.get("limit") or 0),
@@ -169,7 +170,7 @@ def _write(tmp: Path, cfg: FitConfig, fs: FeatureSet, head: Head, rows: list, sc
     (tmp / "model").mkdir()
     head.save(tmp / "model")
     head_json = {"head": head.name, "description": head.description, "classes": fs.class_names, "base": fs.base,
-                 "features": [str(p) for p in fs.paths], "feature_size": int(fs.splits["train"].X.shape[1]),
+                 "features": _absolute(fs), "feature_size": int(fs.splits["train"].X.shape[1]),
                  "fingerprints": _fingerprints(fs), "params": asdict(cfg.params),
                  "chosen": head.chosen, "tuning": evaluation["tuning"], "tlpipe_version": __version__,
                  **({"layers": cfg.layers} if _layers_asked(cfg) else {})}
@@ -191,8 +192,9 @@ def fit_head(cfg: FitConfig) -> Path:
     fs, head_cls, cfg, memory = _open(cfg, head_cls)
     depth_info, views = depths.prepare_depths(fs, head_cls, cfg.layers, bool(memory.get("streamed")))
     out = cfg.output_dir(fs)
-    guard_head_folder(out, {"head": head_cls.name, "fingerprints": _fingerprints(fs), "params": asdict(cfg.params),
-                            **({"layers": cfg.layers} if _layers_asked(cfg) else {})}, cfg.force)
+    guard_head_folder(out, {"head": head_cls.name, "features": _absolute(fs), "fingerprints": _fingerprints(fs),
+                            "params": asdict(cfg.params), **({"layers": cfg.layers} if _layers_asked(cfg) else {})},
+                      cfg.force)
     tmp = folder.temp_folder(out)
     try:  # a failure or Ctrl-C leaves no half-made folder beside the output
         head = head_cls(len(fs.class_names), cfg.params)
@@ -225,6 +227,11 @@ def fit_head(cfg: FitConfig) -> Path:
     log.info("%s head on %s: val accuracy %.4f, fit %.2f s -> %s", head.name, fs.name,
              metrics["val"]["accuracy"], fit_seconds, out)
     return out
+
+
+def _absolute(fs: FeatureSet) -> list[str]:
+    """The features files as absolute paths (what head folders record: readable from any folder)."""
+    return [os.path.abspath(p) for p in fs.paths]
 
 
 def _fingerprints(fs: FeatureSet) -> list[str]:

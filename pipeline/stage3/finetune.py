@@ -65,7 +65,7 @@ from pipeline.stage3.start import (
     head_layers,
     read_start,
 )
-from pipeline.store.features import load_features, read_attrs, resolve_features_path
+from pipeline.store.features import load_features, locate_head_features, read_attrs
 from pipeline.training.augment import DEFAULT_AUGMENT, normalise_augment, parse_augment
 from pipeline.training.checkpoint import CHECKPOINT, guard_resumable
 from pipeline.training.images import MEMO_BYTES, Images, predict_proba
@@ -288,7 +288,7 @@ def _read_head(head_dir: Path, cache_dir: Path) -> tuple[Path, dict, Path, dict,
         raise UsageError(f"fine-tune cannot rebuild a head fitted on fused features ({len(feats)} files); "
                          "fit a head on one features file")
     try:
-        path = resolve_features_path(feats[0], cache_dir)
+        path = locate_head_features(feats[0], head_dir, cache_dir)
         attrs = read_attrs(path)
     except (FeaturesFileError, OSError) as exc:
         raise UsageError(f"the head's features file is needed to rebuild its data and base: {exc}") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["load_views", "load_fused_views", "split_size", "size_layout", "SCHEMA_VERSION", "REQUIRED_ATTRS",
            "JSON_ATTRS", "extraction_fingerprint", "read_attrs", "load_features", "FeatureSet", "Split", "fuse",
-           "staleness", "warn_if_stale", "head_status", "resolve_features_path"]
+           "staleness", "warn_if_stale", "head_status", "resolve_features_path", "locate_head_features"]
 
 
 def resolve_features_path(name: str | Path, cache_dir: str | Path = "cache") -> Path:
@@ -41,6 +42,45 @@ def resolve_features_path(name: str | Path, cache_dir: str | Path = "cache") -> 
     hint = (f"; available: {', '.join(have)}" if have
             else f" (nothing in {where[0]} or {where[1]}; run 'tlpipe extract' or 'dvc repro' first)")
     raise FeaturesNotFound(f"features file not found: {name}{hint}")
+
+
+def _head_cache_root(head_dir: Path) -> Path:
+    """The cache folder a head folder lies in: the parent of its nearest ``heads/`` ancestor (``cache`` for
+    ``cache/heads/X``, ``cache/dvc`` for ``cache/dvc/heads/X``), else the folder above it (an ``--out``)."""
+    head_dir = Path(head_dir).absolute()
+    return next((p.parent for p in head_dir.parents if p.name == "heads"), head_dir.parent)
+
+
+def _head_candidates(path: Path, head_dir: str | Path | None, cache_dir: str | Path) -> list[Path]:
+    """Where a recorded features path may be now, in order (see ``locate_head_features``), without repeats."""
+    cache = Path(cache_dir)
+    cands = [path, cache / path, cache / "features" / path.name, cache / "dvc" / "features" / path.name]
+    if head_dir is not None:
+        root = _head_cache_root(Path(head_dir))
+        cands += [root.parent / path, root / path, root / "features" / path.name,
+                  root / "dvc" / "features" / path.name]
+    out: list[Path] = []
+    for cand in cands:
+        cand = Path(os.path.abspath(cand))
+        if cand not in out:
+            out.append(cand)
+    return out
+
+
+def locate_head_features(recorded: str | Path, head_dir: str | Path | None = None,
+                         cache_dir: str | Path = "cache") -> Path:
+    """The absolute path of a features file a head folder recorded (``model/head.json``'s ``features``).
+
+    New heads record absolute paths; older ones the path as given, relative to the folder fit-head ran
+    in.  Tried in order: the path itself (relative to the current folder), relative to ``cache_dir``
+    (and its ``features/``, ``dvc/features/``), then relative to the head folder's cache root
+    (``/p/cache`` for ``/p/cache/heads/X``: the folder above it, the root itself, its ``features/`` and
+    ``dvc/features/``).  ``FeaturesNotFound`` (one line) names every place looked at."""
+    cands = _head_candidates(Path(recorded), head_dir, cache_dir)
+    for cand in cands:
+        if cand.is_file():
+            return cand
+    raise FeaturesNotFound(f"features file not found: {recorded} (looked at {', '.join(map(str, cands))})")
 
 
 def read_attrs(path: str | Path) -> dict[str, Any]:
@@ -441,9 +481,10 @@ def warn_if_stale(paths: list[Path]) -> list[str]:
     return out
 
 
-def head_status(head_dir: str | Path) -> tuple[str, str, list[dict[str, Any]]]:
+def head_status(head_dir: str | Path, cache_dir: str | Path = "cache") -> tuple[str, str, list[dict[str, Any]]]:
     """("ok" | "stale" | "features missing" | "unknown", why, attributes of its features files) for a
-    fitted head folder: the fingerprints recorded at fit time against the features files now."""
+    fitted head folder: the fingerprints recorded at fit time against the features files now (found by
+    ``locate_head_features``)."""
     meta_path = Path(head_dir) / "model" / "head.json"
     if not meta_path.is_file():
         return "unknown", "no model/head.json", []
@@ -451,9 +492,13 @@ def head_status(head_dir: str | Path) -> tuple[str, str, list[dict[str, Any]]]:
     status, why, found = "ok", "features unchanged since the fit", []
     for path, fingerprint in zip(meta.get("features", []), meta.get("fingerprints", [])):
         try:
+            path = locate_head_features(path, head_dir, cache_dir)
+        except FeaturesNotFound as exc:
+            return "features missing", str(exc), found
+        try:
             attrs = read_attrs(path)
-        except Exception:  # noqa: BLE001 - a missing or unreadable file
-            return "features missing", f"{path} is missing or unreadable", found
+        except Exception:  # noqa: BLE001 - an unreadable file
+            return "features missing", f"{path} is unreadable", found
         found.append(attrs)
         if attrs.get("fingerprint") != fingerprint and status == "ok":
             status, why = "stale", f"{path} was extracted again (other settings or data) after this head was fitted"
