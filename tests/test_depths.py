@@ -203,32 +203,50 @@ def test_layers_subset_for_a_plain_head(files, tmp_path):
 
 # ----------------------------------------------------------------------------- the selection maths
 
-def test_logo_scores_match_brute_force():
+def _brute_logo(X, y, G, k, lams, positions):
+    """Leave-one-group-out by definition: refit ridge (with its intercept, on the one-hot labels, the
+    absolute strength of ``ridge_alpha`` on all rows, as the final fit) without the group, score it."""
     from sklearn.linear_model import Ridge
 
+    from pipeline.heads.depths import ridge_alpha
+
+    out = []
+    for lam in lams:
+        held = []
+        for rows in G:
+            keep = np.ones(len(y), bool)
+            keep[rows] = False
+            model = Ridge(alpha=ridge_alpha(X, lam), fit_intercept=True).fit(X[keep], np.eye(k)[y[keep]])
+            held.append(model.predict(X[rows])[list(positions)].mean(0))
+        out.append(np.asarray(held))
+    return out
+
+
+@pytest.mark.parametrize("n,d", [(40, 300), (60, 8)])  # wider than tall (the real trashnet case) and taller
+@pytest.mark.parametrize("views", [0, 1])  # groups of one photo, of a photo and its mirror view
+def test_logo_scores_match_brute_force(n, d, views):
     from pipeline.heads.depths import group_matrix, logo_scores
 
-    rng = np.random.default_rng(0)
-    n, d, k = 30, 8, 3
-    y = rng.integers(0, k, n)
-    X = rng.normal(size=(n, d)) + y[:, None] * 0.7
-    Xv = X + rng.normal(scale=0.3, size=X.shape)  # a "view" of each row
-    Xall, yall, g = np.concatenate([X, Xv]), np.concatenate([y, y]), np.tile(np.arange(n), 2)
-    lam = (0.1, 10.0)
-    fast = logo_scores(Xall, yall, group_matrix(g), k, lam)
-    Xc = Xall - Xall.mean(0)
-    Y = np.eye(k)[yall] - np.eye(k)[yall].mean(0)
-    scale = (Xc ** 2).sum() / min(Xc.shape)
-    for i, lm in enumerate(lam):
-        hits = []
-        for grp in range(n):
-            te, tr = g == grp, g != grp
-            r = Ridge(alpha=lm * scale, fit_intercept=False).fit(Xc[tr], Y[tr])
-            hits.append(r.predict(Xc[te]).mean(0).argmax() == y[grp])
-        assert fast[i] == pytest.approx(np.mean(hits))
-    # the same from the Gram matrix (the path of depth sets wider than the rows)
-    via_gram = logo_scores(None, yall, group_matrix(g), k, lam, gram=(Xc @ Xc.T, d))
-    np.testing.assert_allclose(via_gram, fast)
+    rng = np.random.default_rng(n + views)
+    k = 3
+    y = rng.choice(k, n, p=[0.5, 0.3, 0.2])  # unbalanced: the intercept's class means matter
+    X = rng.normal(size=(n, d)) + y[:, None] * 0.3
+    Xall = np.concatenate([X] + [X + rng.normal(scale=0.3, size=X.shape)] * views)
+    yall, g = np.tile(y, views + 1), np.tile(np.arange(n), views + 1)
+    G, lams = group_matrix(g), (0.01, 1.0, 100.0)
+    for positions in ([(0,), (0, 1)] if views else [(0,)]):
+        held: dict = {}
+        fast = logo_scores(Xall, yall, G, k, lams, scores_out=held, positions=positions)
+        brute = _brute_logo(Xall, yall, G, k, lams, positions)
+        for i, lam in enumerate(lams):
+            np.testing.assert_allclose(held[lam], brute[i], atol=1e-7)
+            assert fast[i] == pytest.approx(float((brute[i].argmax(1) == y).mean()))
+        # the same from the Gram matrix (the path of depth sets wider than the rows)
+        Xc = Xall - Xall.mean(0)
+        via_gram: dict = {}
+        logo_scores(None, yall, G, k, lams, scores_out=via_gram, positions=positions, gram=(Xc @ Xc.T, d))
+        for lam in lams:
+            np.testing.assert_allclose(via_gram[lam], held[lam], atol=1e-7)
 
 
 def test_selection_finds_the_informative_depth():

@@ -31,7 +31,9 @@ DEPTHS = "conv_pw_7,conv_pw_13"
 def depth_heads(tmp_path_factory):
     """Heads on a file of two depths with a mirror view (``mirror``) and on one without views (``plain``)."""
     root = tmp_path_factory.mktemp("depths")
-    data = make_folder(root / "data", per_class=12, size=(40, 30))  # noisy classes: probabilities well inside (0, 1)
+    # noisy classes: probabilities well inside (0, 1); seed 1: the exact leave-one-photo-out CV prefers the
+    # test-time mirror on these images (on seed 0 it does not), and the tests below need a head that uses it
+    data = make_folder(root / "data", per_class=12, size=(40, 30), seed=1)
     cache = root / "cache"
     common = dict(base=BASE, data=str(data), weights="none", input_size=32, batch_size=16, split="60/20/20",
                   progress=False, layers=DEPTHS)

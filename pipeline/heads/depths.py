@@ -100,6 +100,9 @@ def logo_scores(X: np.ndarray, y: np.ndarray, G: np.ndarray, n_classes: int,
     ``G``: ``[groups, m]`` row indices; a held-out group is predicted by the mean of its rows' scores
     (``scores_out[lam]``: those held-out group scores, ``[groups, classes]``, when a dict is given);
     ``positions``: which rows of a group are averaged (0: the photo, 1: its mirror; default all).
+    Exact: equal to refitting ridge with its unpenalised intercept on the one-hot labels without the
+    group (the intercept's ``1/n`` belongs in the hat matrix: without it, when rows < features, the
+    held-out row leaked into its own prediction and small strengths scored near 100%).
     The ridge strength is ``lam * ||X||_F^2 / min(n, d)`` (``ridge_alpha``).  ``gram=(K, d)``: the Gram
     matrix ``Xc Xc^T`` of the centred rows (and their width) in place of ``X`` (sums of cached per-depth
     Gram matrices: no product over the features again).
@@ -112,24 +115,20 @@ def logo_scores(X: np.ndarray, y: np.ndarray, G: np.ndarray, n_classes: int,
         w, U = np.linalg.eigh(gram[0])
         keep = w > max(w.max(), 1e-12) * 1e-10
         U, w, dims = U[:, keep], w[keep], min(gram[0].shape[0], int(gram[1]))
-    Y = np.eye(n_classes)[y]
-    Y = Y - Y.mean(axis=0)
-    if w.size == 0:  # constant features: nothing to learn, chance-level score (every class scored the same)
-        if scores_out is not None:
-            scores_out.update({lam: np.zeros((len(G), n_classes)) for lam in lambdas})
-        return np.zeros(len(lambdas))
+    onehot = np.eye(n_classes)[y]
+    Y = onehot - onehot.mean(axis=0)  # the unpenalised intercept: centred rows and targets ...
     UtY = U.T @ Y
-    unit = float(w.sum()) / dims
+    unit = float(w.sum()) / dims if w.size else 1.0
     UG = U[G]  # [g, m, k]
     yg = y[G[:, 0]]
+    m = G.shape[1]
     out = []
     for lam in lambdas:
         s = w / (w + lam * unit)
-        fitted = U @ (s[:, None] * UtY)  # H Y
-        R = (Y - fitted)[G]  # residuals per group [g, m, c]
-        H = np.einsum("gak,k,gbk->gab", UG, s, UG)  # diagonal blocks of the hat matrix
-        m = G.shape[1]
-        loo = Y[G] - np.linalg.solve(np.eye(m)[None] - H, R)  # held-out predictions [g, m, c]
+        R = (Y - U @ (s[:, None] * UtY))[G]  # residuals per group [g, m, c]
+        # ... and the intercept's own 1/n in every entry of the hat matrix's diagonal blocks
+        H = np.einsum("gak,k,gbk->gab", UG, s, UG) + 1.0 / len(y)
+        loo = onehot[G] - np.linalg.solve(np.eye(m)[None] - H, R)  # held-out predictions [g, m, c]
         held = loo.mean(axis=1) if positions is None else loo[:, list(positions)].mean(axis=1)
         if scores_out is not None:
             scores_out[lam] = held
