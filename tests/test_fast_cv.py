@@ -241,3 +241,27 @@ def test_knn_leave_one_out_reuses_the_cv_neighbours(k_grid):
         ref = KNeighborsClassifier(k, weights="distance", algorithm="brute").fit(Z[rest], y[rest])
         np.testing.assert_allclose(loo[i], ref.predict_proba(Z[i:i + 1])[0], atol=1e-6, err_msg=str(i))
     np.testing.assert_allclose(head.train_proba(X.copy(), y), loo, atol=1e-6)  # another array: the full search
+
+
+def test_knn_leave_one_out_with_a_fold_smaller_than_k():
+    """Folds of unequal sizes, one with fewer rows than k (a small data set with the default k grid):
+    the candidates of each fold differ in number (once a concatenation error); the scores are still
+    leave-one-out's definition."""
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import normalize
+
+    from pipeline.heads.fastcv import knn_leave_one_out, knn_neighbours
+
+    X, y = _problem(47, 2, 12, seed=3, spread=2.0)
+    Z = normalize(X.astype(np.float64)).astype(np.float32)
+    sizes = [20, 15, 8, 4]  # the last fold: 4 rows, fewer than k = 7
+    cuts = np.cumsum([0, *sizes])
+    splits = [(np.setdiff1d(np.arange(47), np.arange(a, b)), np.arange(a, b)) for a, b in zip(cuts[:-1], cuts[1:])]
+    k = 7
+    found = knn_neighbours(Z, splits, k, lambda _: None)
+    dist, idx = knn_leave_one_out(Z, k, splits, [(d, i) for d, i, *_ in found])
+    for i in range(len(X)):
+        rest = np.flatnonzero(np.arange(len(X)) != i)
+        ref_d, ref_i = KNeighborsClassifier(k, algorithm="brute").fit(Z[rest], y[rest]).kneighbors(Z[i:i + 1])
+        np.testing.assert_allclose(dist[i], ref_d[0], atol=1e-5, err_msg=str(i))
+        assert sorted(rest[ref_i[0]]) == sorted(idx[i]), i

@@ -284,6 +284,9 @@ def knn_leave_one_out(X: np.ndarray, k: int, splits: Sequence[Fold] | None = Non
             cand_d = np.concatenate([cand_d, (dist[:, :k] ** 2).astype(cand_d.dtype)], axis=1)
             cand_i = np.concatenate([cand_i, idx[:, :k]], axis=1)
         rows.append(part), d2.append(cand_d.astype(np.float64)), ind.append(cand_i)
+    width = max(c.shape[1] for c in d2)  # a small fold has fewer candidates: pad (never nearer than a real one)
+    d2 = [np.pad(c, ((0, 0), (0, width - c.shape[1])), constant_values=np.inf) for c in d2]
+    ind = [np.hstack([c, np.repeat(part[:, None], width - c.shape[1], 1)]) for c, part in zip(ind, rows)]
     rows, d2, ind = np.concatenate(rows), np.concatenate(d2), np.concatenate(ind)
     r, c = np.nonzero(d2 < NEAR_ZERO)
     if len(r):
