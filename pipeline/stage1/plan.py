@@ -189,7 +189,7 @@ def plan(cfg: ExtractConfig) -> Plan:
     gpu = {"accelerator": "gpu"} if cfg.engine == "ray" and cfg.gpus_per_worker > 0 else {}
     choice = resolve_choice(cfg.runtime, cfg.precision, cfg.mixed_precision, **gpu)  # one line, before the data
     size = cfg.input_size or backbone.input_size
-    if size < backbone.min_size:  # one line before the data is listed and TensorFlow starts
+    if not backbone.hub and size < backbone.min_size:  # one line before the data and TensorFlow (hub: its own check)
         raise UsageError(f"{backbone.name} needs inputs of at least {backbone.min_size} pixels, not {size}")
     out = cfg.output_path(shard)
     check_out_path(out, "file")  # a folder or a path under a file: one line, before the data is listed

@@ -399,10 +399,11 @@ def fuse(sets: list[FeatureSet], allow_mixed_precision: bool = False) -> Feature
 
 
 def same_base(sets: list[FeatureSet]) -> bool:
-    """Whether every file holds the same base with the same weights and pooling (then they differ, if at
-    all, in input size and stored depths)."""
+    """Whether every file holds the same base with the same weights, pooling and precision (then they
+    differ, if at all, in input size and stored depths); other precisions fuse as other bases do."""
     def key(s: FeatureSet) -> tuple:  # the weights by their sha256 (one file named by two paths), else label
-        return (s.attrs.get("base"), s.attrs.get("pooling"), s.attrs.get("weights_sha256") or s.attrs.get("weights"))
+        return (s.attrs.get("base"), s.attrs.get("pooling"), s.attrs.get("weights_sha256") or s.attrs.get("weights"),
+                s.attrs.get("precision", "f32"))
 
     return all(key(s) == key(sets[0]) for s in sets[1:])
 
