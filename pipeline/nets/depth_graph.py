@@ -7,10 +7,8 @@ fine-tuned models compute the depths exactly as stage one stored them.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import UsageError
 
 __all__ = ["mirror_layers", "depth_trunk"]
 
@@ -31,17 +29,11 @@ def mirror_layers(x, size: int, suffix: str = ""):
 def depth_trunk(attrs: dict[str, Any], weights: str | None, layers: list[str], name: str = "depths"):
     """``(backbone, size, pooling, trunk, weights info)``: the trunk computes ``layers``' pools from the
     base's (preprocessed) input in one pass, with the weights the features file was extracted with."""
-    from pipeline.nets.backbones import get_backbone
     from pipeline.nets.depths import pooled_depths_model
-    from pipeline.nets.weights import build_with_weights, parse_weights, seeded_init, sha256_file
+    from pipeline.nets.weights import build_with_weights, seeded_init, weights_of_features
 
-    backbone = get_backbone(attrs["base"])
+    backbone, resolved = weights_of_features(attrs, weights)
     size, pooling = int(attrs["input_size"]), str(attrs.get("pooling", "avg"))
-    recorded = str(attrs.get("weights", "imagenet"))
-    resolved = parse_weights(weights if weights is not None else recorded, backbone)
-    want = str(attrs.get("weights_sha256") or "")
-    if isinstance(resolved, Path) and want and sha256_file(resolved) != want:
-        raise UsageError(f"weights {resolved} differ from the ones the features were extracted with")
     with seeded_init():  # as extract: --weights none gives the same random base
         if backbone.hub:  # the preset's converter and the pooled pyramid levels, built by pipeline.nets.hub
             trunk, winfo = build_with_weights(backbone, resolved, size, pooling, depths=tuple(layers))

@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import UsageError
-from pipeline.core.util import sha256_file
-from pipeline.nets.backbones import get_backbone
-from pipeline.nets.weights import build_with_weights, parse_weights, seeded_init
+from pipeline.nets.weights import build_with_weights, seeded_init, weights_of_features
 
 OUTPUT_LAYER = "probabilities"
 METADATA_MEMBER = "tlpipe.json"  # in the .keras zip; assets.extra/ of a SavedModel; NAME.json beside .tflite
@@ -72,17 +70,8 @@ class Branch:
 
 def build_branch(attrs: dict[str, Any], weights: str | None, index: int, fused: bool) -> Branch:
     """The frozen base (with the weights the features were extracted with) for one features file."""
-    backbone = get_backbone(attrs["base"])
+    backbone, resolved = weights_of_features(attrs, weights)
     size, pooling = int(attrs["input_size"]), str(attrs.get("pooling", "avg"))
-    recorded = str(attrs.get("weights", "imagenet"))
-    spec = weights if weights is not None else recorded
-    resolved = parse_weights(spec, backbone)
-    want_sha = str(attrs.get("weights_sha256") or "")
-    if isinstance(resolved, Path) and want_sha and sha256_file(resolved) != want_sha:
-        raise UsageError(f"weights {resolved} differ from the ones the {backbone.name} features were extracted "
-                         f"with (sha256 {want_sha[:12]}...); the head would see different features")
-    if (resolved is None) != (recorded == "none"):
-        raise UsageError(f"--weights {spec} does not match the features file, extracted with weights {recorded}")
     with seeded_init():  # as extract: --weights none gives the same random base
         model, winfo = build_with_weights(backbone, resolved, size, pooling)
     if int(model.output_shape[-1]) != int(attrs["feature_size"]):

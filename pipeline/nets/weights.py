@@ -129,6 +129,25 @@ def _no_weights_message(path: Path, backbone: Backbone) -> str:
     return text + " (it holds none for any base; pass --weights FILE / imagenet / none)"
 
 
+def weights_of_features(attrs: dict[str, Any], weights: str | None) -> tuple[Backbone, str | Path | None]:
+    """``(backbone, resolved weights)`` for rebuilding the base of a features file: ``weights`` (default:
+    the file's) parsed and compared with the ones the features were extracted with, in one line (no
+    TensorFlow).  Shared by export, fine-tune and their checks."""
+    from pipeline.nets.backbones import get_backbone
+
+    backbone = get_backbone(attrs["base"])
+    recorded = str(attrs.get("weights", "imagenet"))
+    spec = weights if weights is not None else recorded
+    resolved = parse_weights(spec, backbone)
+    want = str(attrs.get("weights_sha256") or "")
+    if isinstance(resolved, Path) and want and sha256_file(resolved) != want:
+        raise UsageError(f"weights {resolved} differ from the ones the {backbone.name} features were extracted "
+                         f"with (sha256 {want[:12]}...); the head would see different features")
+    if (resolved is None) != (recorded == "none"):
+        raise UsageError(f"--weights {spec} does not match the features file, extracted with weights {recorded}")
+    return backbone, resolved
+
+
 def parse_weights(spec: str | None, backbone: Backbone | None = None) -> str | Path | None:
     """Normalise a ``--weights`` value: "imagenet", None (for none) or an existing Path.
 

@@ -129,19 +129,9 @@ def _layers(row: tuple | None, depths: list[str] | None) -> int | None:
 
 def check_weights(attrs: dict[str, Any], weights: str | None) -> None:
     """``--weights`` (default: the features file's) resolved and compared with the features' (no TensorFlow)."""
-    from pipeline.core.util import sha256_file
-    from pipeline.nets.weights import check_imagenet_reachable, parse_weights
+    from pipeline.nets.weights import check_imagenet_reachable, weights_of_features
 
-    backbone = get_backbone(attrs["base"])
-    recorded = str(attrs.get("weights", "imagenet"))
-    spec = weights if weights is not None else recorded
-    resolved = parse_weights(spec, backbone)
-    want = str(attrs.get("weights_sha256") or "")
-    if isinstance(resolved, Path) and want and sha256_file(resolved) != want:
-        raise UsageError(f"weights {resolved} differ from the ones the {backbone.name} features were extracted "
-                         f"with (sha256 {want[:12]}...); the head would see different features")
-    if (resolved is None) != (recorded == "none"):
-        raise UsageError(f"--weights {spec} does not match the features file, extracted with weights {recorded}")
+    backbone, resolved = weights_of_features(attrs, weights)
     check_imagenet_reachable(backbone, resolved)
 
 
