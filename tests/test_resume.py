@@ -282,3 +282,57 @@ def test_an_up_to_date_run_names_an_unfinished_extraction_left_beside_it(small_r
     text = _finish(data, out, caplog)
     assert "is up to date" in text and f"unfinished extraction with other settings is kept at {partial}" in text
     assert "(2.0 MB)" in text and partial.exists()
+
+
+# ----------------------------------------------------------------------------- a writer killed mid-flush
+
+KILLED = Path(__file__).parent / "golden" / "killed_mid_flush.h5.gz"  # made by tools/make_killed_partial.py
+
+
+def _killed_partial(tmp_path: Path) -> tuple[Path, int]:
+    import gzip
+
+    path = tmp_path / ".f.h5.partial"
+    with gzip.open(KILLED, "rb") as src, open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return path, json.loads(KILLED.with_suffix(".json").read_text())["rows"]
+
+
+def _append_some(path: Path, rows: int, batches: int = 40) -> None:
+    from pipeline.store.writer import FeaturesWriter
+
+    with FeaturesWriter(path, "a") as w:
+        w.open_split("train", 4, rows)
+        for i in range(batches):
+            w.append(np.full((2, 4), i, np.float32), np.ones(2, np.int64), [f"new/{i}a", f"new/{i}b"])
+            w.flush()
+
+
+def test_a_partial_file_killed_mid_flush_is_salvaged_not_appended_to(tmp_path):
+    """A real file left by a SIGKILL during a flush (CI met one): appending in place fails with
+    "bad heap index"; salvage copies the checkpointed rows into a fresh file that takes appends."""
+    from pipeline.store.writer import salvage
+
+    path, rows = _killed_partial(tmp_path)
+    with pytest.raises(OSError, match="heap"):  # the damage the fixture carries, in place
+        _append_some(path, rows)
+    path, rows = _killed_partial(tmp_path)
+    salvage(path, {"train": rows})
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no salvage file left beside it
+    _append_some(path, rows)
+    with h5py.File(path, "r") as h5:
+        ids = list(h5["train/ids"].asstr()[:])
+        feats = h5["train/features"][:]
+    assert ids[:rows] == [f"c/{k:05d}.png" for k in range(rows)]
+    assert ids[rows:] == [f"new/{i}{s}" for i in range(40) for s in "ab"]
+    assert not feats[:rows].any() and (feats[rows:, 0] == np.repeat(np.arange(40), 2)).all()
+
+
+def test_salvage_refuses_a_file_shorter_than_its_checkpoint_and_leaves_it(tmp_path):
+    from pipeline.store.writer import salvage
+
+    path, rows = _killed_partial(tmp_path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="fewer rows than the checkpoint"):
+        salvage(path, {"train": rows, "val": 3})
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]

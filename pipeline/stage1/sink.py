@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from pipeline.core.util import atomic_write_text
-from pipeline.store.writer import FeaturesWriter, has_rows
+from pipeline.store.writer import FeaturesWriter, salvage
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def load_state(ckpt: Path, partial: Path, fingerprint: str, batch_size: int) -> 
         log.warning("checkpoint %s was made with other settings; starting over", ckpt)
         return None
     try:
-        has_rows(partial, state.rows)
+        salvage(partial, state.rows)  # only the checkpointed rows, in a fresh file
     except Exception as exc:
         log.warning("partial file %s is unusable (%s); starting over", partial, exc)
         return None

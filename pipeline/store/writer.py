@@ -9,6 +9,7 @@ file's attributes, whether a run has nothing to do or would replace a file made 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -95,12 +96,38 @@ class FeaturesWriter:
             self.h5.attrs[key] = value
 
 
-def has_rows(path: Path, rows: dict[str, int]) -> None:
-    """Raise ``ValueError`` unless ``path`` holds at least ``rows[split]`` rows of every split."""
-    with h5py.File(path, "r") as h5:
-        for split, n in rows.items():
-            if n and (split not in h5 or h5[split]["features"].shape[0] < n):
-                raise ValueError(f"{split} has fewer rows than the checkpoint")
+SALVAGE_ROWS = 4096  # rows copied at a time when a killed run's partial file is rewritten
+
+
+def salvage(partial: Path, rows: dict[str, int]) -> None:
+    """Rewrite a killed run's partial file with only its first ``rows[split]`` rows of every split.
+
+    A writer killed mid-flush can leave metadata on disk that points at blocks never written (ids
+    referring to variable-length heap objects that are not there); appending to such a file in place
+    fails ("bad heap index") or spreads the damage.  The checkpointed rows were flushed before the
+    checkpoint was saved, so they are read back, copied into a fresh file, and that file replaces the
+    partial one.  Raises ``ValueError`` (or h5py's ``OSError``) if they cannot be read."""
+    partial = Path(partial)
+    fresh = partial.with_name(partial.name + ".salvage")
+    try:
+        with h5py.File(partial, "r") as src, h5py.File(fresh, "w") as dst:
+            for split, n in rows.items():
+                if n:
+                    _copy_rows(src, dst, split, n)
+        os.replace(fresh, partial)
+    finally:
+        fresh.unlink(missing_ok=True)
+
+
+def _copy_rows(src: h5py.File, dst: h5py.File, split: str, n: int) -> None:
+    """Copy the first ``n`` rows of ``split`` from ``src`` into new datasets of ``dst``."""
+    if split not in src or src[split]["features"].shape[0] < n:
+        raise ValueError(f"{split} has fewer rows than the checkpoint")
+    group = src[split]
+    dsets = open_datasets(dst.create_group(split), int(group["features"].shape[1]), 0)
+    for a in range(0, n, SALVAGE_ROWS):
+        b = min(n, a + SALVAGE_ROWS)
+        append_rows(dsets, group["features"][a:b], group["labels"][a:b], list(group["ids"].asstr()[a:b]))
 
 
 def _shard_of(attrs: dict[str, Any]) -> tuple[int, int] | None:
